@@ -1,0 +1,291 @@
+"""The app factory: builds every service from settings and wires them into one Starlette app. No logic here.
+
+Services that need the event loop (the store, background loops) are built in the lifespan; handlers are bound to
+them before the server accepts the first request, and everything is closed in reverse order on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import TextIO
+from urllib.parse import quote
+
+import orjson
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.admin import AdminRoutes
+from gateway.auth import Authenticator, OpenAuthenticator
+from gateway.config import Settings
+from gateway.errors import GatewayError, ServiceUnavailable
+from gateway.keyring import KeyAuthenticator
+from gateway.keys import RateLimiter
+from gateway.ledger import Ledger
+from gateway.logs import make_logs
+from gateway.media_guard import MediaGuard, Resolver
+from gateway.metrics import Metrics, create_metrics
+from gateway.metrics_route import metrics_endpoint
+from gateway.middleware import RequestContextMiddleware, current_request_id, request_id_of
+from gateway.openapi import openapi_document, openapi_route
+from gateway.overload import OverloadMiddleware
+from gateway.pricing import PriceTable
+from gateway.routes import STATUS_ROUTE, GatewayRoutes
+from gateway.services import Services
+from gateway.settler import Settler
+from gateway.shutdown import shutdown_hook
+from gateway.status_cache import Coalescer, FetchResult, MemoryStatusCache, StatusPoller
+from gateway.store import Store, StoreError, TaskRecord, open_store
+from gateway.upstream import AiohttpTransport, Transport, UpstreamClient
+from gateway.validation import ValidationOptions
+from gateway.webhooks import WebhookSender
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def create_app(
+    settings: Settings,
+    *,
+    transport: Transport | None = None,
+    registry: CollectorRegistry | None = None,
+    log_stream: TextIO | None = None,
+    resolver: Resolver | None = None,
+    store: Store | None = None,
+    clock: Callable[[], float] = time.time,
+    webhook_transport: Transport | None = None,
+) -> Starlette:
+    """Build the gateway. Tests inject a transport, registry, log sink, resolver, store and clock; production none."""
+    metrics = create_metrics(registry)
+    logs = make_logs(
+        level=settings.logging.level,
+        secrets=(settings.upstream_api_key, settings.admin_token, settings.metrics.token, settings.webhook_secret),
+        stream=log_stream,
+    )
+    log = logs.log
+    handlers = GatewayRoutes()
+    admin = AdminRoutes(handlers)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            services = await _build_services(
+                settings, metrics, log, stack, transport, resolver, store, clock, webhook_transport
+            )
+            handlers.bind(services)
+            app.state.services = services
+            await stack.enter_async_context(
+                shutdown_hook(
+                    lambda: setattr(services, "shutting_down", True), grace_s=settings.server.shutdown_grace_s, log=log
+                )
+            )
+            background = [asyncio.create_task(loop(), name=name) for name, loop in _loops(services).items()]
+            log.info("startup", upstream=settings.upstream.base_url, auth_mode=settings.auth.mode)
+            logs.access.flush()
+            try:
+                yield
+            finally:
+                services.shutting_down = True
+                for task in background:
+                    task.cancel()
+                await asyncio.gather(*background, return_exceptions=True)
+                await services.ledger.flush()
+                log.info("shutdown")
+                logs.access.flush()
+
+    async def gateway_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, GatewayError)
+        if exc.status < 500 or exc.status == 503:
+            metrics.rejections.labels(exc.code).inc()
+        return Response(
+            exc.render(request_id_of(request.scope)),
+            status_code=exc.status,
+            headers=exc.headers,
+            media_type="application/json",
+        )
+
+    async def store_error(request: Request, exc: Exception) -> Response:
+        log.error("store_error", error=str(exc), path=request.url.path)
+        return await gateway_error(
+            request,
+            ServiceUnavailable(
+                "The gateway's store is unavailable; nothing was forwarded. Retry shortly.",
+                code="store_unavailable",
+                headers={"Retry-After": "1"},
+            ),
+        )
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        error = GatewayError(
+            f"{request.method} {request.url.path}: {exc.detail}",
+            code=_HTTP_CODES.get(exc.status_code, "http_error"),
+            headers=dict(exc.headers or {}),
+        )
+        body = error.body(request_id_of(request.scope))
+        body["error"]["type"] = "invalid_request_error"
+        return Response(
+            orjson.dumps(body), status_code=exc.status_code, headers=error.headers, media_type="application/json"
+        )
+
+    app = Starlette(
+        routes=[
+            *handlers.routes(),
+            *admin.routes(),
+            metrics_endpoint(metrics, settings.metrics.token),
+            openapi_route(openapi_document(settings)),
+            *handlers.passthrough_routes(),
+        ],
+        middleware=[
+            Middleware(
+                RequestContextMiddleware,
+                metrics=metrics,
+                logger=log,
+                access=logs.access if settings.logging.access_log else None,
+                max_header_bytes=settings.server.max_header_bytes,
+            ),
+            Middleware(
+                OverloadMiddleware,
+                metrics=metrics,
+                max_in_flight=settings.server.max_in_flight,
+                max_queued=settings.server.max_queued,
+                queue_timeout_s=settings.server.queue_timeout_s,
+            ),
+        ],
+        exception_handlers={GatewayError: gateway_error, HTTPException: http_error, StoreError: store_error},
+        lifespan=lifespan,
+    )
+    return app
+
+
+async def _build_services(
+    settings: Settings,
+    metrics: Metrics,
+    log: object,
+    stack: contextlib.AsyncExitStack,
+    transport: Transport | None,
+    resolver: Resolver | None,
+    store: Store | None,
+    clock: Callable[[], float],
+    webhook_transport: Transport | None,
+) -> Services:
+    upstream = UpstreamClient(
+        settings.upstream,
+        settings.upstream_api_key,
+        transport if transport is not None else AiohttpTransport(settings.upstream),
+        metrics,
+        log=log,
+    )
+    stack.push_async_callback(upstream.aclose)
+    if store is None:
+        store = await open_store(settings.store_url)
+        stack.push_async_callback(store.close)
+    auth: Authenticator
+    if settings.auth.mode == "keys":
+        auth = KeyAuthenticator(store, log=log, refresh_interval_s=settings.auth.refresh_interval_s, clock=clock)
+        await auth.load()
+    else:
+        auth = OpenAuthenticator()
+    webhooks = None
+    if settings.webhook_secret:
+        webhooks = WebhookSender(
+            settings.webhook_secret.encode(),
+            webhook_transport if webhook_transport is not None else AiohttpTransport(settings.upstream),
+            log=log,
+            # Callback hosts get the same DNS half of the private-host rule as media URLs, at delivery time.
+            guard=MediaGuard(resolver, timeout_s=settings.validation.resolve_timeout_s),
+        )
+        stack.push_async_callback(webhooks.aclose, 5.0)
+    ledger = Ledger(
+        store,
+        PriceTable.from_settings(settings.pricing),
+        metrics,
+        log,
+        clock=clock,
+        on_terminal=_webhook_hook(auth, webhooks) if webhooks is not None else None,
+        recent_tasks=min(settings.cache.max_entries, 20_000),
+    )
+    await ledger.load_in_flight()
+
+    async def fetch(task_id: str) -> FetchResult:
+        answer = await upstream.request(
+            "GET", f"/v1/videos/{quote(task_id, safe='')}", route=STATUS_ROUTE, request_id=current_request_id()
+        )
+        result = FetchResult.from_upstream(answer)
+        if 200 <= answer.status < 300 and result.parsed is None:
+            raise upstream.invalid_response()
+        return result
+
+    async def on_fresh(task_id: str, result: FetchResult) -> None:
+        if result.parsed is None:
+            return
+        task = await ledger.find(task_id)
+        if task is not None:
+            await ledger.observe(task, result.parsed, result.body, polled=True)
+
+    cache = MemoryStatusCache(
+        pending_ttl_s=settings.cache.pending_ttl_s,
+        terminal_ttl_s=settings.cache.terminal_ttl_s,
+        max_entries=settings.cache.max_entries,
+        max_bytes=settings.cache.max_bytes,
+    )
+    poller = StatusPoller(cache, Coalescer(), metrics, fetch=fetch, on_fresh=on_fresh, log=log)
+    guard = None
+    if settings.validation.block_private_media and settings.validation.resolve_media_hosts:
+        guard = MediaGuard(resolver, timeout_s=settings.validation.resolve_timeout_s)
+
+    async def store_ready() -> str | None:
+        return None if await store.ping() else "store unavailable"
+
+    return Services(
+        settings=settings,
+        metrics=metrics,
+        log=log,
+        upstream=upstream,
+        auth=auth,
+        validation=ValidationOptions(
+            allow_unknown_fields=settings.validation.allow_unknown_fields,
+            block_private_media=settings.validation.block_private_media,
+            passthrough_models=frozenset(settings.validation.passthrough_models),
+        ),
+        media_guard=guard,
+        prices=PriceTable.from_settings(settings.pricing),
+        store=store,
+        ledger=ledger,
+        limiter=RateLimiter(),
+        status=poller,
+        clock=clock,
+        ready_checks=[store_ready],
+    )
+
+
+def _loops(services: Services) -> dict[str, Callable[[], Coroutine[None, None, None]]]:
+    """Background loops that live as long as the app: key refresh and the settler."""
+    loops: dict[str, Callable[[], Coroutine[None, None, None]]] = {
+        "in-flight-gauge": services.ledger.follow_in_flight,
+        "budget-gauges": services.ledger.follow_budgets,
+    }
+    if isinstance(services.auth, KeyAuthenticator):
+        loops["key-refresh"] = services.auth.run
+    settler = services.settings.settler
+    if settler.enabled:
+        loops["settler"] = Settler.from_settings(
+            settler, services.store, services.ledger, services.status.poll, services.log, clock=services.clock
+        ).run
+    return loops
+
+
+def _webhook_hook(auth: Authenticator, webhooks: WebhookSender) -> Callable[[TaskRecord, bytes], None]:
+    """On a task's first terminal status, POST it to the owning key's webhook URL, if the key has one."""
+
+    def deliver(task: TaskRecord, body: bytes) -> None:
+        url = auth.webhook_url(task.key_name) if isinstance(auth, KeyAuthenticator) else None
+        if url:
+            webhooks.deliver(url, body)
+
+    return deliver

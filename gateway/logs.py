@@ -1,0 +1,137 @@
+"""structlog JSON logging, built per app (no global configuration), with secrets scrubbed before writing.
+
+Each app gets its own logger chain: contextvars (request id) → level and timestamp → secret scrubbing → JSON.
+Scrubbing is defence in depth: no code path logs a key on purpose, and the last processor before the writer
+masks the configured secrets, anything that looks like a gateway key and any ``Bearer`` credential.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import orjson
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+_KEY_PATTERN = re.compile(r"gk_[A-Za-z0-9_\-]{8,}|(?i:bearer)\s+[^\s\"',]+")
+REDACTED = "[redacted]"
+
+
+class SecretScrubber:
+    """Replace known secrets and credential-shaped substrings in every string value of an event."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self._secrets = tuple(sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True))
+
+    def scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return _KEY_PATTERN.sub(REDACTED, text) if ("gk_" in text or "earer" in text) else text
+
+    def __call__(self, logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
+        for key, value in event.items():
+            if isinstance(value, str):
+                event[key] = self.scrub(value)
+        return event
+
+
+def _add_time_and_level(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
+    event["ts"] = round(time.time(), 3)
+    event["level"] = method
+    return event
+
+
+def _render(logger: WrappedLogger, method: str, event: EventDict) -> str:
+    return orjson.dumps(event, default=str).decode()
+
+
+class _LineWriter:
+    """The only step that writes: one JSON line per event.
+
+    Lines are flushed at most every ``flush_interval_s`` (and by the next line after it), not one system call per
+    line: under load the access log alone would otherwise cost a write per request. Errors flush at once.
+    """
+
+    def __init__(self, stream: TextIO, flush_interval_s: float = 0.2) -> None:
+        self._stream = stream
+        self._interval = flush_interval_s
+        self._flushed = time.monotonic()
+
+    def msg(self, line: str) -> None:
+        self._stream.write(line + "\n")
+        now = time.monotonic()
+        if now - self._flushed >= self._interval:
+            self.flush(now)
+
+    def urgent(self, line: str) -> None:
+        self._stream.write(line + "\n")
+        self.flush(time.monotonic())
+
+    def flush(self, now: float | None = None) -> None:
+        self._stream.flush()
+        self._flushed = time.monotonic() if now is None else now
+
+    debug = info = msg
+    warning = error = critical = exception = urgent
+
+
+class AccessLog:
+    """The per-request line, written without the structlog chain (it is the hot path), still scrubbed."""
+
+    def __init__(self, writer: _LineWriter, scrubber: SecretScrubber) -> None:
+        self._writer = writer
+        self._scrubber = scrubber
+
+    def __call__(self, fields: dict[str, Any]) -> None:
+        for key, value in fields.items():
+            if isinstance(value, str):
+                fields[key] = self._scrubber.scrub(value)
+        fields["event"] = "request"
+        fields["ts"] = round(time.time(), 3)
+        fields["level"] = "info"
+        self._writer.msg(orjson.dumps(fields, default=str).decode())
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+
+@dataclass(frozen=True)
+class Logs:
+    """One app's logging: the structured logger for events and the fast access-line writer."""
+
+    log: Any
+    access: AccessLog
+
+
+def make_logs(*, level: str = "info", secrets: Iterable[str] = (), stream: TextIO | None = None) -> Logs:
+    """JSON-lines logging for one app; ``secrets`` are masked wherever they appear."""
+    writer = _LineWriter(stream if stream is not None else sys.stdout)
+    scrubber = SecretScrubber(secrets)
+    processors: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        _add_time_and_level,
+        scrubber,
+        _render,
+    ]
+    logger: Any = structlog.wrap_logger(
+        writer,
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level.lower()]),
+        cache_logger_on_first_use=True,
+    )
+    return Logs(log=logger, access=AccessLog(writer, scrubber))
+
+
+def make_logger(
+    *, level: str = "info", secrets: Iterable[str] = (), stream: TextIO | None = None
+) -> structlog.typing.FilteringBoundLogger:
+    """Just the structured logger (for code that writes no access lines)."""
+    logger: structlog.typing.FilteringBoundLogger = make_logs(level=level, secrets=secrets, stream=stream).log
+    return logger

@@ -1,0 +1,151 @@
+"""Plain ASGI middleware: request id, one access-log line and the request metrics for every HTTP request.
+
+Plain ASGI (not ``BaseHTTPMiddleware``) keeps contextvars working and costs little per request. Handlers add
+fields to the access line through ``log_fields(scope)`` (model, key name, upstream latency, cache result).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.errors import GatewayError, HeadersTooLarge
+from gateway.metrics import Metrics
+
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=\-]{1,128}")
+REQUEST_ID_KEY = "gateway.request_id"
+LOG_FIELDS_KEY = "gateway.log"
+
+
+def request_id_of(scope: Scope) -> str | None:
+    value = scope.get(REQUEST_ID_KEY)
+    return value if isinstance(value, str) else None
+
+
+def current_request_id() -> str:
+    """The request id of the request being handled in this context (for calls made on its behalf)."""
+    value = structlog.contextvars.get_contextvars().get("request_id")
+    return value if isinstance(value, str) else uuid.uuid4().hex
+
+
+def log_fields(scope: Scope) -> dict[str, Any]:
+    """Per-request fields that end up on the access-log line."""
+    fields: dict[str, Any] = scope.setdefault(LOG_FIELDS_KEY, {})
+    return fields
+
+
+def _client_request_id(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            try:
+                text = value.decode("ascii")
+            except UnicodeDecodeError:
+                return None
+            return text if _SANE_REQUEST_ID.fullmatch(text) else None
+    return None
+
+
+async def _answer(send: Send, error: GatewayError, request_id: str) -> None:
+    """Send a gateway error from the middleware itself (outside Starlette's exception handlers)."""
+    body = error.render(request_id)
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _route_of(scope: Scope) -> str:
+    """The matched route template (bounded label cardinality), never the raw path."""
+    return getattr(scope.get("route"), "path", None) or "unmatched"
+
+
+class RequestContextMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: Metrics,
+        logger: Any,
+        access: Callable[[dict[str, Any]], None] | None = None,
+        max_header_bytes: int = 16 * 1024,
+    ) -> None:
+        self.app = app
+        self._max_header_bytes = max_header_bytes
+        self._metrics = metrics
+        self._log = logger
+        self._access = access
+        # Metric children by (route, method, status): bounded (route templates, known methods) and looked up
+        # once, since prometheus_client's labels() is a noticeable share of a cached poll.
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = _client_request_id(scope) or os.urandom(16).hex()
+        scope[REQUEST_ID_KEY] = request_id
+        fields: dict[str, Any] = {}
+        scope[LOG_FIELDS_KEY] = fields
+        status = 500
+        started_response = False
+        header = (b"x-request-id", request_id.encode("ascii"))
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, started_response
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                started_response = True
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        try:
+            if sum(len(name) + len(value) for name, value in scope["headers"]) > self._max_header_bytes:
+                # uvicorn's httptools parser has no header-size limit of its own: enforce [server] max_header_bytes.
+                await _answer(
+                    send_with_id,
+                    HeadersTooLarge(f"The request headers exceed {self._max_header_bytes} bytes."),
+                    request_id,
+                )
+                return
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            # Answer in the gateway's own error shape (with the request id), then let the server log the trace.
+            self._log.error("unhandled_error", error=type(exc).__name__, route=_route_of(scope))
+            if not started_response:
+                await _answer(send_with_id, GatewayError("The gateway failed to handle this request."), request_id)
+            raise
+        finally:
+            structlog.contextvars.unbind_contextvars("request_id")
+            elapsed = time.perf_counter() - started
+            route = _route_of(scope)
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            labels = (route, method, status)
+            children = self._children.get(labels)
+            if children is None:
+                children = (
+                    self._metrics.requests.labels(route, method, str(status)),
+                    self._metrics.request_duration.labels(route),
+                )
+                self._children[labels] = children
+            children[0].inc()
+            children[1].observe(elapsed)
+            if self._access is not None:
+                self._access(
+                    {
+                        "request_id": request_id,
+                        "method": method,
+                        "route": route,
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 3),
+                        **fields,
+                    }
+                )
