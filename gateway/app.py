@@ -13,18 +13,18 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import TextIO
 from urllib.parse import quote
 
-import orjson
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import Response
+from starlette.routing import Route
 
 from gateway.admin import AdminRoutes
 from gateway.auth import Authenticator, OpenAuthenticator
 from gateway.config import Settings
-from gateway.errors import GatewayError, ServiceUnavailable
+from gateway.error_responses import ErrorResponder
+from gateway.errors import GatewayError
+from gateway.fast_lane import FastLane
 from gateway.keyring import KeyAuthenticator
 from gateway.keys import RateLimiter
 from gateway.ledger import Ledger
@@ -32,11 +32,11 @@ from gateway.logs import make_logs
 from gateway.media_guard import MediaGuard, Resolver
 from gateway.metrics import Metrics, create_metrics
 from gateway.metrics_route import metrics_endpoint
-from gateway.middleware import RequestContextMiddleware, current_request_id, request_id_of
+from gateway.middleware import RequestContextMiddleware, current_request_id
 from gateway.openapi import openapi_document, openapi_route
 from gateway.overload import OverloadMiddleware
 from gateway.pricing import PriceTable
-from gateway.routes import STATUS_ROUTE, GatewayRoutes
+from gateway.routes import STATUS_ROUTE, SUBMIT_ROUTE, GatewayRoutes
 from gateway.services import Services
 from gateway.settler import Settler
 from gateway.shutdown import shutdown_hook
@@ -45,8 +45,6 @@ from gateway.store import Store, StoreError, TaskRecord, open_store
 from gateway.upstream import AiohttpTransport, Transport, UpstreamClient
 from gateway.validation import ValidationOptions
 from gateway.webhooks import WebhookSender
-
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
 def create_app(
@@ -98,44 +96,13 @@ def create_app(
                 log.info("shutdown")
                 logs.access.flush()
 
-    async def gateway_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, GatewayError)
-        if exc.status < 500 or exc.status == 503:
-            metrics.rejections.labels(exc.code).inc()
-        return Response(
-            exc.render(request_id_of(request.scope)),
-            status_code=exc.status,
-            headers=exc.headers,
-            media_type="application/json",
-        )
+    errors = ErrorResponder(metrics, log)
 
-    async def store_error(request: Request, exc: Exception) -> Response:
-        log.error("store_error", error=str(exc), path=request.url.path)
-        return await gateway_error(
-            request,
-            ServiceUnavailable(
-                "The gateway's store is unavailable; nothing was forwarded. Retry shortly.",
-                code="store_unavailable",
-                headers={"Retry-After": "1"},
-            ),
-        )
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        error = GatewayError(
-            f"{request.method} {request.url.path}: {exc.detail}",
-            code=_HTTP_CODES.get(exc.status_code, "http_error"),
-            headers=dict(exc.headers or {}),
-        )
-        body = error.body(request_id_of(request.scope))
-        body["error"]["type"] = "invalid_request_error"
-        return Response(
-            orjson.dumps(body), status_code=exc.status_code, headers=error.headers, media_type="application/json"
-        )
-
+    upstream_routes = handlers.routes()
+    by_path = {route.path: route for route in upstream_routes if isinstance(route, Route)}
     app = Starlette(
         routes=[
-            *handlers.routes(),
+            *upstream_routes,
             *admin.routes(),
             metrics_endpoint(metrics, settings.metrics.token),
             openapi_route(openapi_document(settings)),
@@ -156,8 +123,13 @@ def create_app(
                 max_queued=settings.server.max_queued,
                 queue_timeout_s=settings.server.queue_timeout_s,
             ),
+            Middleware(FastLane, submit=by_path[SUBMIT_ROUTE], status=by_path[STATUS_ROUTE], errors=errors),
         ],
-        exception_handlers={GatewayError: gateway_error, HTTPException: http_error, StoreError: store_error},
+        exception_handlers={
+            GatewayError: errors.gateway_error,
+            HTTPException: errors.http_error,
+            StoreError: errors.store_error,
+        },
         lifespan=lifespan,
     )
     return app

@@ -1,0 +1,158 @@
+"""CPU per request inside the ASGI app alone (no server, no sockets): isolates the gateway's own cost per hot path.
+
+    .venv/bin/python bench/asgi_cost.py [--requests 20000]
+
+Builds the production app (key auth, access log to /dev/null, metrics, SQLite ledger in a temp dir) against an
+in-process upstream (``httpx.MockTransport``), creates a key with an rpm limit and a budget, submits tasks, then
+drives the app's ASGI callable directly with prepared scopes and reports process CPU µs per request for:
+cached polls, forwarded polls (cache TTL 0) and submissions. The figure excludes uvicorn and the upstream client,
+so it shows what the gateway's own code (routing, auth, cache, metrics, log, ledger) costs, on a quiet or busy box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import httpx
+import orjson
+from prometheus_client import CollectorRegistry
+
+from gateway.app import create_app
+from gateway.config import load_settings
+from gateway.upstream import HttpxTransport
+
+_BODY = orjson.dumps(
+    {"model": "kling-v3-pro-audio", "prompt": "a red fox running through snow, cinematic", "duration": 5, "aspect_ratio": "16:9"}
+)
+
+
+def _upstream(request: httpx.Request) -> httpx.Response:
+    if request.method == "POST":
+        task = os.urandom(8).hex()
+        return httpx.Response(200, json={"task_id": f"task_{task}", "status": "queued"})
+    task_id = request.url.path.rsplit("/", 1)[1]
+    return httpx.Response(200, json={"task_id": task_id, "status": "in_progress", "progress": 40})
+
+
+async def _call(app: Any, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> tuple[int, bytes]:
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8080),
+        "state": {},
+    }
+    sent = False
+    status = 0
+    chunks: list[bytes] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return status, b"".join(chunks)
+
+
+async def _measure(app: Any, requests: list[tuple[str, str, list[tuple[bytes, bytes]], bytes]]) -> float:
+    started = time.process_time()
+    for method, path, headers, body in requests:
+        status, answer = await _call(app, method, path, headers, body)
+        if status != 200:
+            raise SystemExit(f"{method} {path} -> {status} {answer[:300]!r}")
+    return (time.process_time() - started) / len(requests) * 1e6
+
+
+async def _run(pending_ttl: str, n: int, rounds: int) -> dict[str, float]:
+    data = tempfile.mkdtemp(prefix="asgi-cost-")
+    env = {
+        "UNIALL_BASE_URL": "http://upstream.test",
+        "UNIALL_API_KEY": "sk-bench",
+        "KLING_GATEWAY_SERVER_DATA_DIR": data,
+        "KLING_GATEWAY_ADMIN_TOKEN": "adm-bench",
+        "KLING_GATEWAY_CACHE_PENDING_TTL_S": pending_ttl,
+        "KLING_GATEWAY_VALIDATION_RESOLVE_MEDIA_HOSTS": "false",
+        "KLING_GATEWAY_SETTLER_ENABLED": "false",
+    }
+    settings = load_settings(env=env)
+    with open(os.devnull, "w") as sink:
+        app = create_app(
+            settings, transport=HttpxTransport(httpx.MockTransport(_upstream)), registry=CollectorRegistry(), log_stream=sink
+        )
+        lifespan_queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        await lifespan_queue.put({"type": "lifespan.startup"})
+        started = asyncio.Event()
+
+        async def lreceive() -> dict[str, Any]:
+            return await lifespan_queue.get()
+
+        async def lsend(message: dict[str, Any]) -> None:
+            if message["type"].startswith("lifespan.startup"):
+                started.set()
+
+        life = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, lreceive, lsend))
+        await started.wait()
+        admin = [(b"authorization", b"Bearer adm-bench"), (b"content-type", b"application/json")]
+        status, body = await _call(
+            app, "POST", "/gateway/keys", admin, orjson.dumps({"name": "bench", "rpm": 10**8, "monthly_budget_usd": 10**8})
+        )
+        assert status == 201, body
+        await asyncio.sleep(1.2)  # key refresh
+        key = orjson.loads(body)["key"].encode()
+        auth = [(b"authorization", b"Bearer " + key), (b"content-type", b"application/json")]
+        submit = [("POST", "/v1/video/generations", auth, _BODY)] * (n // 4)
+        tasks = []
+        for _ in range(200):
+            status, answer = await _call(app, "POST", "/v1/video/generations", auth, _BODY)
+            assert status == 200, answer
+            tasks.append(orjson.loads(answer)["task_id"])
+        polls = [("GET", f"/v1/videos/{tasks[i % len(tasks)]}", auth, b"") for i in range(n)]
+        await _measure(app, polls[:2000])
+        results: dict[str, list[float]] = {"poll": [], "submit": []}
+        for _ in range(rounds):
+            results["poll"].append(await _measure(app, polls))
+            results["submit"].append(await _measure(app, submit))
+        await lifespan_queue.put({"type": "lifespan.shutdown"})
+        await life
+    return {name: statistics.median(values) for name, values in results.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=8000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    cached = asyncio.run(_run("3600", args.requests, args.rounds))
+    forwarded = asyncio.run(_run("0", args.requests, args.rounds))
+    print(f"cached poll     {cached['poll']:8.1f} µs CPU/request (in-app, no server)")
+    print(f"forwarded poll  {forwarded['poll']:8.1f} µs CPU/request (in-app, httpx MockTransport upstream)")
+    print(f"submission      {cached['submit']:8.1f} µs CPU/request (in-app, httpx MockTransport upstream)")
+
+
+if __name__ == "__main__":
+    main()
