@@ -11,6 +11,7 @@ import re
 import sys
 import time
 from collections.abc import Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -21,6 +22,8 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 _KEY_PATTERN = re.compile(r"gk_[A-Za-z0-9_\-]{8,}|(?i:bearer)\s+[^\s\"',]+")
 REDACTED = "[redacted]"
+#: The id of the request being handled in this context; every log line written on its behalf carries it.
+REQUEST_ID: ContextVar[str | None] = ContextVar("gateway_request_id", default=None)
 
 
 class SecretScrubber:
@@ -40,6 +43,13 @@ class SecretScrubber:
             if isinstance(value, str):
                 event[key] = self.scrub(value)
         return event
+
+
+def _add_request_id(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
+    request_id = REQUEST_ID.get()
+    if request_id is not None:
+        event.setdefault("request_id", request_id)
+    return event
 
 
 def _add_time_and_level(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
@@ -82,6 +92,11 @@ class _LineWriter:
     warning = error = critical = exception = urgent
 
 
+#: Access-line fields whose values come from a fixed vocabulary the gateway chose (never from a caller or the
+#: upstream), so there is nothing in them to scrub.
+_FIXED_VOCABULARY = frozenset({"method", "route", "cache", "mode", "rejected"})
+
+
 class AccessLog:
     """The per-request line, written without the structlog chain (it is the hot path), still scrubbed."""
 
@@ -91,7 +106,7 @@ class AccessLog:
 
     def __call__(self, fields: dict[str, Any]) -> None:
         for key, value in fields.items():
-            if isinstance(value, str):
+            if isinstance(value, str) and key not in _FIXED_VOCABULARY:
                 fields[key] = self._scrubber.scrub(value)
         fields["event"] = "request"
         fields["ts"] = round(time.time(), 3)
@@ -115,7 +130,7 @@ def make_logs(*, level: str = "info", secrets: Iterable[str] = (), stream: TextI
     writer = _LineWriter(stream if stream is not None else sys.stdout)
     scrubber = SecretScrubber(secrets)
     processors: list[Processor] = [
-        structlog.contextvars.merge_contextvars,
+        _add_request_id,
         _add_time_and_level,
         scrubber,
         _render,

@@ -6,6 +6,7 @@ fields to the access line through ``log_fields(scope)`` (model, key name, upstre
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import time
@@ -13,10 +14,10 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import GatewayError, HeadersTooLarge
+from gateway.logs import REQUEST_ID
 from gateway.metrics import Metrics
 
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
@@ -32,8 +33,8 @@ def request_id_of(scope: Scope) -> str | None:
 
 def current_request_id() -> str:
     """The request id of the request being handled in this context (for calls made on its behalf)."""
-    value = structlog.contextvars.get_contextvars().get("request_id")
-    return value if isinstance(value, str) else uuid.uuid4().hex
+    value = REQUEST_ID.get()
+    return value if value is not None else uuid.uuid4().hex
 
 
 def log_fields(scope: Scope) -> dict[str, Any]:
@@ -84,13 +85,16 @@ class RequestContextMiddleware:
         # Metric children by (route, method, status): bounded (route templates, known methods) and looked up
         # once, since prometheus_client's labels() is a noticeable share of a cached poll.
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        # Request ids: a random per-process prefix and a counter (unique without a system call per request).
+        self._id_prefix = os.urandom(8).hex()
+        self._id_counter = itertools.count(1)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = _client_request_id(scope) or os.urandom(16).hex()
+        request_id = _client_request_id(scope) or f"{self._id_prefix}{next(self._id_counter):016x}"
         scope[REQUEST_ID_KEY] = request_id
         fields: dict[str, Any] = {}
         scope[LOG_FIELDS_KEY] = fields
@@ -106,7 +110,7 @@ class RequestContextMiddleware:
                 message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
-        structlog.contextvars.bind_contextvars(request_id=request_id)
+        context_token = REQUEST_ID.set(request_id)
         try:
             if sum(len(name) + len(value) for name, value in scope["headers"]) > self._max_header_bytes:
                 # uvicorn's httptools parser has no header-size limit of its own: enforce [server] max_header_bytes.
@@ -124,7 +128,7 @@ class RequestContextMiddleware:
                 await _answer(send_with_id, GatewayError("The gateway failed to handle this request."), request_id)
             raise
         finally:
-            structlog.contextvars.unbind_contextvars("request_id")
+            REQUEST_ID.reset(context_token)
             elapsed = time.perf_counter() - started
             route = _route_of(scope)
             method = scope["method"] if scope["method"] in _METHODS else "other"

@@ -41,6 +41,7 @@ STATUS_ROUTE = "/v1/videos/{task_id}"
 PASSTHROUGH_ROUTE = "/v1/{path:path}"
 _TASK_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:\-]{0,199}")  # never "." or ".."
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+_ENCODED_HEADER_MEMO = 1024
 _REPLAY_HEADERS = frozenset({"content-type", "x-gateway-warning", "retry-after"})
 
 
@@ -48,6 +49,9 @@ class GatewayRoutes:
     """Handlers bound to the app's services (built at start-up by the app factory's lifespan)."""
 
     s: Services
+
+    def __init__(self) -> None:
+        self._encoded_headers: dict[tuple[tuple[tuple[str, str], ...], str], list[tuple[bytes, bytes]]] = {}
 
     def bind(self, services: Services) -> None:
         self.s = services
@@ -140,9 +144,19 @@ class GatewayRoutes:
             raise
         log_fields(request.scope)["cache"] = outcome.x_cache
         response = Response(outcome.body, status_code=outcome.status_code)
-        response.raw_headers.extend(_encode(inbound_headers(outcome.headers)))
-        response.raw_headers.append((b"x-cache", outcome.x_cache.encode()))
+        response.raw_headers.extend(self.encoded_status_headers(outcome.headers, outcome.x_cache))
         return response
+
+    def encoded_status_headers(self, headers: tuple[tuple[str, str], ...], x_cache: str) -> list[tuple[bytes, bytes]]:
+        """A poll answer's end-to-end headers plus ``X-Cache``, encoded once per distinct header set."""
+        memo_key = (headers, x_cache)
+        encoded = self._encoded_headers.get(memo_key)
+        if encoded is None:
+            encoded = [*_encode(inbound_headers(headers)), (b"x-cache", x_cache.encode())]
+            if len(self._encoded_headers) >= _ENCODED_HEADER_MEMO:
+                self._encoded_headers.clear()
+            self._encoded_headers[memo_key] = encoded
+        return encoded
 
     async def passthrough(self, request: Request) -> Response:
         """Other /v1/... paths: forwarded with the key injected when ``[proxy] passthrough`` is on."""

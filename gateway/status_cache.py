@@ -118,6 +118,9 @@ class StatusCache(Protocol):
         """Store a 200 status answer; its TTL follows ``terminal``."""
 
 
+_MAX_HEADER_SETS = 1024
+
+
 class MemoryStatusCache:
     """In-process status cache, LRU-bounded by entry count and by bytes.
 
@@ -150,6 +153,8 @@ class MemoryStatusCache:
         self._clock = clock
         self._entries: OrderedDict[str, tuple[CachedStatus, int]] = OrderedDict()
         self._bytes = 0
+        # Most tasks' answers carry the same few headers: one shared tuple per distinct set, not one per entry.
+        self._header_sets: dict[HeaderTuple, HeaderTuple] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -175,7 +180,7 @@ class MemoryStatusCache:
         now = self._clock()
         entry = CachedStatus(
             body=body,
-            headers=tuple(headers),
+            headers=self._shared(tuple(headers)),
             status_text=status_text,
             terminal=terminal,
             stored_at=now,
@@ -191,6 +196,14 @@ class MemoryStatusCache:
             _, (_, evicted) = self._entries.popitem(last=False)
             self._bytes -= evicted
         return entry
+
+    def _shared(self, headers: HeaderTuple) -> HeaderTuple:
+        shared = self._header_sets.get(headers)
+        if shared is not None:
+            return shared
+        if len(self._header_sets) < _MAX_HEADER_SETS:
+            self._header_sets[headers] = headers
+        return headers
 
     def _discard(self, task_id: str) -> None:
         old = self._entries.pop(task_id, None)
@@ -274,7 +287,8 @@ class StatusPoller:
     ) -> None:
         self._cache = cache
         self._coalescer = coalescer
-        self._results = metrics.status_cache
+        results = ("hit", "stale", "miss", "coalesced")
+        self._counted = {result: metrics.status_cache.labels(result) for result in results}
         self._fetch = fetch
         self._on_fresh = on_fresh
         self._log = log
@@ -312,11 +326,11 @@ class StatusPoller:
             stale = self._cache.get(task_id)[0] or entry
             if stale is not None:
                 return self._answer(stale, "STALE", "stale")
-        self._results.labels("coalesced" if followed else "miss").inc()
+        self._counted["coalesced" if followed else "miss"].inc()
         return PollOutcome(result.status_code, tuple(result.headers), result.body, "MISS")
 
     def _answer(self, entry: CachedStatus, x_cache: XCache, result: str) -> PollOutcome:
-        self._results.labels(result).inc()
+        self._counted[result].inc()
         return PollOutcome(200, entry.headers, entry.body, x_cache)
 
     async def _refresh(self, task_id: str) -> FetchResult:
