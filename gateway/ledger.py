@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import contextlib
 import dataclasses
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -27,6 +28,7 @@ from gateway.auth import Principal
 from gateway.errors import TooManyRequests
 from gateway.metrics import Metrics
 from gateway.pricing import Estimate, PriceTable, cost, estimate, settlement_seconds, to_report
+from gateway.spend import SpendTracker
 from gateway.store import Store, StoreError, TaskRecord
 from gateway.validation import ValidRequest
 
@@ -89,6 +91,7 @@ class Ledger:
         on_terminal: Callable[[TaskRecord, bytes], None] | None = None,
         recent_tasks: int = 100_000,
         status_write_interval_s: float = 5.0,
+        spend_refresh_s: float = 1.0,
     ) -> None:
         self.store = store
         self._prices = prices
@@ -107,6 +110,7 @@ class Ledger:
         # busy poll loop does not turn into a database write per upstream answer.
         self._written: OrderedDict[str, tuple[str, int | None, float]] = OrderedDict()
         self._write_interval = status_write_interval_s
+        self._spend = SpendTracker(store.outstanding_and_settled_usd, refresh_s=spend_refresh_s)
 
     async def find(self, task_id: str) -> TaskRecord | None:
         """The ledger row of ``task_id`` (from memory when this process has seen it), or None."""
@@ -168,13 +172,19 @@ class Ledger:
     def estimate(self, request: ValidRequest) -> Estimate:
         return estimate(self._prices, request.model, request.mode, request.duration)
 
-    async def check_budget(self, principal: Principal, est: Estimate) -> None:
-        """429 ``budget_exceeded`` when settled + outstanding + this estimate would pass the monthly budget."""
+    @contextlib.asynccontextmanager
+    async def budget_reserved(self, principal: Principal, est: Estimate) -> AsyncIterator[None]:
+        """Check the key's monthly budget for ``est`` and hold it while the submission is on its way upstream.
+
+        429 ``budget_exceeded`` when settled + outstanding + held + this estimate would pass the budget. The
+        figure comes from memory (``gateway.spend``), re-read from the store at most every second.
+        """
         budget = principal.monthly_budget_usd
         if budget is None:
+            yield
             return
         start, end = month_bounds(self._clock())
-        spent = await self.store.outstanding_and_settled_usd(principal.name, start, end)
+        spent = await self._spend.spent(principal.name, start, end)
         self._metrics.key_budget.labels(principal.name).set(float(budget))
         self._metrics.key_spend.labels(principal.name).set(float(spent))
         if spent + est.usd > budget:
@@ -185,6 +195,11 @@ class Ledger:
                 code="budget_exceeded",
                 headers={"Retry-After": str(retry_after)},
             )
+        self._spend.hold(principal.name, est.usd)
+        try:
+            yield
+        finally:
+            self._spend.release(principal.name, est.usd)
 
     async def begin(self, principal: Principal, request: ValidRequest, est: Estimate, request_id: str) -> Submission:
         """Write the intent before anything goes upstream."""
@@ -228,6 +243,8 @@ class Ledger:
             self._pending_writes.add(write)
             write.add_done_callback(self._pending_writes.discard)
         self._remember(task)
+        if sub.principal.monthly_budget_usd is not None:
+            self._spend.add(task.key_name, month_bounds(task.submitted_at)[0], task.estimate_usd)
         self._count_generation(task)
         return task
 
@@ -303,4 +320,5 @@ class Ledger:
         m = self._metrics
         m.tasks_settled.labels(task.model, outcome, task.key_name).inc()
         m.settled_cost.labels(task.model, task.mode, task.key_name).inc(float(usd))
+        self._spend.settled(task.key_name, month_bounds(task.submitted_at)[0], task.estimate_usd, usd)
         self._move_in_flight(task.model, -1)

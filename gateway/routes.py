@@ -73,8 +73,8 @@ class GatewayRoutes:
             if replay is not None:
                 return replay  # a finished repeat answers as the first time did, budget or not
         try:
-            await self.s.ledger.check_budget(principal, estimate)
-            response = await self.forward_submission(request, principal, valid, estimate, result.warnings)
+            async with self.s.ledger.budget_reserved(principal, estimate):
+                response = await self.forward_submission(request, principal, valid, estimate, result.warnings)
         except Exception:
             # Failed (not cancelled): the same key may be retried. A cancelled attempt keeps its in-flight record
             # (409 to repeats) until it is taken over, since the upstream may have the task.
