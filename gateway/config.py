@@ -118,6 +118,8 @@ class SettlerSettings:
     enabled: bool = True
     idle_s: float = 30.0
     max_rps: float = 5.0
+    #: At most this many overdue tasks marked ``unknown`` a second (store writes only, no upstream call).
+    max_give_ups_per_s: float = 50.0
     concurrency: int = 4
     task_max_age_s: float = 86400.0
 
@@ -370,6 +372,7 @@ def _check(settings: Settings) -> None:
         (settings.cache.terminal_ttl_s >= 0, "cache.terminal_ttl_s: must not be negative"),
         (settings.cache.max_entries >= 1, "cache.max_entries: must be at least 1"),
         (settings.settler.max_rps > 0, "settler.max_rps: must be positive"),
+        (settings.settler.max_give_ups_per_s > 0, "settler.max_give_ups_per_s: must be positive"),
         (settings.settler.concurrency >= 1, "settler.concurrency: must be at least 1"),
         (settings.settler.idle_s >= 0, "settler.idle_s: must not be negative"),
         (settings.settler.task_max_age_s > 0, "settler.task_max_age_s: must be positive"),

@@ -4,7 +4,9 @@ Each sweep asks the store for unsettled tasks neither polled nor checked for ``i
 first) and, with ``concurrency`` workers sharing one rate limiter (never more than ``max_rps`` polls a second):
 
 * a task older than ``task_max_age_s`` is given up (``Ledger.give_up``: ``unknown`` at its estimate, a warning log
-  and ``settler_gave_up``), without an upstream call;
+  and ``settler_gave_up``), without an upstream call, at most ``max_give_ups_per_s`` a second (its own limiter:
+  a backlog of overdue tasks, say after an upgrade or a long outage, must not turn into a burst of ledger writes
+  that slows client traffic);
 * any other task is polled through the status poller (cache, coalescing, and ``on_fresh`` → the ledger). A 200
   status answer is also observed here (``polled=False``: it stamps ``last_checked_at``, so the task leaves the
   queue for ``idle_s``); settlement stays exactly once because the store settles a task only the first time.
@@ -80,6 +82,7 @@ class Settler:
         idle_s: float,
         max_rps: float,
         concurrency: int,
+        max_give_ups_per_s: float = 50.0,
         task_max_age_s: float,
         log: Any,
         clock: Callable[[], float] = time.time,
@@ -103,6 +106,7 @@ class Settler:
         self._clock = clock
         self._sleep = sleep
         self._limiter = RateLimiter(max_rps, clock=monotonic, sleep=sleep)
+        self._give_up_limiter = RateLimiter(max_give_ups_per_s, clock=monotonic, sleep=sleep)
         self._batch = batch_size
         self._idle_sleep_s = min(idle_s, 5.0) or 0.5
         self._backoff_base_s = backoff_base_s
@@ -129,6 +133,7 @@ class Settler:
             idle_s=settings.idle_s,
             max_rps=settings.max_rps,
             concurrency=settings.concurrency,
+            max_give_ups_per_s=settings.max_give_ups_per_s,
             task_max_age_s=settings.task_max_age_s,
             log=log,
             clock=clock,
@@ -204,6 +209,7 @@ class Settler:
                 return  # the upstream or the store is failing: leave the rest to the next sweep
             try:
                 if self._clock() - task.submitted_at > self._max_age_s:
+                    await self._give_up_limiter.acquire()
                     await self._ledger.give_up(task)
                 else:
                     await self._limiter.acquire()

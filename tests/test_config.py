@@ -124,6 +124,10 @@ class TestErrors:
                 {"KLING_GATEWAY_PRICING_DEFAULT_DURATION_S": "20"},
                 "pricing.default_duration_s: must be between 3 and 15",
             ),
+            (
+                {"KLING_GATEWAY_SETTLER_MAX_GIVE_UPS_PER_S": "0"},
+                "settler.max_give_ups_per_s: must be positive",
+            ),
         ],
     )
     def test_env_errors_name_the_setting(self, env: dict[str, str], message: str) -> None:

@@ -369,6 +369,22 @@ class TestGivesUp:
         assert gave_up == 1
         assert "task_unknown" in world.log_events()
 
+    async def test_give_ups_are_paced(self, world: World) -> None:
+        """A backlog of overdue tasks is given up at most max_give_ups_per_s, apart from the poll limit."""
+        for n in range(10):
+            await world.submit(f"old{n}")
+
+        async def poll(task_id: str) -> PollOutcome:
+            raise AssertionError("overdue tasks are not polled")
+
+        settler = world.settler(poll, task_max_age_s=60.0, max_give_ups_per_s=4.0)
+        world.clock.now += 3600
+        assert await settler.run_once() == 10
+        assert world.settled("unknown") == 10
+        # Slots 0.25 s apart from the first: nine waits, the last ending 2.25 s after the first give-up.
+        assert world.clock.slept and max(world.clock.slept) <= 2.25 + 1e-9
+        assert sum(1 for s in world.clock.slept if s > 0) == 9
+
 
 class TestRateLimit:
     """Polls never exceed max_rps, with several in flight at once."""
@@ -533,7 +549,14 @@ class TestLifecycle:
 
     @pytest.mark.parametrize(
         "overrides",
-        [{"concurrency": 0}, {"max_rps": 0}, {"task_max_age_s": 0}, {"idle_s": -1}, {"backoff_base_s": 0}],
+        [
+            {"concurrency": 0},
+            {"max_rps": 0},
+            {"max_give_ups_per_s": 0},
+            {"task_max_age_s": 0},
+            {"idle_s": -1},
+            {"backoff_base_s": 0},
+        ],
     )
     def test_rejects_bad_settings(self, world: World, overrides: dict[str, float]) -> None:
         """Nonsense settings fail at construction."""
