@@ -27,23 +27,36 @@ loaded with ``wrk -t1 -c50 --latency`` and ``wrk -t1 -c1 --latency``. CPU time o
 of the upstream and of wrk is sampled around the c50 run, so a reader can tell when the 2 shared cores, not
 the transport, are the limit.
 
+``--clients`` runs a different, shorter comparison that needs neither wrk nor nginx: the gateway's own
+transports (``gateway.upstream.AiohttpTransport`` and ``gateway.upstream_lean.LeanTransport``, production
+settings and headers) driven in-process on uvloop against a minimal keep-alive upstream in a subprocess
+(uvloop, a canned answer per request head). Per round each transport runs a fixed time at concurrency 1 and
+50, in alternating order (A B then B A) so drift on the shared cores hits both; the report gives medians over
+rounds of req/s and of the client process's CPU µs per request (``time.process_time``: the upstream's CPU is
+not counted), and lean/aiohttp ratios. Its results go to their own section of the results file, which full
+runs keep.
+
 Usage::
 
     .venv/bin/python bench/transport_bench.py                # full run, writes bench/results-transport.md
     .venv/bin/python bench/transport_bench.py --quick        # smoke run (short durations, no results file)
     .venv/bin/python bench/transport_bench.py --pin          # wrk+upstream on CPU 0, target on CPU 1
+    .venv/bin/python bench/transport_bench.py --clients      # gateway transports only, ~40 s, no wrk/nginx
 
-Internal: ``transport_bench.py --serve CANDIDATE --port P --upstream URL`` runs one candidate app.
+Internal: ``transport_bench.py --serve CANDIDATE --port P --upstream URL`` runs one candidate app;
+``--serve-upstream --port P`` runs the minimal upstream of ``--clients``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -433,6 +446,222 @@ headers (urllib's here) and its own `Host`; the Python candidates send only what
 
 
 # ----------------------------------------------------------------------------------------------------
+# --clients: the gateway's own transports, client side only
+# ----------------------------------------------------------------------------------------------------
+
+CLIENT_TRANSPORTS = ("aiohttp", "lean")
+CLIENTS_BEGIN = "<!-- clients: begin (written by transport_bench.py --clients) -->"
+CLIENTS_END = "<!-- clients: end -->"
+
+
+def serve_upstream(port: int) -> None:
+    """A minimal keep-alive HTTP/1.1 upstream: one canned 200 JSON answer per request head (GETs only)."""
+    import uvloop
+
+    body = expected_body(VIDEO_ID)
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+    class Upstream(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport: Any = transport
+            self.buf = b""
+
+        def data_received(self, data: bytes) -> None:
+            buf = self.buf + data
+            heads = buf.count(b"\r\n\r\n")
+            if heads:
+                self.transport.write(answer * heads)
+                buf = buf[buf.rindex(b"\r\n\r\n") + 4 :]
+            self.buf = buf
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(Upstream, "127.0.0.1", port, backlog=4096)
+        await server.serve_forever()
+
+    uvloop.run(main())
+
+
+@dataclasses.dataclass
+class ClientSample:
+    transport: str
+    concurrency: int
+    requests: int
+    wall_s: float
+    cpu_s: float
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.wall_s
+
+    @property
+    def cpu_us(self) -> float:
+        return 1e6 * self.cpu_s / max(self.requests, 1)
+
+
+def make_transport(name: str) -> Any:
+    from gateway.config import UpstreamSettings
+    from gateway.upstream import AiohttpTransport
+    from gateway.upstream_lean import LeanTransport
+
+    settings = UpstreamSettings()  # production defaults: 256 connections, 30 s bounds, 8 MiB answers
+    return LeanTransport(settings) if name == "lean" else AiohttpTransport(settings)
+
+
+async def drive(transport: Any, url: str, concurrency: int, seconds: float) -> tuple[int, float, float]:
+    """``concurrency`` callers in a closed loop for ``seconds``: (requests, wall seconds, process CPU seconds)."""
+    from gateway.upstream import outbound_headers
+
+    headers = outbound_headers([("Accept", "application/json")], "sk-x", "rid-0123456789abcdef")
+    expected = expected_body(VIDEO_ID)
+    done = 0
+    stop = False
+
+    async def caller() -> None:
+        nonlocal done
+        while not stop:
+            response = await transport.send("GET", url, headers, None)
+            if response.status != 200 or response.body != expected:
+                raise RuntimeError(f"wrong answer {response.status} {response.body[:100]!r}")
+            done += 1
+
+    loop = asyncio.get_running_loop()
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+
+    def finish() -> None:
+        nonlocal stop
+        stop = True
+
+    loop.call_later(seconds, finish)
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return done, time.perf_counter() - wall0, time.process_time() - cpu0
+
+
+async def client_rounds(url: str, rounds: int, seconds: float) -> list[ClientSample]:
+    transports = {name: make_transport(name) for name in CLIENT_TRANSPORTS}
+    samples: list[ClientSample] = []
+    try:
+        for transport in transports.values():  # warm-up: open the pools, settle the allocator
+            await drive(transport, url, 50, min(1.0, seconds))
+        for r in range(rounds):
+            order = CLIENT_TRANSPORTS if r % 2 == 0 else tuple(reversed(CLIENT_TRANSPORTS))
+            for concurrency in (1, 50):
+                for name in order:
+                    requests, wall, cpu = await drive(transports[name], url, concurrency, seconds)
+                    sample = ClientSample(name, concurrency, requests, wall, cpu)
+                    samples.append(sample)
+                    print(
+                        f"  round {r + 1} c{concurrency:<2} {name:<8} {sample.rps:>8.0f} req/s "
+                        f"{sample.cpu_us:>6.1f} CPU µs/req",
+                        flush=True,
+                    )
+    finally:
+        for transport in transports.values():
+            await transport.aclose()
+    return samples
+
+
+def clients_table(samples: list[ClientSample]) -> str:
+    def med(name: str, concurrency: int, attr: str) -> float:
+        return statistics.median(
+            getattr(s, attr) for s in samples if (s.transport, s.concurrency) == (name, concurrency)
+        )
+
+    lines = [
+        "| concurrency | transport | req/s (median) | CPU µs/req (median) | CPU µs/req min..max | req/s vs aiohttp "
+        "| CPU/req vs aiohttp |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for concurrency in (1, 50):
+        base_rps, base_cpu = med("aiohttp", concurrency, "rps"), med("aiohttp", concurrency, "cpu_us")
+        for name in CLIENT_TRANSPORTS:
+            rps, cpu = med(name, concurrency, "rps"), med(name, concurrency, "cpu_us")
+            cpus = [s.cpu_us for s in samples if (s.transport, s.concurrency) == (name, concurrency)]
+            lines.append(
+                f"| {concurrency} | {name} | {rps:,.0f} | {cpu:.1f} | {min(cpus):.1f}..{max(cpus):.1f} "
+                f"| {fmt_ratio(rps / base_rps)} | {fmt_ratio(cpu / base_cpu)} |"
+            )
+    return "\n".join(lines)
+
+
+def clients_section(samples: list[ClientSample], rounds: int, seconds: float, command: str, elapsed: float) -> str:
+    info = machine_info()
+    return f"""{CLIENTS_BEGIN}
+## Gateway transports, client side only (`--clients`)
+
+- command: `{command}`
+- date: {info["date"]} (run took {elapsed:.0f} s); machine: nproc={info["nproc"]}, {info["cpu"]}
+- python {info["python"]}; {info["packages"]}
+- `gateway.upstream.AiohttpTransport` vs `gateway.upstream_lean.LeanTransport`, both with the production
+  `UpstreamSettings()` defaults and the headers `outbound_headers` builds, on uvloop in one process, against a
+  minimal keep-alive upstream (uvloop, canned ~200-byte JSON answer) in a subprocess on 127.0.0.1. Every answer
+  is checked. {rounds} rounds of {seconds:g} s per transport and concurrency, order alternated per round; medians
+  over rounds. CPU is the client process's own (`time.process_time`), so the upstream's CPU is excluded.
+
+{clients_table(samples)}
+
+Ratios below 1.00x in the CPU column mean LeanTransport spends less CPU per request. At c50 the client
+process is CPU-bound, so req/s follows CPU/req; at c1 req/s is mostly round-trip latency (both processes
+sleep between requests), and CPU/req is the figure to compare.
+{CLIENTS_END}
+"""
+
+
+def write_clients_section(out: Path, section: str) -> None:
+    """Replace (or append) the ``--clients`` section of the results file, keeping the rest as it is."""
+    old = out.read_text() if out.exists() else "# Upstream transport benchmark\n"
+    if CLIENTS_BEGIN in old and CLIENTS_END in old:
+        head, rest = old.split(CLIENTS_BEGIN, 1)
+        tail = rest.split(CLIENTS_END, 1)[1].lstrip("\n")
+        new = head + section + ("\n" + tail if tail else "")
+    else:
+        new = old.rstrip("\n") + "\n\n" + section
+    out.write_text(new)
+
+
+def kept_clients_section(out: Path) -> str:
+    """The ``--clients`` section of an existing results file (a full run rewrites the rest)."""
+    if not out.exists():
+        return ""
+    text = out.read_text()
+    if CLIENTS_BEGIN not in text or CLIENTS_END not in text:
+        return ""
+    return "\n" + CLIENTS_BEGIN + text.split(CLIENTS_BEGIN, 1)[1].split(CLIENTS_END, 1)[0] + CLIENTS_END + "\n"
+
+
+def bench_clients(rounds: int, seconds: float, out_path: Path | None, command: str) -> int:
+    import uvloop
+
+    started = time.monotonic()
+    print(f"client bench: {rounds} rounds x 2 concurrencies x 2 transports x {seconds:g} s")
+    with tempfile.TemporaryDirectory(prefix="transport-clients-") as tmp_s:
+        procs = Procs(Path(tmp_s))
+        try:
+            with hard_limit(HARD_LIMIT_S):
+                port = free_port()
+                argv = [sys.executable, str(Path(__file__).resolve()), "--serve-upstream", "--port", str(port)]
+                procs.start("upstream", argv)
+                url = f"http://127.0.0.1:{port}/v1/videos/{VIDEO_ID}"
+                wait_ready(procs, "upstream", url)
+                samples = uvloop.run(client_rounds(url, rounds, seconds))
+        except Aborted as exc:
+            print(f"\naborted ({exc}); stopping subprocesses", file=sys.stderr)
+            return 1
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            print(f"\nerror: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            procs.stop_all()
+    elapsed = time.monotonic() - started
+    print()
+    print(clients_table(samples))
+    print(f"\n(run took {elapsed:.0f} s)")
+    if out_path is not None:
+        write_clients_section(out_path, clients_section(samples, rounds, seconds, command, elapsed))
+        print(f"wrote the --clients section of {out_path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------------
 
@@ -514,7 +743,7 @@ def bench(plan: Plan, out_path: Path | None, command: str) -> int:
     print(table(rows))
     print(f"\n(run took {elapsed:.0f} s)")
     if out_path is not None:
-        out_path.write_text(report(rows, plan, info, command, elapsed))
+        out_path.write_text(report(rows, plan, info, command, elapsed) + kept_clients_section(out_path))
         print(f"wrote {out_path}")
     return 0
 
@@ -524,6 +753,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve", choices=PY_TARGETS, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--upstream", help=argparse.SUPPRESS)
+    p.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--clients", action="store_true", help="gateway transports only (aiohttp vs lean), no wrk/nginx")
+    p.add_argument("--rounds", type=int, default=7, help="--clients: rounds (default 7)")
+    p.add_argument("--round-seconds", type=float, default=1.5, help="--clients: seconds per measurement (default 1.5)")
     p.add_argument("--only", nargs="+", choices=ALL_TARGETS, help="run only these targets (in this order)")
     p.add_argument("--duration", type=int, default=10, help="seconds of the c50 run (default 10)")
     p.add_argument("--duration-c1", type=int, default=5, help="seconds of the c1 run (default 5)")
@@ -540,6 +773,18 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.serve, args.port, args.upstream)
         return 0
 
+    if args.serve_upstream:
+        if not args.port:
+            p.error("--serve-upstream needs --port")
+        serve_upstream(args.port)
+        return 0
+
+    command = " ".join([".venv/bin/python", "bench/transport_bench.py", *map(shlex.quote, sys.argv[1:])])
+    if args.clients:
+        rounds, seconds = (2, 0.5) if args.quick else (args.rounds, args.round_seconds)
+        out_clients = None if (args.quick or args.no_write) else args.out
+        return bench_clients(rounds, seconds, out_clients, command)
+
     if args.quick:
         args.duration, args.duration_c1, args.warmup = 3, 2, 1
     if args.pin and len(os.sched_getaffinity(0)) < 2:
@@ -549,7 +794,6 @@ def main(argv: list[str] | None = None) -> int:
         print("note: nginx-proxy not selected; ratio columns will be '-'")
     plan = Plan(targets, args.duration, args.duration_c1, args.warmup, args.pin)
     out = None if (args.quick or args.no_write) else args.out
-    command = " ".join([".venv/bin/python", "bench/transport_bench.py", *map(shlex.quote, sys.argv[1:])])
     return bench(plan, out, command)
 
 

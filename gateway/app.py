@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from gateway.admin import AdminRoutes
 from gateway.auth import Authenticator, OpenAuthenticator
-from gateway.config import Settings
+from gateway.config import Settings, UpstreamSettings
 from gateway.error_responses import ErrorResponder
 from gateway.errors import GatewayError
 from gateway.fast_lane import FastLane
@@ -43,6 +43,7 @@ from gateway.shutdown import shutdown_hook
 from gateway.status_cache import Coalescer, FetchResult, MemoryStatusCache, StatusPoller
 from gateway.store import Store, StoreError, TaskRecord, open_store
 from gateway.upstream import AiohttpTransport, Transport, UpstreamClient
+from gateway.upstream_lean import LeanTransport
 from gateway.validation import ValidationOptions
 from gateway.webhooks import WebhookSender
 
@@ -149,7 +150,7 @@ async def _build_services(
     upstream = UpstreamClient(
         settings.upstream,
         settings.upstream_api_key,
-        transport if transport is not None else AiohttpTransport(settings.upstream),
+        transport if transport is not None else _upstream_transport(settings.upstream),
         metrics,
         log=log,
     )
@@ -250,6 +251,13 @@ def _loops(services: Services) -> dict[str, Callable[[], Coroutine[None, None, N
             settler, services.store, services.ledger, services.status.poll, services.log, clock=services.clock
         ).run
     return loops
+
+
+def _upstream_transport(settings: UpstreamSettings) -> Transport:
+    """The client for UniAll chosen by ``[upstream] transport``."""
+    if settings.transport == "aiohttp":
+        return AiohttpTransport(settings)
+    return LeanTransport(settings)
 
 
 def _webhook_hook(auth: Authenticator, webhooks: WebhookSender) -> Callable[[TaskRecord, bytes], None]:

@@ -67,6 +67,9 @@ class ServerSettings:
     shutdown_grace_s: float = 0.0
 
 
+UPSTREAM_TRANSPORTS = ("lean", "aiohttp")
+
+
 @dataclass(frozen=True)
 class UpstreamSettings:
     base_url: str = DEFAULT_BASE_URL
@@ -84,6 +87,9 @@ class UpstreamSettings:
     retry_backoff_max_s: float = 0.5
     #: Larger upstream answers are refused (502) rather than buffered.
     max_response_bytes: int = 8 * 1024 * 1024
+    #: The upstream client: "lean" (httptools, the default: a quarter of aiohttp's CPU per call, see
+    #: bench/results-transport.md) or "aiohttp" (the earlier client, kept as a fallback).
+    transport: str = "lean"
     #: Consecutive failed calls (transport errors, 5xx) that open the circuit breaker; 0 turns it off.
     breaker_failure_threshold: int = 5
     #: Seconds the breaker stays open (fast 503s) before one probe call is let through.
@@ -365,6 +371,10 @@ def _check(settings: Settings) -> None:
         (
             settings.auth.mode in ("keys", "open"),
             f"auth.mode: must be 'keys' or 'open', got {settings.auth.mode!r}",
+        ),
+        (
+            settings.upstream.transport in UPSTREAM_TRANSPORTS,
+            f"upstream.transport: must be 'lean' or 'aiohttp', got {settings.upstream.transport!r}",
         ),
         (settings.auth.rotation_grace_s >= 0, "auth.rotation_grace_s: must not be negative"),
         (settings.auth.refresh_interval_s > 0, "auth.refresh_interval_s: must be positive"),

@@ -125,6 +125,10 @@ class TestErrors:
                 "pricing.default_duration_s: must be between 3 and 15",
             ),
             (
+                {"KLING_GATEWAY_UPSTREAM_TRANSPORT": "httpx"},
+                "upstream.transport: must be 'lean' or 'aiohttp', got 'httpx'",
+            ),
+            (
                 {"KLING_GATEWAY_SETTLER_MAX_GIVE_UPS_PER_S": "0"},
                 "settler.max_give_ups_per_s: must be positive",
             ),

@@ -55,12 +55,16 @@ MATRIX: dict[str, tuple[Any, int, str | None, str | None, str]] = {
 
 
 class TestSubmissionFaults:
+    @pytest.mark.parametrize("transport", ["lean", "aiohttp"])
     @pytest.mark.parametrize("fault", list(MATRIX))
-    def test_fault(self, fault: str, fake_upstream: FakeUpstream, make_gateway: GatewayFactory) -> None:
-        """Each fault gets its exact status and code, is counted by kind, and leaves the ledger in the stated state."""
+    def test_fault(self, fault: str, transport: str, fake_upstream: FakeUpstream, make_gateway: GatewayFactory) -> None:
+        """Each fault gets its exact status and code, is counted by kind, and leaves the ledger in the stated state.
+
+        Run on both upstream clients (``[upstream] transport``): the default and its fallback answer alike.
+        """
         behaviour, status, code, kind, ledger = MATRIX[fault]
         fake_upstream.script("POST", SUBMIT, behaviour)
-        gw = make_gateway(fake_upstream.url, env=ENV)
+        gw = make_gateway(fake_upstream.url, env={**ENV, "KLING_GATEWAY_UPSTREAM_TRANSPORT": transport})
         response = gw.client.post(SUBMIT, json=BODY)
         assert response.status_code == status
         if code is not None:
@@ -80,11 +84,15 @@ class TestSubmissionFaults:
         )
         assert generations == (1 if ledger == "task" else 0)
 
-    def test_healthy_after_every_fault(self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory) -> None:
+    @pytest.mark.parametrize("transport", ["lean", "aiohttp"])
+    def test_healthy_after_every_fault(
+        self, transport: str, fake_upstream: FakeUpstream, make_gateway: GatewayFactory
+    ) -> None:
         """After one of each fault in a row, on a pool of two connections, a healthy submission succeeds."""
         fake_upstream.script(
             "POST", SUBMIT, *[MATRIX[f][0] for f in MATRIX if MATRIX[f][1] != 200], json(200, ACCEPTED)
         )
-        gw = make_gateway(fake_upstream.url, env={**ENV, "KLING_GATEWAY_UPSTREAM_MAX_CONNECTIONS": "2"})
+        env = {**ENV, "KLING_GATEWAY_UPSTREAM_MAX_CONNECTIONS": "2", "KLING_GATEWAY_UPSTREAM_TRANSPORT": transport}
+        gw = make_gateway(fake_upstream.url, env=env)
         statuses = [gw.client.post(SUBMIT, json=BODY).status_code for _ in range(len(MATRIX))]
         assert statuses[-1] == 200 and 200 not in statuses[:-1]
