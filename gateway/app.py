@@ -32,9 +32,9 @@ from gateway.logs import make_logs
 from gateway.media_guard import MediaGuard, Resolver
 from gateway.metrics import Metrics, create_metrics
 from gateway.metrics_route import metrics_endpoint
-from gateway.middleware import RequestContextMiddleware, current_request_id
+from gateway.middleware import RequestBook, RequestContextMiddleware, current_request_id
 from gateway.openapi import openapi_document, openapi_route
-from gateway.overload import OverloadMiddleware
+from gateway.overload import Overload, OverloadMiddleware
 from gateway.pricing import PriceTable
 from gateway.routes import STATUS_ROUTE, SUBMIT_ROUTE, GatewayRoutes
 from gateway.services import Services
@@ -98,6 +98,18 @@ def create_app(
                 logs.access.flush()
 
     errors = ErrorResponder(metrics, log)
+    book = RequestBook(
+        metrics=metrics,
+        logger=log,
+        access=logs.access if settings.logging.access_log else None,
+        max_header_bytes=settings.server.max_header_bytes,
+    )
+    overload = Overload(
+        metrics,
+        max_in_flight=settings.server.max_in_flight,
+        max_queued=settings.server.max_queued,
+        queue_timeout_s=settings.server.queue_timeout_s,
+    )
 
     upstream_routes = handlers.routes()
     by_path = {route.path: route for route in upstream_routes if isinstance(route, Route)}
@@ -111,20 +123,15 @@ def create_app(
         ],
         middleware=[
             Middleware(
-                RequestContextMiddleware,
-                metrics=metrics,
-                logger=log,
-                access=logs.access if settings.logging.access_log else None,
-                max_header_bytes=settings.server.max_header_bytes,
+                FastLane,
+                submit=by_path[SUBMIT_ROUTE],
+                status=by_path[STATUS_ROUTE],
+                book=book,
+                overload=overload,
+                errors=errors,
             ),
-            Middleware(
-                OverloadMiddleware,
-                metrics=metrics,
-                max_in_flight=settings.server.max_in_flight,
-                max_queued=settings.server.max_queued,
-                queue_timeout_s=settings.server.queue_timeout_s,
-            ),
-            Middleware(FastLane, submit=by_path[SUBMIT_ROUTE], status=by_path[STATUS_ROUTE], errors=errors),
+            Middleware(RequestContextMiddleware, book=book),
+            Middleware(OverloadMiddleware, overload=overload),
         ],
         exception_handlers={
             GatewayError: errors.gateway_error,

@@ -54,7 +54,7 @@ def _client_request_id(scope: Scope) -> str | None:
     return None
 
 
-async def _answer(send: Send, error: GatewayError, request_id: str) -> None:
+async def answer_error(send: Send, error: GatewayError, request_id: str | None) -> None:
     """Send a gateway error from the middleware itself (outside Starlette's exception handlers)."""
     body = error.render(request_id)
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
@@ -67,20 +67,24 @@ def _route_of(scope: Scope) -> str:
     return getattr(scope.get("route"), "path", None) or "unmatched"
 
 
-class RequestContextMiddleware:
+class RequestBook:
+    """Per-app request bookkeeping: request ids, the header-size limit, request metrics and the access line.
+
+    Shared by ``RequestContextMiddleware`` (every route) and ``gateway.fast_lane`` (the two hot routes), so both
+    number, limit, count and log requests identically.
+    """
+
     def __init__(
         self,
-        app: ASGIApp,
         *,
         metrics: Metrics,
         logger: Any,
         access: Callable[[dict[str, Any]], None] | None = None,
         max_header_bytes: int = 16 * 1024,
     ) -> None:
-        self.app = app
-        self._max_header_bytes = max_header_bytes
+        self.log = logger
+        self.max_header_bytes = max_header_bytes
         self._metrics = metrics
-        self._log = logger
         self._access = access
         # Metric children by (route, method, status): bounded (route templates, known methods) and looked up
         # once, since prometheus_client's labels() is a noticeable share of a cached poll.
@@ -89,15 +93,67 @@ class RequestContextMiddleware:
         self._id_prefix = os.urandom(8).hex()
         self._id_counter = itertools.count(1)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
+    def open(self, scope: Scope) -> tuple[str, dict[str, Any]]:
+        """Give the request its id (the client's, if sane) and its access-line fields, both kept in the scope."""
         request_id = _client_request_id(scope) or f"{self._id_prefix}{next(self._id_counter):016x}"
         scope[REQUEST_ID_KEY] = request_id
         fields: dict[str, Any] = {}
         scope[LOG_FIELDS_KEY] = fields
+        return request_id, fields
+
+    def headers_too_large(self, scope: Scope) -> HeadersTooLarge | None:
+        """uvicorn's httptools parser has no header-size limit of its own: ``[server] max_header_bytes`` is here."""
+        size = 0
+        for name, value in scope["headers"]:
+            size += len(name) + len(value)
+        if size > self.max_header_bytes:
+            return HeadersTooLarge(f"The request headers exceed {self.max_header_bytes} bytes.")
+        return None
+
+    def close(self, scope: Scope, request_id: str, fields: dict[str, Any], status: int, elapsed: float) -> None:
+        """Count the finished request and write its access line."""
+        route = _route_of(scope)
+        method = scope["method"] if scope["method"] in _METHODS else "other"
+        labels = (route, method, status)
+        children = self._children.get(labels)
+        if children is None:
+            children = (
+                self._metrics.requests.labels(route, method, str(status)),
+                self._metrics.request_duration.labels(route),
+            )
+            self._children[labels] = children
+        children[0].inc()
+        children[1].observe(elapsed)
+        if self._access is not None:
+            self._access(
+                {
+                    "request_id": request_id,
+                    "method": method,
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 3),
+                    **fields,
+                }
+            )
+
+    def unhandled(self, scope: Scope, exc: Exception) -> None:
+        self.log.error("unhandled_error", error=type(exc).__name__, route=_route_of(scope))
+
+
+class RequestContextMiddleware:
+    """Request id, header limit, metrics and access line around every HTTP request (see ``RequestBook``)."""
+
+    def __init__(self, app: ASGIApp, *, book: RequestBook) -> None:
+        self.app = app
+        self._book = book
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        book = self._book
+        started = time.perf_counter()
+        request_id, fields = book.open(scope)
         status = 500
         started_response = False
         header = (b"x-request-id", request_id.encode("ascii"))
@@ -112,44 +168,17 @@ class RequestContextMiddleware:
 
         context_token = REQUEST_ID.set(request_id)
         try:
-            if sum(len(name) + len(value) for name, value in scope["headers"]) > self._max_header_bytes:
-                # uvicorn's httptools parser has no header-size limit of its own: enforce [server] max_header_bytes.
-                await _answer(
-                    send_with_id,
-                    HeadersTooLarge(f"The request headers exceed {self._max_header_bytes} bytes."),
-                    request_id,
-                )
+            too_large = book.headers_too_large(scope)
+            if too_large is not None:
+                await answer_error(send_with_id, too_large, request_id)
                 return
             await self.app(scope, receive, send_with_id)
         except Exception as exc:
             # Answer in the gateway's own error shape (with the request id), then let the server log the trace.
-            self._log.error("unhandled_error", error=type(exc).__name__, route=_route_of(scope))
+            book.unhandled(scope, exc)
             if not started_response:
-                await _answer(send_with_id, GatewayError("The gateway failed to handle this request."), request_id)
+                await answer_error(send_with_id, GatewayError("The gateway failed to handle this request."), request_id)
             raise
         finally:
             REQUEST_ID.reset(context_token)
-            elapsed = time.perf_counter() - started
-            route = _route_of(scope)
-            method = scope["method"] if scope["method"] in _METHODS else "other"
-            labels = (route, method, status)
-            children = self._children.get(labels)
-            if children is None:
-                children = (
-                    self._metrics.requests.labels(route, method, str(status)),
-                    self._metrics.request_duration.labels(route),
-                )
-                self._children[labels] = children
-            children[0].inc()
-            children[1].observe(elapsed)
-            if self._access is not None:
-                self._access(
-                    {
-                        "request_id": request_id,
-                        "method": method,
-                        "route": route,
-                        "status": status,
-                        "duration_ms": round(elapsed * 1000, 3),
-                        **fields,
-                    }
-                )
+            book.close(scope, request_id, fields, status, time.perf_counter() - started)

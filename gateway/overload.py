@@ -97,39 +97,15 @@ class ConcurrencyLimiter:
             self._waiters.remove(waiter)
 
 
-class OverloadMiddleware:
-    """Bounds in-flight and queued HTTP requests; past the bounds, 503 ``overloaded`` within a few milliseconds."""
+class Overload:
+    """The app's in-flight bound and its fast refusal (shared by ``OverloadMiddleware`` and the fast lane)."""
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        metrics: Metrics,
-        max_in_flight: int,
-        max_queued: int,
-        queue_timeout_s: float,
-        exempt: frozenset[str] = EXEMPT_PATHS,
-    ) -> None:
-        self.app = app
+    def __init__(self, metrics: Metrics, *, max_in_flight: int, max_queued: int, queue_timeout_s: float) -> None:
         self.limiter = ConcurrencyLimiter(max_in_flight, max_queued, queue_timeout_s)
         self._metrics = metrics
-        self._exempt = exempt
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Admit, queue or refuse one HTTP request; other scopes and exempt paths pass straight through."""
-        if scope["type"] != "http" or scope["path"] in self._exempt:
-            await self.app(scope, receive, send)
-            return
-        if not await self.limiter.acquire():
-            await self._refuse(scope, send)
-            return
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.limiter.release()
-
-    async def _refuse(self, scope: Scope, send: Send) -> None:
-        """Answer 503 overloaded without reading the request, and count it."""
+    async def refuse(self, scope: Scope, send: Send) -> int:
+        """Answer 503 overloaded without reading the request, count it, and return the status sent."""
         error = ServiceUnavailable(
             "The gateway is handling as many requests as it can; retry shortly.",
             code="overloaded",
@@ -150,3 +126,27 @@ class OverloadMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
+        return error.status
+
+
+class OverloadMiddleware:
+    """Bounds in-flight and queued HTTP requests; past the bounds, 503 ``overloaded`` within a few milliseconds."""
+
+    def __init__(self, app: ASGIApp, *, overload: Overload, exempt: frozenset[str] = EXEMPT_PATHS) -> None:
+        self.app = app
+        self.limiter = overload.limiter
+        self._overload = overload
+        self._exempt = exempt
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Admit, queue or refuse one HTTP request; other scopes and exempt paths pass straight through."""
+        if scope["type"] != "http" or scope["path"] in self._exempt:
+            await self.app(scope, receive, send)
+            return
+        if not await self.limiter.acquire():
+            await self._overload.refuse(scope, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.limiter.release()
