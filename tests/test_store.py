@@ -11,11 +11,14 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -934,3 +937,297 @@ async def test_keyrecord_field_types_round_trip(store: Store) -> None:
     record = KeyRecord(name="bare", key_hash="a" * 64, prefix="gk_aaaaaaa", created_at=1.0)
     await store.create_key(record)
     assert await store.get_key("bare") == record
+
+
+class WriterGate:
+    """Holds the store's writer thread on a job of its own, so the writes queued meanwhile form one batch."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self._store = store
+        self._event = threading.Event()
+        self._job = store._writer.submit(self._event.wait)
+
+    async def queued(self, count: int) -> None:
+        """Wait until ``count`` operations are queued behind the gate."""
+        for _ in range(1000):
+            if len(self._store._pending) >= count:
+                return
+            await asyncio.sleep(0.001)
+        raise AssertionError(f"only {len(self._store._pending)} of {count} writes were queued")
+
+    def open(self) -> None:
+        self._event.set()
+
+
+def committed_intents(path: Path) -> set[str]:
+    """Intent ids another connection (another process, as far as SQLite is concerned) sees committed."""
+    conn = sqlite3.connect(path)
+    try:
+        return {row[0] for row in conn.execute("SELECT intent_id FROM intents")}
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[SQLiteStore]:
+    """A file store whose batches are bounded by max_batch only, so what forms one batch is deterministic."""
+    import gateway.store_sqlite as store_sqlite
+
+    monkeypatch.setattr(store_sqlite, "_BATCH_BUDGET_S", 3600.0)
+    s = await SQLiteStore.open(str(tmp_path / "g.db"))
+    yield s
+    await s.close()
+
+
+class TestGroupCommit:
+    async def test_concurrent_writes_share_commits(self, sqlite_store: SQLiteStore, tmp_path: Path) -> None:
+        """200 concurrent writes all succeed and are all readable, in far fewer COMMITs than writes."""
+        store = sqlite_store
+        assert store.commits == 0  # the migrations at open are not counted
+        await asyncio.gather(
+            *(store.record_intent(f"i{n}", "team-a", f"r{n}", "m", "text", T0 + n) for n in range(200))
+        )
+        assert len(await store.list_intents()) == 200
+        assert committed_intents(tmp_path / "g.db") == {f"i{n}" for n in range(200)}
+        assert 1 <= store.commits < 200
+
+    async def test_queued_writes_form_bounded_batches(self, sqlite_store: SQLiteStore, tmp_path: Path) -> None:
+        """Writes queued behind a busy writer are committed together, at most max_batch per COMMIT."""
+        store = sqlite_store
+        gate = WriterGate(store)
+        writes = asyncio.gather(*(store.record_intent(f"i{n}", "team-a", f"r{n}", "m", "text", T0) for n in range(150)))
+        await gate.queued(150)
+        gate.open()
+        await writes
+        assert committed_intents(tmp_path / "g.db") == {f"i{n}" for n in range(150)}
+        assert store.commits == 3  # 64 + 64 + 22
+
+    async def test_max_batch_one_commits_each_write(self, tmp_path: Path) -> None:
+        """max_batch=1 is one transaction per write (the benchmark's baseline)."""
+        store = await SQLiteStore.open(str(tmp_path / "g.db"), max_batch=1)
+        try:
+            await asyncio.gather(*(store.record_intent(f"i{n}", "team-a", "r", "m", "text", T0) for n in range(30)))
+            assert store.commits == 30
+        finally:
+            await store.close()
+        with pytest.raises(ValueError, match="max_batch"):
+            SQLiteStore(str(tmp_path / "g.db"), max_batch=0)
+
+    async def test_lone_write_is_one_plain_transaction(self, sqlite_store: SQLiteStore, tmp_path: Path) -> None:
+        """A write with nothing else queued is BEGIN IMMEDIATE / its statement / COMMIT: no savepoint, no wait."""
+        store = sqlite_store
+        statements: list[str] = []
+        await store._write(lambda conn: conn.set_trace_callback(statements.append))
+        await store.record_intent("i1", "team-a", "r1", "m", "text", T0)
+        await store._write(lambda conn: conn.set_trace_callback(None))
+        assert [s.split()[0] for s in statements] == ["BEGIN", "INSERT", "COMMIT"]
+        assert store.commits == 1
+        assert committed_intents(tmp_path / "g.db") == {"i1"}
+
+    async def test_awaited_means_committed(self, sqlite_store: SQLiteStore, tmp_path: Path) -> None:
+        """Whenever a write's await returns, in or out of a batch, another connection already sees its row."""
+        store, path = sqlite_store, tmp_path / "g.db"
+
+        def slow_commit(statement: str) -> None:  # widens the window in which an early answer would show
+            if statement == "COMMIT":
+                time.sleep(0.02)
+
+        await store._write(lambda conn: conn.set_trace_callback(slow_commit))
+        await store.record_intent("alone", "team-a", "r", "m", "text", T0)
+        assert "alone" in committed_intents(path)
+        unseen: list[str] = []
+
+        async def write_then_look(n: int) -> None:
+            await store.record_intent(f"i{n}", "team-a", f"r{n}", "m", "text", T0)
+            if f"i{n}" not in committed_intents(path):
+                unseen.append(f"i{n}")
+
+        await asyncio.gather(*(write_then_look(n) for n in range(60)))
+        assert unseen == []
+        assert store.commits < 61
+
+    async def test_failures_fail_only_themselves(self, sqlite_store: SQLiteStore, tmp_path: Path) -> None:
+        """In one batch: a duplicate key name, a duplicate intent and an op raising after writing fail alone."""
+        store = sqlite_store
+        _, taken = issue_key("taken", now=1.0)
+        await store.create_key(taken)
+        version = await store.keys_version()
+        commits = store.commits
+
+        def half_done(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO intents VALUES ('half', 'team-a', 'r', 'm', 'text', 0)")
+            raise RuntimeError("op failed after writing")
+
+        gate = WriterGate(store)
+        calls: list[Any] = [store.record_intent("i0", "team-a", "r", "m", "text", T0)]
+        calls.append(store.create_key(issue_key("taken", now=2.0)[1]))  # first failure: whole-batch rollback
+        calls.append(store.record_intent("i1", "team-a", "r", "m", "text", T0))
+        calls.append(store.record_intent("i0", "team-a", "r", "m", "text", T0))  # duplicate: savepoint from now on
+        calls.append(store._tx(half_done))
+        calls.append(store.create_key(issue_key("fresh", now=3.0)[1]))
+        calls.append(store.record_intent("i2", "team-a", "r", "m", "text", T0))
+        results = asyncio.gather(*calls, return_exceptions=True)
+        await gate.queued(len(calls))
+        gate.open()
+        i0, dup_key, i1, dup_intent, half, fresh, i2 = await results
+        assert (i0, i1, fresh, i2) == (None, None, None, None)
+        assert isinstance(dup_key, KeyExists)
+        assert isinstance(dup_intent, StoreError) and str(dup_intent).startswith("sqlite: UNIQUE constraint failed")
+        assert isinstance(dup_intent.__cause__, sqlite3.IntegrityError)
+        assert isinstance(half, RuntimeError)
+        assert committed_intents(tmp_path / "g.db") == {"i0", "i1", "i2"}
+        assert await store.get_key("taken") == taken
+        assert await store.get_key("fresh") is not None
+        assert await store.keys_version() == version + 1
+        assert store.commits == commits + 1  # all in one batch
+
+    async def test_batch_reruns_an_op_at_most_once(self, sqlite_store: SQLiteStore) -> None:
+        """Ops undone by a whole-transaction rollback run again once; after that failures use savepoints."""
+        store = sqlite_store
+        runs: dict[str, int] = {}
+
+        def op(name: str, fail: bool) -> Callable[[sqlite3.Connection], str]:
+            def fn(conn: sqlite3.Connection) -> str:
+                runs[name] = runs.get(name, 0) + 1
+                conn.execute("INSERT INTO intents VALUES (?, 'team-a', 'r', 'm', 'text', 0)", (name,))
+                if fail:
+                    raise ValueError(name)
+                return name
+
+            return fn
+
+        plan = [("a", False), ("b", False), ("x", True), ("c", False), ("y", True), ("d", False), ("z", True)]
+        gate = WriterGate(store)
+        results = asyncio.gather(*(store._tx(op(name, fail)) for name, fail in plan), return_exceptions=True)
+        await gate.queued(len(plan))
+        gate.open()
+        got = await results
+        assert got[:2] == ["a", "b"] and got[3] == "c" and got[5] == "d"
+        assert [str(got[i]) for i in (2, 4, 6)] == ["x", "y", "z"]
+        assert runs == {"a": 2, "b": 2, "x": 1, "c": 1, "y": 1, "d": 1, "z": 1}
+        assert {i.intent_id for i in await store.list_intents()} == {"a", "b", "c", "d"}
+
+    async def test_abandoned_transaction_reruns_the_others(self, sqlite_store: SQLiteStore) -> None:
+        """If SQLite drops the whole transaction under a failing op, the ops it had undone are run again."""
+        store = sqlite_store
+
+        def failing(conn: sqlite3.Connection) -> None:
+            raise sqlite3.OperationalError("no such table: nowhere")
+
+        def abandons(conn: sqlite3.Connection) -> None:  # as SQLite does on some I/O or full-disk errors
+            conn.execute("ROLLBACK")
+            raise sqlite3.OperationalError("disk I/O error")
+
+        gate = WriterGate(store)
+        calls: list[Any] = [
+            store.record_intent("i0", "team-a", "r", "m", "text", T0),
+            store._tx(failing),  # turns savepoints on
+            store.record_intent("i1", "team-a", "r", "m", "text", T0),
+            store._tx(abandons),
+            store.record_intent("i2", "team-a", "r", "m", "text", T0),
+        ]
+        results = asyncio.gather(*calls, return_exceptions=True)
+        await gate.queued(len(calls))
+        gate.open()
+        i0, fail, i1, lost, i2 = await results
+        assert (i0, i1, i2) == (None, None, None)
+        assert isinstance(fail, StoreError) and str(fail) == "sqlite: no such table: nowhere"
+        assert isinstance(lost, StoreError) and str(lost) == "sqlite: disk I/O error"
+        assert {i.intent_id for i in await store.list_intents()} == {"i0", "i1", "i2"}
+
+    async def test_commit_error_fails_the_whole_batch(self, sqlite_store: SQLiteStore, tmp_path: Path) -> None:
+        """An error in COMMIT itself fails every op of the batch, commits none of them, and the store goes on."""
+        store = sqlite_store
+
+        def breaks_commit(conn: sqlite3.Connection) -> None:  # a deferred foreign key: checked at COMMIT only
+            conn.execute("PRAGMA defer_foreign_keys = ON")
+            conn.execute("INSERT INTO task_bodies (task_id, body) VALUES ('no-such-task', x'00')")
+
+        gate = WriterGate(store)
+        calls: list[Any] = [
+            store.record_intent("i0", "team-a", "r", "m", "text", T0),
+            store._tx(breaks_commit),
+            store.record_intent("i1", "team-a", "r", "m", "text", T0),
+        ]
+        results = asyncio.gather(*calls, return_exceptions=True)
+        await gate.queued(len(calls))
+        gate.open()
+        for result in await results:
+            assert isinstance(result, StoreError)
+            assert str(result) == "sqlite: FOREIGN KEY constraint failed"
+        assert committed_intents(tmp_path / "g.db") == set()
+        await store.record_intent("i2", "team-a", "r", "m", "text", T0)
+        assert committed_intents(tmp_path / "g.db") == {"i2"}
+
+    async def test_close_with_queued_writes(self, tmp_path: Path) -> None:
+        """close() while writes are queued: each one is committed or a StoreError, none hangs; later ones fail."""
+        path = tmp_path / "g.db"
+        store = await SQLiteStore.open(str(path))
+        gate = WriterGate(store)
+        writes = asyncio.gather(
+            *(store.record_intent(f"i{n}", "team-a", "r", "m", "text", T0) for n in range(100)),
+            return_exceptions=True,
+        )
+        await gate.queued(100)
+        closing = asyncio.create_task(store.close())
+        await asyncio.sleep(0.05)
+        with pytest.raises(StoreError, match="store is closed"):
+            await store.record_intent("late", "team-a", "r", "m", "text", T0)
+        gate.open()
+        results = await asyncio.wait_for(writes, timeout=30)
+        await asyncio.wait_for(closing, timeout=30)
+        committed = committed_intents(path)
+        for n, result in enumerate(results):
+            assert result is None or isinstance(result, StoreError), result
+            if result is None:
+                assert f"i{n}" in committed
+        assert "late" not in committed
+        assert results.count(None) == 100  # in fact every queued write is committed before close returns
+
+    async def test_cancelled_before_running_is_skipped(self, sqlite_store: SQLiteStore, tmp_path: Path) -> None:
+        """A write whose caller gave up before the writer reached it is not run (as a queued executor job)."""
+        store = sqlite_store
+        gate = WriterGate(store)
+        doomed = asyncio.ensure_future(store.record_intent("doomed", "team-a", "r", "m", "text", T0))
+        kept = asyncio.ensure_future(store.record_intent("kept", "team-a", "r", "m", "text", T0))
+        await gate.queued(2)
+        doomed.cancel()
+        gate.open()
+        await kept
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        assert committed_intents(tmp_path / "g.db") == {"kept"}
+
+    async def test_memory_store_batches_between_reads(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """:memory: (reads on the writer thread too) group-commits; a read runs between batches, never inside one."""
+        import gateway.store_sqlite as store_sqlite
+
+        monkeypatch.setattr(store_sqlite, "_BATCH_BUDGET_S", 3600.0)
+        store = await SQLiteStore.open(":memory:")
+        try:
+            gate = WriterGate(store)
+            calls: list[Any] = []
+            for n in range(100):
+                calls.append(store.record_intent(f"i{n}", "team-a", "r", "m", "text", T0 + n))
+                if n % 10 == 0:
+                    calls.append(store.list_intents())
+            results = asyncio.gather(*calls)
+            await gate.queued(100)
+            gate.open()
+            reads = [result for result in await results if result is not None]
+            # The reads were queued after the first batch's job and before it requeued itself for the rest.
+            assert [len(read) for read in reads] == [64] * 10
+            assert len(await store.list_intents()) == 100
+            assert store.commits == 2
+        finally:
+            await store.close()
+
+    async def test_rebuild_usage_rollup_commits_alone(self, sqlite_store: SQLiteStore) -> None:
+        """The maintenance rebuild keeps a transaction of its own (and is counted as a commit)."""
+        store = sqlite_store
+        await add_task(store, make_task("t1"))
+        commits = store.commits
+        await store.rebuild_usage_rollup()
+        assert store.commits == commits + 1
+        (total,) = await store.usage()
+        assert total.tasks == 1
