@@ -15,6 +15,7 @@ import asyncio
 import calendar
 import contextlib
 import dataclasses
+import sys
 import time
 import uuid
 from collections import OrderedDict
@@ -222,9 +223,9 @@ class Ledger:
         task = TaskRecord(
             task_id=task_id,
             key_name=sub.principal.name,
-            model=request.model,
-            mode=request.mode,
-            tier=request.tier or "",
+            model=sys.intern(request.model),  # kept in memory per task: share the few distinct names
+            mode=sys.intern(request.mode),
+            tier=sys.intern(request.tier or ""),
             audio=bool(request.audio),
             duration=request.duration,
             duration_defaulted=est.duration_defaulted,
