@@ -133,11 +133,13 @@ def _prepare_multiprocess_metrics(data_dir: Path) -> None:
 
 
 def _uvicorn_options(settings: Settings, host: str, port: int) -> dict[str, Any]:
+    from gateway.server_protocol import HTTP_PROTOCOL
+
     return {
         "host": host,
         "port": port,
         "loop": "uvloop" if sys.platform != "win32" else "asyncio",
-        "http": "httptools",
+        "http": HTTP_PROTOCOL,  # uvicorn's httptools protocol, each response's head and body in one write
         "lifespan": "on",
         "access_log": False,  # the gateway writes its own structured access line
         "server_header": False,

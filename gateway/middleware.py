@@ -6,12 +6,11 @@ fields to the access line through ``log_fields(scope)`` (model, key name, upstre
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,6 +23,7 @@ _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=\-]{1,128}")
 REQUEST_ID_KEY = "gateway.request_id"
 LOG_FIELDS_KEY = "gateway.log"
+_IDS_PER_DRAW = 256
 
 
 def request_id_of(scope: Scope) -> str | None:
@@ -89,17 +89,24 @@ class RequestBook:
         # Metric children by (route, method, status): bounded (route templates, known methods) and looked up
         # once, since prometheus_client's labels() is a noticeable share of a cached poll.
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-        # Request ids: a random per-process prefix and a counter (unique without a system call per request).
-        self._id_prefix = os.urandom(8).hex()
-        self._id_counter = itertools.count(1)
+        # Request ids are 128 random bits, drawn from the OS 256 at a time (not a system call per request).
+        self._fresh_ids: Iterator[str] = iter(())
 
     def open(self, scope: Scope) -> tuple[str, dict[str, Any]]:
         """Give the request its id (the client's, if sane) and its access-line fields, both kept in the scope."""
-        request_id = _client_request_id(scope) or f"{self._id_prefix}{next(self._id_counter):016x}"
+        request_id = _client_request_id(scope) or self._new_id()
         scope[REQUEST_ID_KEY] = request_id
         fields: dict[str, Any] = {}
         scope[LOG_FIELDS_KEY] = fields
         return request_id, fields
+
+    def _new_id(self) -> str:
+        request_id = next(self._fresh_ids, None)
+        if request_id is None:
+            block = os.urandom(16 * _IDS_PER_DRAW).hex()
+            self._fresh_ids = iter([block[i : i + 32] for i in range(0, len(block), 32)])
+            request_id = next(self._fresh_ids)
+        return request_id
 
     def headers_too_large(self, scope: Scope) -> HeadersTooLarge | None:
         """uvicorn's httptools parser has no header-size limit of its own: ``[server] max_header_bytes`` is here."""

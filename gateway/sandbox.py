@@ -48,6 +48,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from gateway.server_protocol import HTTP_PROTOCOL
+
 __all__ = [
     "EmbeddedServer",
     "RunningServer",
@@ -410,6 +412,7 @@ async def serve_app(
         log_config=None,
         access_log=False,
         ws="none",
+        http=HTTP_PROTOCOL,  # the gateway's own, so apps served here run exactly as under `kling-gateway serve`
         timeout_graceful_shutdown=1,
     )
     server = EmbeddedServer(config)
