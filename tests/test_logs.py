@@ -1,0 +1,57 @@
+"""JSON-lines logging: event and access lines in order, scrubbed, on text and real (byte-buffered) streams."""
+
+from __future__ import annotations
+
+import io
+
+import orjson
+
+from gateway.logs import REDACTED, make_logs
+
+
+def _lines(raw: str) -> list[dict[str, object]]:
+    return [orjson.loads(line) for line in raw.splitlines()]
+
+
+class TestLineOrder:
+    def test_real_stream_keeps_order_and_earlier_text(self) -> None:
+        """On a TextIOWrapper, text written before, events and access lines come out in the order written."""
+        raw = io.BytesIO()
+        stream = io.TextIOWrapper(raw, encoding="utf-8", write_through=False)
+        stream.write('{"event": "before"}\n')
+        logs = make_logs(stream=stream)
+        logs.log.info("startup", port=1)
+        logs.access({"request_id": "r1", "route": "/x", "status": 200})
+        logs.log.error("boom", detail="é")
+        logs.access({"request_id": "r2", "route": "/y", "status": 404})
+        logs.access.flush()
+        events = [line["event"] for line in _lines(raw.getvalue().decode())]
+        assert events == ["before", "startup", "request", "boom", "request"]
+
+    def test_text_only_stream(self) -> None:
+        """A stream without a byte buffer (StringIO) gets the same lines."""
+        stream = io.StringIO()
+        logs = make_logs(stream=stream)
+        logs.access({"request_id": "r1", "route": "/x", "status": 200})
+        logs.log.warning("careful")
+        assert [line["event"] for line in _lines(stream.getvalue())] == ["request", "careful"]
+
+
+class TestScrubbing:
+    def test_access_line_secrets_scrubbed_but_fixed_fields_kept(self) -> None:
+        """Caller-controlled fields are scrubbed; the fixed vocabulary (method, route, cache) is written as is."""
+        stream = io.StringIO()
+        logs = make_logs(stream=stream, secrets=["sk-upstream-canary"])
+        logs.access(
+            {
+                "request_id": "gk_abcdefghijklmnop",
+                "method": "GET",
+                "route": "/v1/videos/{task_id}",
+                "cache": "HIT",
+                "task_id": "x-sk-upstream-canary",
+            }
+        )
+        (line,) = _lines(stream.getvalue())
+        assert line["request_id"] == REDACTED
+        assert line["task_id"] == f"x-{REDACTED}"
+        assert (line["method"], line["route"], line["cache"]) == ("GET", "/v1/videos/{task_id}", "HIT")
