@@ -24,7 +24,7 @@ from gateway.auth import Authenticator, OpenAuthenticator
 from gateway.config import Settings, UpstreamSettings
 from gateway.error_responses import ErrorResponder
 from gateway.errors import GatewayError
-from gateway.fast_lane import FastLane
+from gateway.fast_lane import FastLane, GatewayApp
 from gateway.keyring import KeyAuthenticator
 from gateway.keys import RateLimiter
 from gateway.ledger import Ledger
@@ -113,7 +113,7 @@ def create_app(
 
     upstream_routes = handlers.routes()
     by_path = {route.path: route for route in upstream_routes if isinstance(route, Route)}
-    app = Starlette(
+    app = GatewayApp(
         routes=[
             *upstream_routes,
             *admin.routes(),
@@ -122,14 +122,6 @@ def create_app(
             *handlers.passthrough_routes(),
         ],
         middleware=[
-            Middleware(
-                FastLane,
-                submit=by_path[SUBMIT_ROUTE],
-                status=by_path[STATUS_ROUTE],
-                book=book,
-                overload=overload,
-                errors=errors,
-            ),
             Middleware(RequestContextMiddleware, book=book),
             Middleware(OverloadMiddleware, overload=overload),
         ],
@@ -139,6 +131,9 @@ def create_app(
             StoreError: errors.store_error,
         },
         lifespan=lifespan,
+    )
+    app.fast_lane = FastLane(
+        submit=by_path[SUBMIT_ROUTE], status=by_path[STATUS_ROUTE], book=book, overload=overload, errors=errors
     )
     return app
 

@@ -3,7 +3,8 @@
 These two routes are nearly all of the traffic. Through the general stack a request passes four ASGI layers
 (request context, overload, Starlette's exception middleware and router: a regex per route until one matches,
 then a per-route request/response wrapper), each wrapping ``send``; that was a third of a cached poll's CPU.
-The lane is the outermost of the app's middleware. It recognises exactly ``GET /v1/videos/{task_id}`` and
+``GatewayApp`` (the app ``create_app`` returns) asks the lane first, before Starlette's own error middleware and
+the app's middleware. It recognises exactly ``GET /v1/videos/{task_id}`` and
 ``POST /v1/video/generations`` and does, inline and in the same order, what those layers do: request id and
 header limit and the access line and request metrics (``RequestBook``), the in-flight bound (``Overload``), the
 same handler with the same ``Route`` in the scope (the metrics' route label), and errors answered by the same
@@ -15,9 +16,10 @@ from __future__ import annotations
 
 import time
 
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from gateway.error_responses import ErrorResponder
 from gateway.errors import GatewayError
@@ -29,11 +31,10 @@ _STATUS_PREFIX = "/v1/videos/"
 
 
 class FastLane:
-    """Plain ASGI handling of the two hot routes; any other request is passed to ``app`` untouched."""
+    """Plain ASGI handling of the two hot routes (``GatewayApp`` asks it first; everything else is Starlette's)."""
 
     def __init__(
         self,
-        app: ASGIApp,
         *,
         submit: Route,
         status: Route,
@@ -41,7 +42,6 @@ class FastLane:
         overload: Overload,
         errors: ErrorResponder,
     ) -> None:
-        self.app = app
         self._submit = submit
         self._status = status
         self._submit_path = submit.path
@@ -49,21 +49,25 @@ class FastLane:
         self._overload = overload
         self._errors = errors
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not scope.get("root_path"):
-            method = scope["method"]
-            path: str = scope["path"]
-            if method == "GET" and path.startswith(_STATUS_PREFIX):
-                task_id = path[len(_STATUS_PREFIX) :]
-                if task_id and "/" not in task_id:
-                    scope["path_params"] = {"task_id": task_id}
-                    await self._serve(self._status, scope, receive, send)
-                    return
-            elif method == "POST" and path == self._submit_path:
-                scope["path_params"] = {}
-                await self._serve(self._submit, scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+    def route_for(self, scope: Scope) -> Route | None:
+        """The hot route ``scope`` is for (its path parameters set in the scope), or None."""
+        if scope["type"] != "http" or scope.get("root_path"):
+            return None
+        method = scope["method"]
+        path: str = scope["path"]
+        if method == "GET" and path.startswith(_STATUS_PREFIX):
+            task_id = path[len(_STATUS_PREFIX) :]
+            if task_id and "/" not in task_id:
+                scope["path_params"] = {"task_id": task_id}
+                return self._status
+        elif method == "POST" and path == self._submit_path:
+            scope["path_params"] = {}
+            return self._submit
+        return None
+
+    async def serve(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one request for ``route`` start to finish."""
+        await self._serve(route, scope, receive, send)
 
     async def _serve(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
         book = self._book
@@ -126,3 +130,19 @@ def _with_request_id(send: Send, request_id: str) -> Send:
         await send(message)
 
     return send_with_id
+
+
+class GatewayApp(Starlette):
+    """The Starlette app, with the fast lane asked first (before Starlette's own error middleware and router)."""
+
+    fast_lane: FastLane | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        lane = self.fast_lane
+        if lane is not None:
+            route = lane.route_for(scope)
+            if route is not None:
+                scope["app"] = self
+                await lane.serve(route, scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)

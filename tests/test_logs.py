@@ -55,3 +55,19 @@ class TestScrubbing:
         assert line["request_id"] == REDACTED
         assert line["task_id"] == f"x-{REDACTED}"
         assert (line["method"], line["route"], line["cache"]) == ("GET", "/v1/videos/{task_id}", "HIT")
+
+    def test_scrubbed_line_stays_valid_json(self) -> None:
+        """A credential next to an escaped quote is cut at the escape: the line still parses."""
+        stream = io.StringIO()
+        logs = make_logs(stream=stream, secrets=['sk-"quoted"-secret'])
+        logs.access({"request_id": "r", "note": 'Bearer abc"def', "other": 'x sk-"quoted"-secret y'})
+        (line,) = _lines(stream.getvalue())
+        assert line["note"] == f'{REDACTED}"def'
+        assert line["other"] == f"x {REDACTED} y"
+
+    def test_event_lines_scrubbed_too(self) -> None:
+        stream = io.StringIO()
+        logs = make_logs(stream=stream, secrets=["sk-upstream-canary"])
+        logs.log.error("upstream_said", detail="key sk-upstream-canary and Bearer gk_abcdefghijkl")
+        (line,) = _lines(stream.getvalue())
+        assert "canary" not in str(line["detail"]) and "gk_abcdefghijkl" not in str(line["detail"])
