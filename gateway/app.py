@@ -84,6 +84,7 @@ def create_app(
                 )
             )
             background = [asyncio.create_task(loop(), name=name) for name, loop in _loops(services).items()]
+            background.append(asyncio.create_task(logs.access.keep_flushed(), name="log-flush"))
             log.info("startup", upstream=settings.upstream.base_url, auth_mode=settings.auth.mode)
             logs.access.flush()
             try:

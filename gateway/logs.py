@@ -7,10 +7,11 @@ masks the configured secrets, anything that looks like a gateway key and any ``B
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TextIO
@@ -79,41 +80,64 @@ def _render(logger: WrappedLogger, method: str, event: EventDict) -> str:
 class _LineWriter:
     """The only step that writes: one JSON line per event.
 
-    Lines are flushed at most every ``flush_interval_s`` (and by the next line after it), not one system call per
-    line: under load the access log alone would otherwise cost a write per request. Errors flush at once. On a
-    real stream (``sys.stdout``) lines go to its byte buffer: the access line is bytes from ``orjson`` already, and
-    decoding it only for the text layer to encode it again was a visible share of a request.
+    On a real stream (``sys.stdout``: a file or a pipe) lines are gathered in memory and written to its byte
+    buffer in one call when ``max_pending_bytes`` are waiting or ``flush_interval_s`` has passed (checked at each
+    line and by the app's log-flush loop), so the access log costs no system call per request even when Python's
+    own buffering is off (``PYTHONUNBUFFERED=1``, as in the Docker image). Warnings and errors are written at
+    once. The access line is ``orjson`` bytes already, so nothing is decoded only to be encoded again. A stream
+    without a byte buffer (``io.StringIO`` in tests) gets each line as text at once.
     """
 
-    def __init__(self, stream: TextIO, flush_interval_s: float = 0.2) -> None:
+    def __init__(self, stream: TextIO, flush_interval_s: float = 0.2, max_pending_bytes: int = 64 * 1024) -> None:
         self._interval = flush_interval_s
+        self._max_pending = max_pending_bytes
         self._flushed = time.monotonic()
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         binary: BinaryIO | None = getattr(stream, "buffer", None)
+        self._binary = binary
+        self._text = stream
         if binary is not None:
             stream.flush()  # nothing written to the text layer before may come out after our bytes
-            self._write_bytes: Callable[[bytes], object] = binary.write
-            self._flush: Callable[[], object] = binary.flush
-        else:
-            self._write_bytes = lambda data: stream.write(data.decode())
-            self._flush = stream.flush
 
     def msg(self, line: str) -> None:
         self.line(line.encode())
 
     def line(self, data: bytes) -> None:
         """Write one JSON line given as bytes (without its newline)."""
-        self._write_bytes(data + b"\n")
-        now = time.monotonic()
-        if now - self._flushed >= self._interval:
-            self.flush(now)
+        if self._binary is None:
+            self._text.write(data.decode() + "\n")
+            return
+        self._pending.append(data + b"\n")
+        self._pending_bytes += len(data) + 1
+        if self._pending_bytes >= self._max_pending:
+            self.flush()
+        else:
+            now = time.monotonic()
+            if now - self._flushed >= self._interval:
+                self.flush(now)
 
     def urgent(self, line: str) -> None:
-        self._write_bytes(line.encode() + b"\n")
-        self.flush(time.monotonic())
+        self.line(line.encode())
+        self.flush()
 
     def flush(self, now: float | None = None) -> None:
-        self._flush()
+        """Write what is gathered and flush the stream."""
         self._flushed = time.monotonic() if now is None else now
+        if self._binary is None:
+            self._text.flush()
+            return
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            self._pending_bytes = 0
+            self._binary.write(data)
+        self._binary.flush()
+
+    def flush_if_due(self) -> None:
+        """Flush when lines have waited ``flush_interval_s`` (the app calls this a few times a second)."""
+        if self._pending and time.monotonic() - self._flushed >= self._interval:
+            self.flush()
 
     debug = info = msg
     warning = error = critical = exception = urgent
@@ -134,6 +158,12 @@ class AccessLog:
 
     def flush(self) -> None:
         self._writer.flush()
+
+    async def keep_flushed(self, interval_s: float = 0.1) -> None:
+        """Run for the life of the app: lines never wait more than about the writer's flush interval."""
+        while True:
+            await asyncio.sleep(interval_s)
+            self._writer.flush_if_due()
 
 
 @dataclass(frozen=True)

@@ -228,6 +228,8 @@ class Coalescer:
 
     def __init__(self) -> None:
         self._inflight: dict[str, asyncio.Task[Any]] = {}
+        # The leader's task is known only after create_task returns, so _lead finds its own through this.
+        self._leading: dict[str, object] = {}
 
     def __len__(self) -> int:
         """Calls in flight."""
@@ -238,26 +240,31 @@ class Coalescer:
         task = self._inflight.get(key)
         followed = task is not None
         if task is None:
-            task = asyncio.create_task(self._lead(key, factory))
+            token = object()
+            task = asyncio.create_task(self._lead(key, factory, token))
             self._inflight[key] = task
+            self._leading[key] = token
             task.add_done_callback(lambda done: self._finished(key, done))
         return cast(T, await asyncio.shield(task)), followed
 
-    async def _lead(self, key: str, factory: Callable[[], Awaitable[T]]) -> T:
+    async def _lead(self, key: str, factory: Callable[[], Awaitable[T]], token: object) -> T:
         try:
             return await factory()
         finally:
             # Forget the call before its waiters wake, so a caller arriving after a failure starts afresh.
-            self._forget(key, asyncio.current_task())
+            if self._leading.get(key) is token:
+                del self._leading[key]
+                self._inflight.pop(key, None)
 
     def _finished(self, key: str, task: asyncio.Task[Any]) -> None:
         self._forget(key, task)  # also covers a task cancelled before it ever ran
         if not task.cancelled():
             task.exception()  # retrieved here: a failure whose waiters all left is not "never retrieved"
 
-    def _forget(self, key: str, task: asyncio.Task[Any] | None) -> None:
-        if task is not None and self._inflight.get(key) is task:
+    def _forget(self, key: str, task: asyncio.Task[Any]) -> None:
+        if self._inflight.get(key) is task:
             del self._inflight[key]
+            self._leading.pop(key, None)
 
     async def aclose(self) -> None:
         """Cancel the calls in flight (at shutdown) and wait for them to end."""

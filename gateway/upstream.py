@@ -283,6 +283,7 @@ class UpstreamClient:
         )
         self._breaker_state = self.breaker.state
         self._show_breaker_state()
+        self._duration_children: dict[tuple[str, int], Any] = {}
 
     async def request(
         self,
@@ -350,11 +351,19 @@ class UpstreamClient:
             except BadResponse:
                 self._metrics.upstream_errors.labels("invalid_response").inc()
                 raise UpstreamUnavailable("the upstream sent an invalid response") from None
-            self._metrics.upstream_duration.labels(route, str(response.status)).observe(response.elapsed_s)
+            self._duration_child(route, response.status).observe(response.elapsed_s)
             if response.status >= 500:
                 self._metrics.upstream_errors.labels("status_5xx").inc()
             return response
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _duration_child(self, route: str, status: int) -> Any:
+        """The latency histogram's child for (route, status), looked up once (routes and statuses are bounded)."""
+        child = self._duration_children.get((route, status))
+        if child is None:
+            child = self._metrics.upstream_duration.labels(route, str(status))
+            self._duration_children[(route, status)] = child
+        return child
 
     def _note_breaker(self) -> None:
         """Log and export a change of the breaker's state."""

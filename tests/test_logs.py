@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import orjson
@@ -71,3 +72,42 @@ class TestScrubbing:
         logs.log.error("upstream_said", detail="key sk-upstream-canary and Bearer gk_abcdefghijkl")
         (line,) = _lines(stream.getvalue())
         assert "canary" not in str(line["detail"]) and "gk_abcdefghijkl" not in str(line["detail"])
+
+
+class TestBuffering:
+    def test_lines_gathered_until_interval_or_size(self) -> None:
+        """On a real stream, info lines wait (no write per line) until the flush interval or the size bound."""
+        raw = io.BytesIO()
+        stream = io.TextIOWrapper(raw, encoding="utf-8", write_through=True)
+        logs = make_logs(stream=stream)
+        logs.access({"request_id": "r1", "route": "/x", "status": 200})
+        assert raw.getvalue() == b""
+        logs.access.flush()
+        assert [line["request_id"] for line in _lines(raw.getvalue().decode())] == ["r1"]
+        for n in range(1000):  # ~100 KB: past the 64 KiB bound, written without an explicit flush
+            logs.access({"request_id": f"r{n}", "route": "/x", "status": 200, "pad": "p" * 40})
+        assert len(raw.getvalue()) > 64 * 1024
+
+    def test_errors_written_at_once(self) -> None:
+        raw = io.BytesIO()
+        stream = io.TextIOWrapper(raw, encoding="utf-8", write_through=True)
+        logs = make_logs(stream=stream)
+        logs.access({"request_id": "r1", "route": "/x", "status": 200})
+        logs.log.error("store_error", error="disk full")
+        assert [line["event"] for line in _lines(raw.getvalue().decode())] == ["request", "store_error"]
+
+    async def test_flush_loop_writes_waiting_lines(self) -> None:
+        """The app's flush loop writes lines that waited past the interval even when no new line comes."""
+        raw = io.BytesIO()
+        stream = io.TextIOWrapper(raw, encoding="utf-8", write_through=True)
+        logs = make_logs(stream=stream)
+        logs.access({"request_id": "r1", "route": "/x", "status": 200})
+        flusher = asyncio.create_task(logs.access.keep_flushed(interval_s=0.02))
+        try:
+            for _ in range(100):
+                if raw.getvalue():
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            flusher.cancel()
+        assert [line["request_id"] for line in _lines(raw.getvalue().decode())] == ["r1"]
