@@ -1,6 +1,6 @@
 """CPU per request inside the ASGI app alone (no server, no sockets): isolates the gateway's own cost per hot path.
 
-    .venv/bin/python bench/asgi_cost.py [--requests 20000]
+    .venv/bin/python bench/asgi_cost.py [--requests 8000] [--upstream http://127.0.0.1:18200]
 
 Builds the production app (key auth, access log to /dev/null, metrics, SQLite ledger in a temp dir) against an
 in-process upstream (``httpx.MockTransport``), creates a key with an rpm limit and a budget, submits tasks, then
@@ -95,10 +95,10 @@ async def _measure(app: Any, requests: list[tuple[str, str, list[tuple[bytes, by
     return (time.process_time() - started) / len(requests) * 1e6
 
 
-async def _run(pending_ttl: str, n: int, rounds: int) -> dict[str, float]:
+async def _run(pending_ttl: str, n: int, rounds: int, upstream: str | None = None) -> dict[str, float]:
     data = tempfile.mkdtemp(prefix="asgi-cost-")
     env = {
-        "UNIALL_BASE_URL": "http://upstream.test",
+        "UNIALL_BASE_URL": upstream or "http://upstream.test",
         "UNIALL_API_KEY": "sk-bench",
         "KLING_GATEWAY_SERVER_DATA_DIR": data,
         "KLING_GATEWAY_ADMIN_TOKEN": "adm-bench",
@@ -110,7 +110,7 @@ async def _run(pending_ttl: str, n: int, rounds: int) -> dict[str, float]:
     with open(os.devnull, "w") as sink:  # noqa: ASYNC230 - set-up before any measurement
         app = create_app(
             settings,
-            transport=HttpxTransport(httpx.MockTransport(_upstream)),
+            transport=None if upstream else HttpxTransport(httpx.MockTransport(_upstream)),
             registry=CollectorRegistry(),
             log_stream=sink,
         )
@@ -160,12 +160,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=8000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--upstream",
+        help="a real upstream (e.g. `kling-gateway sandbox --port 18200` in another shell: any key) reached "
+        "with the production client instead of httpx.MockTransport; its CPU is not counted",
+    )
     args = parser.parse_args()
-    cached = asyncio.run(_run("3600", args.requests, args.rounds))
-    forwarded = asyncio.run(_run("0", args.requests, args.rounds))
+    cached = asyncio.run(_run("3600", args.requests, args.rounds, args.upstream))
+    forwarded = asyncio.run(_run("0", args.requests, args.rounds, args.upstream))
+    through = f"production client to {args.upstream}" if args.upstream else "httpx MockTransport upstream"
     print(f"cached poll     {cached['poll']:8.1f} µs CPU/request (in-app, no server)")
-    print(f"forwarded poll  {forwarded['poll']:8.1f} µs CPU/request (in-app, httpx MockTransport upstream)")
-    print(f"submission      {cached['submit']:8.1f} µs CPU/request (in-app, httpx MockTransport upstream)")
+    print(f"forwarded poll  {forwarded['poll']:8.1f} µs CPU/request (in-app, {through})")
+    print(f"submission      {cached['submit']:8.1f} µs CPU/request (in-app, {through})")
 
 
 if __name__ == "__main__":
