@@ -67,9 +67,6 @@ class FastLane:
 
     async def serve(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one request for ``route`` start to finish."""
-        await self._serve(route, scope, receive, send)
-
-    async def _serve(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
         book = self._book
         started = time.perf_counter()
         request_id, fields = book.open(scope)
