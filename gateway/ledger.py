@@ -321,5 +321,6 @@ class Ledger:
         m = self._metrics
         m.tasks_settled.labels(task.model, outcome, task.key_name).inc()
         m.settled_cost.labels(task.model, task.mode, task.key_name).inc(float(usd))
-        self._spend.settled(task.key_name, month_bounds(task.submitted_at)[0], task.estimate_usd, usd)
+        if self._spend.tracks(task.key_name):  # a budgeted key: its month-to-date figure takes the real cost
+            self._spend.settled(task.key_name, month_bounds(task.submitted_at)[0], task.estimate_usd, usd)
         self._move_in_flight(task.model, -1)

@@ -78,6 +78,10 @@ class SpendTracker:
             self._keys.move_to_end(key_name)
         return entry.base + entry.recent_total + self._held.get(key_name, _ZERO)
 
+    def tracks(self, key_name: str) -> bool:
+        """Whether ``key_name`` has a figure here (only keys with a budget are ever checked)."""
+        return key_name in self._keys
+
     def add(self, key_name: str, month_start: float, usd: Decimal) -> None:
         """This process recorded a task of ``usd`` (estimate) for ``key_name`` in the month at ``month_start``."""
         entry = self._keys.get(key_name)

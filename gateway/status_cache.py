@@ -228,8 +228,6 @@ class Coalescer:
 
     def __init__(self) -> None:
         self._inflight: dict[str, asyncio.Task[Any]] = {}
-        # The leader's task is known only after create_task returns, so _lead finds its own through this.
-        self._leading: dict[str, object] = {}
 
     def __len__(self) -> int:
         """Calls in flight."""
@@ -240,21 +238,21 @@ class Coalescer:
         task = self._inflight.get(key)
         followed = task is not None
         if task is None:
-            token = object()
-            task = asyncio.create_task(self._lead(key, factory, token))
+            # The task exists only once create_task returns: it is handed to _lead through this cell
+            # (cheaper than asyncio.current_task() inside it).
+            cell: list[asyncio.Task[Any]] = []
+            task = asyncio.create_task(self._lead(key, factory, cell))
+            cell.append(task)
             self._inflight[key] = task
-            self._leading[key] = token
             task.add_done_callback(lambda done: self._finished(key, done))
         return cast(T, await asyncio.shield(task)), followed
 
-    async def _lead(self, key: str, factory: Callable[[], Awaitable[T]], token: object) -> T:
+    async def _lead(self, key: str, factory: Callable[[], Awaitable[T]], cell: list[asyncio.Task[Any]]) -> T:
         try:
             return await factory()
         finally:
             # Forget the call before its waiters wake, so a caller arriving after a failure starts afresh.
-            if self._leading.get(key) is token:
-                del self._leading[key]
-                self._inflight.pop(key, None)
+            self._forget(key, cell[0])
 
     def _finished(self, key: str, task: asyncio.Task[Any]) -> None:
         self._forget(key, task)  # also covers a task cancelled before it ever ran
@@ -264,7 +262,6 @@ class Coalescer:
     def _forget(self, key: str, task: asyncio.Task[Any]) -> None:
         if self._inflight.get(key) is task:
             del self._inflight[key]
-            self._leading.pop(key, None)
 
     async def aclose(self) -> None:
         """Cancel the calls in flight (at shutdown) and wait for them to end."""
