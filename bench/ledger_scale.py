@@ -26,12 +26,12 @@ from decimal import Decimal
 from typing import TypeVar
 
 from gateway.store import Store, TaskRecord, from_fixed, open_store
+from gateway.store_rows import task_row
 from gateway.store_sqlite import (
     _SQL_INSERT_TASK,
     _SQL_REBUILD_ROLLUP,
     _SQL_UPSERT_BODY,
     _USAGE_AGGREGATES,
-    _task_row,
 )
 
 T = TypeVar("T")
@@ -112,7 +112,7 @@ def bulk_insert(path: str, count: int, keys: int, bodies: bool) -> tuple[float, 
     batch: list[tuple[object, ...]] = []
     body_batch: list[tuple[str, bytes]] = []
     for task, body in generate(count, keys):
-        batch.append(_task_row(task))
+        batch.append(task_row(task))
         if bodies and body is not None:
             body_batch.append((task.task_id, body))
         if len(batch) >= 50_000:

@@ -60,7 +60,8 @@ from common import (
 from ledger_scale import _settled, generate
 
 from gateway.store import TaskRecord, open_store
-from gateway.store_sqlite import _SQL_INSERT_TASK, _SQL_REBUILD_ROLLUP, _SQL_UPSERT_BODY, _task_row
+from gateway.store_rows import task_row
+from gateway.store_sqlite import _SQL_INSERT_TASK, _SQL_REBUILD_ROLLUP, _SQL_UPSERT_BODY
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -127,7 +128,7 @@ def fill_ledger(db: Path, total: int, bench_count: int) -> float:
                 # 135,000 tasks unknown in the background (see results-scale.md), which is not steady state.
                 seconds = Decimal(task.estimate_seconds)
                 task = _settled(task, "unknown", seconds, task.estimate_usd, task.submitted_at + 86400)
-            batch.append(_task_row(task))
+            batch.append(task_row(task))
             if body is not None:
                 bodies.append((task.task_id, body))
             if len(batch) >= 50_000:
@@ -136,7 +137,7 @@ def fill_ledger(db: Path, total: int, bench_count: int) -> float:
                 batch, bodies = [], []
         conn.executemany(_SQL_INSERT_TASK, batch)
         conn.executemany(_SQL_UPSERT_BODY, bodies)
-        conn.executemany(_SQL_INSERT_TASK, (_task_row(t) for t in bench_tasks(bench_count, time.time())))
+        conn.executemany(_SQL_INSERT_TASK, (task_row(t) for t in bench_tasks(bench_count, time.time())))
         conn.execute("COMMIT")
         conn.execute("BEGIN IMMEDIATE")
         conn.execute("DELETE FROM usage_daily")

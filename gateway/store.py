@@ -1,7 +1,8 @@
 """The durable store: keys, submission intents, the task ledger and idempotency records, behind one interface.
 
-``open_store(url)`` picks the backend from the URL scheme. Today that is SQLite (``gateway.store_sqlite``);
-PostgreSQL slots in behind the same :class:`Store` protocol. Every method is a coroutine and every write is
+``open_store(url)`` picks the backend from the URL scheme: SQLite (``gateway.store_sqlite``, one machine) or
+PostgreSQL (``gateway.store_postgres``, any number of processes and replicas), behind the same :class:`Store`
+protocol; ``gateway.store_rows`` holds the row layout they share. Every method is a coroutine and every write is
 one transaction, so callers never see half a change.
 
 Semantics every backend keeps:
@@ -331,13 +332,24 @@ async def open_store(url: str) -> Store:
     """Open (creating and migrating if needed) the store at ``url``; ValueError for an unusable URL.
 
     ``sqlite:///./data/gateway.db`` (relative), ``sqlite:////var/lib/gateway/gateway.db`` (absolute),
-    ``sqlite:///:memory:`` (tests). The error names the scheme at most, never the rest of the URL.
+    ``sqlite:///:memory:`` (tests); ``postgresql://user:pw@host:5432/db`` (or ``postgres://``), optionally with
+    ``?schema=name`` to keep every table in that PostgreSQL schema; PostgreSQL needs ``kling-gateway[scale]``
+    (asyncpg). Every backend is imported on demand. The error names the scheme at most, never the rest of the URL.
     """
     scheme, sep, _ = url.partition("://")
     if not sep or _SCHEME.fullmatch(scheme) is None:
         raise ValueError("store URL must start with a scheme, e.g. sqlite:///./data/gateway.db")
-    if scheme.lower() == "sqlite":
+    scheme = scheme.lower()
+    if scheme == "sqlite":
         from gateway.store_sqlite import SQLiteStore  # on demand: one backend per process
 
         return await SQLiteStore.open(sqlite_path(url))
-    raise ValueError(f"unsupported store URL scheme {scheme.lower()!r} (supported: 'sqlite')")
+    if scheme in ("postgresql", "postgres"):
+        try:
+            from gateway.store_postgres import PostgresStore
+        except ImportError as exc:  # asyncpg is an optional dependency
+            if (exc.name or "").partition(".")[0] != "asyncpg":
+                raise
+            raise ValueError("store URL: PostgreSQL needs asyncpg: install kling-gateway[scale]") from None
+        return await PostgresStore.open(url)
+    raise ValueError(f"unsupported store URL scheme {scheme!r} (supported: 'sqlite', 'postgresql', 'postgres')")

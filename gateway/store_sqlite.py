@@ -43,22 +43,18 @@ nothing to do. Never edit a released migration; append a new one.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import functools
 import hmac
 import json
 import math
 import os
 import random
 import sqlite3
-import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from datetime import date, timedelta
 from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
@@ -82,6 +78,18 @@ from gateway.store import (
     UsageRow,
     from_fixed,
     to_fixed,
+)
+from gateway.store_rows import (
+    MAX_PAGE,
+    day_iso,
+    decode_cursor,
+    encode_cursor,
+    insert_delta,
+    key_record,
+    key_row,
+    settle_delta,
+    task_record,
+    task_row,
 )
 
 T = TypeVar("T")
@@ -301,8 +309,6 @@ _IDEM_PURGE_EVERY_S = 60.0
 _READERS = 2
 _OPEN_DEADLINE_S: Final = 30.0
 """How long opening keeps retrying while other processes hold the new file busy."""
-_MAX_PAGE = 1000
-_EPOCH = date(1970, 1, 1)
 MAX_BATCH: Final = 64
 """Default bound on the write operations one group commit takes (``SQLiteStore(max_batch=...)``)."""
 _BATCH_BUDGET_S: Final = 0.004
@@ -427,165 +433,6 @@ def _migrate(conn: sqlite3.Connection) -> tuple[int, ...]:
     return _transaction(conn, apply)
 
 
-def _key_row(record: KeyRecord) -> tuple[Any, ...]:
-    budget = None if record.monthly_budget_usd is None else str(record.monthly_budget_usd)
-    return (
-        record.name,
-        record.key_hash,
-        record.prefix,
-        json.dumps(list(record.models)),
-        record.rpm,
-        budget,
-        record.created_at,
-        record.revoked_at,
-        record.previous_hash,
-        record.previous_valid_until,
-        record.webhook_url,
-    )
-
-
-def _key_record(row: Sequence[Any]) -> KeyRecord:
-    return KeyRecord(
-        name=row[0],
-        key_hash=row[1],
-        prefix=row[2],
-        models=tuple(json.loads(row[3])),
-        rpm=row[4],
-        monthly_budget_usd=None if row[5] is None else Decimal(row[5]),
-        created_at=row[6],
-        revoked_at=row[7],
-        previous_hash=row[8],
-        previous_valid_until=row[9],
-        webhook_url=row[10],
-    )
-
-
-def _opt_fixed(value: Decimal | None) -> int | None:
-    return None if value is None else to_fixed(value)
-
-
-def _opt_decimal(units: int | None) -> Decimal | None:
-    return None if units is None else from_fixed(units)
-
-
-def _task_row(task: TaskRecord) -> tuple[Any, ...]:
-    if task.status not in TASK_STATUSES:
-        raise ValueError(f"unknown task status {task.status!r}")
-    return (
-        task.task_id,
-        task.key_name,
-        task.model,
-        task.mode,
-        task.tier,
-        task.audio,
-        task.duration,
-        task.duration_defaulted,
-        task.estimate_seconds,
-        to_fixed(task.estimate_usd),
-        str(task.price_per_second_usd),
-        str(task.mode_multiplier),
-        task.request_id,
-        task.submitted_at,
-        int(task.submitted_at // 86400),
-        task.status,
-        task.progress,
-        task.last_polled_at,
-        task.last_checked_at,
-        task.outcome,
-        _opt_fixed(task.settled_seconds),
-        _opt_fixed(task.settled_usd),
-        task.settled_at,
-    )
-
-
-def _task_record(row: Sequence[Any]) -> TaskRecord:
-    # Records are kept in memory by the ledger (100k by default): the few distinct names and prices are shared
-    # objects rather than one copy per task (about 40% of a record's memory).
-    return TaskRecord(
-        task_id=row[0],
-        key_name=sys.intern(row[1]),
-        model=sys.intern(row[2]),
-        mode=sys.intern(row[3]),
-        tier=sys.intern(row[4]),
-        audio=bool(row[5]),
-        duration=row[6],
-        duration_defaulted=bool(row[7]),
-        estimate_seconds=row[8],
-        estimate_usd=_shared_fixed(row[9]),
-        price_per_second_usd=_shared_decimal(row[10]),
-        mode_multiplier=_shared_decimal(row[11]),
-        request_id=row[12],
-        submitted_at=row[13],
-        status=sys.intern(row[14]),
-        progress=row[15],
-        last_polled_at=row[16],
-        last_checked_at=row[17],
-        outcome=None if row[18] is None else sys.intern(row[18]),
-        settled_seconds=_opt_decimal(row[19]),
-        settled_usd=_opt_decimal(row[20]),
-        settled_at=row[21],
-        terminal_body=None if row[22] is None else bytes(row[22]),
-    )
-
-
-@functools.lru_cache(maxsize=4096)
-def _shared_decimal(text: str) -> Decimal:
-    """One Decimal per distinct price text (Decimals are immutable, so sharing is safe)."""
-    return Decimal(text)
-
-
-@functools.lru_cache(maxsize=4096)
-def _shared_fixed(units: int) -> Decimal:
-    """One Decimal per distinct fixed-point amount (estimates repeat: a few models x durations x modes)."""
-    return from_fixed(units)
-
-
-def _insert_delta(task: TaskRecord) -> tuple[Any, ...]:
-    """The rollup row a newly inserted task adds: exactly what ``_USAGE_AGGREGATES`` counts for its row."""
-    estimate = to_fixed(task.estimate_usd)
-    settled_usd = 0 if task.settled_usd is None else to_fixed(task.settled_usd)
-    settled = task.settled_at is not None
-    return (
-        int(task.submitted_at // 86400),
-        task.key_name,
-        task.model,
-        task.mode,
-        1,
-        task.estimate_seconds,
-        0 if task.settled_seconds is None else to_fixed(task.settled_seconds),
-        estimate,
-        settled_usd,
-        settled_usd if settled else estimate,
-        int(task.outcome == "completed"),
-        int(task.outcome == "failed"),
-        int(task.outcome == "unknown"),
-        int(not settled),
-        int(task.duration_defaulted),
-    )
-
-
-def _settle_delta(unsettled: Sequence[Any], outcome: str, seconds_nano: int, usd_nano: int) -> tuple[Any, ...]:
-    """The rollup change when a task (its ``_SQL_UNSETTLED`` row) settles."""
-    day, key_name, model, mode, _, estimate_nano = unsettled
-    return (
-        day,
-        key_name,
-        model,
-        mode,
-        0,
-        0,
-        seconds_nano,
-        0,
-        usd_nano,
-        usd_nano - estimate_nano,
-        int(outcome == "completed"),
-        int(outcome == "failed"),
-        int(outcome == "unknown"),
-        -1,
-        0,
-    )
-
-
 def _aggregate(
     conn: sqlite3.Connection,
     since: float | None,
@@ -655,26 +502,6 @@ def _aggregate(
     finally:
         conn.execute("COMMIT")
     return totals
-
-
-def encode_cursor(submitted_at: float, task_id: str) -> str:
-    """Opaque, URL-safe page cursor for the row ``(submitted_at, task_id)``."""
-    raw = f"{submitted_at!r}\n{task_id}".encode()
-    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[float, str]:
-    """Inverse of :func:`encode_cursor`; ValueError for anything else."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        stamp, task_id = raw.split("\n", 1)
-        return float(stamp), task_id
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError("invalid page cursor") from exc
-
-
-def _day_iso(day: int) -> str:
-    return (_EPOCH + timedelta(days=day)).isoformat()
 
 
 class SQLiteStore:
@@ -983,7 +810,7 @@ class SQLiteStore:
 
     async def create_key(self, record: KeyRecord) -> None:
         """Insert a key; :class:`KeyExists` if the name is taken."""
-        row = _key_row(record)
+        row = key_row(record)
 
         def op(conn: sqlite3.Connection) -> None:
             if conn.execute(_SQL_INSERT_KEY, row).rowcount != 1:
@@ -995,12 +822,12 @@ class SQLiteStore:
     async def list_keys(self) -> list[KeyRecord]:
         """Every key, revoked ones included, ordered by name."""
         rows = await self._read(lambda conn: conn.execute(_SQL_SELECT_KEYS + " ORDER BY name").fetchall())
-        return [_key_record(row) for row in rows]
+        return [key_record(row) for row in rows]
 
     async def get_key(self, name: str) -> KeyRecord | None:
         """The key called ``name``, or None."""
         row = await self._read(lambda conn: conn.execute(_SQL_SELECT_KEYS + " WHERE name = ?", (name,)).fetchone())
-        return None if row is None else _key_record(row)
+        return None if row is None else key_record(row)
 
     async def find_key_by_hash(self, key_hash: str) -> KeyRecord | None:
         """The key whose current or previous hash is ``key_hash`` (whether or not it still accepts it)."""
@@ -1008,8 +835,8 @@ class SQLiteStore:
         rows = await self._read(lambda conn: conn.execute(sql, (key_hash, key_hash)).fetchall())
         for row in rows:  # the current hash wins over someone's rotated-out one (never happens in practice)
             if hmac.compare_digest(row[1], key_hash):
-                return _key_record(row)
-        return _key_record(rows[0]) if rows else None
+                return key_record(row)
+        return key_record(rows[0]) if rows else None
 
     async def revoke_key(self, name: str, at: float) -> bool:
         """Revoke ``name``; False if it does not exist or was already revoked."""
@@ -1040,7 +867,7 @@ class SQLiteStore:
                 (grace_until, new_hash, new_prefix, name),
             )
             conn.execute(_SQL_BUMP_KEYS)
-            return _key_record(conn.execute(_SQL_SELECT_KEYS + " WHERE name = ?", (name,)).fetchone())
+            return key_record(conn.execute(_SQL_SELECT_KEYS + " WHERE name = ?", (name,)).fetchone())
 
         return await self._tx(op)
 
@@ -1068,12 +895,12 @@ class SQLiteStore:
 
     async def resolve_intent(self, intent_id: str, task: TaskRecord) -> bool:
         """Insert ``task`` and delete the intent in one transaction; False if the task row already existed."""
-        row = _task_row(task)
+        row = task_row(task)
 
         def op(conn: sqlite3.Connection) -> bool:
             inserted = conn.execute(_SQL_INSERT_TASK, row).rowcount == 1
             if inserted:
-                conn.execute(_SQL_ROLLUP_ADD, _insert_delta(task))
+                conn.execute(_SQL_ROLLUP_ADD, insert_delta(task))
                 if task.terminal_body is not None:
                     conn.execute(_SQL_UPSERT_BODY, (task.task_id, task.terminal_body))
             conn.execute("DELETE FROM intents WHERE intent_id = ?", (intent_id,))
@@ -1103,7 +930,7 @@ class SQLiteStore:
         """The ledger row for ``task_id``, or None."""
         sql = _SELECT_TASK + " WHERE t.task_id = ?"
         row = await self._read(lambda conn: conn.execute(sql, (task_id,)).fetchone())
-        return None if row is None else _task_record(row)
+        return None if row is None else task_record(row)
 
     async def update_status(self, task_id: str, status: str, progress: int | None, at: float, polled: bool) -> bool:
         """Record a status seen at ``at``; settled or unknown tasks are left alone (False)."""
@@ -1132,7 +959,7 @@ class SQLiteStore:
             unsettled = conn.execute(_SQL_UNSETTLED, (task_id,)).fetchone()
             if unsettled is None or conn.execute(_SQL_SETTLE, params).rowcount != 1:
                 return False
-            conn.execute(_SQL_ROLLUP_ADD, _settle_delta(unsettled, outcome, seconds_nano, usd_nano))
+            conn.execute(_SQL_ROLLUP_ADD, settle_delta(unsettled, outcome, seconds_nano, usd_nano))
             if terminal_body is not None:
                 conn.execute(_SQL_UPSERT_BODY, (task_id, terminal_body))
             return True
@@ -1147,7 +974,7 @@ class SQLiteStore:
             if unsettled is None or conn.execute(_SQL_MARK_UNKNOWN, (at, task_id)).rowcount != 1:
                 return False
             estimate_s, estimate_nano = unsettled[4], unsettled[5]
-            delta = _settle_delta(unsettled, "unknown", estimate_s * 10**FIXED_DIGITS, estimate_nano)
+            delta = settle_delta(unsettled, "unknown", estimate_s * 10**FIXED_DIGITS, estimate_nano)
             conn.execute(_SQL_ROLLUP_ADD, delta)
             return True
 
@@ -1157,8 +984,8 @@ class SQLiteStore:
         self, key_name: str | None, limit: int = 50, before: str | None = None
     ) -> tuple[list[TaskRecord], str | None]:
         """A page of tasks, newest first, and the cursor for the next page (None on the last page)."""
-        if not 1 <= limit <= _MAX_PAGE:
-            raise ValueError(f"limit must be between 1 and {_MAX_PAGE}")
+        if not 1 <= limit <= MAX_PAGE:
+            raise ValueError(f"limit must be between 1 and {MAX_PAGE}")
         params: list[Any] = []
         if key_name is not None:
             params.append(key_name)
@@ -1167,7 +994,7 @@ class SQLiteStore:
         params.append(limit + 1)
         sql = _PAGE_SQL[(key_name is not None, before is not None)]
         rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
-        tasks = [_task_record(row) for row in rows[:limit]]
+        tasks = [task_record(row) for row in rows[:limit]]
         cursor = None
         if len(rows) > limit:
             cursor = encode_cursor(tasks[-1].submitted_at, tasks[-1].task_id)
@@ -1177,7 +1004,7 @@ class SQLiteStore:
         """Unsettled tasks neither polled nor checked since ``idle_since``, least recently checked first."""
         params = (idle_since, idle_since, limit)
         rows = await self._read(lambda conn: conn.execute(_SQL_NEEDING_SETTLEMENT, params).fetchall())
-        return [_task_record(row) for row in rows]
+        return [task_record(row) for row in rows]
 
     async def outstanding_and_settled_usd(self, key_name: str, month_start: float, month_end: float) -> Decimal:
         """Settled amounts plus outstanding estimates of ``key_name``'s tasks submitted in [start, end)."""
@@ -1215,7 +1042,7 @@ class SQLiteStore:
                     key=groups.get("key"),
                     model=groups.get("model"),
                     mode=groups.get("mode"),
-                    day=None if day is None else _day_iso(int(day)),
+                    day=None if day is None else day_iso(int(day)),
                     tasks=tasks,
                     requested_seconds=req_s,
                     settled_seconds=from_fixed(settled_s),

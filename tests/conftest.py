@@ -1,13 +1,18 @@
-"""Shared fixtures: a scripted fake upstream and the real sandbox upstream, both on loopback."""
+"""Shared fixtures: a scripted fake upstream and the real sandbox upstream, both on loopback; PostgreSQL URLs."""
 
 from __future__ import annotations
 
+import asyncio
 import io
-from collections.abc import Callable, Iterator
+import os
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import orjson
 import pytest
@@ -22,6 +27,10 @@ from gateway.sandbox import SandboxOptions, create_sandbox_app
 SANDBOX_API_KEY = "sk-test-upstream"
 ADMIN_TOKEN = "adm-test-token-canary"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+POSTGRES_URL_ENV = "KLING_GATEWAY_TEST_POSTGRES_URL"
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -98,3 +107,109 @@ def make_gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
             return GatewayHarness(client=client, logs=logs, registry=registry, settings=settings)
 
         yield make
+
+
+# -- Redis (shared status cache, rate limits, single flight) -----------------------------------------------------
+# Imports stay inside the fixtures: redis-py is an optional dependency (the "scale" extra).
+
+DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """URL of a reachable Redis (env ``KLING_GATEWAY_TEST_REDIS_URL``, else 127.0.0.1:6379); skips if unreachable."""
+    import os
+    from urllib.parse import urlsplit
+
+    url = os.environ.get("KLING_GATEWAY_TEST_REDIS_URL", DEFAULT_TEST_REDIS_URL)
+    parts = urlsplit(url)
+    where = f"{parts.hostname}:{parts.port or 6379}"
+    try:
+        import redis
+    except ImportError as exc:
+        pytest.skip(f"redis-py not installed: {exc}")
+    client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=1.0)
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        pytest.skip(f"Redis not reachable at {where}: {exc}")
+    finally:
+        client.close()
+    return url
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A unique key prefix for one test; its keys are deleted afterwards (SCAN + DEL)."""
+    import uuid
+
+    import redis
+
+    prefix = f"kling-gateway-test:{uuid.uuid4().hex}:"
+    yield prefix
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=1.0, socket_timeout=1.0)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+def run_in_own_loop(factory: Callable[[], Awaitable[T]]) -> T:
+    """Run ``await factory()`` on a fresh event loop in a worker thread, leaving any test's loop alone."""
+
+    async def main() -> T:
+        return await factory()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, main()).result()
+
+
+def with_schema(url: str, schema: str) -> str:
+    """``url`` with ``schema=<schema>`` added to its query string."""
+    return f"{url}{'&' if urlsplit(url).query else '?'}schema={schema}"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """The test PostgreSQL server's URL ($KLING_GATEWAY_TEST_POSTGRES_URL, default the local one).
+
+    Tests using it are skipped, with the reason, when the server cannot be reached (or asyncpg is missing).
+    """
+    url = os.environ.get(POSTGRES_URL_ENV, DEFAULT_POSTGRES_URL)
+    try:
+        import asyncpg
+    except ImportError:
+        pytest.skip("asyncpg is not installed (kling-gateway[scale])")
+    parts = urlsplit(url)
+    where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"  # never the password
+
+    async def probe() -> None:
+        conn = await asyncpg.connect(url, timeout=5)
+        await conn.close()
+
+    try:
+        run_in_own_loop(probe)
+    except (OSError, asyncpg.CannotConnectNowError) as exc:  # TimeoutError is an OSError
+        pytest.skip(f"PostgreSQL not reachable at {where}: {exc}")
+    return url
+
+
+async def drop_schema(url: str, schema: str) -> None:
+    """Drop ``schema`` and everything in it."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url, timeout=5)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def postgres_schema_url(postgres_url: str) -> Iterator[str]:
+    """The test server's URL with a fresh ``?schema=`` (created by the store on open), dropped afterwards."""
+    schema = f"test_{uuid.uuid4().hex[:16]}"
+    yield with_schema(postgres_url, schema)
+    run_in_own_loop(lambda: drop_schema(postgres_url, schema))
