@@ -11,7 +11,9 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY config ./config
-RUN pip install --no-cache-dir . \
+# It installs this project itself, with the scale-out backends; dependency floors live in pyproject.toml.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir '.[scale]' \
     && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin gateway \
     && mkdir -p /data \
     && chown gateway /data

@@ -22,6 +22,7 @@ import uvicorn
 from gateway import __version__
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.pricing import PriceTable
+from gateway.store import StoreError
 from gateway.validation import ValidationOptions, validate
 from gateway.verdict import unparseable, verdict
 
@@ -91,6 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"kling-gateway: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except StoreError as exc:
+        print(f"kling-gateway: store unavailable: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except Unreachable as exc:
+        print(f"kling-gateway: {exc}", file=sys.stderr)
+        return EXIT_INVALID
     except KeyboardInterrupt:
         return 130
 
@@ -109,7 +116,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.sandbox:
         if workers != 1:
             raise ConfigError("--workers: --sandbox runs a single process")
+        asyncio.run(_preflight(settings))
         return _serve_with_sandbox(settings, host, port)
+    asyncio.run(_preflight(settings))
     if workers > 1:
         _prepare_multiprocess_metrics(Path(settings.server.data_dir))
     uvicorn.run(
@@ -119,6 +128,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
         **_uvicorn_options(settings, host, port),
     )
     return EXIT_OK
+
+
+class Unreachable(Exception):
+    """A backend the configuration names did not answer at start-up."""
+
+
+async def _preflight(settings: Settings) -> None:
+    """Open the store (creating and migrating it once, before any worker starts) and reach Redis if configured,
+    so a wrong URL or a server that is down is one clear line and exit status 1, not a traceback per worker."""
+    store = await _open_store(settings)
+    await store.close()
+    if settings.cache.url.startswith("memory:"):
+        return
+    try:
+        from gateway.cache_redis import CacheUnavailable, connect
+    except ImportError as exc:
+        raise ConfigError(
+            f"cache.url: Redis needs the redis package: pip install 'kling-gateway[scale]' ({exc})"
+        ) from exc
+    try:
+        client = await connect(settings.cache.url)
+    except CacheUnavailable as exc:
+        raise Unreachable(f"cache unavailable: {exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"cache.url: {exc}") from None
+    await client.aclose()
 
 
 def _prepare_multiprocess_metrics(data_dir: Path) -> None:

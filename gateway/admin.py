@@ -63,7 +63,7 @@ class AdminRoutes:
 
     async def tasks(self, request: Request) -> Response:
         """GET /gateway/tasks?limit=&cursor=: the caller's tasks, newest first (the admin token sees everyone's)."""
-        key_name = None if self.is_admin(request) else self.g.authenticate(request).name
+        key_name = None if self.is_admin(request) else (await self.g.authenticate(request)).name
         limit = _int_param(request, "limit", 50, 1, 1000)
         try:
             tasks, cursor = await self.g.s.store.tasks_for_key(key_name, limit, request.query_params.get("cursor"))
@@ -76,7 +76,7 @@ class AdminRoutes:
     async def usage(self, request: Request) -> Response:
         """GET /gateway/usage?since=&until=&by=: the caller's usage (the admin token: everyone's)."""
         admin = self.is_admin(request)
-        principal: Principal | None = None if admin else self.g.authenticate(request)
+        principal: Principal | None = None if admin else await self.g.authenticate(request)
         params = request.query_params
         try:
             since, until = parse_period(params.get("since"), params.get("until"), self.g.s.clock(), names=_PERIOD)

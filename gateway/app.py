@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 from urllib.parse import quote
 
 from prometheus_client import CollectorRegistry
@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from gateway.admin import AdminRoutes
 from gateway.auth import Authenticator, OpenAuthenticator
-from gateway.config import Settings, UpstreamSettings
+from gateway.config import ConfigError, Settings, UpstreamSettings
 from gateway.error_responses import ErrorResponder
 from gateway.errors import GatewayError
 from gateway.fast_lane import FastLane, GatewayApp
@@ -46,6 +46,9 @@ from gateway.upstream import AiohttpTransport, Transport, UpstreamClient
 from gateway.upstream_lean import LeanTransport
 from gateway.validation import ValidationOptions
 from gateway.webhooks import WebhookSender
+
+if TYPE_CHECKING:
+    from gateway.shared_state import SharedState
 
 
 def create_app(
@@ -210,7 +213,16 @@ async def _build_services(
         max_entries=settings.cache.max_entries,
         max_bytes=settings.cache.max_bytes,
     )
-    poller = StatusPoller(cache, Coalescer(), metrics, fetch=fetch, on_fresh=on_fresh, log=log)
+    shared = await _shared_state(settings, log, stack)
+    poller = StatusPoller(
+        cache,
+        Coalescer(),
+        metrics,
+        fetch=fetch,
+        on_fresh=on_fresh,
+        shared=shared.status if shared is not None else None,
+        log=log,
+    )
     guard = None
     if settings.validation.block_private_media and settings.validation.resolve_media_hosts:
         guard = MediaGuard(resolver, timeout_s=settings.validation.resolve_timeout_s)
@@ -234,10 +246,26 @@ async def _build_services(
         store=store,
         ledger=ledger,
         limiter=RateLimiter(),
+        shared_limiter=shared.limiter if shared is not None else None,
         status=poller,
         clock=clock,
         ready_checks=[store_ready],
     )
+
+
+async def _shared_state(settings: Settings, log: object, stack: contextlib.AsyncExitStack) -> SharedState | None:
+    """The Redis-backed state shared by every replica, when ``[cache] url`` names Redis (else None)."""
+    if settings.cache.url.startswith("memory:"):
+        return None
+    try:
+        from gateway.shared_state import SharedState  # on demand: needs the [scale] extra
+    except ImportError as exc:
+        raise ConfigError(
+            f"cache.url: Redis needs the redis package: pip install 'kling-gateway[scale]' ({exc})"
+        ) from exc
+    shared = await SharedState.connect(settings.cache, call_timeout_s=settings.upstream.timeout_s, log=log)
+    stack.push_async_callback(shared.close)
+    return shared
 
 
 def _loops(services: Services) -> dict[str, Callable[[], Coroutine[None, None, None]]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import tomllib
 import types
 from collections.abc import Mapping
@@ -29,6 +30,7 @@ import orjson
 ENV_PREFIX = "KLING_GATEWAY_"
 SECRET_ENV = ("UNIALL_API_KEY", "KLING_GATEWAY_ADMIN_TOKEN", "KLING_GATEWAY_WEBHOOK_SECRET")
 DEFAULT_BASE_URL = "https://api.uniall.ai"
+_PREFIX = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 #: Public list prices, USD per output second. Replace them with your contract prices in ``[pricing.prices]``.
 LIST_PRICES_USD_PER_S: Mapping[str, Decimal] = types.MappingProxyType(
@@ -117,6 +119,10 @@ class CacheSettings:
     terminal_ttl_s: float = 3600.0
     max_entries: int = 100_000
     max_bytes: int = 64 * 1024 * 1024
+    #: With Redis: how long an expired status stays there to be served STALE while the upstream fails.
+    stale_keep_s: float = 3600.0
+    #: With Redis: the prefix of every key this gateway writes, so several deployments can share one server.
+    key_prefix: str = "kling-gateway:"
 
 
 @dataclass(frozen=True)
@@ -381,6 +387,7 @@ def _check(settings: Settings) -> None:
         (settings.cache.pending_ttl_s >= 0, "cache.pending_ttl_s: must not be negative"),
         (settings.cache.terminal_ttl_s >= 0, "cache.terminal_ttl_s: must not be negative"),
         (settings.cache.max_entries >= 1, "cache.max_entries: must be at least 1"),
+        (settings.cache.stale_keep_s >= 0, "cache.stale_keep_s: must not be negative"),
         (settings.settler.max_rps > 0, "settler.max_rps: must be positive"),
         (settings.settler.max_give_ups_per_s > 0, "settler.max_give_ups_per_s: must be positive"),
         (settings.settler.concurrency >= 1, "settler.concurrency: must be at least 1"),
@@ -402,11 +409,8 @@ def _check(settings: Settings) -> None:
     _check_url("upstream.base_url", settings.upstream.base_url, ("http", "https"))
     _check_url("cache.url", settings.cache.url, ("memory", "redis", "rediss"))
     _check_url("store.url", settings.store_url, ("sqlite", "postgresql", "postgres"))
-    # The scale-out backends are part of the contract but not built yet: refuse them loudly, never ignore them.
-    if not settings.cache.url.startswith("memory:"):
-        raise ConfigError("cache.url: only memory:// is available in this version (Redis is not implemented yet)")
-    if not settings.store_url.startswith("sqlite:"):
-        raise ConfigError("store.url: only sqlite:/// is available in this version (PostgreSQL is not implemented yet)")
+    if not _PREFIX.fullmatch(settings.cache.key_prefix):
+        raise ConfigError("cache.key_prefix: 1-64 characters among letters, digits and . _ : -")
     for model, price in settings.pricing.prices.items():
         if price < 0:
             raise ConfigError(f"pricing.prices.{model}: must not be negative")

@@ -28,6 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Protocol
 
 KEY_PREFIX = "gk_"
 """Every gateway key starts with this."""
@@ -217,6 +218,13 @@ class _Bucket:
     def __init__(self, tokens: float, stamp: float) -> None:
         self.tokens = tokens
         self.stamp = stamp
+
+
+class SharedRateLimiter(Protocol):
+    """``RateLimiter.check`` counted for every replica (Redis); implementations never raise on backend failure."""
+
+    async def check(self, key_name: str, rpm: int | None) -> float | None:
+        """Take one token for ``key_name``: None if allowed, else seconds until a token is available."""
 
 
 class RateLimiter:

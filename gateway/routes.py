@@ -60,7 +60,7 @@ class GatewayRoutes:
 
     async def submit(self, request: Request) -> Response:
         """POST /v1/video/generations: auth → validate → limits → idempotency → forward → record → respond."""
-        principal = self.authenticate(request)
+        principal = await self.authenticate(request)
         body = await read_json_object(request, self.s.settings.server.max_body_bytes)
         result = await self.validated(body)
         valid = self.require_valid(result)
@@ -133,7 +133,7 @@ class GatewayRoutes:
 
     async def status(self, request: Request) -> Response:
         """GET /v1/videos/{task_id}: auth → ownership → cache/coalesce → upstream response."""
-        principal = self.authenticate(request)
+        principal = await self.authenticate(request)
         task = await self.owned_task(principal, request.path_params["task_id"])
         log_fields(request.scope).update(model=task.model, task_id=task.task_id)
         # A settled task's final answer is in the ledger: served from there even after expiry or a restart.
@@ -162,7 +162,7 @@ class GatewayRoutes:
         """Other /v1/... paths: forwarded with the key injected when ``[proxy] passthrough`` is on."""
         if not self.s.settings.proxy.passthrough:
             raise NotFound(f"No route {request.url.path}.", code="not_found")
-        principal = self.authenticate(request)
+        principal = await self.authenticate(request)
         path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
         segments = unquote(path).split("/")
         if any(segment in (".", "..") for segment in segments) or "\\" in path:
@@ -186,7 +186,7 @@ class GatewayRoutes:
 
     async def validate(self, request: Request) -> Response:
         """POST /gateway/validate: the same checks as a submission, answered here, never forwarded."""
-        self.authenticate(request)
+        await self.authenticate(request)
         body = await read_json_object(request, self.s.settings.server.max_body_bytes)
         return json_response(verdict(await self.validated(body), self.s.prices))
 
@@ -201,11 +201,16 @@ class GatewayRoutes:
 
     # -- pipeline steps ---------------------------------------------------------------------------------------------
 
-    def authenticate(self, request: Request) -> Principal:
-        """Who is calling (401 otherwise), then their requests-per-minute limit (429)."""
+    async def authenticate(self, request: Request) -> Principal:
+        """Who is calling (401 otherwise), then their requests-per-minute limit (429), shared by every replica
+        when ``[cache] url`` is Redis."""
         principal = self.s.auth.authenticate(request.headers.get("authorization"))
         log_fields(request.scope)["key"] = principal.name
-        wait = self.s.limiter.check(principal.name, principal.rpm)
+        shared = self.s.shared_limiter
+        if shared is not None:
+            wait = await shared.check(principal.name, principal.rpm)
+        else:
+            wait = self.s.limiter.check(principal.name, principal.rpm)
         if wait is not None:
             raise TooManyRequests(
                 f"Rate limit of {principal.rpm} requests per minute for key '{principal.name}' reached; "

@@ -9,7 +9,7 @@ from typing import Any
 from gateway.auth import Authenticator
 from gateway.config import Settings
 from gateway.keyring import KeyAuthenticator
-from gateway.keys import RateLimiter
+from gateway.keys import RateLimiter, SharedRateLimiter
 from gateway.ledger import Ledger
 from gateway.media_guard import MediaGuard
 from gateway.metrics import Metrics
@@ -38,6 +38,8 @@ class Services:
     #: Named readiness checks; each returns a problem string or None.
     ready_checks: list[Callable[[], Awaitable[str | None]]] = field(default_factory=list)
     shutting_down: bool = False
+    #: Per-key limits counted in Redis for every replica (``[cache] url = "redis://..."``); else ``limiter``.
+    shared_limiter: SharedRateLimiter | None = None
 
     async def readiness(self) -> list[str]:
         if self.shutting_down:

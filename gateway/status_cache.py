@@ -19,8 +19,12 @@ that nearly free for the upstream (SPEC section 6)::
 * ``on_fresh`` (the ledger observation) runs inside the shared call, once per cached upstream answer, whoever
   of the waiters stays connected; its failure is logged and never fails the poll.
 
-The cache is in-process, behind the small ``StatusCache`` protocol; a shared (Redis) backend for several replicas
-needs async ``get``/``put``, and ``StatusPoller`` is their only caller to adapt.
+Several replicas (``[cache] url = "redis://..."``) add a ``SharedStatusCache`` behind the in-process one: a
+replica keeps in memory what it fetched itself, so its own hits cost no round trip and are never older than the
+TTL, and asks the shared cache for what other replicas fetched. On a miss everywhere, ``SharedStatusCache.once``
+lets one replica call the upstream while the others wait for its answer to land in the shared cache (they count
+as ``coalesced``). The shared cache absorbs its own failures: with Redis down, polls behave as with no shared
+cache at all.
 """
 
 from __future__ import annotations
@@ -116,6 +120,21 @@ class StatusCache(Protocol):
         self, task_id: str, body: bytes, headers: Iterable[tuple[str, str]], status_text: str, terminal: bool
     ) -> CachedStatus:
         """Store a 200 status answer; its TTL follows ``terminal``."""
+
+
+class SharedStatusCache(Protocol):
+    """A status cache every replica sees (Redis). Implementations never raise: a failure reads as a miss."""
+
+    async def get(self, task_id: str) -> tuple[CachedStatus | None, bool]:
+        """The entry for ``task_id`` (fresh or not) and whether it is still fresh."""
+
+    async def put(
+        self, task_id: str, body: bytes, headers: Sequence[tuple[str, str]], status_text: str, terminal: bool
+    ) -> None:
+        """Share a 200 status answer; its TTL follows ``terminal``."""
+
+    async def once(self, task_id: str, fetch: Callable[[], Awaitable[FetchResult]]) -> FetchResult | None:
+        """``fetch()``'s result, or None when another replica fetched ``task_id`` meanwhile (read it with ``get``)."""
 
 
 _MAX_HEADER_SETS = 1024
@@ -287,6 +306,7 @@ class StatusPoller:
         *,
         fetch: Callable[[str], Awaitable[FetchResult]],
         on_fresh: Callable[[str, FetchResult], Awaitable[None]] | None = None,
+        shared: SharedStatusCache | None = None,
         log: Any = None,
     ) -> None:
         self._cache = cache
@@ -295,6 +315,7 @@ class StatusPoller:
         self._counted = {result: metrics.status_cache.labels(result) for result in results}
         self._fetch = fetch
         self._on_fresh = on_fresh
+        self._shared = shared
         self._log = log
 
     def prime(
@@ -313,6 +334,12 @@ class StatusPoller:
         entry, fresh = self._cache.get(task_id)
         if entry is not None and fresh:
             return self._answer(entry, "HIT", "hit")
+        if self._shared is not None:
+            shared, shared_fresh = await self._shared.get(task_id)
+            if shared is not None and shared_fresh:
+                return self._answer(shared, "HIT", "hit")
+            if shared is not None and (entry is None or shared.stored_at > entry.stored_at):
+                entry = shared
         if terminal_body is not None:
             stored = parse_object(terminal_body)
             status = stored.get("status") if stored is not None else None
@@ -320,7 +347,7 @@ class StatusPoller:
                 entry = self.prime(task_id, terminal_body, JSON_HEADERS, status, True)
                 return self._answer(entry, "HIT", "hit")
         try:
-            result, followed = await self._coalescer.run(task_id, lambda: self._refresh(task_id))
+            (result, elsewhere), followed = await self._coalescer.run(task_id, lambda: self._refresh(task_id))
         except GatewayError as exc:
             stale = self._cache.get(task_id)[0] or entry
             if stale is None or exc.status < 500:  # 502/503/504: the upstream failed; anything else is an answer
@@ -330,20 +357,35 @@ class StatusPoller:
             stale = self._cache.get(task_id)[0] or entry
             if stale is not None:
                 return self._answer(stale, "STALE", "stale")
-        self._counted["coalesced" if followed else "miss"].inc()
+        self._counted["coalesced" if followed or elsewhere else "miss"].inc()
         return PollOutcome(result.status_code, tuple(result.headers), result.body, "MISS")
 
     def _answer(self, entry: CachedStatus, x_cache: XCache, result: str) -> PollOutcome:
         self._counted[result].inc()
         return PollOutcome(200, entry.headers, entry.body, x_cache)
 
-    async def _refresh(self, task_id: str) -> FetchResult:
-        """The shared call: fetch, cache a usable 200, tell the ledger."""
+    async def _refresh(self, task_id: str) -> tuple[FetchResult, bool]:
+        """The shared call, and whether another replica made it (its answer read from the shared cache)."""
+        if self._shared is None:
+            return await self._fetch_and_keep(task_id), False
+        result = await self._shared.once(task_id, lambda: self._fetch_and_keep(task_id))
+        if result is not None:
+            return result, False
+        entry, _ = await self._shared.get(task_id)
+        if entry is None:  # the other replica's call failed or its answer is gone already: ask ourselves
+            return await self._fetch_and_keep(task_id), False
+        return FetchResult(200, entry.headers, entry.body), True
+
+    async def _fetch_and_keep(self, task_id: str) -> FetchResult:
+        """Fetch, cache a usable 200 (here and in the shared cache), tell the ledger."""
         result = await self._fetch(task_id)
         status = result.status_text
         if status is None:
             return result
-        self._cache.put(task_id, result.body, result.headers, status, status in TERMINAL)
+        terminal = status in TERMINAL
+        self._cache.put(task_id, result.body, result.headers, status, terminal)
+        if self._shared is not None:
+            await self._shared.put(task_id, result.body, result.headers, status, terminal)
         if self._on_fresh is not None:
             try:
                 await self._on_fresh(task_id, result)

@@ -154,6 +154,64 @@ class TestKeysCommand:
         assert "exists already" in capsys.readouterr().err
 
 
+class TestScaleOutBackends:
+    def test_keys_and_usage_on_postgresql(
+        self,
+        data_env: Path,
+        postgres_schema_url: str,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """The CLI works on the shared PostgreSQL store exactly as on the SQLite file."""
+        monkeypatch.setenv("KLING_GATEWAY_STORE_URL", postgres_schema_url)
+        assert main(["keys", "create", "team-pg", "--rpm", "60"]) == 0
+        capsys.readouterr()
+        assert main(["keys", "list"]) == 0
+        assert "team-pg" in capsys.readouterr().out
+        assert main(["usage", "--format", "json"]) == 0
+        assert json.loads(capsys.readouterr().out)["rows"] == []
+        assert not (data_env / "data" / "gateway.db").exists()
+
+    @pytest.mark.parametrize(
+        ("env", "argv", "message"),
+        [
+            (
+                {"KLING_GATEWAY_STORE_URL": "postgresql://gw:s3cret-pw@127.0.0.1:{port}/gw"},
+                ["keys", "list"],
+                "kling-gateway: store unavailable: cannot connect to PostgreSQL",
+            ),
+            (
+                {"KLING_GATEWAY_STORE_URL": "postgresql://gw:s3cret-pw@127.0.0.1:{port}/gw", "UNIALL_API_KEY": "sk-x"},
+                ["serve"],
+                "kling-gateway: store unavailable: cannot connect to PostgreSQL",
+            ),
+            (
+                {"KLING_GATEWAY_CACHE_URL": "redis://:s3cret-pw@127.0.0.1:{port}/0", "UNIALL_API_KEY": "sk-x"},
+                ["serve"],
+                "kling-gateway: cache unavailable: cannot reach Redis at redis://:***@127.0.0.1:",
+            ),
+        ],
+    )
+    def test_a_backend_that_does_not_answer_is_one_line_and_exit_1(
+        self,
+        data_env: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+        env: dict[str, str],
+        argv: list[str],
+        message: str,
+    ) -> None:
+        """Before serving, the store and Redis are reached once: a dead one is a clear line, never a traceback."""
+        port = free_port()  # nothing listens there
+        for name, value in env.items():
+            monkeypatch.setenv(name, value.format(port=port))
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(message)
+        assert err.count("\n") == 1
+        assert "s3cret-pw" not in err
+
+
 class TestUsageCommand:
     @pytest.mark.parametrize("fmt", ["table", "csv", "json"])
     def test_empty_ledger(self, data_env: Path, capsys: pytest.CaptureFixture[str], fmt: str) -> None:

@@ -132,6 +132,15 @@ class TestErrors:
                 {"KLING_GATEWAY_SETTLER_MAX_GIVE_UPS_PER_S": "0"},
                 "settler.max_give_ups_per_s: must be positive",
             ),
+            ({"KLING_GATEWAY_CACHE_STALE_KEEP_S": "-1"}, "cache.stale_keep_s: must not be negative"),
+            (
+                {"KLING_GATEWAY_CACHE_KEY_PREFIX": "team a:"},
+                "cache.key_prefix: 1-64 characters among letters, digits and . _ : -",
+            ),
+            (
+                {"KLING_GATEWAY_CACHE_KEY_PREFIX": ""},
+                "cache.key_prefix: 1-64 characters among letters, digits and . _ : -",
+            ),
         ],
     )
     def test_env_errors_name_the_setting(self, env: dict[str, str], message: str) -> None:

@@ -1,0 +1,165 @@
+"""What the replicas of one deployment share through Redis, and what a replica does when Redis fails.
+
+With ``[cache] url = "redis://..."`` (or ``rediss://``) the app factory builds a ``SharedState``: the status cache
+every replica reads and writes (``StatusPoller``'s ``shared``), one upstream call per task across replicas, and the
+per-key request limits counted once for all of them (``Services.shared_limiter``). The Redis mechanics live in
+``gateway.cache_redis``; this module adds the policy.
+
+Redis failing never fails a request (fail open):
+
+* a status poll reads a Redis error as a miss: the replica answers from its own cache or asks the upstream itself,
+  exactly as a single replica without Redis would;
+* a rate-limit check lets the request through (budgets live in the store, so spending stays bounded);
+* after a failure, Redis is left alone for ``_REST_S`` (every shared operation short-circuits to its fallback),
+  so a hung or dead Redis costs at most one timeout per second instead of one per request;
+* each failing operation logs ``shared_state_unavailable`` (a warning) at most once per ``_WARN_EVERY_S``, and
+  ``shared_state_recovered`` when it works again. ``/readyz`` is not affected: it reports the store and the
+  configuration (SPEC section 3), and pulling every replica out of a load balancer because Redis is down would
+  turn a degraded deployment into an outage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+
+from gateway.cache_redis import (
+    CacheUnavailable,
+    RedisRateLimiter,
+    RedisSingleFlight,
+    RedisStatusCache,
+    connect,
+)
+from gateway.config import CacheSettings
+from gateway.status_cache import CachedStatus, FetchResult
+
+_WARN_EVERY_S = 10.0
+_REST_S = 1.0
+
+
+class Health:
+    """Failure bookkeeping for the shared state: a short rest after a failure, throttled warnings, recovery lines."""
+
+    def __init__(self, log: Any, clock: Callable[[], float] = time.monotonic) -> None:
+        self._log = log
+        self._clock = clock
+        self._failing: dict[str, float] = {}  # operation -> when its last warning was logged
+        self._resting_until = float("-inf")
+
+    def resting(self) -> bool:
+        """True for ``_REST_S`` after any failure: callers take their fallback without asking Redis."""
+        return self._clock() < self._resting_until
+
+    def failed(self, operation: str, exc: Exception) -> None:
+        now = self._clock()
+        self._resting_until = now + _REST_S
+        last = self._failing.get(operation)
+        if last is None or now - last >= _WARN_EVERY_S:
+            self._failing[operation] = now
+            self._log.warning("shared_state_unavailable", operation=operation, error=str(exc))
+
+    def worked(self, operation: str) -> None:
+        if self._failing and self._failing.pop(operation, None) is not None:
+            self._log.info("shared_state_recovered", operation=operation)
+
+
+class SharedStatus:
+    """``SharedStatusCache`` on Redis: entries every replica sees, and one upstream call per task among them."""
+
+    def __init__(self, cache: RedisStatusCache, flight: RedisSingleFlight, health: Health, call_timeout_s: float):
+        self._cache = cache
+        self._flight = flight
+        self._health = health
+        # A replica waits for another's call at most as long as that call may take, then asks itself.
+        self._wait_s = call_timeout_s
+        self._lock_ttl_s = call_timeout_s + 1.0
+
+    async def get(self, task_id: str) -> tuple[CachedStatus | None, bool]:
+        if self._health.resting():
+            return None, False
+        try:
+            found = await self._cache.get(task_id)
+        except CacheUnavailable as exc:
+            self._health.failed("status_get", exc)
+            return None, False
+        self._health.worked("status_get")
+        return found
+
+    async def put(
+        self, task_id: str, body: bytes, headers: Sequence[tuple[str, str]], status_text: str, terminal: bool
+    ) -> None:
+        if self._health.resting():
+            return
+        try:
+            await self._cache.put(task_id, body, headers, status_text, terminal)
+        except CacheUnavailable as exc:
+            self._health.failed("status_put", exc)
+        else:
+            self._health.worked("status_put")
+
+    async def once(self, task_id: str, fetch: Callable[[], Awaitable[FetchResult]]) -> FetchResult | None:
+        if self._health.resting():
+            return await fetch()
+
+        async def ready() -> bool:
+            return (await self.get(task_id))[0] is not None
+
+        try:
+            result, _followed = await self._flight.run(
+                task_id, fetch, ready=ready, lock_ttl_s=self._lock_ttl_s, wait_s=self._wait_s
+            )
+        except CacheUnavailable as exc:
+            self._health.failed("single_flight", exc)
+            return await fetch()
+        self._health.worked("single_flight")
+        return result
+
+
+class SharedLimiter:
+    """``SharedRateLimiter`` on Redis; a Redis failure lets the request through."""
+
+    def __init__(self, limiter: RedisRateLimiter, health: Health) -> None:
+        self._limiter = limiter
+        self._health = health
+
+    async def check(self, key_name: str, rpm: int | None) -> float | None:
+        if rpm is None or self._health.resting():
+            return None
+        try:
+            wait = await self._limiter.check(key_name, rpm)
+        except CacheUnavailable as exc:
+            self._health.failed("rate_limit", exc)
+            return None
+        self._health.worked("rate_limit")
+        return wait
+
+
+class SharedState:
+    """The Redis client and everything built on it; ``close()`` at shutdown."""
+
+    def __init__(self, client: Redis, status: SharedStatus, limiter: SharedLimiter) -> None:
+        self.client = client
+        self.status = status
+        self.limiter = limiter
+
+    @classmethod
+    async def connect(cls, settings: CacheSettings, *, call_timeout_s: float, log: Any) -> SharedState:
+        """Connect to ``settings.url`` (raises ``CacheUnavailable`` if Redis does not answer at start-up)."""
+        client = await connect(settings.url)
+        health = Health(log)
+        cache = RedisStatusCache(
+            client,
+            pending_ttl_s=settings.pending_ttl_s,
+            terminal_ttl_s=settings.terminal_ttl_s,
+            stale_keep_s=settings.stale_keep_s,
+            prefix=settings.key_prefix,
+        )
+        flight = RedisSingleFlight(client, prefix=settings.key_prefix)
+        limiter = RedisRateLimiter(client, prefix=settings.key_prefix)
+        return cls(client, SharedStatus(cache, flight, health, call_timeout_s), SharedLimiter(limiter, health))
+
+    async def close(self) -> None:
+        await self.client.aclose()
