@@ -10,7 +10,7 @@ per-process state. Every class takes a ``redis.asyncio.Redis`` client (from ``co
 
 * ``RedisStatusCache`` is the async twin of ``status_cache.MemoryStatusCache``. Freshness is decided by Redis's
   own clock: an entry is fresh while its key's remaining PTTL exceeds the stale-keep time written into it, and
-  ``GET`` + ``PTTL`` are read in one MULTI/EXEC round trip, so replicas' clocks never have to agree.
+  ``GET`` + ``PTTL`` are read by one Lua script (one command), so replicas' clocks never have to agree.
 * ``RedisRateLimiter`` is the twin of ``keys.RateLimiter``: the same token bucket, taken atomically by a Lua
   script that reads Redis ``TIME``.
 * ``RedisSingleFlight`` lets concurrent polls of one task on different replicas share one upstream call.
@@ -42,6 +42,8 @@ T = TypeVar("T")
 DEFAULT_PREFIX: Final = "kling-gateway:"
 #: Entries whose encoded size exceeds this are not stored (the memory cache skips oversize entries the same way).
 DEFAULT_MAX_ENTRY_BYTES: Final = 1 << 20
+#: How long one operation (a get, a put, a limit check, one step of single flight) may take before it fails.
+DEFAULT_TIMEOUT_S: Final = 2.0
 #: What a bucket key outlives the moment its bucket would be full again (then dropping it changes nothing).
 BUCKET_EXPIRY_MARGIN_MS: Final = 1000
 
@@ -81,7 +83,8 @@ def redact_url(url: str) -> str:
 async def connect(url: str, **options: Any) -> aioredis.Redis:
     """A client for ``url`` (``redis://`` or ``rediss://``) that has answered a PING.
 
-    ``options`` go to ``redis.asyncio.Redis.from_url``; connect and socket timeouts default to 2 s.
+    ``options`` go to ``redis.asyncio.Redis.from_url``; the connect timeout defaults to 2 s, and each operation of
+    the classes below is bounded by their own ``timeout_s`` (default ``DEFAULT_TIMEOUT_S``).
     Raises ``ValueError`` for a URL that is not a Redis URL (or asks for ``decode_responses``, which would break the
     binary entries) and ``CacheUnavailable`` when the server cannot be reached; neither message shows the password.
     """
@@ -92,7 +95,9 @@ async def connect(url: str, **options: Any) -> aioredis.Redis:
     if options.get("decode_responses"):
         raise ValueError("decode_responses must stay off: cache entries are binary")
     options.setdefault("socket_connect_timeout", 2.0)
-    options.setdefault("socket_timeout", 2.0)
+    # No per-command socket timeout: redis-py would wrap every send in asyncio.wait_for (a Task each) and every
+    # read in a timeout, a third of a command's CPU. The classes below bound each operation once instead.
+    options.setdefault("socket_timeout", None)
     try:
         client = aioredis.Redis.from_url(url, **options)
     except ValueError as exc:
@@ -149,6 +154,13 @@ def _decode(value: bytes) -> tuple[bytes, HeaderTuple, str, bool, int, int] | No
         return None
 
 
+# KEYS[1] entry. Returns {value or nil, PTTL}: the entry and its time left in one command (a MULTI/EXEC pipeline of
+# GET and PTTL costs the client four commands' work).
+_READ_SCRIPT: Final = """
+return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
+"""
+
+
 class RedisStatusCache:
     """Status cache shared by every replica: async ``get``/``put`` with ``MemoryStatusCache``'s meaning.
 
@@ -173,6 +185,7 @@ class RedisStatusCache:
         prefix: str = DEFAULT_PREFIX,
         max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
         clock: Callable[[], float] = time.monotonic,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         if min(pending_ttl_s, terminal_ttl_s, stale_keep_s) < 0:
             raise ValueError("pending_ttl_s, terminal_ttl_s and stale_keep_s must not be negative")
@@ -185,6 +198,8 @@ class RedisStatusCache:
         self._prefix = f"{prefix}status:"
         self._max_entry_bytes = max_entry_bytes
         self._clock = clock
+        self._timeout_s = timeout_s
+        self._read = client.register_script(_READ_SCRIPT)
 
     def key(self, task_id: str) -> str:
         """The Redis key of ``task_id``'s entry."""
@@ -193,10 +208,8 @@ class RedisStatusCache:
     async def get(self, task_id: str) -> tuple[CachedStatus | None, bool]:
         """The entry (fresh or not) and whether it is still fresh; (None, False) when absent or unreadable."""
         try:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.get(self.key(task_id))
-                pipe.pttl(self.key(task_id))
-                value, pttl = await pipe.execute()
+            async with asyncio.timeout(self._timeout_s):
+                value, pttl = await self._read(keys=[self.key(task_id)])
         except _REDIS_ERRORS as exc:
             raise _unavailable("get", exc) from exc
         if value is None:
@@ -233,10 +246,11 @@ class RedisStatusCache:
         )
         value = _encode(entry, fresh_ms, self._keep_ms)
         try:
-            if len(value) > self._max_entry_bytes or fresh_ms + self._keep_ms == 0:
-                await self._client.delete(self.key(task_id))  # nothing to keep; an older answer must not linger
-            else:
-                await self._client.set(self.key(task_id), value, px=fresh_ms + self._keep_ms)
+            async with asyncio.timeout(self._timeout_s):
+                if len(value) > self._max_entry_bytes or fresh_ms + self._keep_ms == 0:
+                    await self._client.delete(self.key(task_id))  # nothing to keep; an older answer must not linger
+                else:
+                    await self._client.set(self.key(task_id), value, px=fresh_ms + self._keep_ms)
         except _REDIS_ERRORS as exc:
             raise _unavailable("put", exc) from exc
         return entry
@@ -244,8 +258,10 @@ class RedisStatusCache:
 
 # -- rate limits ------------------------------------------------------------------------------------------------
 
-# KEYS[1] bucket; ARGV[1] rpm; ARGV[2] now in µs, or "" for Redis TIME. Returns nil if allowed, else the wait in µs
-# as a string (a Lua number reply would be truncated to an integer). Same arithmetic as keys.RateLimiter.check.
+# KEYS[1] bucket; ARGV[1] rpm; ARGV[2] now in µs, or "" for Redis TIME; ARGV[3] expiry margin in ms; ARGV[4] the
+# most tokens to take. Returns {granted, wait}: granted >= 1 and wait false, or granted 0 and the wait in µs as a
+# string (a Lua number reply would be truncated to an integer). With ARGV[4] = 1 this is exactly
+# keys.RateLimiter.check's arithmetic; more takes what the bucket holds, up to that many, never more.
 _BUCKET_SCRIPT: Final = """
 if redis.replicate_commands then redis.replicate_commands() end
 local capacity = tonumber(ARGV[1])
@@ -254,6 +270,7 @@ if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
+local want = tonumber(ARGV[4])
 local rate = capacity / 60000000
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
 local tokens = capacity
@@ -261,16 +278,17 @@ if state[1] and state[2] then
   local elapsed = math.max(0, now - tonumber(state[2]))
   tokens = math.min(capacity, tonumber(state[1]) + elapsed * rate)
 end
+local granted = 0
 local wait = false
 if tokens >= 1 - 1e-9 then
-  tokens = math.max(0, tokens - 1)
+  granted = math.max(1, math.min(want, math.floor(tokens + 1e-9)))
+  tokens = math.max(0, tokens - granted)
 else
-  wait = (1 - tokens) / rate
+  wait = string.format('%.17g', (1 - tokens) / rate)
 end
 redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'stamp', string.format('%.17g', now))
 redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - tokens) / rate / 1000) + tonumber(ARGV[3]))
-if wait then return string.format('%.17g', wait) end
-return false
+return {granted, wait}
 """
 
 
@@ -289,10 +307,12 @@ class RedisRateLimiter:
         *,
         prefix: str = DEFAULT_PREFIX,
         clock: Callable[[], float] | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         self._client = client
         self._prefix = f"{prefix}rate:"
         self._clock = clock
+        self._timeout_s = timeout_s
         self._script = client.register_script(_BUCKET_SCRIPT)
 
     def key(self, key_name: str) -> str:
@@ -303,19 +323,31 @@ class RedisRateLimiter:
         """Take one token for ``key_name``: None if allowed, else seconds until a token is available."""
         if rpm is None:
             return None
+        _, wait = await self.take(key_name, rpm, 1)
+        return wait
+
+    async def take(self, key_name: str, rpm: int, most: int) -> tuple[int, float | None]:
+        """Take between one and ``most`` tokens for ``key_name``, as many as the bucket holds: ``(taken, None)``;
+        or ``(0, seconds until a token is available)`` when it holds less than one."""
         if rpm < 1:
             raise ValueError("rpm must be a positive integer or None")
+        if most < 1:
+            raise ValueError("most must be at least 1")
         now = "" if self._clock is None else repr(self._clock() * 1_000_000)
         try:
-            wait = await self._script(keys=[self.key(key_name)], args=[rpm, now, BUCKET_EXPIRY_MARGIN_MS])
+            async with asyncio.timeout(self._timeout_s):
+                taken, wait = await self._script(
+                    keys=[self.key(key_name)], args=[rpm, now, BUCKET_EXPIRY_MARGIN_MS, most]
+                )
         except _REDIS_ERRORS as exc:
             raise _unavailable("rate limit check", exc) from exc
-        return None if wait is None else float(wait) / 1_000_000
+        return int(taken), None if wait is None else float(wait) / 1_000_000
 
     async def forget(self, key_name: str) -> None:
         """Drop ``key_name``'s bucket (e.g. after revocation)."""
         try:
-            await self._client.delete(self.key(key_name))
+            async with asyncio.timeout(self._timeout_s):
+                await self._client.delete(self.key(key_name))
         except _REDIS_ERRORS as exc:
             raise _unavailable("rate limit forget", exc) from exc
 
@@ -350,10 +382,18 @@ class RedisSingleFlight:
     ``lock_ttl_s`` should exceed the factory's longest run (the upstream timeout), or two replicas may both call.
     """
 
-    def __init__(self, client: aioredis.Redis, *, prefix: str = DEFAULT_PREFIX, poll_interval_s: float = 0.02) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        poll_interval_s: float = 0.02,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
         if poll_interval_s <= 0:
             raise ValueError("poll_interval_s must be positive")
         self._client = client
+        self._timeout_s = timeout_s
         self._prefix = f"{prefix}flight:"
         self._poll_interval_s = poll_interval_s
         self._release = client.register_script(_RELEASE_SCRIPT)
@@ -395,18 +435,22 @@ class RedisSingleFlight:
     ) -> Literal["lead", "ready", "deadline"]:
         """Take the lock ("lead"), or follow its holders until the result is "ready" or the "deadline" passes."""
         loop = asyncio.get_running_loop()
-        while not await self._client.set(lock, token, nx=True, px=lock_ms):
+        while not await self._bounded(self._client.set(lock, token, nx=True, px=lock_ms)):
             while True:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     return "ready" if await ready() else "deadline"
                 await asyncio.sleep(min(self._poll_interval_s, remaining))
-                if not await self._client.exists(lock):
+                if not await self._bounded(self._client.exists(lock)):
                     break
             if await ready():
                 return "ready"
         return "lead"
 
+    async def _bounded(self, command: Awaitable[T]) -> T:
+        async with asyncio.timeout(self._timeout_s):
+            return await command
+
     async def _release_lock(self, lock: str, token: str) -> None:
         with contextlib.suppress(*_REDIS_ERRORS):  # the lock then expires on its own after lock_ttl_s
-            await self._release(keys=[lock], args=[token])
+            await self._bounded(self._release(keys=[lock], args=[token]))

@@ -74,9 +74,25 @@ class FailingLimiter:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def check(self, key_name: str, rpm: int | None) -> float | None:
+    async def take(self, key_name: str, rpm: int, most: int) -> tuple[int, float | None]:
         self.calls += 1
         raise CacheUnavailable("Redis check failed: ConnectionError")
+
+
+class Bucket:
+    """A stand-in for ``RedisRateLimiter.take``: a fixed number of tokens, no refill; records each call."""
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+        self.calls: list[int] = []
+
+    async def take(self, key_name: str, rpm: int, most: int) -> tuple[int, float | None]:
+        self.calls.append(most)
+        if self.tokens < 1:
+            return 0, 7.5
+        taken = min(most, self.tokens)
+        self.tokens -= taken
+        return taken, None
 
 
 class TestSharedLimiter:
@@ -92,6 +108,48 @@ class TestSharedLimiter:
         assert limiter.calls == 2
         assert await shared.check("team", None) is None
         assert limiter.calls == 2  # no limit, nothing to count
+
+
+class TestLeases:
+    async def test_a_busy_key_takes_a_tenth_of_a_second_of_tokens_at_once(self, log: Log, clock: Clock) -> None:
+        bucket = Bucket(tokens=1000)
+        shared = SharedLimiter(bucket, Health(log, clock), clock=clock)  # type: ignore[arg-type]
+
+        answers = [await shared.check("team", 6000) for _ in range(21)]
+
+        assert answers == [None] * 21
+        assert bucket.calls == [10, 10, 10]  # 6000 rpm = 100/s: leases of 10; 21 requests, three round trips
+        assert bucket.tokens == 1000 - 30  # taken from the shared bucket before they are spent
+
+    async def test_a_small_limit_asks_redis_every_time_and_is_exact(self, log: Log, clock: Clock) -> None:
+        bucket = Bucket(tokens=3)
+        shared = SharedLimiter(bucket, Health(log, clock), clock=clock)  # type: ignore[arg-type]
+
+        answers = [await shared.check("team", 1199) for _ in range(4)]
+
+        assert answers == [None, None, None, 7.5]
+        assert bucket.calls == [1, 1, 1, 1]
+
+    async def test_a_lease_lasts_a_second_and_never_grants_more_than_was_taken(self, log: Log, clock: Clock) -> None:
+        bucket = Bucket(tokens=12)
+        shared = SharedLimiter(bucket, Health(log, clock), clock=clock)  # type: ignore[arg-type]
+
+        assert await shared.check("team", 6000) is None  # takes 10, spends 1
+        clock.now += 1.01  # the 9 left are dropped
+        assert await shared.check("team", 6000) is None  # takes the last 2
+        assert await shared.check("team", 6000) is None
+        assert await shared.check("team", 6000) == 7.5
+
+        assert bucket.calls == [10, 10, 10]
+
+    async def test_leases_are_per_key_and_bounded(self, log: Log, clock: Clock) -> None:
+        bucket = Bucket(tokens=1000)
+        shared = SharedLimiter(bucket, Health(log, clock), clock=clock, max_keys=2)  # type: ignore[arg-type]
+
+        for key in ("a", "b", "c", "a"):
+            assert await shared.check(key, 6000) is None
+
+        assert bucket.calls == [10, 10, 10, 10]  # "a" was evicted by "c", so it asked again
 
 
 class FailingCache:
