@@ -254,6 +254,21 @@ _SQL_INSERT_TASK = (  # constant fragments only, values are bound parameters
     f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES ({_placeholders(23)}) "  # noqa: S608
     "ON CONFLICT (task_id) DO NOTHING"
 )
+# resolve_intent as one statement (one round trip, its own transaction): insert the task, its terminal body if it
+# has one, delete the intent and, only if the task was new, add it to the rollup. Foreign keys are checked at the
+# end of the statement, so the body's reference to the task inserted beside it holds.
+_SQL_RESOLVE = (  # constant fragments only, values are bound parameters
+    f"WITH ins AS ({_SQL_INSERT_TASK} RETURNING task_id), "  # noqa: S608
+    "body AS (INSERT INTO task_bodies (task_id, body) SELECT task_id, $24::bytea FROM ins WHERE $24::bytea IS NOT NULL "
+    "ON CONFLICT (task_id) DO UPDATE SET body = excluded.body), "
+    "gone AS (DELETE FROM intents WHERE intent_id = $25), "
+    f"roll AS (INSERT INTO usage_daily (day, key_name, model, mode, {', '.join(_MEASURES)}) "
+    "SELECT $26::integer, $27::text, $28::text, $29::text, "
+    + ", ".join(f"${n}::bigint" for n in range(30, 30 + len(_MEASURES)))
+    + " FROM ins ON CONFLICT (day, key_name, model, mode) DO UPDATE SET "
+    + ", ".join(f"{m} = usage_daily.{m} + excluded.{m}" for m in _MEASURES)
+    + ") SELECT count(*) FROM ins"
+)
 _SQL_UPSERT_BODY = (
     "INSERT INTO task_bodies (task_id, body) VALUES ($1, $2) ON CONFLICT (task_id) DO UPDATE SET body = excluded.body"
 )
@@ -730,18 +745,9 @@ class PostgresStore:
 
     async def resolve_intent(self, intent_id: str, task: TaskRecord) -> bool:
         """Insert ``task`` and delete the intent in one transaction; False if the task row already existed."""
-        row = task_row(task)
-
-        async def op(conn: asyncpg.Connection) -> bool:
-            inserted = _count(await conn.execute(_SQL_INSERT_TASK, *row)) == 1
-            if inserted and task.terminal_body is not None:
-                await conn.execute(_SQL_UPSERT_BODY, task.task_id, task.terminal_body)
-            await conn.execute("DELETE FROM intents WHERE intent_id = $1", intent_id)
-            if inserted:  # last: the rollup row is shared, so its lock is held only until COMMIT
-                await conn.execute(_SQL_ROLLUP_ADD, *insert_delta(task))
-            return inserted
-
-        return await self._run(op)
+        params = (*task_row(task), task.terminal_body, intent_id, *insert_delta(task))
+        inserted = await self._run(lambda conn: conn.fetchval(_SQL_RESOLVE, *params), tx=False)
+        return bool(inserted)
 
     async def drop_intent(self, intent_id: str) -> bool:
         """Delete an intent whose submission the upstream refused; False if there was none."""

@@ -407,6 +407,17 @@ class TestIntents:
         assert await store.resolve_intent("i1", task) is False
         assert await store.get_task("task-1") == task
 
+    async def test_resolve_keeps_a_terminal_body_and_a_retry_counts_once(self, store: Store) -> None:
+        """A task that arrives with its final answer keeps it; retrying the write adds nothing to usage."""
+        task = replace(make_task("task-2"), status="completed", terminal_body=b'{"status": "completed"}')
+        await store.record_intent("i2", "team-a", "req-2", task.model, task.mode, T0)
+        assert await store.resolve_intent("i2", task) is True
+        assert await store.resolve_intent("i2", task) is False
+        assert await store.get_task("task-2") == task
+        assert await store.list_intents() == []
+        (row,) = await store.usage()
+        assert row.tasks == 1
+
     async def test_intent_fields(self, store: Store) -> None:
         """An intent keeps who submitted what and when."""
         await store.record_intent("i1", "team-a", "req-1", "kling-v3-pro-audio", "first_last", T0 + 0.25)
