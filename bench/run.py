@@ -218,7 +218,14 @@ class Gateway:
 
 
 def start_gateway(
-    procs: Procs, tmp: Path, name: str, upstream: str, data_dir: Path, admin_token: str, pending_ttl_s: float
+    procs: Procs,
+    tmp: Path,
+    name: str,
+    upstream: str,
+    data_dir: Path,
+    admin_token: str,
+    pending_ttl_s: float,
+    extra_env: dict[str, str] | None = None,
 ) -> Gateway:
     port = free_port()
     env = child_env(
@@ -230,6 +237,7 @@ def start_gateway(
             "KLING_GATEWAY_CACHE_PENDING_TTL_S": str(pending_ttl_s),
             "KLING_GATEWAY_LOGGING_ACCESS_LOG": "true",
             "KLING_GATEWAY_LOGGING_LEVEL": "info",
+            **(extra_env or {}),
         },
         # The run's own settings only: nothing inherited may change what is measured.
         drop_prefixes=("KLING_GATEWAY_", "UNIALL_", "PROMETHEUS_MULTIPROC_DIR"),
