@@ -73,10 +73,18 @@ class Health:
 class SharedStatus:
     """``SharedStatusCache`` on Redis: entries every replica sees, and one upstream call per task among them."""
 
-    def __init__(self, cache: RedisStatusCache, flight: RedisSingleFlight, health: Health, call_timeout_s: float):
+    def __init__(
+        self,
+        cache: RedisStatusCache,
+        flight: RedisSingleFlight,
+        health: Health,
+        call_timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,  # the cache's clock: entries' stored_at are on it
+    ):
         self._cache = cache
         self._flight = flight
         self._health = health
+        self._clock = clock
         # A replica waits for another's call at most as long as that call may take, then asks itself.
         self._wait_s = call_timeout_s
         self._lock_ttl_s = call_timeout_s + 1.0
@@ -104,12 +112,19 @@ class SharedStatus:
         else:
             self._health.worked("status_put")
 
-    async def once(self, task_id: str, fetch: Callable[[], Awaitable[FetchResult]]) -> FetchResult | None:
+    async def once(self, task_id: str, fetch: Callable[[], Awaitable[FetchResult]]) -> tuple[FetchResult, bool]:
         if self._health.resting():
-            return await fetch()
+            return await fetch(), False
+        waited_from = self._clock()
+        arrived: list[CachedStatus] = []
 
         async def ready() -> bool:
-            return (await self.get(task_id))[0] is not None
+            # Only an answer stored while we waited is the other replica's: an older, expired entry is not.
+            entry, fresh = await self.get(task_id)
+            if entry is not None and (fresh or entry.stored_at >= waited_from):
+                arrived.append(entry)
+                return True
+            return False
 
         try:
             result, _followed = await self._flight.run(
@@ -117,9 +132,14 @@ class SharedStatus:
             )
         except CacheUnavailable as exc:
             self._health.failed("single_flight", exc)
-            return await fetch()
+            return await fetch(), False
         self._health.worked("single_flight")
-        return result
+        if result is not None:
+            return result, False
+        if not arrived:  # run() answers (None, True) only after ready() said True; never serve nothing
+            return await fetch(), False
+        entry = arrived[-1]
+        return FetchResult(200, entry.headers, entry.body), True
 
 
 class SharedLimiter:

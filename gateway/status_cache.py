@@ -133,8 +133,8 @@ class SharedStatusCache(Protocol):
     ) -> None:
         """Share a 200 status answer; its TTL follows ``terminal``."""
 
-    async def once(self, task_id: str, fetch: Callable[[], Awaitable[FetchResult]]) -> FetchResult | None:
-        """``fetch()``'s result, or None when another replica fetched ``task_id`` meanwhile (read it with ``get``)."""
+    async def once(self, task_id: str, fetch: Callable[[], Awaitable[FetchResult]]) -> tuple[FetchResult, bool]:
+        """``(fetch(), False)``, or ``(that answer, True)`` when another replica fetched ``task_id`` meanwhile."""
 
 
 _MAX_HEADER_SETS = 1024
@@ -368,13 +368,7 @@ class StatusPoller:
         """The shared call, and whether another replica made it (its answer read from the shared cache)."""
         if self._shared is None:
             return await self._fetch_and_keep(task_id), False
-        result = await self._shared.once(task_id, lambda: self._fetch_and_keep(task_id))
-        if result is not None:
-            return result, False
-        entry, _ = await self._shared.get(task_id)
-        if entry is None:  # the other replica's call failed or its answer is gone already: ask ourselves
-            return await self._fetch_and_keep(task_id), False
-        return FetchResult(200, entry.headers, entry.body), True
+        return await self._shared.once(task_id, lambda: self._fetch_and_keep(task_id))
 
     async def _fetch_and_keep(self, task_id: str) -> FetchResult:
         """Fetch, cache a usable 200 (here and in the shared cache), tell the ledger."""

@@ -8,7 +8,7 @@ import pytest
 
 from gateway.cache_redis import CacheUnavailable
 from gateway.shared_state import Health, SharedLimiter, SharedStatus
-from gateway.status_cache import FetchResult
+from gateway.status_cache import CachedStatus, FetchResult
 
 
 class Log:
@@ -177,9 +177,69 @@ class TestSharedStatus:
 
         assert await shared.get("task_1") == (None, False)
         await shared.put("task_1", b"{}", (), "queued", False)  # resting: dropped quietly
-        assert await shared.once("task_1", fetch) is fetched
+        assert await shared.once("task_1", fetch) == (fetched, False)
         clock.now += 2
-        assert await shared.once("task_1", fetch) is fetched  # Redis asked again, failed, fetched all the same
+        assert await shared.once("task_1", fetch) == (fetched, False)  # Redis asked again, failed, fetched anyway
 
         assert len(calls) == 2
         assert [fields["operation"] for _, _, fields in log.lines] == ["status_get", "single_flight"]
+
+
+class OneEntry:
+    """A shared cache holding one entry; ``arrives`` replaces it when the other replica's answer lands."""
+
+    def __init__(self, entry: CachedStatus | None, fresh: bool) -> None:
+        self.entry, self.fresh = entry, fresh
+
+    async def get(self, task_id: str) -> tuple[CachedStatus | None, bool]:
+        return self.entry, self.fresh
+
+
+class OtherReplicaLeads:
+    """Single flight where another replica holds the lock: ``during`` runs while we wait, then ready() is asked."""
+
+    def __init__(self, during: Any) -> None:
+        self.during = during
+
+    async def run(self, key: str, factory: Any, *, ready: Any, **options: Any) -> Any:
+        self.during()
+        if await ready():
+            return None, True
+        return await factory(), False
+
+
+def _entry(body: bytes, stored_at: float) -> CachedStatus:
+    return CachedStatus(body, (("content-type", "application/json"),), "queued", False, stored_at, stored_at + 2)
+
+
+class TestOtherReplicasAnswer:
+    async def test_the_answer_stored_while_waiting_is_taken(self, log: Log, clock: Clock) -> None:
+        cache = OneEntry(_entry(b"old", stored_at=clock.now - 60), fresh=False)
+
+        def lands() -> None:
+            clock.now += 0.3
+            cache.entry, cache.fresh = _entry(b"new", stored_at=clock.now), True
+
+        shared = SharedStatus(cache, OtherReplicaLeads(lands), Health(log, clock), call_timeout_s=5.0, clock=clock)  # type: ignore[arg-type]
+
+        async def fetch() -> FetchResult:
+            raise AssertionError("the other replica's answer should have been used")
+
+        result, elsewhere = await shared.once("task_1", fetch)
+
+        assert (result.status_code, result.body, elsewhere) == (200, b"new", True)
+        assert result.headers == (("content-type", "application/json"),)
+
+    async def test_an_old_expired_entry_is_not_taken_for_the_other_replicas_answer(
+        self, log: Log, clock: Clock
+    ) -> None:
+        cache = OneEntry(_entry(b"old", stored_at=clock.now - 60), fresh=False)  # the other replica's call failed
+        shared = SharedStatus(
+            cache, OtherReplicaLeads(lambda: None), Health(log, clock), call_timeout_s=5.0, clock=clock
+        )  # type: ignore[arg-type]
+        fetched = FetchResult(200, (), b"mine")
+
+        async def fetch() -> FetchResult:
+            return fetched
+
+        assert await shared.once("task_1", fetch) == (fetched, False)
