@@ -371,3 +371,46 @@ class TestWorkers:
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=20)
+
+    def test_two_workers_on_postgresql_and_redis_share_limits_and_the_cache(
+        self, tmp_path: Path, sandbox_server: Any, postgres_schema_url: str, redis_url: str, redis_prefix: str
+    ) -> None:
+        """serve --workers 2 on the scale-out backends: one rate limit and one status cache for both workers."""
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("KLING_GATEWAY_", "UNIALL_", "PROMETHEUS_"))}
+        env.update(
+            KLING_GATEWAY_SERVER_PORT=str(port),
+            KLING_GATEWAY_SERVER_DATA_DIR=str(tmp_path / "data"),
+            KLING_GATEWAY_STORE_URL=postgres_schema_url,
+            KLING_GATEWAY_CACHE_URL=redis_url,
+            KLING_GATEWAY_CACHE_KEY_PREFIX=redis_prefix,
+            KLING_GATEWAY_ADMIN_TOKEN="adm-workers",
+            UNIALL_API_KEY=sandbox_server.api_key,
+            UNIALL_BASE_URL=sandbox_server.url,
+        )
+        process = subprocess.Popen([*CLI, "serve", "--workers", "2"], env=env, stdout=subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy(base)
+            created = httpx.post(
+                f"{base}/gateway/keys", json={"name": "team", "rpm": 6}, headers={"Authorization": "Bearer adm-workers"}
+            )
+            headers = {"Authorization": f"Bearer {created.json()['key']}"}
+            time.sleep(1.0)  # the other worker picks the key up from the store
+            submitted = httpx.post(
+                f"{base}/v1/video/generations",
+                json={"model": "kling-v3-std-silent", "prompt": "a fox", "duration": 5},
+                headers=headers,
+            )
+            task_id = submitted.json()["id"]
+            answers = []
+            for _ in range(6):
+                with httpx.Client() as client:  # a new connection each time, so both workers answer
+                    answers.append(client.get(f"{base}/v1/videos/{task_id}", headers=headers))
+
+            assert submitted.status_code == 200
+            assert [a.status_code for a in answers] == [200] * 5 + [429]  # 6 rpm: the submission took one
+            assert [a.headers["x-cache"] for a in answers[:5]] == ["MISS"] + ["HIT"] * 4
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=20)
