@@ -21,10 +21,10 @@ that nearly free for the upstream (SPEC section 6)::
 
 Several replicas (``[cache] url = "redis://..."``) add a ``SharedStatusCache`` behind the in-process one: a
 replica keeps in memory what it fetched itself, so its own hits cost no round trip and are never older than the
-TTL, and asks the shared cache for what other replicas fetched. On a miss everywhere, ``SharedStatusCache.once``
-lets one replica call the upstream while the others wait for its answer to land in the shared cache (they count
-as ``coalesced``). The shared cache absorbs its own failures: with Redis down, polls behave as with no shared
-cache at all.
+TTL, and asks the shared cache for what other replicas fetched (keeping a copy for the freshness it has left).
+On a miss everywhere, ``SharedStatusCache.once`` lets one replica call the upstream while the others wait for its
+answer to land in the shared cache (they count as ``coalesced``). The shared cache absorbs its own failures: with
+Redis down, polls behave as with no shared cache at all.
 """
 
 from __future__ import annotations
@@ -117,9 +117,15 @@ class StatusCache(Protocol):
         """The entry for ``task_id`` (fresh or not) and whether it is still fresh."""
 
     def put(
-        self, task_id: str, body: bytes, headers: Iterable[tuple[str, str]], status_text: str, terminal: bool
+        self,
+        task_id: str,
+        body: bytes,
+        headers: Iterable[tuple[str, str]],
+        status_text: str,
+        terminal: bool,
+        fresh_for_s: float | None = None,
     ) -> CachedStatus:
-        """Store a 200 status answer; its TTL follows ``terminal``."""
+        """Store a 200 status answer; its TTL follows ``terminal`` unless ``fresh_for_s`` says how long."""
 
 
 class SharedStatusCache(Protocol):
@@ -193,17 +199,28 @@ class MemoryStatusCache:
         return entry, self._clock() < entry.fresh_until
 
     def put(
-        self, task_id: str, body: bytes, headers: Iterable[tuple[str, str]], status_text: str, terminal: bool
+        self,
+        task_id: str,
+        body: bytes,
+        headers: Iterable[tuple[str, str]],
+        status_text: str,
+        terminal: bool,
+        fresh_for_s: float | None = None,
     ) -> CachedStatus:
-        """Store a 200 status answer (callers never put errors); evicts least recently used entries to fit."""
+        """Store a 200 status answer (callers never put errors); evicts least recently used entries to fit.
+
+        Fresh for the TTL of its kind, or for ``fresh_for_s`` (a copy of a shared entry keeps the time it has left).
+        """
         now = self._clock()
+        if fresh_for_s is None:
+            fresh_for_s = self._terminal_ttl_s if terminal else self._pending_ttl_s
         entry = CachedStatus(
             body=body,
             headers=self._shared(tuple(headers)),
             status_text=status_text,
             terminal=terminal,
             stored_at=now,
-            fresh_until=now + (self._terminal_ttl_s if terminal else self._pending_ttl_s),
+            fresh_until=now + fresh_for_s,
         )
         size = _entry_size(task_id, entry)
         self._discard(task_id)
@@ -308,6 +325,7 @@ class StatusPoller:
         on_fresh: Callable[[str, FetchResult], Awaitable[None]] | None = None,
         shared: SharedStatusCache | None = None,
         log: Any = None,
+        clock: Callable[[], float] = time.monotonic,  # the clock of both caches' fresh_until
     ) -> None:
         self._cache = cache
         self._coalescer = coalescer
@@ -316,6 +334,7 @@ class StatusPoller:
         self._fetch = fetch
         self._on_fresh = on_fresh
         self._shared = shared
+        self._clock = clock
         self._log = log
 
     def prime(
@@ -337,7 +356,13 @@ class StatusPoller:
         if self._shared is not None:
             shared, shared_fresh = await self._shared.get(task_id)
             if shared is not None and shared_fresh:
-                return self._answer(shared, "HIT", "hit")
+                # Kept here for exactly the freshness it has left: no replica refetches a fresh entry, so the copy
+                # cannot be older than what Redis holds, and the next polls on this replica cost no round trip.
+                fresh_for_s = shared.fresh_until - self._clock()
+                entry = self._cache.put(
+                    task_id, shared.body, shared.headers, shared.status_text, shared.terminal, fresh_for_s
+                )
+                return self._answer(entry, "HIT", "hit")
             if shared is not None and (entry is None or shared.stored_at > entry.stored_at):
                 entry = shared
         if terminal_body is not None:

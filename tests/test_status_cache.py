@@ -6,6 +6,7 @@ import asyncio
 import gc
 import tracemalloc
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 import pytest
@@ -14,6 +15,7 @@ from gateway.errors import NotFound, UpstreamTimeout, UpstreamUnavailable
 from gateway.metrics import Metrics, create_metrics
 from gateway.status_cache import (
     ENTRY_OVERHEAD_BYTES,
+    CachedStatus,
     Coalescer,
     FetchResult,
     MemoryStatusCache,
@@ -513,3 +515,65 @@ class TestFetchResult:
         """Only a JSON object with a string status has a status_text."""
         result = FetchResult.from_upstream(UpstreamResponse(200, [], body, 0.0))
         assert result.status_text is None
+
+
+class FakeShared:
+    """A shared (other replicas') cache holding one entry; counts reads."""
+
+    def __init__(self, entry: CachedStatus | None, clock: FakeClock) -> None:
+        self.entry = entry
+        self.clock = clock
+        self.reads = 0
+        self.puts: list[str] = []
+
+    async def get(self, task_id: str) -> tuple[CachedStatus | None, bool]:
+        self.reads += 1
+        if self.entry is None:
+            return None, False
+        return self.entry, self.clock() < self.entry.fresh_until
+
+    async def put(self, task_id: str, body: bytes, headers: Any, status_text: str, terminal: bool) -> None:
+        self.puts.append(status_text)
+
+    async def once(self, task_id: str, fetch: Callable[[], Awaitable[FetchResult]]) -> tuple[FetchResult, bool]:
+        return await fetch(), False
+
+
+class TestSharedStatusCache:
+    def poller(self, fetch: FakeFetch, shared: FakeShared, clock: FakeClock) -> tuple[StatusPoller, Metrics]:
+        metrics = create_metrics()
+        cache = MemoryStatusCache(pending_ttl_s=2, terminal_ttl_s=3600, max_entries=100, max_bytes=1 << 20, clock=clock)
+        poller = StatusPoller(cache, Coalescer(), metrics, fetch=fetch, shared=shared, clock=clock)  # type: ignore[arg-type]
+        return poller, metrics
+
+    async def test_another_replicas_answer_is_a_hit_kept_here_for_the_freshness_it_has_left(self) -> None:
+        clock = FakeClock()
+        body = status_body("t1", "in_progress")
+        shared = FakeShared(
+            CachedStatus(body, tuple(JSON), "in_progress", False, clock.now - 0.5, clock.now + 1.5), clock
+        )
+        fetch = FakeFetch(answer("t1", "in_progress", progress=50))
+        poller, metrics = self.poller(fetch, shared, clock)
+
+        first = await poller.poll("t1")
+        clock.now += 1.4
+        second = await poller.poll("t1")  # from this replica's copy: no round trip
+        clock.now += 0.2  # the shared entry's freshness is over, and so is the copy's
+        third = await poller.poll("t1")
+
+        assert (first.x_cache, first.body, second.x_cache, second.body) == ("HIT", body, "HIT", body)
+        assert third.x_cache == "MISS" and b'"progress":50' in third.body
+        assert shared.reads == 2  # the first poll, and the third (before it fetched)
+        assert fetch.calls == 1
+        assert shared.puts == ["in_progress"]  # what this replica fetched is shared
+        assert cache_count(metrics, "hit") == 2
+
+    async def test_an_expired_shared_entry_is_served_stale_when_the_upstream_fails(self) -> None:
+        clock = FakeClock()
+        body = status_body("t1", "queued")
+        shared = FakeShared(CachedStatus(body, tuple(JSON), "queued", False, clock.now - 5, clock.now - 3), clock)
+        poller, _ = self.poller(FakeFetch(UpstreamUnavailable("upstream down")), shared, clock)
+
+        outcome = await poller.poll("t1")
+
+        assert (outcome.status_code, outcome.x_cache, outcome.body) == (200, "STALE", body)
