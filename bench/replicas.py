@@ -18,6 +18,10 @@ Rows (``wrk -t1``, 50 connections after a warm-up, then 1 connection):
 * ``replica B``: the same polls on a replica that never fetched them: its first poll of each task reads Redis, and
   keeps a copy for the freshness the entry has left (3,600 s here), so the rest are answered from its memory;
 * submissions on a replica: the ledger writes go to PostgreSQL, the limit to Redis.
+
+Then the Redis operations alone, in this process (``gateway.cache_redis``, CPU µs per call at 1 and 50 concurrent
+callers): a status read (what a replica's first poll of a task another replica fetched costs on top of a memory
+hit) and a rate-limit check (what a request of a key under 1,200 rpm costs; busier keys lease tokens).
 """
 
 from __future__ import annotations
@@ -29,13 +33,17 @@ import secrets
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import asyncpg
 import redis.asyncio as aioredis
 import run as bench_run
 import scale
+import uvloop
 from common import INSTALL_HINT, Aborted, Procs, hard_limit, machine_info, missing_tools
+
+from gateway.cache_redis import RedisRateLimiter, RedisStatusCache, connect
 
 RESULTS_MD = Path(__file__).resolve().parent / "results-replicas.md"
 HARD_LIMIT_S = 240
@@ -118,7 +126,48 @@ def _rows(procs: Procs, tmp: Path, plan: bench_run.Plan, schema: str, prefix: st
     return rows
 
 
-def _markdown(rows: list[bench_run.Row], info: dict[str, str], plan: bench_run.Plan, took_s: float) -> str:
+async def _redis_ops(prefix: str, calls: int = 4000) -> list[tuple[str, int, float, float]]:
+    """(operation, concurrency, calls/s, CPU µs per call) for a status read and a rate-limit check."""
+    client = await connect(REDIS_URL)
+    cache = RedisStatusCache(client, pending_ttl_s=3600, terminal_ttl_s=3600, stale_keep_s=60, prefix=prefix)
+    limiter = RedisRateLimiter(client, prefix=prefix)
+    body = (  # the fake upstream's status answer (bench/run.py)
+        b'{"id":"task_ops","task_id":"task_ops","object":"video.generation.job",'
+        b'"model":"kling-v3-std-silent","status":"in_progress","progress":42,"created_at":1767225600}'
+    )
+    await cache.put("task_ops", body, [("content-type", "application/json")], "in_progress", False)
+    operations: dict[str, Callable[[], Awaitable[object]]] = {
+        "status read (RedisStatusCache.get)": lambda: cache.get("task_ops"),
+        "rate-limit check (RedisRateLimiter.check)": lambda: limiter.check("ops", 1000),
+    }
+    results = []
+    try:
+        for name, operation in operations.items():
+            for concurrency in (1, 50):
+                left = iter(range(calls))
+
+                async def worker(
+                    operation: Callable[[], Awaitable[object]] = operation, left: Iterator[int] = left
+                ) -> None:
+                    for _ in left:
+                        await operation()
+
+                wall0, cpu0 = time.perf_counter(), time.process_time()
+                await asyncio.gather(*(worker() for _ in range(concurrency)))
+                wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+                results.append((name, concurrency, calls / wall, 1e6 * cpu / calls))
+    finally:
+        await client.aclose()
+    return results
+
+
+def _markdown(
+    rows: list[bench_run.Row],
+    ops: list[tuple[str, int, float, float]],
+    info: dict[str, str],
+    plan: bench_run.Plan,
+    took_s: float,
+) -> str:
     lines = [
         "# Scale-out cost: replicas on PostgreSQL + Redis vs one gateway on SQLite",
         "",
@@ -145,6 +194,14 @@ def _markdown(rows: list[bench_run.Row], info: dict[str, str], plan: bench_run.P
             f"| {row.name} | {row.what} | {c50.rps:,.0f} | {c50.p50_ms:.2f} | {c50.p99_ms:.2f} | {c1.p50_ms:.3f} | "
             f"{c1.p99_ms:.3f} | {cpu:.0f} | {c50.errors + c1.errors} | {row.check or '-'} |"
         )
+    lines += [
+        "",
+        "Redis operations alone (`gateway.cache_redis`, in the bench process, uvloop):",
+        "",
+        "| operation | concurrent callers | calls/s | CPU µs per call |",
+        "|---|---|---|---|",
+        *(f"| {name} | {concurrency} | {rate:,.0f} | {cpu:.0f} |" for name, concurrency, rate, cpu in ops),
+    ]
     return "\n".join([*lines, ""])
 
 
@@ -168,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with hard_limit(HARD_LIMIT_S):
                 rows = _rows(procs, tmp, plan, schema, prefix)
+                ops = uvloop.run(_redis_ops(prefix))
         except Aborted as exc:
             print(f"\naborted ({exc}); stopping subprocesses", file=sys.stderr)
             return 1
@@ -178,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             procs.stop_all()
             asyncio.run(_drop_schema(schema))
             asyncio.run(_drop_prefix(prefix))
-    text = _markdown(rows, info, plan, time.monotonic() - started)
+    text = _markdown(rows, ops, info, plan, time.monotonic() - started)
     print("\n" + text)
     if not args.no_write:
         RESULTS_MD.write_text(text)
