@@ -343,17 +343,24 @@ class TestDockerEntrypoint:
         assert shlex.join(cmd) == "serve"
 
 
+def _serve_env(tmp_path: Path, port: int, sandbox_server: Any, **settings: str) -> dict[str, str]:
+    """The environment of a ``serve`` subprocess: none of the caller's gateway settings, the sandbox upstream."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KLING_GATEWAY_", "UNIALL_", "PROMETHEUS_"))}
+    env.update(
+        KLING_GATEWAY_SERVER_PORT=str(port),
+        KLING_GATEWAY_SERVER_DATA_DIR=str(tmp_path / "data"),
+        UNIALL_API_KEY=sandbox_server.api_key,
+        UNIALL_BASE_URL=sandbox_server.url,
+        **settings,
+    )
+    return env
+
+
 class TestWorkers:
     def test_two_workers_share_metrics(self, tmp_path: Path, sandbox_server: Any) -> None:
         """serve --workers 2 runs in Prometheus multiprocess mode: /metrics counts every worker's requests."""
         port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("KLING_GATEWAY_", "UNIALL_", "PROMETHEUS_"))}
-        env.update(
-            KLING_GATEWAY_SERVER_PORT=str(port),
-            KLING_GATEWAY_SERVER_DATA_DIR=str(tmp_path / "data"),
-            UNIALL_API_KEY=sandbox_server.api_key,
-            UNIALL_BASE_URL=sandbox_server.url,
-        )
+        env = _serve_env(tmp_path, port, sandbox_server)
         process = subprocess.Popen([*CLI, "serve", "--workers", "2"], env=env, stdout=subprocess.DEVNULL)
         base = f"http://127.0.0.1:{port}"
         try:
@@ -377,16 +384,14 @@ class TestWorkers:
     ) -> None:
         """serve --workers 2 on the scale-out backends: one rate limit and one status cache for both workers."""
         port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("KLING_GATEWAY_", "UNIALL_", "PROMETHEUS_"))}
-        env.update(
-            KLING_GATEWAY_SERVER_PORT=str(port),
-            KLING_GATEWAY_SERVER_DATA_DIR=str(tmp_path / "data"),
+        env = _serve_env(
+            tmp_path,
+            port,
+            sandbox_server,
             KLING_GATEWAY_STORE_URL=postgres_schema_url,
             KLING_GATEWAY_CACHE_URL=redis_url,
             KLING_GATEWAY_CACHE_KEY_PREFIX=redis_prefix,
             KLING_GATEWAY_ADMIN_TOKEN="adm-workers",
-            UNIALL_API_KEY=sandbox_server.api_key,
-            UNIALL_BASE_URL=sandbox_server.url,
         )
         process = subprocess.Popen([*CLI, "serve", "--workers", "2"], env=env, stdout=subprocess.DEVNULL)
         base = f"http://127.0.0.1:{port}"
