@@ -49,6 +49,9 @@ _KEY_LEN = len(KEY_PREFIX) + _BODY_LEN + _CHECKSUM_LEN
 _URLSAFE = re.compile(r"[A-Za-z0-9_-]+")
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _MODEL_GLOB = re.compile(r"[A-Za-z0-9._:/*?!\[\]-]+")
+#: Bounds on a key's model allowlist: every request of the key matches against it.
+MAX_MODEL_PATTERNS = 64
+MAX_MODEL_PATTERN_CHARS = 128
 
 
 def _checksum(head: str) -> str:
@@ -105,10 +108,14 @@ def parse_model_globs(text: str) -> tuple[str, ...]:
         glob = part.strip()
         if not glob:
             continue
+        if len(glob) > MAX_MODEL_PATTERN_CHARS:
+            raise ValueError(f"model pattern longer than {MAX_MODEL_PATTERN_CHARS} characters: {glob[:40]!r}...")
         if _MODEL_GLOB.fullmatch(glob) is None:
             raise ValueError(f"invalid model pattern {glob!r}")
         if glob not in globs:
             globs.append(glob)
+    if len(globs) > MAX_MODEL_PATTERNS:
+        raise ValueError(f"at most {MAX_MODEL_PATTERNS} model patterns per key, got {len(globs)}")
     return tuple(globs)
 
 

@@ -582,6 +582,17 @@ class TestAdminInput:
         assert (response.status_code, response.json()["error"]["code"]) == (400, "invalid_key_request")
 
     @pytest.mark.parametrize(
+        "models", [["kling-v3-*" + "?" * 10_000], [f"kling-v3-{n}" for n in range(1_000)]], ids=["long", "many"]
+    )
+    def test_oversized_model_allowlist(
+        self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory, models: list[str]
+    ) -> None:
+        """A model allowlist too long to match on every request is refused with 400 invalid_key_request."""
+        gw = make_gateway(fake_upstream.url)
+        response = gw.client.post("/gateway/keys", json={"name": "globs", "models": models}, headers=ADMIN)
+        assert (response.status_code, response.json()["error"]["code"]) == (400, "invalid_key_request")
+
+    @pytest.mark.parametrize(
         ("method", "target"),
         [("GET", "/gateway/tasks?limit=%C2%B2"), ("POST", "/gateway/keys/someone/rotate?grace_s=%C2%B2")],
     )

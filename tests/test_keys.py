@@ -128,6 +128,20 @@ class TestModelGlobs:
             parse_model_globs(text)
 
     @pytest.mark.parametrize(
+        ("text", "message"),
+        [
+            ("k" * 129, "model pattern longer than 128 characters"),
+            (",".join(f"m{n}" for n in range(65)), "at most 64 model patterns per key, got 65"),
+        ],
+    )
+    def test_parse_bounds(self, text: str, message: str) -> None:
+        """A key's allowlist is matched on every request: its size is bounded."""
+        assert len(parse_model_globs("k" * 128)) == 1
+        assert len(parse_model_globs(",".join(f"m{n}" for n in range(64)))) == 64
+        with pytest.raises(ValueError, match=message):
+            parse_model_globs(text)
+
+    @pytest.mark.parametrize(
         ("patterns", "model", "allowed"),
         [
             ((), "kling-v3-pro-audio", True),
