@@ -49,11 +49,31 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+def unread_coding(content_encoding: str | None, transfer_encoding: str | None) -> str | None:
+    """The header naming a coding the gateway would not undo (a gzip body would read as broken JSON), or None.
+
+    >>> unread_coding("identity", "chunked"), unread_coding(None, "gzip, chunked")
+    (None, 'Transfer-Encoding')
+    """
+    if content_encoding and any(c.strip().lower() not in ("", "identity") for c in content_encoding.split(",")):
+        return "Content-Encoding"
+    if transfer_encoding and any(c.strip().lower() not in ("", "chunked") for c in transfer_encoding.split(",")):
+        return "Transfer-Encoding"
+    return None
+
+
 async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
     """A JSON object body: 415 unless the content type is JSON, 400 unless it parses to an object."""
     if not is_json_content_type(request.headers.get("content-type")):
         raise UnsupportedMediaType(
             "Send the body as JSON with 'Content-Type: application/json'.", code="unsupported_media_type"
+        )
+    header = unread_coding(request.headers.get("content-encoding"), request.headers.get("transfer-encoding"))
+    if header is not None:
+        raise UnsupportedMediaType(
+            f"Send the body uncompressed: this gateway does not decode {header} '{request.headers[header]}'.",
+            code="unsupported_encoding",
+            param=header.lower(),
         )
     raw = await read_body(request, max_bytes)
     if not raw.strip():

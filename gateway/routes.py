@@ -14,7 +14,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from gateway.auth import Principal
-from gateway.bodies import json_response, read_body, read_json_object
+from gateway.bodies import json_response, read_body, read_json_object, unread_coding
 from gateway.errors import (
     Conflict,
     GatewayError,
@@ -24,6 +24,7 @@ from gateway.errors import (
     Problem,
     TooManyRequests,
     Unprocessable,
+    UnsupportedMediaType,
     UpstreamUnavailable,
 )
 from gateway.keys import model_allowed
@@ -170,6 +171,13 @@ class GatewayRoutes:
             raise NotFound(f"No route {request.url.path}.", code="not_found")
         if len(segments) > 3 and segments[1:3] == ["v1", "videos"]:
             await self.owned_task(principal, segments[3])  # task-scoped paths keep tenancy
+        if unread_coding(None, request.headers.get("transfer-encoding")) is not None:
+            # Transfer codings are hop-by-hop: forwarding the still-coded bytes without the header would corrupt them.
+            raise UnsupportedMediaType(
+                "Send the body without a transfer coding other than chunked.",
+                code="unsupported_encoding",
+                param="transfer-encoding",
+            )
         body = await read_body(request, self.s.settings.server.max_body_bytes)
         if request.url.query:
             path = f"{path}?{request.url.query}"

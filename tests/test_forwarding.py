@@ -126,6 +126,19 @@ class TestPassthrough:
         (seen,) = fake_upstream.requests_to("POST", "/v1/images/generations")
         assert (seen.query, seen.body, seen.header("authorization")) == ("x=1", b'{"a": 1}', f"Bearer {UPSTREAM_KEY}")
 
+    def test_passthrough_refuses_a_transfer_coding_it_would_not_undo(
+        self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory
+    ) -> None:
+        """Transfer codings are hop-by-hop: gzip-coded bytes forwarded without the header would be corrupt."""
+        gw = make_gateway(fake_upstream.url, env={"KLING_GATEWAY_PROXY_PASSTHROUGH": "true"})
+        response = gw.client.post(
+            "/v1/images/generations",
+            content=b"\x1f\x8b...",
+            headers={"Content-Type": "application/json", "Transfer-Encoding": "gzip, chunked"},
+        )
+        assert (response.status_code, response.json()["error"]["code"]) == (415, "unsupported_encoding")
+        assert fake_upstream.requests == []
+
     @pytest.mark.parametrize("path", ["/v1/%2e%2e/admin", "/v1/x/%2E%2E/%2e%2e/admin", "/v1/a%2F..%2F..%2Fb"])
     def test_dot_segments_never_forwarded(
         self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory, path: str

@@ -13,6 +13,7 @@ webhook URL check (``check_webhook_url`` and ``POST /gateway/keys`` with ``webho
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import logging
 import socket
@@ -552,6 +553,34 @@ class TestMalformedBodies:
             assert {"param": param, "code": code} in [
                 {"param": e["param"], "code": e["code"]} for e in verdict["errors"]
             ]
+
+    @pytest.mark.parametrize(
+        ("headers", "status", "code"),
+        [
+            ({"Content-Encoding": "gzip"}, 415, "unsupported_encoding"),
+            ({"Content-Encoding": "identity, br"}, 415, "unsupported_encoding"),
+            ({"Content-Encoding": "identity"}, 200, None),
+        ],
+    )
+    def test_content_encodings(self, served: Served, headers: dict[str, str], status: int, code: str | None) -> None:
+        """A compressed body is refused by name (415), not misread as broken JSON; identity is fine."""
+        response = httpx.post(
+            f"{served.url}{SUBMIT}", content=BODY, headers={"Content-Type": "application/json", **headers}
+        )
+        assert response.status_code == status
+        if code is not None:
+            assert (response.json()["error"]["code"], response.json()["error"]["param"]) == (code, "content-encoding")
+
+    def test_transfer_coding_other_than_chunked(self, served: Served) -> None:
+        """``Transfer-Encoding: gzip, chunked`` frames like chunked but the body stays gzip: 415, nothing forwarded."""
+        head = request_bytes(
+            "POST", SUBMIT, [("Content-Type", "application/json"), ("Transfer-Encoding", "gzip, chunked")]
+        )
+        data = head.replace(b"Content-Length: 0\r\n", b"") + chunked(gzip.compress(BODY)) + FOLLOW_UP
+        with nothing_forwarded(served.upstream):
+            responses = parse_responses(exchange(served.port, data))
+        assert responses[0].status == 415
+        assert orjson.loads(responses[0].body)["error"]["code"] == "unsupported_encoding"
 
     @pytest.mark.parametrize(
         ("content_type", "status", "code"),
