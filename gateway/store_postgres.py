@@ -57,7 +57,6 @@ import asyncpg
 
 from gateway.keys import KeyRecord
 from gateway.store import (
-    FIXED_DIGITS,
     IDEMPOTENCY_IN_FLIGHT_TTL_S,
     IDEMPOTENCY_TTL_S,
     SETTLE_OUTCOMES,
@@ -86,7 +85,6 @@ from gateway.store_rows import (
     insert_delta,
     key_record,
     key_row,
-    settle_delta,
     task_record,
     task_row,
 )
@@ -250,6 +248,10 @@ _SQL_INSERT_KEY = (  # constant fragments only, values are bound parameters
     "ON CONFLICT (name) DO NOTHING"
 )
 _SQL_BUMP_KEYS = "UPDATE counters SET value = value + 1 WHERE name = 'keys_version'"
+_ROLLUP_INSERT = f"INSERT INTO usage_daily (day, key_name, model, mode, {', '.join(_MEASURES)}) "
+_ROLLUP_UPSERT = "ON CONFLICT (day, key_name, model, mode) DO UPDATE SET " + ", ".join(
+    f"{m} = usage_daily.{m} + excluded.{m}" for m in _MEASURES
+)
 _SQL_INSERT_TASK = (  # constant fragments only, values are bound parameters
     f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES ({_placeholders(23)}) "  # noqa: S608
     "ON CONFLICT (task_id) DO NOTHING"
@@ -262,15 +264,9 @@ _SQL_RESOLVE = (  # constant fragments only, values are bound parameters
     "body AS (INSERT INTO task_bodies (task_id, body) SELECT task_id, $24::bytea FROM ins WHERE $24::bytea IS NOT NULL "
     "ON CONFLICT (task_id) DO UPDATE SET body = excluded.body), "
     "gone AS (DELETE FROM intents WHERE intent_id = $25), "
-    f"roll AS (INSERT INTO usage_daily (day, key_name, model, mode, {', '.join(_MEASURES)}) "
-    "SELECT $26::integer, $27::text, $28::text, $29::text, "
+    f"roll AS ({_ROLLUP_INSERT}SELECT $26::integer, $27::text, $28::text, $29::text, "
     + ", ".join(f"${n}::bigint" for n in range(30, 30 + len(_MEASURES)))
-    + " FROM ins ON CONFLICT (day, key_name, model, mode) DO UPDATE SET "
-    + ", ".join(f"{m} = usage_daily.{m} + excluded.{m}" for m in _MEASURES)
-    + ") SELECT count(*) FROM ins"
-)
-_SQL_UPSERT_BODY = (
-    "INSERT INTO task_bodies (task_id, body) VALUES ($1, $2) ON CONFLICT (task_id) DO UPDATE SET body = excluded.body"
+    + f" FROM ins {_ROLLUP_UPSERT}) SELECT count(*) FROM ins"  # noqa: S608
 )
 _SQL_STATUS = MappingProxyType(
     {
@@ -280,28 +276,34 @@ _SQL_STATUS = MappingProxyType(
         "WHERE task_id = $4 AND settled_at IS NULL",
     }
 )
-# Both settlements return what the rollup delta needs (the shape of the SQLite backend's unsettled row).
-_SQL_SETTLE = (
-    "UPDATE tasks SET status = $1, outcome = $1, settled_seconds_nano = $2, settled_nano = $3, settled_at = $4 "
-    "WHERE task_id = $5 AND settled_at IS NULL "
-    "RETURNING submitted_day, key_name, model, mode, estimate_seconds, estimate_nano"
+# Each settlement is one statement (one round trip, its own transaction): the UPDATE settles the task only if it
+# is not settled yet (so exactly once, whichever process asks first), and only a task it settled moves the rollup:
+# its estimate leaves ``pending`` and the settled amounts arrive, as ``store_rows.settle_delta`` computes for SQLite.
+_SQL_SETTLE = (  # constant fragments only, values are bound parameters
+    "WITH s AS (UPDATE tasks SET status = $1, outcome = $1, settled_seconds_nano = $2, settled_nano = $3, "  # noqa: S608
+    "settled_at = $4 WHERE task_id = $5 AND settled_at IS NULL "
+    "RETURNING task_id, submitted_day, key_name, model, mode, estimate_nano), "
+    "body AS (INSERT INTO task_bodies (task_id, body) SELECT task_id, $6::bytea FROM s WHERE $6::bytea IS NOT NULL "
+    "ON CONFLICT (task_id) DO UPDATE SET body = excluded.body), "
+    f"roll AS ({_ROLLUP_INSERT}"
+    "SELECT submitted_day, key_name, model, mode, 0, 0, $2::bigint, 0, $3::bigint, $3::bigint - estimate_nano, "
+    f"($1 = 'completed')::int, ($1 = 'failed')::int, 0, -1, 0 FROM s {_ROLLUP_UPSERT}) "
+    "SELECT count(*) FROM s"
 )
-_SQL_MARK_UNKNOWN = (
-    "UPDATE tasks SET status = 'unknown', outcome = 'unknown', "
+_SQL_MARK_UNKNOWN = (  # constant fragments only, values are bound parameters
+    "WITH s AS (UPDATE tasks SET status = 'unknown', outcome = 'unknown', "  # noqa: S608
     "settled_seconds_nano = estimate_seconds * 1000000000, settled_nano = estimate_nano, settled_at = $1 "
     "WHERE task_id = $2 AND settled_at IS NULL "
-    "RETURNING submitted_day, key_name, model, mode, estimate_seconds, estimate_nano"
+    "RETURNING submitted_day, key_name, model, mode, estimate_seconds, estimate_nano), "
+    f"roll AS ({_ROLLUP_INSERT}"
+    "SELECT submitted_day, key_name, model, mode, 0, 0, estimate_seconds * 1000000000, 0, estimate_nano, 0, "
+    f"0, 0, 1, -1, 0 FROM s {_ROLLUP_UPSERT}) "
+    "SELECT count(*) FROM s"
 )
 _SQL_NEEDING_SETTLEMENT = (
     f"{_SELECT_TASK} WHERE t.settled_at IS NULL "
     "AND COALESCE(t.last_polled_at, t.submitted_at) < $1 AND COALESCE(t.last_checked_at, t.submitted_at) < $1 "
     "ORDER BY COALESCE(t.last_checked_at, t.submitted_at), t.task_id LIMIT $2"
-)
-_SQL_ROLLUP_ADD = (  # constant fragments only, values are bound parameters
-    f"INSERT INTO usage_daily (day, key_name, model, mode, {', '.join(_MEASURES)}) "  # noqa: S608
-    f"VALUES ({_placeholders(4 + len(_MEASURES))}) "
-    "ON CONFLICT (day, key_name, model, mode) DO UPDATE SET "
-    + ", ".join(f"{m} = usage_daily.{m} + excluded.{m}" for m in _MEASURES)
 )
 _USAGE_AGGREGATES = (
     "COUNT(*), "
@@ -790,32 +792,12 @@ class PostgresStore:
         """Settle ``task_id`` once, whichever process asks first; True only for that first settlement."""
         if outcome not in SETTLE_OUTCOMES:
             raise ValueError(f"settlement outcome must be completed or failed, not {outcome!r}")
-        seconds_nano, usd_nano = to_fixed(seconds), to_fixed(usd)
-
-        async def op(conn: asyncpg.Connection) -> bool:
-            unsettled = await conn.fetchrow(_SQL_SETTLE, outcome, seconds_nano, usd_nano, at, task_id)
-            if unsettled is None:
-                return False
-            if terminal_body is not None:
-                await conn.execute(_SQL_UPSERT_BODY, task_id, terminal_body)
-            await conn.execute(_SQL_ROLLUP_ADD, *settle_delta(tuple(unsettled), outcome, seconds_nano, usd_nano))
-            return True
-
-        return await self._run(op)
+        params = (outcome, to_fixed(seconds), to_fixed(usd), at, task_id, terminal_body)
+        return bool(await self._run(lambda conn: conn.fetchval(_SQL_SETTLE, *params), tx=False))
 
     async def mark_unknown(self, task_id: str, at: float) -> bool:
         """Settle ``task_id`` as ``unknown`` at its estimate; True only if this call settled it."""
-
-        async def op(conn: asyncpg.Connection) -> bool:
-            unsettled = await conn.fetchrow(_SQL_MARK_UNKNOWN, at, task_id)
-            if unsettled is None:
-                return False
-            estimate_s, estimate_nano = unsettled[4], unsettled[5]
-            delta = settle_delta(tuple(unsettled), "unknown", estimate_s * 10**FIXED_DIGITS, estimate_nano)
-            await conn.execute(_SQL_ROLLUP_ADD, *delta)
-            return True
-
-        return await self._run(op)
+        return bool(await self._run(lambda conn: conn.fetchval(_SQL_MARK_UNKNOWN, at, task_id), tx=False))
 
     async def tasks_for_key(
         self, key_name: str | None, limit: int = 50, before: str | None = None
