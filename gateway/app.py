@@ -213,7 +213,7 @@ async def _build_services(
         max_entries=settings.cache.max_entries,
         max_bytes=settings.cache.max_bytes,
     )
-    shared = await _shared_state(settings, log, stack)
+    shared = await _shared_state(settings, metrics, log, stack)
     poller = StatusPoller(
         cache,
         Coalescer(),
@@ -253,7 +253,9 @@ async def _build_services(
     )
 
 
-async def _shared_state(settings: Settings, log: object, stack: contextlib.AsyncExitStack) -> SharedState | None:
+async def _shared_state(
+    settings: Settings, metrics: Metrics, log: object, stack: contextlib.AsyncExitStack
+) -> SharedState | None:
     """The Redis-backed state shared by every replica, when ``[cache] url`` names Redis (else None)."""
     if settings.cache.url.startswith("memory:"):
         return None
@@ -263,7 +265,9 @@ async def _shared_state(settings: Settings, log: object, stack: contextlib.Async
         raise ConfigError(
             f"cache.url: Redis needs the redis package: pip install 'kling-gateway[scale]' ({exc})"
         ) from exc
-    shared = await SharedState.connect(settings.cache, call_timeout_s=settings.upstream.timeout_s, log=log)
+    shared = await SharedState.connect(
+        settings.cache, call_timeout_s=settings.upstream.timeout_s, log=log, failures=metrics.shared_state_failures
+    )
     stack.push_async_callback(shared.close)
     return shared
 

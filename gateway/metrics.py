@@ -33,6 +33,7 @@ class Metrics:
     key_budget: Gauge
     key_spend: Gauge
     upstream_breaker: Gauge
+    shared_state_failures: Counter
 
 
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -143,5 +144,11 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             ("state",),
             registry=registry,
             multiprocess_mode="livemax",
+        ),
+        shared_state_failures=Counter(
+            prefix + "shared_state_failures_total",
+            "Redis operations that failed (the request went on without Redis), by operation.",
+            ("operation",),
+            registry=registry,
         ),
     )

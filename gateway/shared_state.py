@@ -13,7 +13,8 @@ Redis failing never fails a request (fail open):
   are taken from Redis in small leases (``SharedLimiter``), so most requests of a busy key ask Redis nothing;
 * after a failure, Redis is left alone for ``_REST_S`` (every shared operation short-circuits to its fallback),
   so a hung or dead Redis costs at most one timeout per second instead of one per request;
-* each failing operation logs ``shared_state_unavailable`` (a warning) at most once per ``_WARN_EVERY_S``, and
+* each failure counts in ``kling_gateway_shared_state_failures_total{operation}``, and each failing operation
+  logs ``shared_state_unavailable`` (a warning) at most once per ``_WARN_EVERY_S``, and
   ``shared_state_recovered`` when it works again. ``/readyz`` is not affected: it reports the store and the
   configuration (SPEC section 3), and pulling every replica out of a load balancer because Redis is down would
   turn a degraded deployment into an outage.
@@ -26,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from prometheus_client import Counter
 from redis.asyncio import Redis
 
 from gateway.cache_redis import (
@@ -47,8 +49,9 @@ _LEASE_S = 1.0
 class Health:
     """Failure bookkeeping for the shared state: a short rest after a failure, throttled warnings, recovery lines."""
 
-    def __init__(self, log: Any, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, log: Any, failures: Counter | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self._log = log
+        self._failures = failures
         self._clock = clock
         self._failing: dict[str, float] = {}  # operation -> when its last warning was logged
         self._resting_until = float("-inf")
@@ -58,6 +61,8 @@ class Health:
         return self._clock() < self._resting_until
 
     def failed(self, operation: str, exc: Exception) -> None:
+        if self._failures is not None:
+            self._failures.labels(operation).inc()
         now = self._clock()
         self._resting_until = now + _REST_S
         last = self._failing.get(operation)
@@ -208,10 +213,12 @@ class SharedState:
         self.limiter = limiter
 
     @classmethod
-    async def connect(cls, settings: CacheSettings, *, call_timeout_s: float, log: Any) -> SharedState:
+    async def connect(
+        cls, settings: CacheSettings, *, call_timeout_s: float, log: Any, failures: Counter | None = None
+    ) -> SharedState:
         """Connect to ``settings.url`` (raises ``CacheUnavailable`` if Redis does not answer at start-up)."""
         client = await connect(settings.url)
-        health = Health(log)
+        health = Health(log, failures)
         cache = RedisStatusCache(
             client,
             pending_ttl_s=settings.pending_ttl_s,

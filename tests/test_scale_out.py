@@ -215,6 +215,7 @@ class TestRedisDown:
         warnings = [line for line in b.log_lines() if line.get("event") == "shared_state_unavailable"]
         # The first failure puts Redis to rest for a second: the other calls take their fallback unasked.
         assert [line["operation"] for line in warnings] == ["rate_limit"]
+        assert b.metric("kling_gateway_shared_state_failures_total", {"operation": "rate_limit"}) == 1
         assert warnings[0]["error"].startswith("Redis ")
 
     def test_unreachable_redis_at_start_up_is_a_clear_error(

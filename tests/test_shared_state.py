@@ -42,7 +42,7 @@ def log() -> Log:
 
 class TestHealth:
     def test_rests_for_a_second_after_a_failure(self, log: Log, clock: Clock) -> None:
-        health = Health(log, clock)
+        health = Health(log, clock=clock)
         assert not health.resting()
         health.failed("status_get", CacheUnavailable("down"))
         clock.now += 0.99
@@ -51,7 +51,7 @@ class TestHealth:
         assert not health.resting()
 
     def test_one_warning_per_operation_per_ten_seconds_then_a_recovery_line(self, log: Log, clock: Clock) -> None:
-        health = Health(log, clock)
+        health = Health(log, clock=clock)
         for _ in range(3):
             health.failed("rate_limit", CacheUnavailable("down"))
             clock.now += 2
@@ -98,7 +98,7 @@ class Bucket:
 class TestSharedLimiter:
     async def test_a_failure_lets_the_request_through_and_rests_redis(self, log: Log, clock: Clock) -> None:
         limiter = FailingLimiter()
-        shared = SharedLimiter(limiter, Health(log, clock))  # type: ignore[arg-type]
+        shared = SharedLimiter(limiter, Health(log, clock=clock))  # type: ignore[arg-type]
 
         assert await shared.check("team", 10) is None
         assert await shared.check("team", 10) is None  # resting: Redis not asked
@@ -113,7 +113,7 @@ class TestSharedLimiter:
 class TestLeases:
     async def test_a_busy_key_takes_a_tenth_of_a_second_of_tokens_at_once(self, log: Log, clock: Clock) -> None:
         bucket = Bucket(tokens=1000)
-        shared = SharedLimiter(bucket, Health(log, clock), clock=clock)  # type: ignore[arg-type]
+        shared = SharedLimiter(bucket, Health(log, clock=clock), clock=clock)  # type: ignore[arg-type]
 
         answers = [await shared.check("team", 6000) for _ in range(21)]
 
@@ -123,7 +123,7 @@ class TestLeases:
 
     async def test_a_small_limit_asks_redis_every_time_and_is_exact(self, log: Log, clock: Clock) -> None:
         bucket = Bucket(tokens=3)
-        shared = SharedLimiter(bucket, Health(log, clock), clock=clock)  # type: ignore[arg-type]
+        shared = SharedLimiter(bucket, Health(log, clock=clock), clock=clock)  # type: ignore[arg-type]
 
         answers = [await shared.check("team", 1199) for _ in range(4)]
 
@@ -132,7 +132,7 @@ class TestLeases:
 
     async def test_a_lease_lasts_a_second_and_never_grants_more_than_was_taken(self, log: Log, clock: Clock) -> None:
         bucket = Bucket(tokens=12)
-        shared = SharedLimiter(bucket, Health(log, clock), clock=clock)  # type: ignore[arg-type]
+        shared = SharedLimiter(bucket, Health(log, clock=clock), clock=clock)  # type: ignore[arg-type]
 
         assert await shared.check("team", 6000) is None  # takes 10, spends 1
         clock.now += 1.01  # the 9 left are dropped
@@ -144,7 +144,7 @@ class TestLeases:
 
     async def test_leases_are_per_key_and_bounded(self, log: Log, clock: Clock) -> None:
         bucket = Bucket(tokens=1000)
-        shared = SharedLimiter(bucket, Health(log, clock), clock=clock, max_keys=2)  # type: ignore[arg-type]
+        shared = SharedLimiter(bucket, Health(log, clock=clock), clock=clock, max_keys=2)  # type: ignore[arg-type]
 
         for key in ("a", "b", "c", "a"):
             assert await shared.check(key, 6000) is None
@@ -167,7 +167,7 @@ class FailingFlight:
 
 class TestSharedStatus:
     async def test_failures_read_as_misses_and_the_replica_fetches_itself(self, log: Log, clock: Clock) -> None:
-        shared = SharedStatus(FailingCache(), FailingFlight(), Health(log, clock), call_timeout_s=5.0)  # type: ignore[arg-type]
+        shared = SharedStatus(FailingCache(), FailingFlight(), Health(log, clock=clock), call_timeout_s=5.0)  # type: ignore[arg-type]
         fetched = FetchResult(200, (), b'{"status": "queued"}')
         calls = []
 
@@ -220,7 +220,9 @@ class TestOtherReplicasAnswer:
             clock.now += 0.3
             cache.entry, cache.fresh = _entry(b"new", stored_at=clock.now), True
 
-        shared = SharedStatus(cache, OtherReplicaLeads(lands), Health(log, clock), call_timeout_s=5.0, clock=clock)  # type: ignore[arg-type]
+        shared = SharedStatus(
+            cache, OtherReplicaLeads(lands), Health(log, clock=clock), call_timeout_s=5.0, clock=clock
+        )  # type: ignore[arg-type]
 
         async def fetch() -> FetchResult:
             raise AssertionError("the other replica's answer should have been used")
@@ -235,7 +237,7 @@ class TestOtherReplicasAnswer:
     ) -> None:
         cache = OneEntry(_entry(b"old", stored_at=clock.now - 60), fresh=False)  # the other replica's call failed
         shared = SharedStatus(
-            cache, OtherReplicaLeads(lambda: None), Health(log, clock), call_timeout_s=5.0, clock=clock
+            cache, OtherReplicaLeads(lambda: None), Health(log, clock=clock), call_timeout_s=5.0, clock=clock
         )  # type: ignore[arg-type]
         fetched = FetchResult(200, (), b"mine")
 
