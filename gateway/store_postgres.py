@@ -194,6 +194,7 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
 
 POOL_MIN: Final = 1
 POOL_MAX: Final = 10
+POOL_SIZE_LIMIT: Final = 100
 _CONNECT_TIMEOUT_S: Final = 10.0
 _COMMAND_TIMEOUT_S: Final = 30.0
 """A statement running longer than this fails (StoreError) rather than holding a request forever."""
@@ -378,6 +379,20 @@ def split_url(url: str, schema: str | None = None) -> tuple[str, str | None]:
     if schema is not None and _SCHEMA_NAME.fullmatch(schema) is None:
         raise ValueError("store URL: schema must be a plain identifier: [A-Za-z_][A-Za-z0-9_]{0,62}")
     return url, schema
+
+
+def take_pool_size(dsn: str) -> tuple[str, int]:
+    """``(dsn without it, size)`` for the ``pool_size`` query parameter: connections per process (default
+    ``POOL_MAX``); ValueError unless it is one integer from 1 to ``POOL_SIZE_LIMIT``."""
+    parts = urlsplit(dsn)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    given = [value for name, value in pairs if name == "pool_size"]
+    if not given:
+        return dsn, POOL_MAX
+    if len(given) > 1 or not given[0].isdigit() or not 1 <= int(given[0]) <= POOL_SIZE_LIMIT:
+        raise ValueError(f"store URL: pool_size must be one integer from 1 to {POOL_SIZE_LIMIT}")
+    rest = [(name, value) for name, value in pairs if name != "pool_size"]
+    return urlunsplit(parts._replace(query=urlencode(rest))), int(given[0])
 
 
 def _url_secrets(url: str) -> tuple[str, ...]:
@@ -587,10 +602,12 @@ class PostgresStore:
     async def open(cls, url: str, *, schema: str | None = None) -> PostgresStore:
         """Connect a pool to ``url``, create the schema objects as needed and apply pending migrations.
 
-        ``schema`` (or ``?schema=name`` in the URL) puts every table in that PostgreSQL schema, created if missing.
+        ``schema`` (or ``?schema=name`` in the URL) puts every table in that PostgreSQL schema, created if missing;
+        ``?pool_size=N`` sets the connections this process may open (default ``POOL_MAX``).
         ValueError for an unusable URL; StoreError if the database cannot be reached or is too new.
         """
         dsn, schema = split_url(url, schema)
+        dsn, pool_size = take_pool_size(dsn)
         secrets = _url_secrets(url)
         settings = {"application_name": "kling-gateway"}
         if schema is not None:
@@ -599,7 +616,7 @@ class PostgresStore:
             pool = await asyncpg.create_pool(
                 dsn,
                 min_size=POOL_MIN,
-                max_size=POOL_MAX,
+                max_size=pool_size,
                 timeout=_CONNECT_TIMEOUT_S,
                 command_timeout=_COMMAND_TIMEOUT_S,
                 server_settings=settings,

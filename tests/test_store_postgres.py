@@ -24,7 +24,7 @@ from gateway.store import IdemKind, KeyExists, StoreError, open_store
 
 asyncpg = pytest.importorskip("asyncpg")
 
-from gateway.store_postgres import MIGRATIONS, PostgresStore, split_url  # noqa: E402 - needs asyncpg
+from gateway.store_postgres import MIGRATIONS, PostgresStore, split_url, take_pool_size  # noqa: E402 - needs asyncpg
 
 ALL_VERSIONS = tuple(version for version, _ in MIGRATIONS)
 
@@ -403,3 +403,31 @@ class Cuttable:
                 writer.write(data)
                 await writer.drain()
         writer.transport.abort()
+
+
+class TestPoolSize:
+    @pytest.mark.parametrize(
+        ("dsn", "expected"),
+        [
+            ("postgresql://h/db", ("postgresql://h/db", 10)),
+            ("postgresql://h/db?pool_size=3", ("postgresql://h/db", 3)),
+            ("postgresql://h/db?sslmode=disable&pool_size=100", ("postgresql://h/db?sslmode=disable", 100)),
+        ],
+    )
+    def test_taken_out_of_the_url(self, dsn: str, expected: tuple[str, int]) -> None:
+        assert take_pool_size(dsn) == expected
+
+    @pytest.mark.parametrize(
+        "query", ["pool_size=0", "pool_size=101", "pool_size=x", "pool_size=", "pool_size=2&pool_size=3"]
+    )
+    def test_bad_values(self, query: str) -> None:
+        with pytest.raises(ValueError, match="pool_size must be one integer from 1 to 100"):
+            take_pool_size(f"postgresql://gw:s3cret@h/db?{query}")
+
+    async def test_the_pool_holds_at_most_that_many_connections(self, postgres_schema_url: str) -> None:
+        store = await PostgresStore.open(postgres_schema_url + "&pool_size=2")
+        try:
+            assert store._pool is not None and store._pool.get_max_size() == 2
+            assert await store.ping()
+        finally:
+            await store.close()
