@@ -43,11 +43,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import math
 import re
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
@@ -61,7 +60,6 @@ from gateway.store import (
     IDEMPOTENCY_TTL_S,
     SETTLE_OUTCOMES,
     TASK_STATUSES,
-    USAGE_GROUPS,
     IdemKind,
     IdemState,
     IntentRecord,
@@ -79,7 +77,9 @@ from gateway.store import (
 # rollup, of page cursors and page bounds, so the two backends cannot drift apart.
 from gateway.store_rows import (
     MAX_PAGE,
-    day_iso,
+    UsageQuery,
+    add_usage,
+    check_group_by,
     decode_cursor,
     encode_cursor,
     insert_delta,
@@ -87,6 +87,8 @@ from gateway.store_rows import (
     key_row,
     task_record,
     task_row,
+    usage_queries,
+    usage_rows,
 )
 
 T = TypeVar("T")
@@ -325,8 +327,6 @@ _SQL_REBUILD_ROLLUP = (  # the rollup recomputed from the ledger rows (repair, b
     f"SELECT submitted_day, key_name, model, mode, {_USAGE_AGGREGATES} FROM tasks "
     "GROUP BY submitted_day, key_name, model, mode"
 )
-_TASK_GROUPS = MappingProxyType({"key": "key_name", "model": "model", "mode": "mode", "day": "submitted_day"})
-_ROLLUP_GROUPS = MappingProxyType({"key": "key_name", "model": "model", "mode": "mode", "day": "day"})
 _SQL_IDEM_EXPIRE = "DELETE FROM idempotency WHERE key_name = $1 AND idem_key = $2 AND created_at <= $3"
 _SQL_IDEM_CLAIM = (
     "INSERT INTO idempotency (key_name, idem_key, body_hash, state, created_at) VALUES ($1, $2, $3, 'in_flight', $4) "
@@ -465,95 +465,37 @@ async def _migrate(conn: asyncpg.Connection, schema: str | None) -> tuple[int, .
 
 # -- usage ----------------------------------------------------------------------------------------------------
 
-_Query = tuple[str, tuple[Any, ...]]
+_CASTS: Final = MappingProxyType({"int": "::bigint", "float": "::double precision", "text": ""})
 
 
-def _usage_query(
-    table: str,
-    groups: Mapping[str, str],
-    sums: str,
-    conditions: list[tuple[str, Any]],
-    group_by: tuple[str, ...],
-    key_name: str | None,
-) -> _Query:
-    """One grouped aggregate; each condition is a template with ``{}`` where its bound parameter goes."""
-    columns = [groups[name] for name in group_by]
-    if key_name is not None:
-        conditions = [*conditions, ("key_name = {}", key_name)]
-    where = [template.format(f"${n}") for n, (template, _) in enumerate(conditions, 1)]
-    # Only whitelisted column names and constant fragments are joined; values are bound parameters.
-    sql = "SELECT " + "".join(f"{col}, " for col in columns) + sums + " FROM " + table  # noqa: S608
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    if columns:
-        sql += " GROUP BY " + ", ".join(columns)
-    return sql, tuple(value for _, value in conditions)
+def _placeholder(n: int, kind: str) -> str:
+    return f"${n}{_CASTS[kind]}"
 
 
 def _usage_queries(
     since: float | None, until: float | None, group_by: tuple[str, ...], key_name: str | None
-) -> list[_Query]:
-    """Whole UTC days from ``usage_daily``; the partial days at either end of [since, until) from ``tasks``."""
-
-    def raw(start: float, end: float) -> _Query:
-        conditions = [("submitted_at >= {}", start), ("submitted_at < {}", end)]
-        return _usage_query("tasks", _TASK_GROUPS, _USAGE_AGGREGATES, conditions, group_by, key_name)
-
-    lo_day = None if since is None else math.ceil(since / 86400)
-    hi_day = None if until is None else math.floor(until / 86400)
-    if since is not None and until is not None and lo_day is not None and hi_day is not None and lo_day >= hi_day:
-        return [raw(since, until)] if since < until else []
-    conditions: list[tuple[str, Any]] = []
-    if lo_day is not None:
-        conditions.append(("day >= {}::bigint", lo_day))
-    if hi_day is not None:
-        conditions.append(("day < {}::bigint", hi_day))
-    queries = [_usage_query("usage_daily", _ROLLUP_GROUPS, _ROLLUP_SUMS, conditions, group_by, key_name)]
-    if since is not None and lo_day is not None and since < lo_day * 86400:
-        queries.append(raw(since, lo_day * 86400.0))
-    if until is not None and hi_day is not None and hi_day * 86400 < until:
-        queries.append(raw(hi_day * 86400.0, until))
-    return queries
+) -> list[UsageQuery]:
+    return usage_queries(
+        since,
+        until,
+        group_by,
+        key_name,
+        placeholder=_placeholder,
+        task_sums=_USAGE_AGGREGATES,
+        rollup_sums=_ROLLUP_SUMS,
+    )
 
 
-async def _aggregate(conn: asyncpg.Connection, queries: list[_Query], width: int) -> dict[tuple[Any, ...], list[int]]:
+async def _aggregate(
+    conn: asyncpg.Connection, queries: list[UsageQuery], width: int
+) -> dict[tuple[Any, ...], list[int]]:
     """Run the usage queries in one snapshot and add up their measures per group (``width`` group columns)."""
     totals: dict[tuple[Any, ...], list[int]] = {}
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         for sql, params in queries:
             for row in await conn.fetch(sql, *params):
-                measures = [int(value) for value in row[width:]]
-                if measures[0] == 0:
-                    continue
-                key = tuple(row[:width])
-                if key in totals:
-                    totals[key] = [a + b for a, b in zip(totals[key], measures, strict=True)]
-                else:
-                    totals[key] = measures
+                add_usage(totals, row, width)
     return totals
-
-
-def _usage_row(group_by: tuple[str, ...], values: tuple[Any, ...], measures: list[int]) -> UsageRow:
-    groups = dict(zip(group_by, values, strict=True))
-    tasks, req_s, settled_s, est, settled, cost, completed, failed, unknown, pending, defaulted = measures
-    day = groups.get("day")
-    return UsageRow(
-        key=groups.get("key"),
-        model=groups.get("model"),
-        mode=groups.get("mode"),
-        day=None if day is None else day_iso(int(day)),
-        tasks=tasks,
-        requested_seconds=req_s,
-        settled_seconds=from_fixed(settled_s),
-        estimated_usd=from_fixed(est),
-        settled_usd=from_fixed(settled),
-        cost_usd=from_fixed(cost),
-        completed=completed,
-        failed=failed,
-        unknown=unknown,
-        pending=pending,
-        defaulted=defaulted,
-    )
 
 
 # -- idempotency ----------------------------------------------------------------------------------------------
@@ -853,12 +795,10 @@ class PostgresStore:
         self, since: float | None = None, until: float | None = None, group_by: tuple[str, ...] = ()
     ) -> list[UsageRow]:
         """Totals of tasks submitted in [since, until), one row per group that has tasks, in group order."""
-        unknown = [name for name in group_by if name not in USAGE_GROUPS]
-        if unknown or len(set(group_by)) != len(group_by):
-            raise ValueError(f"group_by must be distinct names among {', '.join(USAGE_GROUPS)}")
+        check_group_by(group_by)
         queries = _usage_queries(since, until, group_by, None)
         totals = await self._run(lambda conn: _aggregate(conn, queries, len(group_by)), tx=False)
-        return [_usage_row(group_by, values, totals[values]) for values in sorted(totals)]
+        return usage_rows(group_by, totals)
 
     async def rebuild_usage_rollup(self) -> None:
         """Recompute the per-day usage rollup from the ledger rows (after a bulk load, or as a repair).

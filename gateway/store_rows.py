@@ -9,14 +9,16 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import date, timedelta
 from decimal import Decimal
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Final
 
 from gateway.keys import KeyRecord
-from gateway.store import TASK_STATUSES, TaskRecord, from_fixed, to_fixed
+from gateway.store import TASK_STATUSES, USAGE_GROUPS, TaskRecord, UsageRow, from_fixed, to_fixed
 
 #: The largest page ``tasks_for_key`` returns.
 MAX_PAGE = 1000
@@ -200,3 +202,114 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
 
 def day_iso(day: int) -> str:
     return (_EPOCH + timedelta(days=day)).isoformat()
+
+
+# -- usage reports ------------------------------------------------------------------------------------------------
+
+#: Report groups as columns of the tasks table and of the per-day rollup.
+TASK_GROUP_COLUMNS: Final = MappingProxyType(
+    {"key": "key_name", "model": "model", "mode": "mode", "day": "submitted_day"}
+)
+ROLLUP_GROUP_COLUMNS: Final = MappingProxyType({"key": "key_name", "model": "model", "mode": "mode", "day": "day"})
+#: Template of a bound parameter's place in a backend's SQL: ``?`` for SQLite, ``$n`` (and a cast) for PostgreSQL.
+Placeholder = Callable[[int, str], str]
+UsageQuery = tuple[str, tuple[Any, ...]]
+
+
+def check_group_by(group_by: tuple[str, ...]) -> None:
+    """ValueError unless ``group_by`` names distinct groups among ``USAGE_GROUPS``."""
+    unknown = [name for name in group_by if name not in USAGE_GROUPS]
+    if unknown or len(set(group_by)) != len(group_by):
+        raise ValueError(f"group_by must be distinct names among {', '.join(USAGE_GROUPS)}")
+
+
+def usage_queries(
+    since: float | None,
+    until: float | None,
+    group_by: tuple[str, ...],
+    key_name: str | None,
+    *,
+    placeholder: Placeholder,
+    task_sums: str,
+    rollup_sums: str,
+) -> list[UsageQuery]:
+    """The grouped aggregates that together cover tasks submitted in [since, until).
+
+    Whole UTC days come from ``usage_daily``; the partial days at either end of the window from ``tasks`` (an index
+    range over at most two days of rows). Each query's measures are ``task_sums`` / ``rollup_sums`` (the backend's
+    SQL for the same eleven figures); its rows start with the ``group_by`` columns.
+    """
+
+    def query(table: str, groups: Mapping[str, str], sums: str, conditions: list[tuple[str, str, Any]]) -> UsageQuery:
+        if key_name is not None:
+            conditions = [*conditions, ("key_name = ", "text", key_name)]
+        columns = [groups[name] for name in group_by]
+        where = [f"{column}{placeholder(n, kind)}" for n, (column, kind, _) in enumerate(conditions, 1)]
+        # Only whitelisted column names and constant fragments are joined; values are bound parameters.
+        sql = "SELECT " + "".join(f"{col}, " for col in columns) + sums + " FROM " + table  # noqa: S608
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        if columns:
+            sql += " GROUP BY " + ", ".join(columns)
+        return sql, tuple(value for _, _, value in conditions)
+
+    def raw(start: float, end: float) -> UsageQuery:
+        conditions = [("submitted_at >= ", "float", start), ("submitted_at < ", "float", end)]
+        return query("tasks", TASK_GROUP_COLUMNS, task_sums, conditions)
+
+    lo_day = None if since is None else math.ceil(since / 86400)
+    hi_day = None if until is None else math.floor(until / 86400)
+    if since is not None and until is not None and lo_day is not None and hi_day is not None and lo_day >= hi_day:
+        return [raw(since, until)] if since < until else []
+    days: list[tuple[str, str, Any]] = []
+    if lo_day is not None:
+        days.append(("day >= ", "int", lo_day))
+    if hi_day is not None:
+        days.append(("day < ", "int", hi_day))
+    queries = [query("usage_daily", ROLLUP_GROUP_COLUMNS, rollup_sums, days)]
+    if since is not None and lo_day is not None and since < lo_day * 86400:
+        queries.append(raw(since, lo_day * 86400.0))
+    if until is not None and hi_day is not None and hi_day * 86400 < until:
+        queries.append(raw(hi_day * 86400.0, until))
+    return queries
+
+
+def add_usage(totals: dict[tuple[Any, ...], list[int]], row: Sequence[Any], width: int) -> None:
+    """Add one aggregate row (``width`` group columns, then the measures) to ``totals``; skip groups of no task."""
+    measures = [int(value) for value in row[width:]]
+    if measures[0] == 0:
+        return
+    key = tuple(row[:width])
+    if key in totals:
+        totals[key] = [a + b for a, b in zip(totals[key], measures, strict=True)]
+    else:
+        totals[key] = measures
+
+
+def usage_rows(group_by: tuple[str, ...], totals: Mapping[tuple[Any, ...], list[int]]) -> list[UsageRow]:
+    """One ``UsageRow`` per group that has tasks, in group order."""
+    rows = []
+    for values in sorted(totals):
+        groups = dict(zip(group_by, values, strict=True))
+        tasks, req_s, settled_s, est, settled, cost, completed, failed, unknown, pending, defaulted = totals[values]
+        day = groups.get("day")
+        rows.append(
+            UsageRow(
+                key=groups.get("key"),
+                model=groups.get("model"),
+                mode=groups.get("mode"),
+                day=None if day is None else day_iso(int(day)),
+                tasks=tasks,
+                requested_seconds=req_s,
+                settled_seconds=from_fixed(settled_s),
+                estimated_usd=from_fixed(est),
+                settled_usd=from_fixed(settled),
+                cost_usd=from_fixed(cost),
+                completed=completed,
+                failed=failed,
+                unknown=unknown,
+                pending=pending,
+                defaulted=defaulted,
+            )
+        )
+    return rows

@@ -46,14 +46,13 @@ import asyncio
 import contextlib
 import hmac
 import json
-import math
 import os
 import random
 import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from types import MappingProxyType
@@ -66,7 +65,6 @@ from gateway.store import (
     IDEMPOTENCY_TTL_S,
     SETTLE_OUTCOMES,
     TASK_STATUSES,
-    USAGE_GROUPS,
     IdemKind,
     IdemState,
     IntentRecord,
@@ -81,7 +79,8 @@ from gateway.store import (
 )
 from gateway.store_rows import (
     MAX_PAGE,
-    day_iso,
+    add_usage,
+    check_group_by,
     decode_cursor,
     encode_cursor,
     insert_delta,
@@ -90,6 +89,8 @@ from gateway.store_rows import (
     settle_delta,
     task_record,
     task_row,
+    usage_queries,
+    usage_rows,
 )
 
 T = TypeVar("T")
@@ -265,8 +266,6 @@ _PAGE_SQL = MappingProxyType(
         for has_cursor in (False, True)
     }
 )
-_TASK_GROUPS = MappingProxyType({"key": "key_name", "model": "model", "mode": "mode", "day": "submitted_day"})
-_ROLLUP_GROUPS = MappingProxyType({"key": "key_name", "model": "model", "mode": "mode", "day": "day"})
 _MEASURES = (
     "tasks",
     "requested_seconds",
@@ -433,6 +432,10 @@ def _migrate(conn: sqlite3.Connection) -> tuple[int, ...]:
     return _transaction(conn, apply)
 
 
+def _placeholder(n: int, kind: str) -> str:
+    return "?"
+
+
 def _aggregate(
     conn: sqlite3.Connection,
     since: float | None,
@@ -440,65 +443,23 @@ def _aggregate(
     group_by: tuple[str, ...],
     key_name: str | None = None,
 ) -> dict[tuple[Any, ...], list[int]]:
-    """Usage measures per group for tasks submitted in [since, until), from one read snapshot.
-
-    Whole UTC days come from ``usage_daily``; the partial days at either end of the window from ``tasks``
-    (an index range over at most two days of rows).
-    """
-    lo_day = None if since is None else math.ceil(since / 86400)
-    hi_day = None if until is None else math.floor(until / 86400)
-    pieces: list[tuple[str, list[Any]]] = []
-
-    def piece(table: str, groups: Mapping[str, str], sums: str, where: list[str], params: list[Any]) -> None:
-        columns = [groups[name] for name in group_by]
-        if key_name is not None:
-            where.append("key_name = ?")
-            params.append(key_name)
-        # Only whitelisted column names and constant fragments are joined; values are bound parameters.
-        sql = "SELECT " + "".join(f"{col}, " for col in columns) + sums + " FROM " + table  # noqa: S608
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        if columns:
-            sql += " GROUP BY " + ", ".join(columns)
-        pieces.append((sql, params))
-
-    def raw(start: float, end: float) -> None:
-        where = ["submitted_at >= ?", "submitted_at < ?"]
-        piece("tasks", _TASK_GROUPS, _USAGE_AGGREGATES, where, [start, end])
-
-    if lo_day is not None and hi_day is not None and lo_day >= hi_day:
-        assert since is not None and until is not None
-        if since < until:
-            raw(since, until)
-    else:
-        where: list[str] = []
-        params: list[Any] = []
-        if lo_day is not None:
-            where.append("day >= ?")
-            params.append(lo_day)
-        if hi_day is not None:
-            where.append("day < ?")
-            params.append(hi_day)
-        piece("usage_daily", _ROLLUP_GROUPS, _ROLLUP_SUMS, where, params)
-        if since is not None and lo_day is not None and since < lo_day * 86400:
-            raw(since, lo_day * 86400.0)
-        if until is not None and hi_day is not None and hi_day * 86400 < until:
-            raw(hi_day * 86400.0, until)
-
+    """Usage measures per group for tasks submitted in [since, until), from one read snapshot."""
+    queries = usage_queries(
+        since,
+        until,
+        group_by,
+        key_name,
+        placeholder=_placeholder,
+        task_sums=_USAGE_AGGREGATES,
+        rollup_sums=_ROLLUP_SUMS,
+    )
     totals: dict[tuple[Any, ...], list[int]] = {}
     width = len(group_by)
     conn.execute("BEGIN")
     try:
-        for sql, params in pieces:
+        for sql, params in queries:
             for row in conn.execute(sql, params):
-                measures = [int(value) for value in row[width:]]
-                if measures[0] == 0:
-                    continue
-                key = tuple(row[:width])
-                if key in totals:
-                    totals[key] = [a + b for a, b in zip(totals[key], measures, strict=True)]
-                else:
-                    totals[key] = measures
+                add_usage(totals, row, width)
     finally:
         conn.execute("COMMIT")
     return totals
@@ -1016,47 +977,9 @@ class SQLiteStore:
         self, since: float | None = None, until: float | None = None, group_by: tuple[str, ...] = ()
     ) -> list[UsageRow]:
         """Totals of tasks submitted in [since, until), one row per group that has tasks, in group order."""
-        unknown = [name for name in group_by if name not in USAGE_GROUPS]
-        if unknown or len(set(group_by)) != len(group_by):
-            raise ValueError(f"group_by must be distinct names among {', '.join(USAGE_GROUPS)}")
+        check_group_by(group_by)
         totals = await self._read(lambda conn: _aggregate(conn, since, until, group_by))
-        result: list[UsageRow] = []
-        for values in sorted(totals):
-            groups = dict(zip(group_by, values, strict=True))
-            (
-                tasks,
-                req_s,
-                settled_s,
-                est,
-                settled,
-                cost,
-                completed,
-                failed,
-                unknown_n,
-                pending,
-                defaulted,
-            ) = totals[values]
-            day = groups.get("day")
-            result.append(
-                UsageRow(
-                    key=groups.get("key"),
-                    model=groups.get("model"),
-                    mode=groups.get("mode"),
-                    day=None if day is None else day_iso(int(day)),
-                    tasks=tasks,
-                    requested_seconds=req_s,
-                    settled_seconds=from_fixed(settled_s),
-                    estimated_usd=from_fixed(est),
-                    settled_usd=from_fixed(settled),
-                    cost_usd=from_fixed(cost),
-                    completed=completed,
-                    failed=failed,
-                    unknown=unknown_n,
-                    pending=pending,
-                    defaulted=defaulted,
-                )
-            )
-        return result
+        return usage_rows(group_by, totals)
 
     async def rebuild_usage_rollup(self) -> None:
         """Recompute the per-day usage rollup from the ledger rows (after a bulk load, or as a repair)."""
