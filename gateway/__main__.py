@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", help="JSON file, or - for standard input")
     check.add_argument("--config", help="TOML settings file ([validation] and [pricing] apply)")
 
+    copy = commands.add_parser(
+        "copy-store", help="copy keys, tasks and intents from the configured store into an empty one (e.g. PostgreSQL)"
+    )
+    copy.add_argument("to_url", metavar="TO_URL", help="the destination store URL, e.g. postgresql://host/db")
+    copy.add_argument("--config", help="TOML settings file (its [store] url is the source)")
+
     config = commands.add_parser("check-config", help="load and check the configuration")
     config.add_argument("--config", help="TOML settings file")
 
@@ -395,6 +401,38 @@ async def _open_store(settings: Settings) -> Any:
         raise ConfigError(f"store.url: {exc}") from None
 
 
+def cmd_copy_store(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    return asyncio.run(_copy_store(settings, args.to_url))
+
+
+async def _copy_store(settings: Settings, to_url: str) -> int:
+    from gateway.store import open_store
+    from gateway.store_copy import DestinationNotEmpty, copy_store
+
+    source = await _open_store(settings)
+    try:
+        try:
+            destination = await open_store(to_url)
+        except ValueError as exc:
+            raise ConfigError(f"TO_URL: {exc}") from None
+        try:
+            report = await copy_store(
+                source, destination, progress=lambda n: print(f"  {n:,} tasks copied", file=sys.stderr)
+            )
+        except DestinationNotEmpty as exc:
+            return _fail(str(exc))
+        finally:
+            await destination.close()
+    finally:
+        await source.close()
+    print(f"copied {report.keys} keys, {report.tasks:,} tasks and {report.intents} intents")
+    if not report.verified:
+        return _fail("the usage totals of the two stores differ after the copy: do not switch to the destination")
+    print("verified: usage by key, model, mode and day is the same in both stores")
+    return EXIT_OK
+
+
 def _fail(message: str) -> int:
     print(f"kling-gateway: {message}", file=sys.stderr)
     return EXIT_INVALID
@@ -418,6 +456,7 @@ def _table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
 _COMMANDS = {
     "serve": cmd_serve,
     "keys": cmd_keys,
+    "copy-store": cmd_copy_store,
     "usage": cmd_usage,
     "sandbox": cmd_sandbox,
     "validate": cmd_validate,
