@@ -20,7 +20,7 @@ import orjson
 import uvicorn
 
 from gateway import __version__
-from gateway.config import ConfigError, Settings, load_settings
+from gateway.config import ConfigError, Settings, load_settings, missing_scale_extra
 from gateway.pricing import PriceTable
 from gateway.store import StoreError
 from gateway.validation import ValidationOptions, validate
@@ -143,16 +143,14 @@ class Unreachable(Exception):
 async def _preflight(settings: Settings) -> None:
     """Open the store (creating and migrating it once, before any worker starts) and reach Redis if configured,
     so a wrong URL or a server that is down is one clear line and exit status 1, not a traceback per worker."""
-    store = await _open_store(settings)
+    store = await _open_store(settings.store_url)
     await store.close()
     if settings.cache.url.startswith("memory:"):
         return
     try:
         from gateway.cache_redis import CacheUnavailable, connect
     except ImportError as exc:
-        raise ConfigError(
-            f"cache.url: Redis needs the redis package: pip install 'kling-gateway[scale]' ({exc})"
-        ) from exc
+        raise missing_scale_extra("cache.url", exc) from exc
     try:
         client = await connect(settings.cache.url)
     except CacheUnavailable as exc:
@@ -246,7 +244,7 @@ async def _dev_key(settings: Settings) -> str:
     from gateway import key_admin
     from gateway.store import KeyRevoked
 
-    store = await _open_store(settings)
+    store = await _open_store(settings.store_url)
     try:
         if await store.get_key("dev") is None:
             return (await key_admin.create(store, "dev", now=time.time())).secret
@@ -322,7 +320,7 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.keys import parse_model_globs
     from gateway.store import KeyExists, KeyNotFound, KeyRevoked
 
-    store = await _open_store(settings)
+    store = await _open_store(settings.store_url)
     now = time.time()
     try:
         if args.keys_command == "list":
@@ -381,7 +379,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
         return _fail(str(exc))
 
     async def report() -> str:
-        store = await _open_store(settings)
+        store = await _open_store(settings.store_url)
         try:
             rows = await store.usage(since, until, group_by)
         finally:
@@ -392,13 +390,14 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _open_store(settings: Settings) -> Any:
+async def _open_store(url: str, setting: str = "store.url") -> Any:
+    """The store at ``url``; an unusable URL is a configuration error naming ``setting``."""
     from gateway.store import open_store
 
     try:
-        return await open_store(settings.store_url)
+        return await open_store(url)
     except ValueError as exc:
-        raise ConfigError(f"store.url: {exc}") from None
+        raise ConfigError(f"{setting}: {exc}") from None
 
 
 def cmd_copy_store(args: argparse.Namespace) -> int:
@@ -407,15 +406,11 @@ def cmd_copy_store(args: argparse.Namespace) -> int:
 
 
 async def _copy_store(settings: Settings, to_url: str) -> int:
-    from gateway.store import open_store
     from gateway.store_copy import DestinationNotEmpty, copy_store
 
-    source = await _open_store(settings)
+    source = await _open_store(settings.store_url)
     try:
-        try:
-            destination = await open_store(to_url)
-        except ValueError as exc:
-            raise ConfigError(f"TO_URL: {exc}") from None
+        destination = await _open_store(to_url, "TO_URL")
         try:
             report = await copy_store(
                 source, destination, progress=lambda n: print(f"  {n:,} tasks copied", file=sys.stderr)

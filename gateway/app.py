@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from gateway.admin import AdminRoutes
 from gateway.auth import Authenticator, OpenAuthenticator
-from gateway.config import ConfigError, Settings, UpstreamSettings
+from gateway.config import Settings, UpstreamSettings, missing_scale_extra
 from gateway.error_responses import ErrorResponder
 from gateway.errors import GatewayError
 from gateway.fast_lane import FastLane, GatewayApp
@@ -262,9 +262,7 @@ async def _shared_state(
     try:
         from gateway.shared_state import SharedState  # on demand: needs the [scale] extra
     except ImportError as exc:
-        raise ConfigError(
-            f"cache.url: Redis needs the redis package: pip install 'kling-gateway[scale]' ({exc})"
-        ) from exc
+        raise missing_scale_extra("cache.url", exc) from exc
     shared = await SharedState.connect(
         settings.cache, call_timeout_s=settings.upstream.timeout_s, log=log, failures=metrics.shared_state_failures
     )

@@ -29,13 +29,14 @@ import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final, Literal, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.status_cache import CachedStatus, HeaderTuple
+from gateway.url_secrets import redact_url, scrub, url_secrets
 
 T = TypeVar("T")
 
@@ -66,20 +67,6 @@ _REDIS_ERRORS: Final = (RedisError, OSError)
 # -- connection -------------------------------------------------------------------------------------------------
 
 
-def redact_url(url: str) -> str:
-    """``url`` with its password (if any) replaced by ``***``, fit for messages and logs.
-
-    >>> redact_url("redis://:s3cret@cache:6379/0")
-    'redis://:***@cache:6379/0'
-    """
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    userinfo, _, hostinfo = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return parts._replace(netloc=f"{user}:***@{hostinfo}").geturl()
-
-
 async def connect(url: str, **options: Any) -> aioredis.Redis:
     """A client for ``url`` (``redis://`` or ``rediss://``) that has answered a PING.
 
@@ -88,8 +75,7 @@ async def connect(url: str, **options: Any) -> aioredis.Redis:
     Raises ``ValueError`` for a URL that is not a Redis URL (or asks for ``decode_responses``, which would break the
     binary entries) and ``CacheUnavailable`` when the server cannot be reached; neither message shows the password.
     """
-    parts, safe = urlsplit(url), redact_url(url)
-    password = parts.password
+    parts, safe, secrets = urlsplit(url), redact_url(url), url_secrets(url)
     if parts.scheme not in _SCHEMES:
         raise ValueError(f"cache URL must start with redis:// or rediss://, got {safe!r}")
     if options.get("decode_responses"):
@@ -101,20 +87,13 @@ async def connect(url: str, **options: Any) -> aioredis.Redis:
     try:
         client = aioredis.Redis.from_url(url, **options)
     except ValueError as exc:
-        raise ValueError(f"invalid cache URL {safe!r}: {_without(str(exc), password)}") from None
+        raise ValueError(f"invalid cache URL {safe!r}: {scrub(str(exc), secrets)}") from None
     try:
         await client.ping()
     except _REDIS_ERRORS as exc:
         await client.aclose()
-        raise CacheUnavailable(f"cannot reach Redis at {safe}: {_without(str(exc), password)}") from exc
+        raise CacheUnavailable(f"cannot reach Redis at {safe}: {scrub(str(exc), secrets)}") from exc
     return client
-
-
-def _without(text: str, secret: str | None) -> str:
-    """``text`` with ``secret`` (as written in the URL, and percent-decoded) masked."""
-    if not secret:
-        return text
-    return text.replace(secret, "***").replace(unquote(secret), "***")
 
 
 async def ping(client: aioredis.Redis, timeout_s: float = 1.0) -> bool:

@@ -421,6 +421,11 @@ def _check(settings: Settings) -> None:
             raise ConfigError(f"pricing.mode_multipliers.{mode}: must not be negative")
 
 
+def missing_scale_extra(setting: str, exc: ImportError) -> ConfigError:
+    """The error for a scale-out URL whose client library is not installed."""
+    return ConfigError(f"{setting}: Redis needs the redis package: pip install 'kling-gateway[scale]' ({exc})")
+
+
 def _check_url(setting: str, url: str, schemes: tuple[str, ...]) -> None:
     parts = urlsplit(url)
     if parts.scheme not in schemes:

@@ -50,7 +50,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -72,9 +72,6 @@ from gateway.store import (
     from_fixed,
     to_fixed,
 )
-
-# Shared with the SQLite backend on purpose: one definition of how records map to rows, of what a task adds to the
-# rollup, of page cursors and page bounds, so the two backends cannot drift apart.
 from gateway.store_rows import (
     MAX_PAGE,
     UsageQuery,
@@ -90,6 +87,10 @@ from gateway.store_rows import (
     usage_queries,
     usage_rows,
 )
+
+# Shared with the SQLite backend on purpose: one definition of how records map to rows, of what a task adds to the
+# rollup, of page cursors and page bounds, so the two backends cannot drift apart.
+from gateway.url_secrets import scrub, url_secrets
 
 T = TypeVar("T")
 
@@ -359,23 +360,30 @@ _PAGE_SQL = MappingProxyType({(k, c): _page_sql(k, c) for k in (False, True) for
 # -- URL handling ---------------------------------------------------------------------------------------------
 
 
+def _take_param(url: str, name: str) -> tuple[str, list[str]]:
+    """``url`` without the query parameter ``name``, and the values it had there."""
+    parts = urlsplit(url)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    values = [value for key, value in pairs if key == name]
+    if not values:
+        return url, values
+    rest = [(key, value) for key, value in pairs if key != name]
+    return urlunsplit(parts._replace(query=urlencode(rest))), values
+
+
 def split_url(url: str, schema: str | None = None) -> tuple[str, str | None]:
     """``(dsn for asyncpg, schema)`` from a store URL: the ``schema`` query parameter is taken out of the URL.
 
     ValueError if the schema is not a plain identifier (``[A-Za-z_][A-Za-z0-9_]{0,62}``), given twice, or given
     both in the URL and as ``schema`` with different values. Messages never quote the URL.
     """
-    parts = urlsplit(url)
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
-    in_url = [value for name, value in pairs if name == "schema"]
+    url, in_url = _take_param(url, "schema")
     if len(in_url) > 1:
         raise ValueError("store URL: schema is given more than once")
     if in_url:
         if schema is not None and schema != in_url[0]:
             raise ValueError("store URL: schema differs from the schema argument")
         schema = in_url[0]
-        rest = [(name, value) for name, value in pairs if name != "schema"]
-        url = urlunsplit(parts._replace(query=urlencode(rest)))
     if schema is not None and _SCHEMA_NAME.fullmatch(schema) is None:
         raise ValueError("store URL: schema must be a plain identifier: [A-Za-z_][A-Za-z0-9_]{0,62}")
     return url, schema
@@ -384,32 +392,12 @@ def split_url(url: str, schema: str | None = None) -> tuple[str, str | None]:
 def take_pool_size(dsn: str) -> tuple[str, int]:
     """``(dsn without it, size)`` for the ``pool_size`` query parameter: connections per process (default
     ``POOL_MAX``); ValueError unless it is one integer from 1 to ``POOL_SIZE_LIMIT``."""
-    parts = urlsplit(dsn)
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
-    given = [value for name, value in pairs if name == "pool_size"]
+    dsn, given = _take_param(dsn, "pool_size")
     if not given:
         return dsn, POOL_MAX
     if len(given) > 1 or not given[0].isdigit() or not 1 <= int(given[0]) <= POOL_SIZE_LIMIT:
         raise ValueError(f"store URL: pool_size must be one integer from 1 to {POOL_SIZE_LIMIT}")
-    rest = [(name, value) for name, value in pairs if name != "pool_size"]
-    return urlunsplit(parts._replace(query=urlencode(rest))), int(given[0])
-
-
-def _url_secrets(url: str) -> tuple[str, ...]:
-    """The URL's passwords (in the authority or a ``password`` parameter), as written and decoded."""
-    try:
-        parts = urlsplit(url)
-        found = [parts.password or ""]
-    except ValueError:
-        return ()
-    found += [value for name, value in parse_qsl(parts.query, keep_blank_values=True) if name == "password"]
-    return tuple({form for secret in found if secret for form in (secret, unquote(secret))})
-
-
-def _scrub(text: str, secrets: Sequence[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
+    return dsn, int(given[0])
 
 
 def _lock_key(schema: str | None) -> int:
@@ -550,7 +538,7 @@ class PostgresStore:
         """
         dsn, schema = split_url(url, schema)
         dsn, pool_size = take_pool_size(dsn)
-        secrets = _url_secrets(url)
+        secrets = url_secrets(url)
         settings = {"application_name": "kling-gateway"}
         if schema is not None:
             settings["search_path"] = _quoted(schema)
@@ -564,9 +552,9 @@ class PostgresStore:
                 server_settings=settings,
             )
         except ValueError as exc:  # asyncpg's parsing of the URL and its options (ClientConfigurationError too)
-            raise ValueError(_scrub(f"store URL: not a usable PostgreSQL URL: {exc}", secrets)) from None
+            raise ValueError(scrub(f"store URL: not a usable PostgreSQL URL: {exc}", secrets)) from None
         except _DRIVER_ERRORS as exc:
-            message = _scrub(f"cannot connect to PostgreSQL: {exc}", secrets)
+            message = scrub(f"cannot connect to PostgreSQL: {exc}", secrets)
             raise StoreError(message) from _safe_cause(exc, secrets)
         store = cls(pool, secrets)
         try:
@@ -593,7 +581,7 @@ class PostgresStore:
                 async with conn.transaction(isolation="read_committed"):
                     return await fn(conn)
         except _DRIVER_ERRORS as exc:
-            raise StoreError(_scrub(f"postgresql: {exc}", self._secrets)) from _safe_cause(exc, self._secrets)
+            raise StoreError(scrub(f"postgresql: {exc}", self._secrets)) from _safe_cause(exc, self._secrets)
 
     async def close(self) -> None:
         """Close the pool (waiting briefly for queries in flight); later calls raise StoreError. Idempotent."""
