@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
 from gateway.config import load_settings
-from gateway.upstream import HttpxTransport
+from gateway.upstream.client import HttpxTransport
 
 _BODY = orjson.dumps(
     {

@@ -25,9 +25,10 @@ from dataclasses import replace
 from decimal import Decimal
 from typing import TypeVar
 
-from gateway.store import Store, TaskRecord, from_fixed, open_store
-from gateway.store_rows import task_row
-from gateway.store_sqlite import (
+from gateway.store import open_store
+from gateway.store.base import Store, TaskRecord, from_fixed
+from gateway.store.rows import task_row
+from gateway.store.sqlite import (
     _SQL_INSERT_TASK,
     _SQL_REBUILD_ROLLUP,
     _SQL_UPSERT_BODY,

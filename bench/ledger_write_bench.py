@@ -3,7 +3,7 @@
     .venv/bin/python bench/ledger_write_bench.py [--pairs 3000] [--rounds 5] [--concurrency 1 50]
         [--loop uvloop|asyncio] [--baseline PATH]
 
-Each submission does what ``gateway.ledger.Ledger.begin`` / ``accepted`` do: ``record_intent`` (uuid intent id,
+Each submission does what ``gateway.ledger.service.Ledger.begin`` / ``accepted`` do: ``record_intent`` (uuid intent id,
 key, request id, model, mode, now), then ``resolve_intent`` with the ``TaskRecord`` built from the estimate. ``C``
 workers run submissions back to back against one store on a fresh temporary file. Per round and configuration:
 throughput (submissions/s), process CPU per submission (all threads: event loop and writer), wall-clock per
@@ -47,8 +47,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
 
-from gateway.store import TaskRecord
-from gateway.store_sqlite import SQLiteStore
+from gateway.store.base import TaskRecord
+from gateway.store.sqlite import SQLiteStore
 
 KEY = "team-a"
 MODEL = "kling-v3-std-silent"

@@ -19,7 +19,7 @@ Rows (``wrk -t1``, 50 connections after a warm-up, then 1 connection):
   keeps a copy for the freshness the entry has left (3,600 s here), so the rest are answered from its memory;
 * submissions on a replica: the ledger writes go to PostgreSQL, the limit to Redis.
 
-Then the Redis operations alone, in this process (``gateway.cache_redis``, CPU µs per call at 1 and 50 concurrent
+Then the Redis operations alone, in this process (``gateway.shared.redis_ops``, CPU µs per call at 1 and 50 concurrent
 callers): a status read (what a replica's first poll of a task another replica fetched costs on top of a memory
 hit) and a rate-limit check (what a request of a key under 1,200 rpm costs; busier keys lease tokens).
 """
@@ -43,7 +43,7 @@ import scale
 import uvloop
 from common import INSTALL_HINT, Aborted, Procs, hard_limit, machine_info, missing_tools
 
-from gateway.cache_redis import RedisRateLimiter, RedisStatusCache, connect
+from gateway.shared.redis_ops import RedisRateLimiter, RedisStatusCache, connect
 
 RESULTS_MD = Path(__file__).resolve().parent / "results-replicas.md"
 HARD_LIMIT_S = 240
@@ -196,7 +196,7 @@ def _markdown(
         )
     lines += [
         "",
-        "Redis operations alone (`gateway.cache_redis`, in the bench process, uvloop):",
+        "Redis operations alone (`gateway.shared.redis_ops`, in the bench process, uvloop):",
         "",
         "| operation | concurrent callers | calls/s | CPU µs per call |",
         "|---|---|---|---|",

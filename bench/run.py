@@ -417,7 +417,7 @@ def validation_micro(number: int) -> dict[str, float]:
     """µs per ``validate`` call for each example body of ``bench/validation_bench.py`` (best of 5)."""
     from validation_bench import SEEDS
 
-    from gateway.validation import validate
+    from gateway.validation.checks import validate
 
     out = {}
     for name, body in SEEDS.items():
@@ -515,6 +515,7 @@ IDLE_LEAVES = frozenset(
 _ENTRY_FILES = (
     "<frozen runpy>",
     "gateway/__main__.py",
+    "gateway/cli/main.py",
     "uvicorn/main.py",
     "uvicorn/server.py",
     "uvicorn/_compat.py",

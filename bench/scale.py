@@ -59,9 +59,10 @@ from common import (
 )
 from ledger_scale import _settled, generate
 
-from gateway.store import TaskRecord, open_store
-from gateway.store_rows import task_row
-from gateway.store_sqlite import _SQL_INSERT_TASK, _SQL_REBUILD_ROLLUP, _SQL_UPSERT_BODY
+from gateway.store import open_store
+from gateway.store.base import TaskRecord
+from gateway.store.rows import task_row
+from gateway.store.sqlite import _SQL_INSERT_TASK, _SQL_REBUILD_ROLLUP, _SQL_UPSERT_BODY
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent

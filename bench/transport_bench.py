@@ -28,7 +28,7 @@ of the upstream and of wrk is sampled around the c50 run, so a reader can tell w
 the transport, are the limit.
 
 ``--clients`` runs a different, shorter comparison that needs neither wrk nor nginx: the gateway's own
-transports (``gateway.upstream.AiohttpTransport`` and ``gateway.upstream_lean.LeanTransport``, production
+transports (``gateway.upstream.client.AiohttpTransport`` and ``gateway.upstream.lean.LeanTransport``, production
 settings and headers) driven in-process on uvloop against a minimal keep-alive upstream in a subprocess
 (uvloop, a canned answer per request head). Per round each transport runs a fixed time at concurrency 1 and
 50, in alternating order (A B then B A) so drift on the shared cores hits both; the report gives medians over
@@ -500,8 +500,8 @@ class ClientSample:
 
 def make_transport(name: str) -> Any:
     from gateway.config import UpstreamSettings
-    from gateway.upstream import AiohttpTransport
-    from gateway.upstream_lean import LeanTransport
+    from gateway.upstream.client import AiohttpTransport
+    from gateway.upstream.lean import LeanTransport
 
     settings = UpstreamSettings()  # production defaults: 256 connections, 30 s bounds, 8 MiB answers
     return LeanTransport(settings) if name == "lean" else AiohttpTransport(settings)
@@ -509,7 +509,7 @@ def make_transport(name: str) -> Any:
 
 async def drive(transport: Any, url: str, concurrency: int, seconds: float) -> tuple[int, float, float]:
     """``concurrency`` callers in a closed loop for ``seconds``: (requests, wall seconds, process CPU seconds)."""
-    from gateway.upstream import outbound_headers
+    from gateway.upstream.client import outbound_headers
 
     headers = outbound_headers([("Accept", "application/json")], "sk-x", "rid-0123456789abcdef")
     expected = expected_body(VIDEO_ID)
@@ -591,7 +591,7 @@ def clients_section(samples: list[ClientSample], rounds: int, seconds: float, co
 - command: `{command}`
 - date: {info["date"]} (run took {elapsed:.0f} s); machine: nproc={info["nproc"]}, {info["cpu"]}
 - python {info["python"]}; {info["packages"]}
-- `gateway.upstream.AiohttpTransport` vs `gateway.upstream_lean.LeanTransport`, both with the production
+- `gateway.upstream.client.AiohttpTransport` vs `gateway.upstream.lean.LeanTransport`, both with the production
   `UpstreamSettings()` defaults and the headers `outbound_headers` builds, on uvloop in one process, against a
   minimal keep-alive upstream (uvloop, canned ~200-byte JSON answer) in a subprocess on 127.0.0.1. Every answer
   is checked. {rounds} rounds of {seconds:g} s per transport and concurrency, order alternated per round; medians

@@ -1,4 +1,4 @@
-"""Micro-benchmark of ``gateway.validation.validate`` over the three examples on the upstream page.
+"""Micro-benchmark of ``gateway.validation.checks.validate`` over the three examples on the upstream page.
 
 Run ``python bench/validation_bench.py``; prints microseconds per call for each example (best of five
 ``timeit`` repeats). The budget is 30 µs for a typical body. The last line uses a new image URL on every
@@ -11,7 +11,7 @@ import itertools
 import timeit
 from typing import Any
 
-from gateway.validation import validate
+from gateway.validation.checks import validate
 
 SEEDS: dict[str, dict[str, Any]] = {
     "text-to-video": {

@@ -19,36 +19,37 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from gateway.admin import AdminRoutes
-from gateway.auth import Authenticator, OpenAuthenticator
+from gateway.auth.keyring import KeyAuthenticator
+from gateway.auth.principal import Authenticator, OpenAuthenticator
 from gateway.config import Settings, UpstreamSettings, missing_scale_extra
-from gateway.error_responses import ErrorResponder
 from gateway.errors import GatewayError
-from gateway.fast_lane import FastLane, GatewayApp
-from gateway.keyring import KeyAuthenticator
 from gateway.keys import RateLimiter
-from gateway.ledger import Ledger
+from gateway.ledger.pricing import PriceTable
+from gateway.ledger.service import Ledger
+from gateway.ledger.settler import Settler
 from gateway.logs import make_logs
-from gateway.media_guard import MediaGuard, Resolver
 from gateway.metrics import Metrics, create_metrics
-from gateway.metrics_route import metrics_endpoint
-from gateway.middleware import RequestBook, RequestContextMiddleware, current_request_id
-from gateway.openapi import openapi_document, openapi_route
-from gateway.overload import Overload, OverloadMiddleware
-from gateway.pricing import PriceTable
-from gateway.routes import STATUS_ROUTE, SUBMIT_ROUTE, GatewayRoutes
 from gateway.services import Services
-from gateway.settler import Settler
 from gateway.shutdown import shutdown_hook
-from gateway.status_cache import Coalescer, FetchResult, MemoryStatusCache, StatusPoller
-from gateway.store import Store, StoreError, TaskRecord, open_store
-from gateway.upstream import AiohttpTransport, Transport, UpstreamClient
-from gateway.upstream_lean import LeanTransport
-from gateway.validation import ValidationOptions
-from gateway.webhooks import WebhookSender
+from gateway.status.poller import Coalescer, FetchResult, MemoryStatusCache, StatusPoller
+from gateway.store import open_store
+from gateway.store.base import Store, StoreError, TaskRecord
+from gateway.upstream.client import AiohttpTransport, Transport, UpstreamClient
+from gateway.upstream.lean import LeanTransport
+from gateway.validation.checks import ValidationOptions
+from gateway.validation.media_guard import MediaGuard, Resolver
+from gateway.web.admin import AdminRoutes
+from gateway.web.error_responses import ErrorResponder
+from gateway.web.fast_lane import FastLane, GatewayApp
+from gateway.web.metrics_route import metrics_endpoint
+from gateway.web.middleware import RequestBook, RequestContextMiddleware, current_request_id
+from gateway.web.openapi import openapi_document, openapi_route
+from gateway.web.overload import Overload, OverloadMiddleware
+from gateway.web.routes import STATUS_ROUTE, SUBMIT_ROUTE, GatewayRoutes
+from gateway.webhooks.sender import WebhookSender
 
 if TYPE_CHECKING:
-    from gateway.shared_state import SharedState
+    from gateway.shared.fail_open import SharedState
 
 
 def create_app(
@@ -260,7 +261,7 @@ async def _shared_state(
     if settings.cache.url.startswith("memory:"):
         return None
     try:
-        from gateway.shared_state import SharedState  # on demand: needs the [scale] extra
+        from gateway.shared.fail_open import SharedState  # on demand: needs the [scale] extra
     except ImportError as exc:
         raise missing_scale_extra("cache.url", exc) from exc
     shared = await SharedState.connect(

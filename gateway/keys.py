@@ -1,6 +1,6 @@
 """Client keys: issuing, recognising, hashing, model allowlists and per-key rate limits.
 
-Everything here is pure (no I/O); the durable copy of every key lives in the store (``gateway.store``).
+Everything here is pure (no I/O); the durable copy of every key lives in the store (``gateway.store.base``).
 
 A key looks like ``gk_`` + 43 URL-safe characters of ``secrets.token_urlsafe(32)`` (256 bits) + a 6-character
 checksum (the first 36 bits of SHA-256 over everything before it, URL-safe base64), 52 characters in all::

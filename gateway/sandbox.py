@@ -48,7 +48,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from gateway.server_protocol import HTTP_PROTOCOL
+from gateway.web.server_protocol import HTTP_PROTOCOL
 
 __all__ = [
     "EmbeddedServer",

@@ -6,18 +6,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.auth import Authenticator
+from gateway.auth.keyring import KeyAuthenticator
+from gateway.auth.principal import Authenticator
 from gateway.config import Settings
-from gateway.keyring import KeyAuthenticator
 from gateway.keys import RateLimiter, SharedRateLimiter
-from gateway.ledger import Ledger
-from gateway.media_guard import MediaGuard
+from gateway.ledger.pricing import PriceTable
+from gateway.ledger.service import Ledger
 from gateway.metrics import Metrics
-from gateway.pricing import PriceTable
-from gateway.status_cache import StatusPoller
-from gateway.store import Store
-from gateway.upstream import UpstreamClient
-from gateway.validation import ValidationOptions
+from gateway.status.poller import StatusPoller
+from gateway.store.base import Store
+from gateway.upstream.client import UpstreamClient
+from gateway.validation.checks import ValidationOptions
+from gateway.validation.media_guard import MediaGuard
 
 
 @dataclass

@@ -9,24 +9,20 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
-from upstream_fake import FakeUpstream, SandboxServer, ServerThread
+from support.harness import ADMIN_TOKEN, SANDBOX_API_KEY, GatewayFactory, GatewayHarness
+from support.upstream_fake import FakeUpstream, SandboxServer, ServerThread
 
 from gateway.app import create_app
-from gateway.config import Settings, load_settings
+from gateway.config import load_settings
 from gateway.sandbox import SandboxOptions, create_sandbox_app
 
-SANDBOX_API_KEY = "sk-test-upstream"
-ADMIN_TOKEN = "adm-test-token-canary"
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 POSTGRES_URL_ENV = "KLING_GATEWAY_TEST_POSTGRES_URL"
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -46,35 +42,6 @@ def sandbox_server() -> Iterator[SandboxServer]:
     options = SandboxOptions(api_key=SANDBOX_API_KEY, queued_s=0.2, run_s=0.5)
     with ServerThread(create_sandbox_app(options), lifespan="off") as server:
         yield SandboxServer(url=server.url, api_key=SANDBOX_API_KEY, options=options)
-
-
-@dataclass
-class GatewayHarness:
-    """A gateway app under TestClient, with its log lines and metrics at hand."""
-
-    client: TestClient
-    logs: io.StringIO
-    registry: CollectorRegistry
-    settings: Settings
-
-    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
-        return self.registry.get_sample_value(name, labels or {}) or 0.0
-
-    def log_lines(self) -> list[dict[str, Any]]:
-        return [orjson.loads(line) for line in self.logs.getvalue().splitlines() if line.strip()]
-
-    def create_key(self, name: str, **options: Any) -> str:
-        """Issue a key through the admin API and return its secret."""
-        response = self.client.post("/gateway/keys", json={"name": name, **options}, headers=ADMIN)
-        assert response.status_code == 201, response.text
-        secret: str = response.json()["key"]
-        return secret
-
-    def as_key(self, secret: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {secret}"}
-
-
-GatewayFactory = Callable[..., GatewayHarness]
 
 
 @pytest.fixture

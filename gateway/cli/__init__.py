@@ -1,0 +1,1 @@
+"""The ``kling-gateway`` command line, one module per command family."""

@@ -1,0 +1,1 @@
+"""The task ledger: recording submissions, pricing, budgets and spend, settling tasks, usage reports."""

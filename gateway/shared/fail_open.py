@@ -1,0 +1,234 @@
+"""What the replicas of one deployment share through Redis, and what a replica does when Redis fails.
+
+With ``[cache] url = "redis://..."`` (or ``rediss://``) the app factory builds a ``SharedState``: the status cache
+every replica reads and writes (``StatusPoller``'s ``shared``), one upstream call per task across replicas, and the
+per-key request limits counted once for all of them (``Services.shared_limiter``). The Redis mechanics live in
+``gateway.shared.redis_ops``; this module adds the policy.
+
+Redis failing never fails a request (fail open):
+
+* a status poll reads a Redis error as a miss: the replica answers from its own cache or asks the upstream itself,
+  exactly as a single replica without Redis would;
+* a rate-limit check lets the request through (budgets live in the store, so spending stays bounded); limits
+  are taken from Redis in small leases (``SharedLimiter``), so most requests of a busy key ask Redis nothing;
+* after a failure, Redis is left alone for ``_REST_S`` (every shared operation short-circuits to its fallback),
+  so a hung or dead Redis costs at most one timeout per second instead of one per request;
+* each failure counts in ``kling_gateway_shared_state_failures_total{operation}``, and each failing operation
+  logs ``shared_state_unavailable`` (a warning) at most once per ``_WARN_EVERY_S``, and
+  ``shared_state_recovered`` when it works again. ``/readyz`` is not affected: it reports the store and the
+  configuration (SPEC section 3), and pulling every replica out of a load balancer because Redis is down would
+  turn a degraded deployment into an outage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from prometheus_client import Counter
+from redis.asyncio import Redis
+
+from gateway.config import CacheSettings
+from gateway.shared.redis_ops import (
+    CacheUnavailable,
+    RedisRateLimiter,
+    RedisSingleFlight,
+    RedisStatusCache,
+    connect,
+)
+from gateway.status.poller import CachedStatus, FetchResult
+
+_WARN_EVERY_S = 10.0
+_REST_S = 1.0
+_LEASE_DIVISOR = 600  # rpm / 600 tokens = a tenth of a second of refill
+_LEASE_S = 1.0
+
+
+class Health:
+    """Failure bookkeeping for the shared state: a short rest after a failure, throttled warnings, recovery lines."""
+
+    def __init__(self, log: Any, failures: Counter | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self._log = log
+        self._failures = failures
+        self._clock = clock
+        self._failing: dict[str, float] = {}  # operation -> when its last warning was logged
+        self._resting_until = float("-inf")
+
+    def resting(self) -> bool:
+        """True for ``_REST_S`` after any failure: callers take their fallback without asking Redis."""
+        return self._clock() < self._resting_until
+
+    def failed(self, operation: str, exc: Exception) -> None:
+        if self._failures is not None:
+            self._failures.labels(operation).inc()
+        now = self._clock()
+        self._resting_until = now + _REST_S
+        last = self._failing.get(operation)
+        if last is None or now - last >= _WARN_EVERY_S:
+            self._failing[operation] = now
+            self._log.warning("shared_state_unavailable", operation=operation, error=str(exc))
+
+    def worked(self, operation: str) -> None:
+        if self._failing and self._failing.pop(operation, None) is not None:
+            self._log.info("shared_state_recovered", operation=operation)
+
+
+class SharedStatus:
+    """``SharedStatusCache`` on Redis: entries every replica sees, and one upstream call per task among them."""
+
+    def __init__(
+        self,
+        cache: RedisStatusCache,
+        flight: RedisSingleFlight,
+        health: Health,
+        call_timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,  # the cache's clock: entries' stored_at are on it
+    ):
+        self._cache = cache
+        self._flight = flight
+        self._health = health
+        self._clock = clock
+        # A replica waits for another's call at most as long as that call may take, then asks itself.
+        self._wait_s = call_timeout_s
+        self._lock_ttl_s = call_timeout_s + 1.0
+
+    async def get(self, task_id: str) -> tuple[CachedStatus | None, bool]:
+        if self._health.resting():
+            return None, False
+        try:
+            found = await self._cache.get(task_id)
+        except CacheUnavailable as exc:
+            self._health.failed("status_get", exc)
+            return None, False
+        self._health.worked("status_get")
+        return found
+
+    async def put(
+        self, task_id: str, body: bytes, headers: Sequence[tuple[str, str]], status_text: str, terminal: bool
+    ) -> None:
+        if self._health.resting():
+            return
+        try:
+            await self._cache.put(task_id, body, headers, status_text, terminal)
+        except CacheUnavailable as exc:
+            self._health.failed("status_put", exc)
+        else:
+            self._health.worked("status_put")
+
+    async def once(self, task_id: str, fetch: Callable[[], Awaitable[FetchResult]]) -> tuple[FetchResult, bool]:
+        if self._health.resting():
+            return await fetch(), False
+        waited_from = self._clock()
+        arrived: list[CachedStatus] = []
+
+        async def ready() -> bool:
+            # Only an answer stored while we waited is the other replica's: an older, expired entry is not.
+            entry, fresh = await self.get(task_id)
+            if entry is not None and (fresh or entry.stored_at >= waited_from):
+                arrived.append(entry)
+                return True
+            return False
+
+        try:
+            result, _followed = await self._flight.run(
+                task_id, fetch, ready=ready, lock_ttl_s=self._lock_ttl_s, wait_s=self._wait_s
+            )
+        except CacheUnavailable as exc:
+            self._health.failed("single_flight", exc)
+            return await fetch(), False
+        self._health.worked("single_flight")
+        if result is not None:
+            return result, False
+        if not arrived:  # run() answers (None, True) only after ready() said True; never serve nothing
+            return await fetch(), False
+        entry = arrived[-1]
+        return FetchResult(200, entry.headers, entry.body), True
+
+
+class SharedLimiter:
+    """``SharedRateLimiter`` on Redis, taking tokens in small leases; a Redis failure lets the request through.
+
+    A Redis round trip per request would double the CPU of a cached poll, so a replica takes up to
+    ``rpm // _LEASE_DIVISOR`` tokens at once (a tenth of a second of refill; exactly one for rpm < 1,200) and spends
+    them locally for at most ``_LEASE_S``. Tokens are taken from the shared bucket before they are spent, so the
+    limit is never exceeded; near the limit a request may be refused while another replica still holds a few unused
+    tokens of its lease (at most a tenth of a second's worth per replica, for at most a second).
+    """
+
+    def __init__(
+        self,
+        limiter: RedisRateLimiter,
+        health: Health,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_keys: int = 100_000,
+    ) -> None:
+        self._limiter = limiter
+        self._health = health
+        self._clock = clock
+        self._max_keys = max_keys
+        self._leases: OrderedDict[str, list[float]] = OrderedDict()  # key name -> [tokens left, expires at]
+
+    async def check(self, key_name: str, rpm: int | None) -> float | None:
+        if rpm is None:
+            return None
+        lease = self._leases.get(key_name)
+        if lease is not None and lease[0] >= 1 and self._clock() < lease[1]:
+            lease[0] -= 1
+            return None
+        if self._health.resting():
+            return None
+        try:
+            taken, wait = await self._limiter.take(key_name, rpm, max(1, rpm // _LEASE_DIVISOR))
+        except CacheUnavailable as exc:
+            self._health.failed("rate_limit", exc)
+            return None
+        self._health.worked("rate_limit")
+        if taken > 1:
+            self._lease(key_name, taken - 1)
+        return wait
+
+    def _lease(self, key_name: str, tokens: int) -> None:
+        expires = self._clock() + _LEASE_S
+        lease = self._leases.get(key_name)
+        if lease is not None and self._clock() < lease[1]:
+            lease[0] += tokens  # concurrent takes on this replica: keep them all
+            lease[1] = expires
+            self._leases.move_to_end(key_name)
+            return
+        self._leases[key_name] = [float(tokens), expires]
+        self._leases.move_to_end(key_name)
+        while len(self._leases) > self._max_keys:
+            self._leases.popitem(last=False)
+
+
+class SharedState:
+    """The Redis client and everything built on it; ``close()`` at shutdown."""
+
+    def __init__(self, client: Redis, status: SharedStatus, limiter: SharedLimiter) -> None:
+        self.client = client
+        self.status = status
+        self.limiter = limiter
+
+    @classmethod
+    async def connect(
+        cls, settings: CacheSettings, *, call_timeout_s: float, log: Any, failures: Counter | None = None
+    ) -> SharedState:
+        """Connect to ``settings.url`` (raises ``CacheUnavailable`` if Redis does not answer at start-up)."""
+        client = await connect(settings.url)
+        health = Health(log, failures)
+        cache = RedisStatusCache(
+            client,
+            pending_ttl_s=settings.pending_ttl_s,
+            terminal_ttl_s=settings.terminal_ttl_s,
+            stale_keep_s=settings.stale_keep_s,
+            prefix=settings.key_prefix,
+        )
+        flight = RedisSingleFlight(client, prefix=settings.key_prefix)
+        limiter = RedisRateLimiter(client, prefix=settings.key_prefix)
+        return cls(client, SharedStatus(cache, flight, health, call_timeout_s), SharedLimiter(limiter, health))
+
+    async def close(self) -> None:
+        await self.client.aclose()

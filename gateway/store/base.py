@@ -1,0 +1,313 @@
+"""The durable store: keys, submission intents, the task ledger and idempotency records, behind one interface.
+
+``open_store(url)`` picks the backend from the URL scheme: SQLite (``gateway.store.sqlite``, one machine) or
+PostgreSQL (``gateway.store.postgres``, any number of processes and replicas), behind the same :class:`Store`
+protocol; ``gateway.store.rows`` holds the row layout they share. Every method is a coroutine and every write is
+one transaction, so callers never see half a change.
+
+Semantics every backend keeps:
+
+* **Keys** are stored by hash (``gateway.keys``). Every key change bumps :meth:`Store.keys_version` in the
+  same transaction; processes poll that counter (about every 0.5 s) and reload :meth:`Store.list_keys`, so
+  per-request authentication never touches the store yet a revocation is seen everywhere within a second.
+* **Intents**: a submission writes an intent *before* it is forwarded; :meth:`Store.resolve_intent` turns it
+  into a task row (and deletes the intent) in one transaction; :meth:`Store.drop_intent` forgets one the
+  upstream refused. What :meth:`Store.list_intents` returns after a crash is "outcome unknown", to reconcile.
+* **Settlement** happens at most once per task, whichever process sees the terminal status first
+  (``UPDATE ... WHERE settled_at IS NULL``): :meth:`Store.settle` and :meth:`Store.mark_unknown` return True
+  only to that first caller, so metrics counted on True never double count.
+* **Money** is ``decimal.Decimal`` at this interface. Amounts (and settled seconds) are kept as exact
+  fixed-point integers with 9 decimal places (nano-dollars / nano-seconds; see :func:`to_fixed`), so SQL
+  ``SUM`` is exact and fast (no float, no Decimal parsing per row); anything finer than 1e-9 is rounded
+  half-even on the way in. Prices and multipliers, which are never summed, are kept as decimal text.
+* **Idempotency** records are scoped per client key: see :meth:`Store.idempotency_begin`.
+
+Times are Unix epoch seconds (floats) passed in by the caller, so tests control the clock. Days are UTC.
+Failures of the backend surface as :class:`StoreError` (never a driver-specific exception).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from typing import Final, Protocol
+
+from gateway.keys import KeyRecord
+
+TASK_STATUSES: Final = frozenset({"queued", "in_progress", "completed", "failed", "unknown"})
+"""Statuses a ledger task can have (the upstream's, plus ``unknown`` when the gateway gave up)."""
+
+SETTLE_OUTCOMES: Final = frozenset({"completed", "failed"})
+"""Outcomes :meth:`Store.settle` accepts; ``unknown`` is :meth:`Store.mark_unknown`'s."""
+
+USAGE_GROUPS: Final = ("key", "model", "mode", "day")
+"""Dimensions :meth:`Store.usage` can group by."""
+
+FIXED_DIGITS: Final = 9
+_FIXED_SCALE: Final = 10**FIXED_DIGITS
+_FIXED_QUANTUM: Final = Decimal(1).scaleb(-FIXED_DIGITS)
+IDEMPOTENCY_TTL_S: Final = 86400.0
+"""How long an idempotency record answers repeats: 24 hours."""
+IDEMPOTENCY_IN_FLIGHT_TTL_S: Final = 300.0
+"""An in-flight idempotency record older than this is taken to belong to a crashed process and taken over."""
+
+
+class StoreError(Exception):
+    """The store failed or refused an operation (database unavailable, locked too long, closed, ...)."""
+
+
+class KeyExists(StoreError):
+    """A key with this name already exists."""
+
+
+class KeyNotFound(StoreError):
+    """No key with this name."""
+
+
+class KeyRevoked(StoreError):
+    """The key is revoked, so it cannot be rotated."""
+
+
+def to_fixed(amount: Decimal) -> int:
+    """Decimal -> integer count of 1e-9 units (half-even past 9 places): ``Decimal("0.42")`` -> 420000000."""
+    if not amount.is_finite():
+        raise ValueError("amount must be finite")
+    try:
+        return int((amount * _FIXED_SCALE).quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
+    except InvalidOperation as exc:  # pragma: no cover - only for absurdly large amounts
+        raise ValueError("amount out of range") from exc
+
+
+def from_fixed(units: int) -> Decimal:
+    """Integer count of 1e-9 units -> Decimal without superfluous trailing zeros (420000000 -> ``0.42``)."""
+    value = (Decimal(units) / _FIXED_SCALE).quantize(_FIXED_QUANTUM)
+    if value == value.to_integral_value():
+        return value.quantize(Decimal(1))
+    return value.normalize()
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """One upstream task in the ledger: who made it, what it was estimated at, and how it settled.
+
+    ``duration`` is what the client asked for (None if omitted); ``estimate_seconds`` is what the estimate
+    used (the configured default when ``duration_defaulted``). ``outcome`` and ``settled_*`` stay None until
+    settlement.
+    ``terminal_body`` is the upstream's terminal status JSON, so a poll after a restart is answered from here.
+    """
+
+    task_id: str
+    key_name: str
+    model: str
+    mode: str
+    tier: str
+    audio: bool
+    duration: int | None
+    duration_defaulted: bool
+    estimate_seconds: int
+    estimate_usd: Decimal
+    price_per_second_usd: Decimal
+    mode_multiplier: Decimal
+    request_id: str
+    submitted_at: float
+    status: str = "queued"
+    progress: int | None = None
+    last_polled_at: float | None = None
+    last_checked_at: float | None = None
+    outcome: str | None = None
+    settled_seconds: Decimal | None = None
+    settled_usd: Decimal | None = None
+    settled_at: float | None = None
+    terminal_body: bytes | None = None
+
+    @property
+    def settled(self) -> bool:
+        """True once the task has been settled (completed, failed or given up as unknown)."""
+        return self.settled_at is not None
+
+    @property
+    def cost_usd(self) -> Decimal:
+        """What the task counts for against a budget: the settled amount, else the estimate."""
+        return self.settled_usd if self.settled_usd is not None else self.estimate_usd
+
+
+@dataclass(frozen=True, slots=True)
+class IntentRecord:
+    """A submission written before forwarding whose outcome has not been recorded (yet)."""
+
+    intent_id: str
+    key_name: str
+    request_id: str
+    model: str
+    mode: str
+    submitted_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """One group of :meth:`Store.usage`; a dimension not grouped by is None.
+
+    ``requested_seconds`` sums the seconds each estimate used (defaults included, see ``defaulted``);
+    ``settled_usd`` sums settled tasks only; ``cost_usd`` is settled amounts plus estimates still outstanding.
+    ``day`` is an ISO date (UTC) of submission.
+    """
+
+    key: str | None
+    model: str | None
+    mode: str | None
+    day: str | None
+    tasks: int
+    requested_seconds: int
+    settled_seconds: Decimal
+    estimated_usd: Decimal
+    settled_usd: Decimal
+    cost_usd: Decimal
+    completed: int
+    failed: int
+    unknown: int
+    pending: int
+    defaulted: int
+
+
+class IdemKind(enum.Enum):
+    """What :meth:`Store.idempotency_begin` found."""
+
+    NEW = "new"
+    """No record: one was created in flight; go ahead, then finish or abandon it."""
+    IN_FLIGHT = "in_flight"
+    """The first request with this key is still running (409)."""
+    CONFLICT = "conflict"
+    """The key was used with a different body (422)."""
+    REPLAY = "replay"
+    """The first request finished: replay its stored response."""
+
+
+@dataclass(frozen=True, slots=True)
+class IdemState:
+    """Result of :meth:`Store.idempotency_begin`; status, headers and body are set for ``REPLAY`` only."""
+
+    kind: IdemKind
+    status: int | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+
+
+class Store(Protocol):
+    """The narrow async interface every backend implements (see the module docstring for the semantics)."""
+
+    async def close(self) -> None:
+        """Release connections and worker threads; later calls raise :class:`StoreError`."""
+
+    async def ping(self) -> bool:
+        """True if the store answers a trivial query (readiness)."""
+
+    # keys
+    async def create_key(self, record: KeyRecord) -> None:
+        """Insert a key; :class:`KeyExists` if the name is taken."""
+
+    async def list_keys(self) -> list[KeyRecord]:
+        """Every key, revoked ones included, ordered by name."""
+
+    async def get_key(self, name: str) -> KeyRecord | None:
+        """The key called ``name``, or None."""
+
+    async def find_key_by_hash(self, key_hash: str) -> KeyRecord | None:
+        """The key whose current or previous (rotated-out) hash is ``key_hash``; check ``accepts`` on it."""
+
+    async def revoke_key(self, name: str, at: float) -> bool:
+        """Revoke ``name``; False if it does not exist or was already revoked."""
+
+    async def rotate_key(self, name: str, new_hash: str, new_prefix: str, grace_until: float) -> KeyRecord:
+        """Give ``name`` a new secret hash; the old one stays valid until ``grace_until``.
+
+        Raises :class:`KeyNotFound` or :class:`KeyRevoked`. A second rotation ends the first one's grace.
+        """
+
+    async def keys_version(self) -> int:
+        """Counter bumped by every key change, in the same transaction."""
+
+    # intents
+    async def record_intent(
+        self, intent_id: str, key_name: str, request_id: str, model: str, mode: str, submitted_at: float
+    ) -> None:
+        """Write the intent to submit, before forwarding."""
+
+    async def resolve_intent(self, intent_id: str, task: TaskRecord) -> bool:
+        """Insert ``task`` and delete the intent in one transaction; safe to retry.
+
+        Returns False if the task row already existed (a retried write that had in fact committed).
+        An unknown ``intent_id`` is fine: the task is inserted all the same.
+        """
+
+    async def drop_intent(self, intent_id: str) -> bool:
+        """Delete an intent whose submission the upstream refused; False if there was none."""
+
+    async def list_intents(self) -> list[IntentRecord]:
+        """Submissions whose outcome is unknown (oldest first)."""
+
+    # tasks
+    async def get_task(self, task_id: str) -> TaskRecord | None:
+        """The ledger row for ``task_id``, or None."""
+
+    async def update_status(self, task_id: str, status: str, progress: int | None, at: float, polled: bool) -> bool:
+        """Record a non-final status seen at ``at`` (by a client poll if ``polled``, else by the settler).
+
+        ``progress`` None keeps the previous value. Settled tasks are left alone (returns False), as are
+        unknown task ids.
+        """
+
+    async def settle(
+        self,
+        task_id: str,
+        outcome: str,
+        seconds: Decimal,
+        usd: Decimal,
+        terminal_body: bytes | None,
+        at: float,
+    ) -> bool:
+        """Settle ``task_id`` as ``completed``/``failed``; True only for the first settlement, any process."""
+
+    async def mark_unknown(self, task_id: str, at: float) -> bool:
+        """Give up on ``task_id``: settled as ``unknown`` at its estimate; True only if this settled it."""
+
+    async def tasks_for_key(
+        self, key_name: str | None, limit: int = 50, before: str | None = None
+    ) -> tuple[list[TaskRecord], str | None]:
+        """A page of tasks, newest first (``key_name`` None: every key's), and the cursor of the next page."""
+
+    async def tasks_needing_settlement(self, idle_since: float, limit: int = 100) -> list[TaskRecord]:
+        """Unsettled tasks neither polled nor checked since ``idle_since``, least recently checked first."""
+
+    async def outstanding_and_settled_usd(self, key_name: str, month_start: float, month_end: float) -> Decimal:
+        """Settled amounts plus outstanding estimates of ``key_name``'s tasks submitted in [start, end)."""
+
+    async def usage(
+        self, since: float | None = None, until: float | None = None, group_by: tuple[str, ...] = ()
+    ) -> list[UsageRow]:
+        """Totals of tasks submitted in [since, until), grouped by a subset of :data:`USAGE_GROUPS`."""
+
+    # idempotency
+    async def idempotency_begin(
+        self,
+        key_name: str,
+        idem_key: str,
+        body_hash: str,
+        now: float,
+        ttl_s: float = IDEMPOTENCY_TTL_S,
+        in_flight_ttl_s: float = IDEMPOTENCY_IN_FLIGHT_TTL_S,
+    ) -> IdemState:
+        """Claim ``idem_key`` for ``key_name``, atomically across processes.
+
+        Records older than ``ttl_s`` count as absent; an in-flight record older than ``in_flight_ttl_s``
+        (its process died) is taken over and reported as NEW. A different ``body_hash`` is CONFLICT, even
+        while in flight.
+        """
+
+    async def idempotency_finish(
+        self, key_name: str, idem_key: str, status: int, headers: list[tuple[str, str]], body: bytes
+    ) -> None:
+        """Store the response to replay for ``idem_key``."""
+
+    async def idempotency_abandon(self, key_name: str, idem_key: str) -> None:
+        """Delete an in-flight record (the request failed retryably) so a retry can proceed."""

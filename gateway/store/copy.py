@@ -1,0 +1,71 @@
+"""Copy one store into another: how a one-machine gateway (SQLite) moves to PostgreSQL before scaling out.
+
+``kling-gateway copy-store TO_URL`` copies what the configured store holds into the empty store at ``TO_URL``,
+through the ``Store`` protocol only, so it works between any two backends (also back to SQLite, as a backup):
+
+* every key as it is: hashes, revocations, rotation grace, limits, budgets, webhooks;
+* every task with its status, settlement and stored final answer (the per-day usage rollup is rebuilt by the
+  destination as the tasks arrive);
+* submissions whose outcome is unknown (intents), for reconciliation.
+
+Idempotency records (replays of answers, kept 24 h) are not copied. Stop the gateways writing to the source first:
+tasks recorded during the copy would be missed. The copy ends by comparing usage by key, model, mode and day on
+both stores: ``CopyReport.verified`` says they agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.store.base import Store, StoreError
+from gateway.store.rows import MAX_PAGE
+
+_CONCURRENT_WRITES = 32
+
+
+class DestinationNotEmpty(StoreError):
+    """The destination already holds keys, tasks or intents: a copy would mix two ledgers."""
+
+
+@dataclass(frozen=True)
+class CopyReport:
+    keys: int
+    tasks: int
+    intents: int
+    verified: bool
+
+
+async def copy_store(source: Store, destination: Store, *, progress: Callable[[int], None] | None = None) -> CopyReport:
+    """Copy keys, tasks and intents from ``source`` into the empty ``destination`` (see the module docstring)."""
+    await _require_empty(destination)
+    keys = await source.list_keys()
+    for record in keys:
+        await destination.create_key(record)
+    tasks = 0
+    cursor: str | None = None
+    while True:
+        page, cursor = await source.tasks_for_key(None, MAX_PAGE, cursor)
+        for start in range(0, len(page), _CONCURRENT_WRITES):
+            batch = page[start : start + _CONCURRENT_WRITES]
+            await asyncio.gather(*(destination.resolve_intent(f"copy-{t.task_id}", t) for t in batch))
+        tasks += len(page)
+        if progress is not None:
+            progress(tasks)
+        if cursor is None:
+            break
+    intents = await source.list_intents()
+    for intent in intents:
+        await destination.record_intent(
+            intent.intent_id, intent.key_name, intent.request_id, intent.model, intent.mode, intent.submitted_at
+        )
+    by = ("key", "model", "mode", "day")
+    verified = await source.usage(None, None, by) == await destination.usage(None, None, by)
+    return CopyReport(keys=len(keys), tasks=tasks, intents=len(intents), verified=verified)
+
+
+async def _require_empty(destination: Store) -> None:
+    page, _ = await destination.tasks_for_key(None, 1)
+    if await destination.list_keys() or page or await destination.list_intents():
+        raise DestinationNotEmpty("the destination store already holds keys, tasks or intents; copy into an empty one")

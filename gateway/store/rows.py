@@ -1,0 +1,315 @@
+"""Rows of the SQL backends: records to and from table rows, page cursors and usage rollup deltas.
+
+``gateway.store.sqlite`` and ``gateway.store.postgres`` keep the same columns in the same order, so one set of
+conversions serves both and a record reads back identical from either.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import math
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from datetime import date, timedelta
+from decimal import Decimal
+from types import MappingProxyType
+from typing import Any, Final
+
+from gateway.keys import KeyRecord
+from gateway.store.base import TASK_STATUSES, USAGE_GROUPS, TaskRecord, UsageRow, from_fixed, to_fixed
+
+#: The largest page ``tasks_for_key`` returns.
+MAX_PAGE = 1000
+_EPOCH = date(1970, 1, 1)
+
+
+def key_row(record: KeyRecord) -> tuple[Any, ...]:
+    budget = None if record.monthly_budget_usd is None else str(record.monthly_budget_usd)
+    return (
+        record.name,
+        record.key_hash,
+        record.prefix,
+        json.dumps(list(record.models)),
+        record.rpm,
+        budget,
+        record.created_at,
+        record.revoked_at,
+        record.previous_hash,
+        record.previous_valid_until,
+        record.webhook_url,
+    )
+
+
+def key_record(row: Sequence[Any]) -> KeyRecord:
+    return KeyRecord(
+        name=row[0],
+        key_hash=row[1],
+        prefix=row[2],
+        models=tuple(json.loads(row[3])),
+        rpm=row[4],
+        monthly_budget_usd=None if row[5] is None else Decimal(row[5]),
+        created_at=row[6],
+        revoked_at=row[7],
+        previous_hash=row[8],
+        previous_valid_until=row[9],
+        webhook_url=row[10],
+    )
+
+
+def _opt_fixed(value: Decimal | None) -> int | None:
+    return None if value is None else to_fixed(value)
+
+
+def _opt_decimal(units: int | None) -> Decimal | None:
+    return None if units is None else from_fixed(units)
+
+
+def task_row(task: TaskRecord) -> tuple[Any, ...]:
+    if task.status not in TASK_STATUSES:
+        raise ValueError(f"unknown task status {task.status!r}")
+    return (
+        task.task_id,
+        task.key_name,
+        task.model,
+        task.mode,
+        task.tier,
+        task.audio,
+        task.duration,
+        task.duration_defaulted,
+        task.estimate_seconds,
+        to_fixed(task.estimate_usd),
+        str(task.price_per_second_usd),
+        str(task.mode_multiplier),
+        task.request_id,
+        task.submitted_at,
+        int(task.submitted_at // 86400),
+        task.status,
+        task.progress,
+        task.last_polled_at,
+        task.last_checked_at,
+        task.outcome,
+        _opt_fixed(task.settled_seconds),
+        _opt_fixed(task.settled_usd),
+        task.settled_at,
+    )
+
+
+def task_record(row: Sequence[Any]) -> TaskRecord:
+    # Records are kept in memory by the ledger (100k by default): the few distinct names and prices are shared
+    # objects rather than one copy per task (about 40% of a record's memory).
+    return TaskRecord(
+        task_id=row[0],
+        key_name=sys.intern(row[1]),
+        model=sys.intern(row[2]),
+        mode=sys.intern(row[3]),
+        tier=sys.intern(row[4]),
+        audio=bool(row[5]),
+        duration=row[6],
+        duration_defaulted=bool(row[7]),
+        estimate_seconds=row[8],
+        estimate_usd=_shared_fixed(row[9]),
+        price_per_second_usd=_shared_decimal(row[10]),
+        mode_multiplier=_shared_decimal(row[11]),
+        request_id=row[12],
+        submitted_at=row[13],
+        status=sys.intern(row[14]),
+        progress=row[15],
+        last_polled_at=row[16],
+        last_checked_at=row[17],
+        outcome=None if row[18] is None else sys.intern(row[18]),
+        settled_seconds=_opt_decimal(row[19]),
+        settled_usd=_opt_decimal(row[20]),
+        settled_at=row[21],
+        terminal_body=None if row[22] is None else bytes(row[22]),
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _shared_decimal(text: str) -> Decimal:
+    """One Decimal per distinct price text (Decimals are immutable, so sharing is safe)."""
+    return Decimal(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _shared_fixed(units: int) -> Decimal:
+    """One Decimal per distinct fixed-point amount (estimates repeat: a few models x durations x modes)."""
+    return from_fixed(units)
+
+
+def insert_delta(task: TaskRecord) -> tuple[Any, ...]:
+    """The rollup row a newly inserted task adds: exactly what the backends' usage aggregate counts for its row."""
+    estimate = to_fixed(task.estimate_usd)
+    settled_usd = 0 if task.settled_usd is None else to_fixed(task.settled_usd)
+    settled = task.settled_at is not None
+    return (
+        int(task.submitted_at // 86400),
+        task.key_name,
+        task.model,
+        task.mode,
+        1,
+        task.estimate_seconds,
+        0 if task.settled_seconds is None else to_fixed(task.settled_seconds),
+        estimate,
+        settled_usd,
+        settled_usd if settled else estimate,
+        int(task.outcome == "completed"),
+        int(task.outcome == "failed"),
+        int(task.outcome == "unknown"),
+        int(not settled),
+        int(task.duration_defaulted),
+    )
+
+
+def settle_delta(unsettled: Sequence[Any], outcome: str, seconds_nano: int, usd_nano: int) -> tuple[Any, ...]:
+    """The rollup change when a task settles; ``unsettled`` is its (day, key, model, mode, seconds, estimate) row."""
+    day, key_name, model, mode, _, estimate_nano = unsettled
+    return (
+        day,
+        key_name,
+        model,
+        mode,
+        0,
+        0,
+        seconds_nano,
+        0,
+        usd_nano,
+        usd_nano - estimate_nano,
+        int(outcome == "completed"),
+        int(outcome == "failed"),
+        int(outcome == "unknown"),
+        -1,
+        0,
+    )
+
+
+def encode_cursor(submitted_at: float, task_id: str) -> str:
+    """Opaque, URL-safe page cursor for the row ``(submitted_at, task_id)``."""
+    raw = f"{submitted_at!r}\n{task_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """Inverse of :func:`encode_cursor`; ValueError for anything else."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        stamp, task_id = raw.split("\n", 1)
+        return float(stamp), task_id
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError("invalid page cursor") from exc
+
+
+def day_iso(day: int) -> str:
+    return (_EPOCH + timedelta(days=day)).isoformat()
+
+
+# -- usage reports ------------------------------------------------------------------------------------------------
+
+#: Report groups as columns of the tasks table and of the per-day rollup.
+TASK_GROUP_COLUMNS: Final = MappingProxyType(
+    {"key": "key_name", "model": "model", "mode": "mode", "day": "submitted_day"}
+)
+ROLLUP_GROUP_COLUMNS: Final = MappingProxyType({"key": "key_name", "model": "model", "mode": "mode", "day": "day"})
+#: Template of a bound parameter's place in a backend's SQL: ``?`` for SQLite, ``$n`` (and a cast) for PostgreSQL.
+Placeholder = Callable[[int, str], str]
+UsageQuery = tuple[str, tuple[Any, ...]]
+
+
+def check_group_by(group_by: tuple[str, ...]) -> None:
+    """ValueError unless ``group_by`` names distinct groups among ``USAGE_GROUPS``."""
+    unknown = [name for name in group_by if name not in USAGE_GROUPS]
+    if unknown or len(set(group_by)) != len(group_by):
+        raise ValueError(f"group_by must be distinct names among {', '.join(USAGE_GROUPS)}")
+
+
+def usage_queries(
+    since: float | None,
+    until: float | None,
+    group_by: tuple[str, ...],
+    key_name: str | None,
+    *,
+    placeholder: Placeholder,
+    task_sums: str,
+    rollup_sums: str,
+) -> list[UsageQuery]:
+    """The grouped aggregates that together cover tasks submitted in [since, until).
+
+    Whole UTC days come from ``usage_daily``; the partial days at either end of the window from ``tasks`` (an index
+    range over at most two days of rows). Each query's measures are ``task_sums`` / ``rollup_sums`` (the backend's
+    SQL for the same eleven figures); its rows start with the ``group_by`` columns.
+    """
+
+    def query(table: str, groups: Mapping[str, str], sums: str, conditions: list[tuple[str, str, Any]]) -> UsageQuery:
+        if key_name is not None:
+            conditions = [*conditions, ("key_name = ", "text", key_name)]
+        columns = [groups[name] for name in group_by]
+        where = [f"{column}{placeholder(n, kind)}" for n, (column, kind, _) in enumerate(conditions, 1)]
+        # Only whitelisted column names and constant fragments are joined; values are bound parameters.
+        sql = "SELECT " + "".join(f"{col}, " for col in columns) + sums + " FROM " + table  # noqa: S608
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        if columns:
+            sql += " GROUP BY " + ", ".join(columns)
+        return sql, tuple(value for _, _, value in conditions)
+
+    def raw(start: float, end: float) -> UsageQuery:
+        conditions = [("submitted_at >= ", "float", start), ("submitted_at < ", "float", end)]
+        return query("tasks", TASK_GROUP_COLUMNS, task_sums, conditions)
+
+    lo_day = None if since is None else math.ceil(since / 86400)
+    hi_day = None if until is None else math.floor(until / 86400)
+    if since is not None and until is not None and lo_day is not None and hi_day is not None and lo_day >= hi_day:
+        return [raw(since, until)] if since < until else []
+    days: list[tuple[str, str, Any]] = []
+    if lo_day is not None:
+        days.append(("day >= ", "int", lo_day))
+    if hi_day is not None:
+        days.append(("day < ", "int", hi_day))
+    queries = [query("usage_daily", ROLLUP_GROUP_COLUMNS, rollup_sums, days)]
+    if since is not None and lo_day is not None and since < lo_day * 86400:
+        queries.append(raw(since, lo_day * 86400.0))
+    if until is not None and hi_day is not None and hi_day * 86400 < until:
+        queries.append(raw(hi_day * 86400.0, until))
+    return queries
+
+
+def add_usage(totals: dict[tuple[Any, ...], list[int]], row: Sequence[Any], width: int) -> None:
+    """Add one aggregate row (``width`` group columns, then the measures) to ``totals``; skip groups of no task."""
+    measures = [int(value) for value in row[width:]]
+    if measures[0] == 0:
+        return
+    key = tuple(row[:width])
+    if key in totals:
+        totals[key] = [a + b for a, b in zip(totals[key], measures, strict=True)]
+    else:
+        totals[key] = measures
+
+
+def usage_rows(group_by: tuple[str, ...], totals: Mapping[tuple[Any, ...], list[int]]) -> list[UsageRow]:
+    """One ``UsageRow`` per group that has tasks, in group order."""
+    rows = []
+    for values in sorted(totals):
+        groups = dict(zip(group_by, values, strict=True))
+        tasks, req_s, settled_s, est, settled, cost, completed, failed, unknown, pending, defaulted = totals[values]
+        day = groups.get("day")
+        rows.append(
+            UsageRow(
+                key=groups.get("key"),
+                model=groups.get("model"),
+                mode=groups.get("mode"),
+                day=None if day is None else day_iso(int(day)),
+                tasks=tasks,
+                requested_seconds=req_s,
+                settled_seconds=from_fixed(settled_s),
+                estimated_usd=from_fixed(est),
+                settled_usd=from_fixed(settled),
+                cost_usd=from_fixed(cost),
+                completed=completed,
+                failed=failed,
+                unknown=unknown,
+                pending=pending,
+                defaulted=defaulted,
+            )
+        )
+    return rows

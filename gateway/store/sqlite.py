@@ -1,0 +1,1069 @@
+"""SQLite backend of the store (``sqlite:///path.db``): WAL, one writer thread, schema migrations in code.
+
+Threads: every write (and the migrations) runs on one dedicated worker thread with its own connection, the
+single writer path, so the event loop never waits on the database and writes never contend inside a process.
+For a file database, reads run on a second small pool of read-only connections (WAL lets readers proceed while
+the writer commits), so a month-long usage report never delays a submission's writes. ``:memory:`` databases
+(tests) do everything on the writer thread, since another connection would see another database.
+
+Connection setup is the only SQLite-specific part besides the DDL: ``journal_mode=WAL``,
+``synchronous=NORMAL``, ``busy_timeout=5000``, ``foreign_keys=ON``. In WAL mode with ``synchronous=NORMAL``
+a transaction is in the WAL file (the OS page cache) when COMMIT returns, so it survives the process being
+killed, ``kill -9`` included; only an OS crash or power loss can lose the last commits (``synchronous=FULL``
+would trade throughput for that). Writes run in ``BEGIN IMMEDIATE`` transactions: they take the write lock up
+front, so two processes on one file serialise instead of failing on lock upgrades.
+
+Group commit: write operations are queued, and the writer thread runs whatever is queued (at most
+``max_batch`` operations, and no new one once a batch has run ``_BATCH_BUDGET_S``) in one transaction with one
+COMMIT, which is most of a write's cost. Each operation still succeeds or fails alone: a failed operation is
+undone (with its whole transaction, the others being run again, or with a ``SAVEPOINT`` once the batch has seen a
+failure; see :meth:`SQLiteStore._commit_batch`) and leaves the others in the batch to commit; an error in COMMIT
+fails every operation of the batch. A caller's ``await`` returns only after the COMMIT that made its write durable
+("awaited = committed"), and the futures of a batch are resolved with one wake-up of the event loop. A lone write
+is not delayed: a batch never waits for company, it only takes what queued up while the writer was busy, so one
+write is exactly ``BEGIN IMMEDIATE`` / the write / ``COMMIT`` as before. Writes that are not plain transactional
+operations keep a transaction (or no transaction) of their own: the migrations at open, ``PRAGMA optimize`` at
+close, ``ping`` and :meth:`SQLiteStore.rebuild_usage_rollup`. ``:memory:`` databases group-commit too: their reads
+run on the writer thread as well, but always between batches, never inside one.
+
+The DML uses only portable SQL (``?`` placeholders, ``INSERT ... ON CONFLICT``, row values, ``CASE``,
+``COALESCE``, partial indexes), so a PostgreSQL backend can reuse the statements with ``%s`` placeholders.
+
+Usage: besides the ``tasks`` rows, ``usage_daily`` holds per (UTC day, key, model, mode) totals, updated in
+the same transaction as every task insert and settlement. A usage or budget query reads whole days from it
+and only the partial days at the ends of its window from ``tasks``, so a month over a million tasks answers
+in milliseconds rather than sorting every row (see ``bench/ledger_scale.py``).
+:meth:`SQLiteStore.rebuild_usage_rollup` recomputes it from the rows.
+
+Migrations are ``(version, statements)`` pairs applied in order at open inside one ``BEGIN IMMEDIATE``
+transaction and recorded in ``schema_migrations``; concurrent starts serialise on the lock, the second finds
+nothing to do. Never edit a released migration; append a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import os
+import random
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+from types import MappingProxyType
+from typing import Any, Final, TypeVar
+
+from gateway.keys import KeyRecord
+from gateway.store.base import (
+    FIXED_DIGITS,
+    IDEMPOTENCY_IN_FLIGHT_TTL_S,
+    IDEMPOTENCY_TTL_S,
+    SETTLE_OUTCOMES,
+    TASK_STATUSES,
+    IdemKind,
+    IdemState,
+    IntentRecord,
+    KeyExists,
+    KeyNotFound,
+    KeyRevoked,
+    StoreError,
+    TaskRecord,
+    UsageRow,
+    from_fixed,
+    to_fixed,
+)
+from gateway.store.rows import (
+    MAX_PAGE,
+    add_usage,
+    check_group_by,
+    decode_cursor,
+    encode_cursor,
+    insert_delta,
+    key_record,
+    key_row,
+    settle_delta,
+    task_record,
+    task_row,
+    usage_queries,
+    usage_rows,
+)
+
+T = TypeVar("T")
+
+MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
+    (
+        1,
+        (
+            """CREATE TABLE client_keys (
+                name TEXT PRIMARY KEY,
+                key_hash TEXT NOT NULL UNIQUE,
+                prefix TEXT NOT NULL,
+                models TEXT NOT NULL,
+                rpm INTEGER,
+                monthly_budget_usd TEXT,
+                created_at REAL NOT NULL,
+                revoked_at REAL,
+                previous_hash TEXT,
+                previous_valid_until REAL,
+                webhook_url TEXT
+            )""",
+            "CREATE INDEX client_keys_previous_hash ON client_keys (previous_hash)",
+            "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+            "INSERT INTO counters (name, value) VALUES ('keys_version', 0)",
+            """CREATE TABLE intents (
+                intent_id TEXT PRIMARY KEY,
+                key_name TEXT NOT NULL,
+                request_id TEXT NOT NULL,
+                model TEXT NOT NULL,
+                mode TEXT NOT NULL,
+                submitted_at REAL NOT NULL
+            )""",
+            # Money and settled seconds are integers in units of 1e-9 (exact, fast SUM); see gateway.store.base.
+            """CREATE TABLE tasks (
+                task_id TEXT PRIMARY KEY,
+                key_name TEXT NOT NULL,
+                model TEXT NOT NULL,
+                mode TEXT NOT NULL,
+                tier TEXT NOT NULL,
+                audio INTEGER NOT NULL,
+                duration INTEGER,
+                duration_defaulted INTEGER NOT NULL,
+                estimate_seconds INTEGER NOT NULL,
+                estimate_nano INTEGER NOT NULL,
+                price_per_second_usd TEXT NOT NULL,
+                mode_multiplier TEXT NOT NULL,
+                request_id TEXT NOT NULL,
+                submitted_at REAL NOT NULL,
+                submitted_day INTEGER NOT NULL,
+                status TEXT NOT NULL,
+                progress INTEGER,
+                last_polled_at REAL,
+                last_checked_at REAL,
+                outcome TEXT,
+                settled_seconds_nano INTEGER,
+                settled_nano INTEGER,
+                settled_at REAL
+            )""",
+            # Bodies apart, so the tasks table stays narrow and usage scans stay fast.
+            """CREATE TABLE task_bodies (
+                task_id TEXT PRIMARY KEY REFERENCES tasks (task_id) ON DELETE CASCADE,
+                body BLOB NOT NULL
+            )""",
+            "CREATE INDEX tasks_key_time ON tasks (key_name, submitted_at, task_id)",
+            "CREATE INDEX tasks_time ON tasks (submitted_at, task_id)",
+            # The settler's queue: unsettled tasks, least recently checked first.
+            "CREATE INDEX tasks_unsettled ON tasks (COALESCE(last_checked_at, submitted_at), task_id) "
+            "WHERE settled_at IS NULL",
+            """CREATE TABLE idempotency (
+                key_name TEXT NOT NULL,
+                idem_key TEXT NOT NULL,
+                body_hash TEXT NOT NULL,
+                state TEXT NOT NULL,
+                created_at REAL NOT NULL,
+                status INTEGER,
+                headers TEXT,
+                body BLOB,
+                PRIMARY KEY (key_name, idem_key)
+            )""",
+            "CREATE INDEX idempotency_created ON idempotency (created_at)",
+            # Per-day totals kept in step with tasks (same transactions), so usage and budget queries read
+            # a few thousand rollup rows instead of sorting a month of tasks.
+            """CREATE TABLE usage_daily (
+                day INTEGER NOT NULL,
+                key_name TEXT NOT NULL,
+                model TEXT NOT NULL,
+                mode TEXT NOT NULL,
+                tasks INTEGER NOT NULL,
+                requested_seconds INTEGER NOT NULL,
+                settled_seconds_nano INTEGER NOT NULL,
+                estimate_nano INTEGER NOT NULL,
+                settled_nano INTEGER NOT NULL,
+                cost_nano INTEGER NOT NULL,
+                completed INTEGER NOT NULL,
+                failed INTEGER NOT NULL,
+                unknown INTEGER NOT NULL,
+                pending INTEGER NOT NULL,
+                defaulted INTEGER NOT NULL,
+                PRIMARY KEY (day, key_name, model, mode)
+            )""",
+            "CREATE INDEX usage_daily_key ON usage_daily (key_name, day)",
+        ),
+    ),
+)
+"""The schema, as (version, statements) in order; append, never edit."""
+
+_KEY_COLUMNS = (
+    "name, key_hash, prefix, models, rpm, monthly_budget_usd, created_at, revoked_at, "
+    "previous_hash, previous_valid_until, webhook_url"
+)
+_TASK_COLUMNS = (
+    "task_id, key_name, model, mode, tier, audio, duration, duration_defaulted, estimate_seconds, "
+    "estimate_nano, price_per_second_usd, mode_multiplier, request_id, submitted_at, submitted_day, status, "
+    "progress, last_polled_at, last_checked_at, outcome, settled_seconds_nano, settled_nano, settled_at"
+)
+_SELECT_TASK = (
+    "SELECT t.task_id, t.key_name, t.model, t.mode, t.tier, t.audio, t.duration, t.duration_defaulted, "
+    "t.estimate_seconds, t.estimate_nano, t.price_per_second_usd, t.mode_multiplier, t.request_id, "
+    "t.submitted_at, t.status, t.progress, t.last_polled_at, t.last_checked_at, t.outcome, "
+    "t.settled_seconds_nano, t.settled_nano, t.settled_at, b.body "
+    "FROM tasks t LEFT JOIN task_bodies b ON b.task_id = t.task_id"
+)
+_SQL_INSERT_KEY = (  # constant fragments only, values are bound parameters
+    f"INSERT INTO client_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "  # noqa: S608
+    "ON CONFLICT (name) DO NOTHING"
+)
+_SQL_SELECT_KEYS = f"SELECT {_KEY_COLUMNS} FROM client_keys"  # noqa: S608 - constant column list
+_SQL_BUMP_KEYS = "UPDATE counters SET value = value + 1 WHERE name = 'keys_version'"
+_SQL_INSERT_TASK = (  # constant fragments only, values are bound parameters
+    f"INSERT INTO tasks ({_TASK_COLUMNS}) "  # noqa: S608
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (task_id) DO NOTHING"
+)
+_SQL_UPSERT_BODY = (
+    "INSERT INTO task_bodies (task_id, body) VALUES (?, ?) ON CONFLICT (task_id) DO UPDATE SET body = excluded.body"
+)
+_SQL_STATUS_POLLED = (
+    "UPDATE tasks SET status = ?, progress = COALESCE(?, progress), last_polled_at = ? "
+    "WHERE task_id = ? AND settled_at IS NULL"
+)
+_SQL_STATUS_CHECKED = (
+    "UPDATE tasks SET status = ?, progress = COALESCE(?, progress), last_checked_at = ? "
+    "WHERE task_id = ? AND settled_at IS NULL"
+)
+_SQL_SETTLE = (
+    "UPDATE tasks SET status = ?, outcome = ?, settled_seconds_nano = ?, settled_nano = ?, settled_at = ? "
+    "WHERE task_id = ? AND settled_at IS NULL"
+)
+_SQL_MARK_UNKNOWN = (
+    "UPDATE tasks SET status = 'unknown', outcome = 'unknown', "
+    "settled_seconds_nano = estimate_seconds * 1000000000, settled_nano = estimate_nano, settled_at = ? "
+    "WHERE task_id = ? AND settled_at IS NULL"
+)
+_SQL_NEEDING_SETTLEMENT = (
+    f"{_SELECT_TASK} WHERE t.settled_at IS NULL "
+    "AND COALESCE(t.last_polled_at, t.submitted_at) < ? AND COALESCE(t.last_checked_at, t.submitted_at) < ? "
+    "ORDER BY COALESCE(t.last_checked_at, t.submitted_at), t.task_id LIMIT ?"
+)
+_SQL_UNSETTLED = (
+    "SELECT submitted_day, key_name, model, mode, estimate_seconds, estimate_nano FROM tasks "
+    "WHERE task_id = ? AND settled_at IS NULL"
+)
+_PAGE_SQL = MappingProxyType(
+    {
+        (has_key, has_cursor): (
+            _SELECT_TASK
+            + " WHERE 1 = 1"
+            + (" AND t.key_name = ?" if has_key else "")
+            + (" AND (t.submitted_at, t.task_id) < (?, ?)" if has_cursor else "")
+            + " ORDER BY t.submitted_at DESC, t.task_id DESC LIMIT ?"
+        )
+        for has_key in (False, True)
+        for has_cursor in (False, True)
+    }
+)
+_MEASURES = (
+    "tasks",
+    "requested_seconds",
+    "settled_seconds_nano",
+    "estimate_nano",
+    "settled_nano",
+    "cost_nano",
+    "completed",
+    "failed",
+    "unknown",
+    "pending",
+    "defaulted",
+)
+_ROLLUP_SUMS = ", ".join(f"COALESCE(SUM({m}), 0)" for m in _MEASURES)
+_SQL_ROLLUP_ADD = (  # constant fragments only, values are bound parameters
+    f"INSERT INTO usage_daily (day, key_name, model, mode, {', '.join(_MEASURES)}) "  # noqa: S608
+    f"VALUES ({', '.join('?' * (4 + len(_MEASURES)))}) "
+    "ON CONFLICT (day, key_name, model, mode) DO UPDATE SET "
+    + ", ".join(f"{m} = usage_daily.{m} + excluded.{m}" for m in _MEASURES)
+)
+_USAGE_AGGREGATES = (
+    "COUNT(*), "
+    "COALESCE(SUM(estimate_seconds), 0), "
+    "COALESCE(SUM(settled_seconds_nano), 0), "
+    "COALESCE(SUM(estimate_nano), 0), "
+    "COALESCE(SUM(settled_nano), 0), "
+    "COALESCE(SUM(CASE WHEN settled_at IS NULL THEN estimate_nano ELSE settled_nano END), 0), "
+    "COALESCE(SUM(CASE WHEN outcome = 'completed' THEN 1 ELSE 0 END), 0), "
+    "COALESCE(SUM(CASE WHEN outcome = 'failed' THEN 1 ELSE 0 END), 0), "
+    "COALESCE(SUM(CASE WHEN outcome = 'unknown' THEN 1 ELSE 0 END), 0), "
+    "COALESCE(SUM(CASE WHEN settled_at IS NULL THEN 1 ELSE 0 END), 0), "
+    "COALESCE(SUM(CASE WHEN duration_defaulted THEN 1 ELSE 0 END), 0)"
+)
+_SQL_REBUILD_ROLLUP = (  # the rollup recomputed from the ledger rows (repair, bulk loads)
+    f"INSERT INTO usage_daily (day, key_name, model, mode, {', '.join(_MEASURES)}) "  # noqa: S608
+    f"SELECT submitted_day, key_name, model, mode, {_USAGE_AGGREGATES} FROM tasks "
+    "GROUP BY submitted_day, key_name, model, mode"
+)
+_IDEM_PURGE_EVERY_S = 60.0
+_READERS = 2
+_OPEN_DEADLINE_S: Final = 30.0
+"""How long opening keeps retrying while other processes hold the new file busy."""
+MAX_BATCH: Final = 64
+"""Default bound on the write operations one group commit takes (``SQLiteStore(max_batch=...)``)."""
+_BATCH_BUDGET_S: Final = 0.004
+"""A batch takes no further operation once it has run this long, so a write's wait for its COMMIT stays short."""
+
+
+def _connect(path: str, *, readonly: bool) -> sqlite3.Connection:
+    """Open a connection in autocommit mode (transactions are explicit) with the gateway's pragmas."""
+    conn = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    conn.execute("PRAGMA foreign_keys = ON")
+    if readonly:
+        conn.execute("PRAGMA query_only = ON")
+    else:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    message = str(exc).lower()
+    return "locked" in message or "busy" in message
+
+
+def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """Run ``fn`` inside ``BEGIN IMMEDIATE`` ... ``COMMIT``, rolling back on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise
+    return result
+
+
+def _in_transaction(conn: sqlite3.Connection) -> bool:
+    """``conn.in_transaction``, False for a connection that can no longer say (closed)."""
+    try:
+        return conn.in_transaction
+    except sqlite3.Error:
+        return False
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if _in_transaction(conn):
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+def _rollback_to_savepoint(conn: sqlite3.Connection) -> bool:
+    """Undo the current operation's savepoint; False if that failed (the transaction is then in doubt)."""
+    try:
+        conn.execute("ROLLBACK TO op")
+        conn.execute("RELEASE op")
+    except sqlite3.Error:
+        return False
+    return True
+
+
+def _store_error(exc: BaseException) -> BaseException:
+    """What a caller sees for ``exc``: driver errors become :class:`StoreError`, anything else is passed on."""
+    if isinstance(exc, sqlite3.Error):
+        error = StoreError(f"sqlite: {exc}")
+        error.__cause__ = exc
+        return error
+    return exc
+
+
+class _Op:
+    """One queued write: ``fn(conn)`` to run in a transaction, and the future (on ``loop``) awaiting its result."""
+
+    __slots__ = ("fn", "future", "loop")
+
+    def __init__(
+        self, fn: Callable[[sqlite3.Connection], Any], loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]
+    ) -> None:
+        self.fn = fn
+        self.loop = loop
+        self.future = future
+
+
+_Outcome = tuple[_Op, Any, BaseException | None]
+"""An operation's result or error, resolved on its loop once the batch is over."""
+
+
+def _resolve(outcomes: list[_Outcome]) -> None:
+    """On the event loop: hand each operation its result or error (unless its caller gave up waiting)."""
+    for op, result, error in outcomes:
+        future = op.future
+        if future.done():  # cancelled
+            continue
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+
+def _migrate(conn: sqlite3.Connection) -> tuple[int, ...]:
+    """Apply the migrations this database lacks; return the versions applied (empty if up to date)."""
+
+    def apply(conn: sqlite3.Connection) -> tuple[int, ...]:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+        )
+        done = {int(row[0]) for row in conn.execute("SELECT version FROM schema_migrations")}
+        known = max(version for version, _ in MIGRATIONS)
+        if done and max(done) > known:
+            raise StoreError(f"database schema version {max(done)} is newer than this gateway's ({known})")
+        applied: list[int] = []
+        for version, statements in MIGRATIONS:
+            if version in done:
+                continue
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)", (version, time.time()))
+            applied.append(version)
+        return tuple(applied)
+
+    return _transaction(conn, apply)
+
+
+def _placeholder(n: int, kind: str) -> str:
+    return "?"
+
+
+def _aggregate(
+    conn: sqlite3.Connection,
+    since: float | None,
+    until: float | None,
+    group_by: tuple[str, ...],
+    key_name: str | None = None,
+) -> dict[tuple[Any, ...], list[int]]:
+    """Usage measures per group for tasks submitted in [since, until), from one read snapshot."""
+    queries = usage_queries(
+        since,
+        until,
+        group_by,
+        key_name,
+        placeholder=_placeholder,
+        task_sums=_USAGE_AGGREGATES,
+        rollup_sums=_ROLLUP_SUMS,
+    )
+    totals: dict[tuple[Any, ...], list[int]] = {}
+    width = len(group_by)
+    conn.execute("BEGIN")
+    try:
+        for sql, params in queries:
+            for row in conn.execute(sql, params):
+                add_usage(totals, row, width)
+    finally:
+        conn.execute("COMMIT")
+    return totals
+
+
+class SQLiteStore:
+    """:class:`gateway.store.base.Store` on one SQLite file. Create with ``await SQLiteStore.open(path)``."""
+
+    def __init__(self, path: str, *, max_batch: int = MAX_BATCH) -> None:
+        """Prepare (not open) a store on ``path``; use :meth:`open`.
+
+        ``max_batch`` bounds the write operations committed together (1: one transaction per operation).
+        """
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self._path = path
+        self._max_batch = max_batch
+        self._memory = path == ":memory:"
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self._readers = (
+            self._writer
+            if self._memory
+            else ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="store-reader")
+        )
+        self._conn: sqlite3.Connection | None = None
+        self._reader_local = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._reader_lock = threading.Lock()
+        self._closed = False
+        self._last_idem_purge = float("-inf")
+        # Group commit: operations waiting for the writer, and whether a drain job is queued on it (or running and
+        # bound to look at the queue again). Both, and the move to closed, only change under _queue_lock.
+        self._pending: deque[_Op] = deque()
+        self._drain_scheduled = False
+        self._queue_lock = threading.Lock()
+        self.applied_migrations: tuple[int, ...] = ()
+        """Migration versions this open applied (empty when the schema was already current)."""
+        self.commits = 0
+        """Write transactions committed by the writer thread since open (migrations not counted): a plain int,
+        only ever increased on the writer thread, for tests and benchmarks (operations / commits = batch size)."""
+
+    @classmethod
+    async def open(cls, path: str, *, max_batch: int = MAX_BATCH) -> SQLiteStore:
+        """Open ``path`` (creating its directory and the schema as needed) and apply pending migrations."""
+        store = cls(path, max_batch=max_batch)
+        try:
+            store.applied_migrations = await store._submit(store._writer, store._setup)
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    def _setup(self) -> tuple[int, ...]:
+        # Several processes opening a new file at once can see SQLITE_BUSY without the busy handler running
+        # (switching the file to WAL, or upgrading a read to a write while another connection migrates), so
+        # the whole open is retried with a fresh connection until a deadline.
+        deadline = time.monotonic() + _OPEN_DEADLINE_S
+        delay = 0.01
+        while True:
+            try:
+                if not self._memory:
+                    os.makedirs(os.path.dirname(os.path.abspath(self._path)), exist_ok=True)
+                return _migrate(self._writer_conn())
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() + delay > deadline:
+                    raise StoreError(f"cannot open the SQLite store: {exc}") from exc
+                self._drop_writer_conn()
+                time.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter, not a secret
+                delay = min(delay * 2, 0.5)
+            except (sqlite3.Error, OSError) as exc:
+                raise StoreError(f"cannot open the SQLite store: {exc}") from exc
+
+    def _drop_writer_conn(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            self._conn = None
+
+    # -- plumbing -------------------------------------------------------------------------------------------
+
+    def _writer_conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = _connect(self._path, readonly=False)
+        return self._conn
+
+    def _reader_conn(self) -> sqlite3.Connection:
+        if self._memory:
+            return self._writer_conn()
+        conn: sqlite3.Connection | None = getattr(self._reader_local, "conn", None)
+        if conn is None:
+            conn = _connect(self._path, readonly=True)
+            self._reader_local.conn = conn
+            with self._reader_lock:
+                self._reader_conns.append(conn)
+        return conn
+
+    @staticmethod
+    def _guarded(conn_of: Callable[[], sqlite3.Connection], fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            return fn(conn_of())
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite: {exc}") from exc
+
+    async def _submit(self, pool: ThreadPoolExecutor, call: Callable[[], T]) -> T:
+        if self._closed:
+            raise StoreError("store is closed")
+        loop = asyncio.get_running_loop()
+        try:
+            future = loop.run_in_executor(pool, call)
+        except RuntimeError as exc:  # executor shut down between the check and the submit
+            raise StoreError("store is closed") from exc
+        return await future
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` on the writer thread (``fn`` opens its own transaction if it writes)."""
+        return await self._submit(self._writer, lambda: self._guarded(self._writer_conn, fn))
+
+    async def _tx_alone(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` as a write transaction of its own on the writer thread (no group commit)."""
+
+        def run(conn: sqlite3.Connection) -> T:
+            result = _transaction(conn, fn)
+            self.commits += 1
+            return result
+
+        return await self._write(run)
+
+    async def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` as one atomic write, group-committed with whatever else is queued.
+
+        Returns (or raises) only once the transaction holding the write has committed (or failed). ``fn`` must
+        only touch the database through ``conn`` (plus writer-thread-only state, and nothing a rollback could not
+        undo), as it may be rolled back to a savepoint, or rolled back with its batch and run again (see
+        :meth:`_commit_batch`); every write method's is. Anything else goes through :meth:`_tx_alone`.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        op = _Op(fn, loop, future)
+        with self._queue_lock:
+            if self._closed:
+                raise StoreError("store is closed")
+            self._pending.append(op)
+            if not self._drain_scheduled:
+                try:
+                    self._writer.submit(self._drain)
+                except RuntimeError as exc:  # the executor is gone (interpreter shutting down)
+                    self._pending.pop()
+                    raise StoreError("store is closed") from exc
+                self._drain_scheduled = True
+        return await future
+
+    # -- group commit (writer thread) -----------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        """Writer thread: commit one batch of queued operations, then requeue itself if more are waiting.
+
+        Requeueing rather than looping lets other writer jobs (ping, migrations, ``:memory:`` reads) take turns.
+        Once the store is closing the executor takes no new jobs, so the rest of the queue is drained here.
+        """
+        while True:
+            self._commit_batch()
+            with self._queue_lock:
+                if not self._pending:
+                    self._drain_scheduled = False
+                    return
+                if not self._closed:
+                    with contextlib.suppress(RuntimeError):
+                        self._writer.submit(self._drain)
+                        return
+
+    def _take(self) -> _Op | None:
+        with self._queue_lock:
+            while self._pending:
+                op = self._pending.popleft()
+                if not op.future.cancelled():  # nobody waits for it: skipped, as a queued executor job would be
+                    return op
+        return None
+
+    def _commit_batch(self) -> None:
+        """Run queued operations in one transaction and commit once; then resolve them all with one wake-up.
+
+        Operations run back to back without savepoints while none fails (a ``SAVEPOINT``/``RELEASE`` pair per
+        operation costs about a fifth of the CPU of a batched submission: see ``bench/ledger_write_bench.py``).
+        When one fails, the whole transaction is rolled back: the failed operation gets its error, and the ones
+        applied before it in that transaction are run again in a fresh one (their work was undone, not refused),
+        so no operation's failure fails another. From then on the batch runs every operation after the first of
+        its transaction inside ``SAVEPOINT op`` and undoes only that one on failure (``ROLLBACK TO op``), so
+        failures cost a batch at most one re-run per operation. A transaction that SQLite abandoned on its own
+        (some I/O, full-disk or out-of-memory errors) is handled as a failure without savepoint (each such failure
+        re-runs the operations of the transaction it took down; each takes one failed operation out, so a batch
+        always ends). A lone write is exactly ``BEGIN IMMEDIATE`` / the write / ``COMMIT`` (or ``ROLLBACK``), as
+        before group commit.
+        """
+        outcomes: list[_Outcome] = []
+        applied: list[tuple[_Op, Any]] = []  # run in the open transaction, waiting for its COMMIT
+        again: deque[_Op] = deque()  # applied, then undone by a rollback of the whole transaction: run again
+        savepoints = False
+        in_tx = False
+        conn: sqlite3.Connection | None = None
+        taken = 0
+        started = time.perf_counter()
+        while True:
+            if again:
+                op = again.popleft()
+            elif taken < self._max_batch and (taken == 0 or time.perf_counter() - started < _BATCH_BUDGET_S):
+                next_op = self._take()
+                if next_op is None:
+                    break
+                op = next_op
+                taken += 1
+            else:
+                break
+            try:
+                if conn is None:
+                    conn = self._writer_conn()
+                if not in_tx:
+                    conn.execute("BEGIN IMMEDIATE")
+                    in_tx = True
+            except sqlite3.Error as exc:
+                outcomes.append((op, None, _store_error(exc)))
+                continue
+            savepoint = savepoints and bool(applied)
+            try:
+                if savepoint:
+                    conn.execute("SAVEPOINT op")
+                result = op.fn(conn)
+                if savepoint:
+                    conn.execute("RELEASE op")
+            except BaseException as exc:  # the operation's own error, handed to its caller as before
+                outcomes.append((op, None, _store_error(exc)))
+                savepoints = True
+                if savepoint and _in_transaction(conn) and _rollback_to_savepoint(conn):
+                    continue  # the operations applied before it stand
+                _rollback(conn)  # alone in the transaction, no savepoint, or the transaction is lost
+                in_tx = False
+                again.extendleft(prev for prev, _ in reversed(applied))
+                applied = []
+                continue
+            applied.append((op, result))
+        if in_tx:
+            assert conn is not None
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                error = _store_error(exc)
+                outcomes.extend((op, None, error) for op, _ in applied)
+            else:
+                self.commits += 1
+                outcomes.extend((op, result, None) for op, result in applied)
+        self._hand_back(outcomes)
+
+    @staticmethod
+    def _hand_back(outcomes: list[_Outcome]) -> None:
+        """Resolve every outcome on its own event loop: one ``call_soon_threadsafe`` per loop per batch."""
+        if not outcomes:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+        for outcome in outcomes:
+            by_loop.setdefault(outcome[0].loop, []).append(outcome)
+        for loop, mine in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting any more
+                loop.call_soon_threadsafe(_resolve, mine)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` on a reader connection (the writer's for ``:memory:``)."""
+        return await self._submit(self._readers, lambda: self._guarded(self._reader_conn, fn))
+
+    async def close(self) -> None:
+        """Wait for queued work (queued writes are committed), then close every connection and thread. Idempotent."""
+        with self._queue_lock:
+            if self._closed:
+                return
+            self._closed = True
+        await asyncio.to_thread(self._shutdown)
+
+    def _shutdown(self) -> None:
+        self._readers.shutdown(wait=True)
+        self._writer.shutdown(wait=True)  # runs the drain jobs already queued, which empty the write queue
+        with self._queue_lock:
+            stranded, self._pending = list(self._pending), deque()
+        self._hand_back([(op, None, StoreError("store is closed")) for op in stranded])  # never happens; no hang
+        with self._reader_lock:
+            readers, self._reader_conns = self._reader_conns, []
+        for conn in readers:
+            conn.close()
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA optimize")
+            self._conn.close()
+            self._conn = None
+
+    async def __aenter__(self) -> SQLiteStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def ping(self) -> bool:
+        """True if both the writer and a reader connection answer ``SELECT 1``."""
+        try:
+            await self._write(lambda conn: conn.execute("SELECT 1").fetchone())
+            await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
+        except StoreError:
+            return False
+        return True
+
+    # -- keys -----------------------------------------------------------------------------------------------
+
+    async def create_key(self, record: KeyRecord) -> None:
+        """Insert a key; :class:`KeyExists` if the name is taken."""
+        row = key_row(record)
+
+        def op(conn: sqlite3.Connection) -> None:
+            if conn.execute(_SQL_INSERT_KEY, row).rowcount != 1:
+                raise KeyExists(f"a key named {record.name!r} already exists")
+            conn.execute(_SQL_BUMP_KEYS)
+
+        await self._tx(op)
+
+    async def list_keys(self) -> list[KeyRecord]:
+        """Every key, revoked ones included, ordered by name."""
+        rows = await self._read(lambda conn: conn.execute(_SQL_SELECT_KEYS + " ORDER BY name").fetchall())
+        return [key_record(row) for row in rows]
+
+    async def get_key(self, name: str) -> KeyRecord | None:
+        """The key called ``name``, or None."""
+        row = await self._read(lambda conn: conn.execute(_SQL_SELECT_KEYS + " WHERE name = ?", (name,)).fetchone())
+        return None if row is None else key_record(row)
+
+    async def find_key_by_hash(self, key_hash: str) -> KeyRecord | None:
+        """The key whose current or previous hash is ``key_hash`` (whether or not it still accepts it)."""
+        sql = _SQL_SELECT_KEYS + " WHERE key_hash = ? OR previous_hash = ?"
+        rows = await self._read(lambda conn: conn.execute(sql, (key_hash, key_hash)).fetchall())
+        for row in rows:  # the current hash wins over someone's rotated-out one (never happens in practice)
+            if hmac.compare_digest(row[1], key_hash):
+                return key_record(row)
+        return key_record(rows[0]) if rows else None
+
+    async def revoke_key(self, name: str, at: float) -> bool:
+        """Revoke ``name``; False if it does not exist or was already revoked."""
+
+        def op(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE client_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL", (at, name)
+            )
+            if cur.rowcount != 1:
+                return False
+            conn.execute(_SQL_BUMP_KEYS)
+            return True
+
+        return await self._tx(op)
+
+    async def rotate_key(self, name: str, new_hash: str, new_prefix: str, grace_until: float) -> KeyRecord:
+        """Give ``name`` a new hash; the old one stays valid until ``grace_until``."""
+
+        def op(conn: sqlite3.Connection) -> KeyRecord:
+            row = conn.execute(_SQL_SELECT_KEYS + " WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise KeyNotFound(f"no key named {name!r}")
+            if row[7] is not None:
+                raise KeyRevoked(f"key {name!r} is revoked")
+            conn.execute(
+                "UPDATE client_keys SET previous_hash = key_hash, previous_valid_until = ?, key_hash = ?, "
+                "prefix = ? WHERE name = ?",
+                (grace_until, new_hash, new_prefix, name),
+            )
+            conn.execute(_SQL_BUMP_KEYS)
+            return key_record(conn.execute(_SQL_SELECT_KEYS + " WHERE name = ?", (name,)).fetchone())
+
+        return await self._tx(op)
+
+    async def keys_version(self) -> int:
+        """Counter bumped by every key change, in the same transaction."""
+        row = await self._read(
+            lambda conn: conn.execute("SELECT value FROM counters WHERE name = 'keys_version'").fetchone()
+        )
+        return int(row[0])
+
+    # -- intents --------------------------------------------------------------------------------------------
+
+    async def record_intent(
+        self, intent_id: str, key_name: str, request_id: str, model: str, mode: str, submitted_at: float
+    ) -> None:
+        """Write the intent to submit, before forwarding."""
+        params = (intent_id, key_name, request_id, model, mode, submitted_at)
+        await self._tx(
+            lambda conn: conn.execute(
+                "INSERT INTO intents (intent_id, key_name, request_id, model, mode, submitted_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                params,
+            )
+        )
+
+    async def resolve_intent(self, intent_id: str, task: TaskRecord) -> bool:
+        """Insert ``task`` and delete the intent in one transaction; False if the task row already existed."""
+        row = task_row(task)
+
+        def op(conn: sqlite3.Connection) -> bool:
+            inserted = conn.execute(_SQL_INSERT_TASK, row).rowcount == 1
+            if inserted:
+                conn.execute(_SQL_ROLLUP_ADD, insert_delta(task))
+                if task.terminal_body is not None:
+                    conn.execute(_SQL_UPSERT_BODY, (task.task_id, task.terminal_body))
+            conn.execute("DELETE FROM intents WHERE intent_id = ?", (intent_id,))
+            return inserted
+
+        return await self._tx(op)
+
+    async def drop_intent(self, intent_id: str) -> bool:
+        """Delete an intent whose submission the upstream refused; False if there was none."""
+        return await self._tx(
+            lambda conn: conn.execute("DELETE FROM intents WHERE intent_id = ?", (intent_id,)).rowcount == 1
+        )
+
+    async def list_intents(self) -> list[IntentRecord]:
+        """Submissions whose outcome is unknown, oldest first."""
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT intent_id, key_name, request_id, model, mode, submitted_at FROM intents "
+                "ORDER BY submitted_at, intent_id"
+            ).fetchall()
+        )
+        return [IntentRecord(*row) for row in rows]
+
+    # -- tasks ----------------------------------------------------------------------------------------------
+
+    async def get_task(self, task_id: str) -> TaskRecord | None:
+        """The ledger row for ``task_id``, or None."""
+        sql = _SELECT_TASK + " WHERE t.task_id = ?"
+        row = await self._read(lambda conn: conn.execute(sql, (task_id,)).fetchone())
+        return None if row is None else task_record(row)
+
+    async def update_status(self, task_id: str, status: str, progress: int | None, at: float, polled: bool) -> bool:
+        """Record a status seen at ``at``; settled or unknown tasks are left alone (False)."""
+        if status not in TASK_STATUSES:
+            raise ValueError(f"unknown task status {status!r}")
+        sql = _SQL_STATUS_POLLED if polled else _SQL_STATUS_CHECKED
+        params = (status, progress, at, task_id)
+        return await self._tx(lambda conn: conn.execute(sql, params).rowcount == 1)
+
+    async def settle(
+        self,
+        task_id: str,
+        outcome: str,
+        seconds: Decimal,
+        usd: Decimal,
+        terminal_body: bytes | None,
+        at: float,
+    ) -> bool:
+        """Settle ``task_id`` once; True only for the first settlement."""
+        if outcome not in SETTLE_OUTCOMES:
+            raise ValueError(f"settlement outcome must be completed or failed, not {outcome!r}")
+        seconds_nano, usd_nano = to_fixed(seconds), to_fixed(usd)
+        params = (outcome, outcome, seconds_nano, usd_nano, at, task_id)
+
+        def op(conn: sqlite3.Connection) -> bool:
+            unsettled = conn.execute(_SQL_UNSETTLED, (task_id,)).fetchone()
+            if unsettled is None or conn.execute(_SQL_SETTLE, params).rowcount != 1:
+                return False
+            conn.execute(_SQL_ROLLUP_ADD, settle_delta(unsettled, outcome, seconds_nano, usd_nano))
+            if terminal_body is not None:
+                conn.execute(_SQL_UPSERT_BODY, (task_id, terminal_body))
+            return True
+
+        return await self._tx(op)
+
+    async def mark_unknown(self, task_id: str, at: float) -> bool:
+        """Settle ``task_id`` as ``unknown`` at its estimate; True only if this call settled it."""
+
+        def op(conn: sqlite3.Connection) -> bool:
+            unsettled = conn.execute(_SQL_UNSETTLED, (task_id,)).fetchone()
+            if unsettled is None or conn.execute(_SQL_MARK_UNKNOWN, (at, task_id)).rowcount != 1:
+                return False
+            estimate_s, estimate_nano = unsettled[4], unsettled[5]
+            delta = settle_delta(unsettled, "unknown", estimate_s * 10**FIXED_DIGITS, estimate_nano)
+            conn.execute(_SQL_ROLLUP_ADD, delta)
+            return True
+
+        return await self._tx(op)
+
+    async def tasks_for_key(
+        self, key_name: str | None, limit: int = 50, before: str | None = None
+    ) -> tuple[list[TaskRecord], str | None]:
+        """A page of tasks, newest first, and the cursor for the next page (None on the last page)."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise ValueError(f"limit must be between 1 and {MAX_PAGE}")
+        params: list[Any] = []
+        if key_name is not None:
+            params.append(key_name)
+        if before is not None:
+            params.extend(decode_cursor(before))
+        params.append(limit + 1)
+        sql = _PAGE_SQL[(key_name is not None, before is not None)]
+        rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
+        tasks = [task_record(row) for row in rows[:limit]]
+        cursor = None
+        if len(rows) > limit:
+            cursor = encode_cursor(tasks[-1].submitted_at, tasks[-1].task_id)
+        return tasks, cursor
+
+    async def tasks_needing_settlement(self, idle_since: float, limit: int = 100) -> list[TaskRecord]:
+        """Unsettled tasks neither polled nor checked since ``idle_since``, least recently checked first."""
+        params = (idle_since, idle_since, limit)
+        rows = await self._read(lambda conn: conn.execute(_SQL_NEEDING_SETTLEMENT, params).fetchall())
+        return [task_record(row) for row in rows]
+
+    async def outstanding_and_settled_usd(self, key_name: str, month_start: float, month_end: float) -> Decimal:
+        """Settled amounts plus outstanding estimates of ``key_name``'s tasks submitted in [start, end)."""
+        totals = await self._read(lambda conn: _aggregate(conn, month_start, month_end, (), key_name))
+        cost = totals.get((), [0] * len(_MEASURES))[_MEASURES.index("cost_nano")]
+        return from_fixed(cost)
+
+    async def usage(
+        self, since: float | None = None, until: float | None = None, group_by: tuple[str, ...] = ()
+    ) -> list[UsageRow]:
+        """Totals of tasks submitted in [since, until), one row per group that has tasks, in group order."""
+        check_group_by(group_by)
+        totals = await self._read(lambda conn: _aggregate(conn, since, until, group_by))
+        return usage_rows(group_by, totals)
+
+    async def rebuild_usage_rollup(self) -> None:
+        """Recompute the per-day usage rollup from the ledger rows (after a bulk load, or as a repair)."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM usage_daily")
+            conn.execute(_SQL_REBUILD_ROLLUP)
+
+        # A maintenance scan of every task row, seconds on a big ledger: its own transaction, so it never holds
+        # back the COMMIT of submissions that happened to be batched with it.
+        await self._tx_alone(op)
+
+    # -- idempotency ----------------------------------------------------------------------------------------
+
+    async def idempotency_begin(
+        self,
+        key_name: str,
+        idem_key: str,
+        body_hash: str,
+        now: float,
+        ttl_s: float = IDEMPOTENCY_TTL_S,
+        in_flight_ttl_s: float = IDEMPOTENCY_IN_FLIGHT_TTL_S,
+    ) -> IdemState:
+        """Claim ``idem_key`` for ``key_name`` (see :meth:`gateway.store.base.Store.idempotency_begin`)."""
+        ident = (key_name, idem_key)
+
+        def op(conn: sqlite3.Connection) -> IdemState:
+            if now - self._last_idem_purge >= _IDEM_PURGE_EVERY_S:  # only ever touched on the writer thread
+                conn.execute("DELETE FROM idempotency WHERE created_at <= ?", (now - ttl_s,))
+                self._last_idem_purge = now
+            conn.execute(
+                "DELETE FROM idempotency WHERE key_name = ? AND idem_key = ? AND created_at <= ?",
+                (*ident, now - ttl_s),
+            )
+            inserted = conn.execute(
+                "INSERT INTO idempotency (key_name, idem_key, body_hash, state, created_at) "
+                "VALUES (?, ?, ?, 'in_flight', ?) ON CONFLICT (key_name, idem_key) DO NOTHING",
+                (*ident, body_hash, now),
+            )
+            if inserted.rowcount == 1:
+                return IdemState(IdemKind.NEW)
+            row = conn.execute(
+                "SELECT body_hash, state, created_at, status, headers, body FROM idempotency "
+                "WHERE key_name = ? AND idem_key = ?",
+                ident,
+            ).fetchone()
+            if row is None:  # removed between the two statements (possible on PostgreSQL only)
+                return IdemState(IdemKind.IN_FLIGHT)
+            stored_hash, state, created_at, status, headers, body = row
+            if not hmac.compare_digest(stored_hash, body_hash):
+                return IdemState(IdemKind.CONFLICT)
+            if state == "in_flight":
+                if created_at <= now - in_flight_ttl_s:
+                    taken = conn.execute(
+                        "UPDATE idempotency SET created_at = ? WHERE key_name = ? AND idem_key = ? "
+                        "AND state = 'in_flight' AND created_at = ?",
+                        (now, *ident, created_at),
+                    )
+                    if taken.rowcount == 1:
+                        return IdemState(IdemKind.NEW)
+                return IdemState(IdemKind.IN_FLIGHT)
+            pairs = tuple((str(name), str(value)) for name, value in json.loads(headers or "[]"))
+            return IdemState(IdemKind.REPLAY, status=status, headers=pairs, body=bytes(body or b""))
+
+        return await self._tx(op)
+
+    async def idempotency_finish(
+        self, key_name: str, idem_key: str, status: int, headers: list[tuple[str, str]], body: bytes
+    ) -> None:
+        """Store the response to replay for ``idem_key``."""
+        params = (status, json.dumps([list(pair) for pair in headers]), body, key_name, idem_key)
+        await self._tx(
+            lambda conn: conn.execute(
+                "UPDATE idempotency SET state = 'done', status = ?, headers = ?, body = ? "
+                "WHERE key_name = ? AND idem_key = ?",
+                params,
+            )
+        )
+
+    async def idempotency_abandon(self, key_name: str, idem_key: str) -> None:
+        """Delete an in-flight record so a retry can proceed."""
+        await self._tx(
+            lambda conn: conn.execute(
+                "DELETE FROM idempotency WHERE key_name = ? AND idem_key = ? AND state = 'in_flight'",
+                (key_name, idem_key),
+            )
+        )

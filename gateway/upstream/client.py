@@ -1,0 +1,400 @@
+"""The one client to UniAll: header hygiene, key injection, timeouts, GET retries and error mapping.
+
+Only a ``Transport`` touches the network. ``AiohttpTransport`` is the production one (chosen by measurement, see
+BENCHMARKS.md: httpx's pool collapses under concurrency); ``HttpxTransport`` wraps any httpx transport, so unit
+tests plug in ``httpx.MockTransport`` exactly where the network would be. Transports raise the small tree below,
+and ``UpstreamClient`` maps it onto the proxy's answers::
+
+    TransportError
+     ├── ConnectFailed      could not open a connection (refused, DNS, connect timeout)  → 502 (GET retried)
+     ├── TimedOut           no complete answer within the read or total bound           → 504
+     └── BadResponse        reset mid-answer, truncated, garbage, or too large            → 502
+
+Every call goes through the circuit breaker (``gateway.upstream.breaker``) first: submissions, status polls and
+passthrough share it. Transport failures and 5xx answers count against it; while it is open, calls fail fast with 503
+``upstream_unavailable`` and ``Retry-After`` without touching the network.
+
+Concurrent upstream calls are bounded by the aiohttp connector (``[upstream] max_connections``): a call that finds
+every connection busy waits for one, and that wait counts against ``pool_timeout_s`` (part of aiohttp's ``connect``
+bound), after which it fails as a connect error (502). The in-flight bound on the gateway's own requests is
+``gateway.web.overload``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+import httpx
+
+from gateway.config import UpstreamSettings
+from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.metrics import Metrics
+from gateway.upstream.breaker import BreakerOpen, BreakerState, CircuitBreaker, Permit, open_error
+
+Headers = list[tuple[str, str]]
+
+#: RFC 9110 section 7.6.1 connection-specific fields, plus the de-facto ones proxies also drop.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+#: Client headers the gateway owns or recomputes; never copied to the upstream.
+_REQUEST_DROP = HOP_BY_HOP | {
+    "authorization",
+    "host",
+    "content-length",
+    "accept-encoding",
+    "cookie",
+    "expect",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "forwarded",
+    "x-real-ip",
+}
+#: Upstream headers recomputed by the gateway's own server.
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding", "date", "server", "x-request-id"}
+USER_AGENT = "kling-gateway"
+
+
+class TransportError(Exception):
+    """A failed upstream exchange; the message never contains a secret."""
+
+
+class ConnectFailed(TransportError):
+    pass
+
+
+class TimedOut(TransportError):
+    pass
+
+
+class BadResponse(TransportError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamResponse:
+    status: int
+    headers: Headers
+    body: bytes
+    elapsed_s: float
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        return next((value for key, value in self.headers if key.lower() == name), None)
+
+
+class Transport(Protocol):
+    async def send(self, method: str, url: str, headers: Headers, body: bytes | None) -> UpstreamResponse: ...
+
+    async def aclose(self) -> None: ...
+
+
+def connection_named(headers: Iterable[tuple[str, str]]) -> set[str]:
+    """Header names listed in ``Connection`` (they are hop-by-hop too)."""
+    named: set[str] = set()
+    for key, value in headers:
+        if key.lower() == "connection":
+            named.update(token.strip().lower() for token in value.split(",") if token.strip())
+    return named
+
+
+def outbound_headers(client_headers: Iterable[tuple[str, str]], api_key: str, request_id: str) -> Headers:
+    """Client headers safe to forward, plus the upstream key and the request id."""
+    client_headers = list(client_headers)
+    drop = _REQUEST_DROP | connection_named(client_headers)
+    headers = [(k, v) for k, v in client_headers if k.lower() not in drop and k.lower() != "x-request-id"]
+    headers.append(("Authorization", f"Bearer {api_key}"))
+    headers.append(("Accept-Encoding", "identity"))
+    headers.append(("X-Request-ID", request_id))
+    if not any(k.lower() == "user-agent" for k, _ in headers):
+        headers.append(("User-Agent", USER_AGENT))
+    return headers
+
+
+def inbound_headers(upstream_headers: Iterable[tuple[str, str]]) -> Headers:
+    """Upstream response headers to pass to the client (hop-by-hop and recomputed ones removed)."""
+    upstream_headers = list(upstream_headers)
+    drop = _RESPONSE_DROP | connection_named(upstream_headers)
+    return [(k, v) for k, v in upstream_headers if k.lower() not in drop]
+
+
+class AiohttpTransport:
+    """Pooled keep-alive HTTP/1.1 client on aiohttp, with every timeout explicit.
+
+    aiohttp's ``connect`` bound covers waiting for a pooled connection *and* opening one, so it is set to
+    ``pool_timeout_s + connect_timeout_s``; ``sock_connect`` bounds the TCP/TLS handshake alone; ``sock_read``
+    bounds silence while reading; ``total`` bounds the whole exchange including sending the body (the write bound).
+    """
+
+    def __init__(self, settings: UpstreamSettings) -> None:
+        self._settings = settings
+        self._timeout = aiohttp.ClientTimeout(
+            total=settings.timeout_s,
+            connect=settings.pool_timeout_s + settings.connect_timeout_s,
+            sock_connect=settings.connect_timeout_s,
+            sock_read=settings.read_timeout_s,
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        # Created lazily inside the running loop (aiohttp binds a session to the loop that made it).
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._settings.max_connections,
+                limit_per_host=self._settings.max_connections,
+                keepalive_timeout=15,
+                ttl_dns_cache=60,
+                enable_cleanup_closed=False,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self._timeout,
+                auto_decompress=True,
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+                trust_env=False,
+                # The gateway is many clients behind one key: never let one caller's upstream cookies reach another.
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
+
+    async def send(self, method: str, url: str, headers: Headers, body: bytes | None) -> UpstreamResponse:
+        started = time.perf_counter()
+        limit = self._settings.max_response_bytes
+        try:
+            async with self._client().request(
+                method, url, headers=headers, data=body, allow_redirects=False
+            ) as response:
+                declared = response.content_length
+                if declared is not None and declared > limit:
+                    raise BadResponse(f"upstream answer of {declared} bytes exceeds {limit}")
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in response.content.iter_chunked(64 * 1024):
+                    size += len(chunk)
+                    if size > limit:
+                        raise BadResponse(f"upstream answer exceeds {limit} bytes")
+                    chunks.append(chunk)
+                payload = b"".join(chunks)
+                return UpstreamResponse(
+                    status=response.status,
+                    headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers],
+                    body=payload,
+                    elapsed_s=time.perf_counter() - started,
+                )
+        except TransportError:
+            raise
+        except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
+            raise ConnectFailed(type(exc).__name__) from None
+        except TimeoutError as exc:
+            raise TimedOut(type(exc).__name__) from None
+        except (aiohttp.ClientError, ValueError) as exc:
+            raise BadResponse(type(exc).__name__) from None
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class HttpxTransport:
+    """Adapter for any httpx transport (``httpx.MockTransport`` in unit tests, ``ASGITransport`` for an app)."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport, settings: UpstreamSettings | None = None) -> None:
+        settings = settings or UpstreamSettings()
+        self._client = httpx.AsyncClient(
+            transport=transport,
+            timeout=httpx.Timeout(
+                settings.timeout_s,
+                connect=settings.connect_timeout_s,
+                read=settings.read_timeout_s,
+                pool=settings.pool_timeout_s,
+            ),
+        )
+
+    async def send(self, method: str, url: str, headers: Headers, body: bytes | None) -> UpstreamResponse:
+        started = time.perf_counter()
+        try:
+            response = await self._client.request(method, url, headers=headers, content=body)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise ConnectFailed(type(exc).__name__) from None
+        except httpx.TimeoutException as exc:
+            raise TimedOut(type(exc).__name__) from None
+        except httpx.HTTPError as exc:
+            raise BadResponse(type(exc).__name__) from None
+        return UpstreamResponse(
+            status=response.status_code,
+            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw],
+            body=response.content,
+            elapsed_s=time.perf_counter() - started,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class UpstreamClient:
+    """Calls UniAll with the team's key; maps transport failures to 502/504 and records upstream metrics.
+
+    Every call passes the circuit ``breaker`` (built from ``[upstream] breaker_*`` unless given): one outcome per
+    call, after any GET retries.
+    """
+
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        api_key: str,
+        transport: Transport,
+        metrics: Metrics,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        jitter: Callable[[], float] = random.random,
+        breaker: CircuitBreaker | None = None,
+        log: Any = None,
+    ) -> None:
+        self._settings = settings
+        self._api_key = api_key
+        self._transport = transport
+        self._metrics = metrics
+        self._base = settings.base_url.rstrip("/")
+        self._sleep = sleep
+        self._jitter = jitter
+        self._log = log
+        self.breaker = (
+            breaker
+            if breaker is not None
+            else CircuitBreaker(settings.breaker_failure_threshold, settings.breaker_open_s)
+        )
+        self._breaker_state = self.breaker.state
+        self._show_breaker_state()
+        self._duration_children: dict[tuple[str, int], Any] = {}
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        route: str,
+        request_id: str,
+        client_headers: Iterable[tuple[str, str]] = (),
+        body: bytes | None = None,
+    ) -> UpstreamResponse:
+        """Send ``method path`` upstream; ``path`` starts with ``/v1/`` and may carry a query string."""
+        try:
+            permit = self.breaker.admit()
+        except BreakerOpen as exc:
+            self._note_breaker()
+            raise open_error(exc.retry_after_s) from None
+        self._note_breaker()
+        try:
+            response = await self._send(method, path, route, request_id, client_headers, body)
+        except Exception:
+            self._settle(permit, failed=True)
+            raise
+        except BaseException:  # cancelled: no verdict on the upstream; a probe goes to the next caller
+            self.breaker.abandon(permit)
+            raise
+        self._settle(permit, failed=response.status >= 500)
+        return response
+
+    def _settle(self, permit: Permit, failed: bool) -> None:
+        """Report a finished call's outcome to the breaker."""
+        if failed:
+            self.breaker.failure(permit)
+        else:
+            self.breaker.success(permit)
+        self._note_breaker()
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        route: str,
+        request_id: str,
+        client_headers: Iterable[tuple[str, str]],
+        body: bytes | None,
+    ) -> UpstreamResponse:
+        """The exchange itself: headers, GET retries on connect errors, error mapping and metrics."""
+        headers = outbound_headers(client_headers, self._api_key, request_id)
+        url = self._base + path
+        attempts = 1 + (self._settings.get_retries if method == "GET" else 0)
+        for attempt in range(attempts):
+            try:
+                response = await self._transport.send(method, url, headers, body)
+            except ConnectFailed:
+                if attempt + 1 < attempts:
+                    await self._sleep(self._backoff(attempt))
+                    continue
+                self._metrics.upstream_errors.labels("connect").inc()
+                unreachable = UpstreamUnavailable("the upstream could not be reached")
+                unreachable.request_sent = False
+                raise unreachable from None
+            except TimedOut:
+                self._metrics.upstream_errors.labels("timeout").inc()
+                raise UpstreamTimeout("the upstream did not answer in time") from None
+            except BadResponse:
+                self._metrics.upstream_errors.labels("invalid_response").inc()
+                raise UpstreamUnavailable("the upstream sent an invalid response") from None
+            self._duration_child(route, response.status).observe(response.elapsed_s)
+            if response.status >= 500:
+                self._metrics.upstream_errors.labels("status_5xx").inc()
+            return response
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _duration_child(self, route: str, status: int) -> Any:
+        """The latency histogram's child for (route, status), looked up once (routes and statuses are bounded)."""
+        child = self._duration_children.get((route, status))
+        if child is None:
+            child = self._metrics.upstream_duration.labels(route, str(status))
+            self._duration_children[(route, status)] = child
+        return child
+
+    def _note_breaker(self) -> None:
+        """Log and export a change of the breaker's state."""
+        state = self.breaker.state
+        if state is self._breaker_state:
+            return
+        previous, self._breaker_state = self._breaker_state, state
+        self._show_breaker_state()
+        if self._log is not None:
+            log = self._log.warning if state is BreakerState.OPEN else self._log.info
+            log(
+                "upstream_breaker",
+                state=state.value,
+                previous=previous.value,
+                consecutive_failures=self.breaker.consecutive_failures,
+            )
+
+    def _show_breaker_state(self) -> None:
+        """Set the state gauge: 1 for the current state, 0 for the others."""
+        for state in BreakerState:
+            self._metrics.upstream_breaker.labels(state.value).set(1 if state is self._breaker_state else 0)
+
+    def invalid_response(self) -> UpstreamUnavailable:
+        """For a 2xx answer whose body the gateway cannot use (counted as ``invalid_response``)."""
+        self._metrics.upstream_errors.labels("invalid_response").inc()
+        return UpstreamUnavailable("the upstream sent an invalid response")
+
+    def _backoff(self, attempt: int) -> float:
+        """Capped exponential backoff with full jitter."""
+        ceiling = min(self._settings.retry_backoff_max_s, self._settings.retry_backoff_s * 2.0**attempt)
+        return ceiling * self._jitter()
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()

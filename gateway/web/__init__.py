@@ -1,0 +1,1 @@
+"""The HTTP surface: routes, the fast lane, middleware, bodies, error responses and the OpenAPI document."""

@@ -1,0 +1,253 @@
+"""The gateway's own JSON API: key management (admin token), the caller's tasks, and usage reports.
+
+The admin API exists only when ``KLING_GATEWAY_ADMIN_TOKEN`` is set; without it every ``/gateway/keys`` path is
+404, so an unconfigured gateway offers nothing to guess at.
+"""
+
+from __future__ import annotations
+
+import hmac
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from gateway.auth import key_admin
+from gateway.auth.principal import Principal, bearer_token
+from gateway.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound
+from gateway.keys import parse_model_globs
+from gateway.ledger.pricing import to_report
+from gateway.ledger.reports import parse_group_by, parse_period, rollup, usage_json
+from gateway.store.base import KeyExists, KeyNotFound, KeyRevoked, TaskRecord
+from gateway.web.bodies import json_response, read_json_object
+from gateway.web.routes import GatewayRoutes
+
+_PERIOD = ("since", "until")
+_KEY_FIELDS = {"name", "models", "rpm", "monthly_budget_usd", "webhook_url"}
+
+
+def task_view(task: TaskRecord) -> dict[str, Any]:
+    """A ledger row as ``GET /gateway/tasks`` shows it (money as 4-decimal strings)."""
+    return {
+        "task_id": task.task_id,
+        "key": task.key_name,
+        "model": task.model,
+        "mode": task.mode,
+        "tier": task.tier,
+        "audio": task.audio,
+        "duration": task.duration,
+        "duration_defaulted": task.duration_defaulted,
+        "status": task.status,
+        "progress": task.progress,
+        "submitted_at": task.submitted_at,
+        "estimate": {"seconds": task.estimate_seconds, "usd": to_report(task.estimate_usd)},
+        "outcome": task.outcome,
+        "settled": None
+        if task.settled_usd is None
+        else {
+            "seconds": str(task.settled_seconds),
+            "usd": to_report(task.settled_usd),
+            "at": task.settled_at,
+        },
+        "request_id": task.request_id,
+    }
+
+
+class AdminRoutes:
+    def __init__(self, gateway: GatewayRoutes) -> None:
+        self.g = gateway
+
+    # -- the caller's own ---------------------------------------------------------------------------------------
+
+    async def tasks(self, request: Request) -> Response:
+        """GET /gateway/tasks?limit=&cursor=: the caller's tasks, newest first (the admin token sees everyone's)."""
+        key_name = None if self.is_admin(request) else (await self.g.authenticate(request)).name
+        limit = _int_param(request, "limit", 50, 1, 1000)
+        try:
+            tasks, cursor = await self.g.s.store.tasks_for_key(key_name, limit, request.query_params.get("cursor"))
+        except ValueError:
+            raise InvalidRequest(
+                "The cursor is not one this gateway issued.", code="invalid_cursor", param="cursor"
+            ) from None
+        return json_response({"data": [task_view(t) for t in tasks], "next_cursor": cursor})
+
+    async def usage(self, request: Request) -> Response:
+        """GET /gateway/usage?since=&until=&by=: the caller's usage (the admin token: everyone's)."""
+        admin = self.is_admin(request)
+        principal: Principal | None = None if admin else await self.g.authenticate(request)
+        params = request.query_params
+        try:
+            since, until = parse_period(params.get("since"), params.get("until"), self.g.s.clock(), names=_PERIOD)
+            group_by = parse_group_by(params.get("by", ""), name="by")
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), code="invalid_parameter") from None
+        if principal is None:
+            rows = await self.g.s.store.usage(since, until, group_by)
+        else:
+            own = [r for r in await self.g.s.store.usage(since, until, ("key", *group_by)) if r.key == principal.name]
+            rows = rollup(own, group_by)
+        return json_response(usage_json(rows, group_by, since, until))
+
+    async def unknown_outcomes(self, request: Request) -> Response:
+        """GET /gateway/submissions/unknown (admin): submissions sent upstream whose outcome was never recorded.
+
+        After a crash or an unanswered upstream call these are the submissions to reconcile with the upstream
+        (by request id, which the gateway sends upstream as X-Request-ID).
+        """
+        self.require_admin(request)
+        intents = await self.g.s.store.list_intents()
+        return json_response(
+            {
+                "data": [
+                    {
+                        "intent_id": i.intent_id,
+                        "key": i.key_name,
+                        "request_id": i.request_id,
+                        "model": i.model,
+                        "mode": i.mode,
+                        "submitted_at": i.submitted_at,
+                    }
+                    for i in intents
+                ]
+            }
+        )
+
+    # -- admin: keys ---------------------------------------------------------------------------------------------
+
+    async def list_keys(self, request: Request) -> Response:
+        self.require_admin(request)
+        now = self.g.s.clock()
+        return json_response({"data": [key_admin.describe(r, now) for r in await self.g.s.store.list_keys()]})
+
+    async def get_key(self, request: Request) -> Response:
+        self.require_admin(request)
+        record = await self.g.s.store.get_key(request.path_params["name"])
+        if record is None:
+            raise NotFound("No such key.", code="key_not_found", param="name")
+        return json_response(key_admin.describe(record, self.g.s.clock()))
+
+    async def create_key(self, request: Request) -> Response:
+        self.require_admin(request)
+        body = await read_json_object(request, self.g.s.settings.server.max_body_bytes)
+        unknown = sorted(set(body) - _KEY_FIELDS)
+        if unknown:
+            raise InvalidRequest(f"Unknown field '{unknown[0]}'.", code="unknown_field", param=unknown[0])
+        name = body.get("name")
+        if not isinstance(name, str):
+            raise InvalidRequest("name is required (a string).", code="missing_field", param="name")
+        try:
+            issued = await key_admin.create(
+                self.g.s.store,
+                name,
+                now=self.g.s.clock(),
+                models=_models(body.get("models")),
+                rpm=_optional_int(body.get("rpm"), "rpm"),
+                monthly_budget_usd=_optional_money(body.get("monthly_budget_usd")),
+                webhook_url=_optional_str(body.get("webhook_url"), "webhook_url"),
+            )
+        except KeyExists:
+            raise Conflict(f"A key named '{name}' exists already.", code="key_exists", param="name") from None
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), code="invalid_key_request") from None
+        await self.g.s.keys_changed()
+        return json_response({**key_admin.describe(issued.record, self.g.s.clock()), "key": issued.secret}, 201)
+
+    async def revoke_key(self, request: Request) -> Response:
+        self.require_admin(request)
+        try:
+            record = await key_admin.revoke(self.g.s.store, request.path_params["name"], now=self.g.s.clock())
+        except KeyNotFound:
+            raise NotFound("No such key.", code="key_not_found", param="name") from None
+        await self.g.s.keys_changed()
+        return json_response(key_admin.describe(record, self.g.s.clock()))
+
+    async def rotate_key(self, request: Request) -> Response:
+        self.require_admin(request)
+        grace = self.g.s.settings.auth.rotation_grace_s
+        if "grace_s" in request.query_params:
+            grace = float(_int_param(request, "grace_s", int(grace), 0, 30 * 86400))
+        try:
+            issued = await key_admin.rotate(
+                self.g.s.store, request.path_params["name"], now=self.g.s.clock(), grace_s=grace
+            )
+        except KeyNotFound:
+            raise NotFound("No such key.", code="key_not_found", param="name") from None
+        except KeyRevoked:
+            raise Conflict("A revoked key cannot be rotated.", code="key_revoked", param="name") from None
+        await self.g.s.keys_changed()
+        return json_response({**key_admin.describe(issued.record, self.g.s.clock()), "key": issued.secret})
+
+    # -- admin token ---------------------------------------------------------------------------------------------
+
+    def is_admin(self, request: Request) -> bool:
+        token = self.g.s.settings.admin_token
+        given = bearer_token(request.headers.get("authorization"))
+        return bool(token) and given is not None and hmac.compare_digest(given.encode(), token.encode())
+
+    def require_admin(self, request: Request) -> None:
+        if not self.g.s.settings.admin_token:
+            raise NotFound(f"No route {request.url.path}.", code="not_found")
+        if not self.is_admin(request):
+            raise AuthenticationFailed(
+                "The admin API needs 'Authorization: Bearer <admin token>'.", code="invalid_admin_token"
+            )
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/gateway/tasks", self.tasks, methods=["GET"]),
+            Route("/gateway/usage", self.usage, methods=["GET"]),
+            Route("/gateway/submissions/unknown", self.unknown_outcomes, methods=["GET"]),
+            Route("/gateway/keys", self.list_keys, methods=["GET"]),
+            Route("/gateway/keys", self.create_key, methods=["POST"]),
+            Route("/gateway/keys/{name}", self.get_key, methods=["GET"]),
+            Route("/gateway/keys/{name}", self.revoke_key, methods=["DELETE"]),
+            Route("/gateway/keys/{name}/rotate", self.rotate_key, methods=["POST"]),
+        ]
+
+
+def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+        raise InvalidRequest(f"{name} must be an integer from {low} to {high}.", code="invalid_parameter", param=name)
+    return int(raw)
+
+
+def _models(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return parse_model_globs(value)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return parse_model_globs(",".join(value))
+    raise InvalidRequest("models must be a list of model globs.", code="invalid_type", param="models")
+
+
+def _optional_int(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"{name} must be an integer.", code="invalid_type", param=name)
+    return value
+
+
+def _optional_str(value: Any, name: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise InvalidRequest(f"{name} must be a string.", code="invalid_type", param=name)
+
+
+def _optional_money(value: Any) -> Decimal | None:
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise InvalidOperation
+        return Decimal(str(value))
+    except InvalidOperation:
+        raise InvalidRequest(
+            "monthly_budget_usd must be a decimal amount.", code="invalid_type", param="monthly_budget_usd"
+        ) from None

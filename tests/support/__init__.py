@@ -1,0 +1,1 @@
+"""Helpers the test suites share: the scripted fake upstream, the gateway harness, the seed examples."""

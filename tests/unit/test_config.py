@@ -1,0 +1,188 @@
+"""Settings: defaults, TOML, environment overrides, secrets, and one-line errors naming the setting."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from support.paths import REPO_ROOT
+
+from gateway.config import ConfigError, load_settings
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    return path
+
+
+class TestDefaults:
+    def test_spec_defaults(self) -> None:
+        """With nothing configured the SPEC section 2 defaults apply."""
+        s = load_settings(env={})
+        assert (s.server.host, s.server.port, s.server.data_dir, s.server.max_body_bytes) == (
+            "127.0.0.1",
+            8080,
+            "./data",
+            1024 * 1024,
+        )
+        assert (s.upstream.base_url, s.upstream.timeout_s, s.upstream.connect_timeout_s) == (
+            "https://api.uniall.ai",
+            30.0,
+            5.0,
+        )
+        assert s.auth.mode == "keys"
+        assert s.store_url == "sqlite:///data/gateway.db"
+        assert (s.cache.url, s.cache.pending_ttl_s, s.cache.terminal_ttl_s) == ("memory://", 2.0, 3600.0)
+        assert (s.settler.idle_s, s.settler.max_rps, s.settler.task_max_age_s) == (30.0, 5.0, 86400.0)
+        assert s.pricing.default_duration_s == 5
+        assert s.pricing.prices["kling-v3-pro-audio"] == Decimal("0.168")
+        assert (s.validation.allow_unknown_fields, s.validation.block_private_media) == (False, True)
+        assert s.proxy.passthrough is False
+
+    def test_example_file_loads_and_matches_defaults(self) -> None:
+        """The documented example config/gateway.toml is valid and shows the defaults."""
+        example = REPO_ROOT / "config" / "gateway.toml"
+        assert load_settings(example, env={}) == load_settings(env={})
+
+
+class TestOverrides:
+    def test_toml_then_env(self, tmp_path: Path) -> None:
+        """The environment wins over the file, which wins over defaults."""
+        path = write(tmp_path, "[server]\nport = 9000\nhost = '0.0.0.0'\n")
+        s = load_settings(path, env={"KLING_GATEWAY_SERVER_PORT": "9100"})
+        assert (s.server.host, s.server.port) == ("0.0.0.0", 9100)
+
+    @pytest.mark.parametrize(
+        ("name", "value", "attr", "expected"),
+        [
+            ("KLING_GATEWAY_PROXY_PASSTHROUGH", "true", ("proxy", "passthrough"), True),
+            (
+                "KLING_GATEWAY_VALIDATION_ALLOW_UNKNOWN_FIELDS",
+                "1",
+                ("validation", "allow_unknown_fields"),
+                True,
+            ),
+            ("KLING_GATEWAY_CACHE_PENDING_TTL_S", "3.5", ("cache", "pending_ttl_s"), 3.5),
+            ("KLING_GATEWAY_AUTH_MODE", "open", ("auth", "mode"), "open"),
+            (
+                "KLING_GATEWAY_VALIDATION_PASSTHROUGH_MODELS",
+                "a, b",
+                ("validation", "passthrough_models"),
+                ("a", "b"),
+            ),
+            ("KLING_GATEWAY_PRICING_PRICES", '{"m": "0.5"}', ("pricing", "prices"), {"m": Decimal("0.5")}),
+        ],
+    )
+    def test_env_types(self, name: str, value: str, attr: tuple[str, str], expected: object) -> None:
+        """Environment strings are converted to each setting's type."""
+        s = load_settings(env={name: value})
+        assert getattr(getattr(s, attr[0]), attr[1]) == expected
+
+    def test_uniall_base_url(self) -> None:
+        """UNIALL_BASE_URL sets the upstream base URL."""
+        assert load_settings(env={"UNIALL_BASE_URL": "http://127.0.0.1:9"}).upstream.base_url == "http://127.0.0.1:9"
+
+    def test_secrets_from_env_and_never_in_repr(self) -> None:
+        """Secrets come from the environment and never show in a repr (so never in a log line)."""
+        s = load_settings(env={"UNIALL_API_KEY": "sk-canary-1", "KLING_GATEWAY_ADMIN_TOKEN": "adm-canary"})
+        assert s.upstream_api_key == "sk-canary-1" and s.admin_token == "adm-canary"
+        assert "canary" not in repr(s)
+
+
+class TestErrors:
+    @pytest.mark.parametrize(
+        ("env", "message"),
+        [
+            (
+                {"KLING_GATEWAY_SERVER_PORT": "abc"},
+                "server.port: expected an integer, got 'abc' (from KLING_GATEWAY_SERVER_PORT)",
+            ),
+            ({"KLING_GATEWAY_SERVER_PORT": "70000"}, "server.port: must be between 1 and 65535"),
+            ({"KLING_GATEWAY_AUTH_MODE": "none"}, "auth.mode: must be 'keys' or 'open', got 'none'"),
+            (
+                {"KLING_GATEWAY_PROXY_PASSTHROUGH": "maybe"},
+                "proxy.passthrough: expected true or false, got 'maybe' (from KLING_GATEWAY_PROXY_PASSTHROUGH)",
+            ),
+            (
+                {"UNIALL_BASE_URL": "ftp://x"},
+                "upstream.base_url: scheme must be one of http, https, got 'ftp'",
+            ),
+            (
+                {"KLING_GATEWAY_CACHE_URL": "memcached://x"},
+                "cache.url: scheme must be one of memory, redis, rediss, got 'memcached'",
+            ),
+            (
+                {"KLING_GATEWAY_STORE_URL": "mysql://x"},
+                "store.url: scheme must be one of sqlite, postgresql, postgres, got 'mysql'",
+            ),
+            (
+                {"KLING_GATEWAY_PRICING_PRICES": "[1]"},
+                "pricing.prices: expected a table, got '[1]' (from KLING_GATEWAY_PRICING_PRICES)",
+            ),
+            (
+                {"KLING_GATEWAY_PRICING_DEFAULT_DURATION_S": "20"},
+                "pricing.default_duration_s: must be between 3 and 15",
+            ),
+            (
+                {"KLING_GATEWAY_UPSTREAM_TRANSPORT": "httpx"},
+                "upstream.transport: must be 'lean' or 'aiohttp', got 'httpx'",
+            ),
+            (
+                {"KLING_GATEWAY_SETTLER_MAX_GIVE_UPS_PER_S": "0"},
+                "settler.max_give_ups_per_s: must be positive",
+            ),
+            ({"KLING_GATEWAY_CACHE_STALE_KEEP_S": "-1"}, "cache.stale_keep_s: must not be negative"),
+            (
+                {"KLING_GATEWAY_CACHE_KEY_PREFIX": "team a:"},
+                "cache.key_prefix: 1-64 characters among letters, digits and . _ : -",
+            ),
+            (
+                {"KLING_GATEWAY_CACHE_KEY_PREFIX": ""},
+                "cache.key_prefix: 1-64 characters among letters, digits and . _ : -",
+            ),
+        ],
+    )
+    def test_env_errors_name_the_setting(self, env: dict[str, str], message: str) -> None:
+        """A malformed environment value fails with one line naming the setting."""
+        with pytest.raises(ConfigError) as info:
+            load_settings(env=env)
+        assert str(info.value) == message
+        assert "\n" not in str(info.value)
+
+    @pytest.mark.parametrize(
+        ("text", "message"),
+        [
+            ("[server]\nprot = 1\n", "server.prot: unknown setting; did you mean 'port'?"),
+            ("[servre]\nport = 1\n", "[servre]: unknown section; did you mean 'server'?"),
+            ("[server]\nport = '80'\n", "server.port: expected an integer, got '80'"),
+            (
+                "[upstream]\napi_key = 'sk-x'\n",
+                "upstream.api_key: secrets are read only from the environment, remove it from the file",
+            ),
+            ("[pricing.prices]\nx = 'cheap'\n", "pricing.prices.x: expected a decimal number, got 'cheap'"),
+            ("[pricing.mode_multipliers]\nvideo = 1\n", "pricing.mode_multipliers.video: unknown mode"),
+            ("server = 1\n", "[server]: expected a table, got int"),
+        ],
+    )
+    def test_file_errors_name_the_setting(self, tmp_path: Path, text: str, message: str) -> None:
+        """A malformed file value fails with one line naming the setting."""
+        with pytest.raises(ConfigError) as info:
+            load_settings(write(tmp_path, text), env={})
+        assert str(info.value) == message
+
+    def test_invalid_toml(self, tmp_path: Path) -> None:
+        """A file that is not TOML is named in the error."""
+        with pytest.raises(ConfigError, match=r"gateway\.toml: invalid TOML"):
+            load_settings(write(tmp_path, "[server\n"), env={})
+
+    def test_missing_file(self, tmp_path: Path) -> None:
+        """A config path that does not exist is an error, not silently ignored."""
+        with pytest.raises(ConfigError, match=r"not found$"):
+            load_settings(tmp_path / "nope.toml", env={})
+
+    def test_upstream_key_required_when_asked(self) -> None:
+        """Serving against the real upstream needs UNIALL_API_KEY."""
+        with pytest.raises(ConfigError, match=r"^UNIALL_API_KEY: not set"):
+            load_settings(env={}, require_upstream_key=True)
