@@ -82,6 +82,17 @@ CFG_SCALE_MIN: Final = 0.0
 CFG_SCALE_MAX: Final = 1.0
 ASPECT_RATIOS: Final = ("16:9", "9:16", "1:1")
 SHOT_TYPES: Final = ("customize", "intelligent")
+SHOT_TYPE_ALIASES: Final[Mapping[str, str]] = MappingProxyType({"intelligence": "intelligent"})
+"""Spellings accepted for a shot type and forwarded as the right one (with a warning)."""
+
+# -- identifier shapes (regular expressions, unanchored: use them with fullmatch) ------------------------------
+
+REQUEST_ID_SHAPE: Final = r"[A-Za-z0-9._:@/+=\-]{1,128}"
+"""An ``X-Request-ID`` the gateway keeps; any other is replaced by a new one."""
+KEY_NAME_SHAPE: Final = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+TASK_ID_SHAPE: Final = r"[A-Za-z0-9_][A-Za-z0-9._:\-]{0,199}"
+"""A task id the gateway will look up (never ``.`` or ``..``); others are unknown (404)."""
+IDEMPOTENCY_KEY_SHAPE: Final = r"[\x21-\x7e]{1,255}"
 
 # -- the code catalogue --------------------------------------------------------------------------------------
 

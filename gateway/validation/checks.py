@@ -43,6 +43,7 @@ from gateway.catalog import (
     NEGATIVE_PROMPT_MAX,
     PROMPT_MAX,
     SHOT_PROMPT_MAX,
+    SHOT_TYPE_ALIASES,
     SHOT_TYPES,
     Mode,
     ModelInfo,
@@ -118,7 +119,6 @@ class ValidationResult:
 
 # -- limits and vocabularies ---------------------------------------------------------------------------------
 
-_SHOT_TYPE_ALIASES: Final = {"intelligence": "intelligent"}
 
 _FLATTENED: Final = ("negative_prompt", "cfg_scale", "multi_prompt", "element_list", "shot_type")
 _TOP_FIELDS: Final = ("model", "prompt", "image", "last_image", "aspect_ratio", "duration", "extra_body")
@@ -482,7 +482,7 @@ class _Check:
             return None
         if value in _SHOT_TYPE_SET:
             return None
-        alias = _SHOT_TYPE_ALIASES.get(value)
+        alias = SHOT_TYPE_ALIASES.get(value)
         if alias is not None:
             self.warnings.append(
                 Problem(param, "shot_type_normalized", f"shot_type {value!r} was normalized to {alias!r}")

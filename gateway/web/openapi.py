@@ -40,12 +40,17 @@ from gateway.catalog import (
     DURATION_MAX,
     DURATION_MIN,
     ELEMENT_LIST_MAX,
+    IDEMPOTENCY_KEY_SHAPE,
+    KEY_NAME_SHAPE,
     MODELS,
     MULTI_PROMPT_MAX,
     NEGATIVE_PROMPT_MAX,
     PROMPT_MAX,
+    REQUEST_ID_SHAPE,
     SHOT_PROMPT_MAX,
+    SHOT_TYPE_ALIASES,
     SHOT_TYPES,
+    TASK_ID_SHAPE,
     Mode,
 )
 from gateway.config import Settings
@@ -55,14 +60,14 @@ OPENAPI_VERSION: Final = "3.0.3"
 
 _JSON: Final = "application/json"
 _REF: Final = "#/components/schemas/"
-_REQUEST_ID_PATTERN: Final = r"^[A-Za-z0-9._:@/+=\-]{1,128}$"
-_KEY_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_REQUEST_ID_PATTERN: Final = f"^{REQUEST_ID_SHAPE}$"
+_KEY_NAME_PATTERN: Final = f"^{KEY_NAME_SHAPE}$"
 # An integer-valued string for a duration in range, as the validator accepts it: "5", "+5", "05" (at most 12
 # characters: longer digit strings are out of range by definition).
 _DURATION_STRING: Final = r"^\+?0*([3-9]|1[0-5])$"
 _INT_STRING: Final = r"^[+-]?[0-9]+$"
-_TASK_ID_PATTERN: Final = r"^[A-Za-z0-9_][A-Za-z0-9._:\-]{0,199}$"
-_IDEMPOTENCY_KEY_PATTERN: Final = r"^[\x21-\x7e]{1,255}$"
+_TASK_ID_PATTERN: Final = f"^{TASK_ID_SHAPE}$"
+_IDEMPOTENCY_KEY_PATTERN: Final = f"^{IDEMPOTENCY_KEY_SHAPE}$"
 
 _EXAMPLE_BODY: Final = {
     "model": "kling-v3-std-silent",
@@ -164,7 +169,7 @@ def _generation_schemas(settings: Settings) -> dict[str, Any]:
         "cfg_scale": {"type": "number", "minimum": CFG_SCALE_MIN, "maximum": CFG_SCALE_MAX},
         "shot_type": {
             "type": "string",
-            "enum": [*SHOT_TYPES, "intelligence"],
+            "enum": [*SHOT_TYPES, *SHOT_TYPE_ALIASES],
             "description": "'intelligence' is accepted and normalized to 'intelligent' (with a warning).",
         },
         "multi_prompt": {

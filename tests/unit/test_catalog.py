@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 from decimal import Decimal
 from typing import Any
@@ -14,9 +15,13 @@ from gateway.catalog import (
     CODES,
     DURATION_MAX,
     DURATION_MIN,
+    IDEMPOTENCY_KEY_SHAPE,
+    KEY_NAME_SHAPE,
     MODELS,
     MODES,
     PENDING,
+    REQUEST_ID_SHAPE,
+    TASK_ID_SHAPE,
     TASK_STATUSES,
     TERMINAL,
     Mode,
@@ -26,6 +31,7 @@ from gateway.catalog import (
 )
 from gateway.config import LIST_PRICES_USD_PER_S, load_settings
 from gateway.validation.checks import validate
+from gateway.web import openapi
 from gateway.web.openapi import openapi_document
 
 GATEWAY = REPO_ROOT / "gateway"
@@ -138,6 +144,30 @@ class TestLimits:
         """The duration range validation enforces is the catalogue's."""
         result = validate({"model": "kling-v3-std-silent", "prompt": "a fox", "duration": duration})
         assert [p.code for p in result.problems] == ([code] if code else [])
+
+
+class TestShapes:
+    @pytest.mark.parametrize(
+        ("compiled", "shape"),
+        [
+            ("gateway.web.middleware:_SANE_REQUEST_ID", REQUEST_ID_SHAPE),
+            ("gateway.web.routes:_TASK_ID", TASK_ID_SHAPE),
+            ("gateway.web.routes:_IDEMPOTENCY_KEY", IDEMPOTENCY_KEY_SHAPE),
+            ("gateway.keys:_KEY_NAME", KEY_NAME_SHAPE),
+        ],
+    )
+    def test_checks_use_the_catalogue_shape(self, compiled: str, shape: str) -> None:
+        """The regular expression each module checks an identifier with is the one the OpenAPI document states."""
+        module, name = compiled.split(":")
+        assert getattr(importlib.import_module(module), name).pattern == shape
+
+    def test_duration_string_pattern_is_the_duration_range(self) -> None:
+        """The OpenAPI pattern for a duration string accepts exactly the integer strings in range."""
+        pattern = re.compile(openapi._DURATION_STRING)
+        for seconds in range(-2, 40):
+            for text in (str(seconds), f"+{seconds}", f"0{seconds}"):
+                accepted = validate({"model": "kling-v3-std-silent", "prompt": "a", "duration": text}).valid
+                assert bool(pattern.fullmatch(text)) == accepted == (DURATION_MIN <= seconds <= DURATION_MAX), text
 
 
 class TestCodeCatalogue:
