@@ -4,6 +4,8 @@ Precedence, lowest first: built-in defaults, the TOML file, environment variable
 the environment (``UNIALL_API_KEY``, ``KLING_GATEWAY_ADMIN_TOKEN``); a secret written in the TOML file is an
 error, so it never lands in a repository. Every failure is a ``ConfigError`` whose message is one line naming
 the setting, e.g. ``server.port: expected an integer, got 'abc' (from KLING_GATEWAY_SERVER_PORT)``.
+Ranges and vocabularies are declared beside their fields (``metadata=bounds(...)`` / ``one_of(...)``) and
+checked by one generic checker; only checks across fields or of a shape stay in ``_check``.
 
 >>> settings = load_settings(env={"UNIALL_API_KEY": "sk-x", "KLING_GATEWAY_SERVER_PORT": "9000"})
 >>> settings.server.port
@@ -93,14 +95,14 @@ def _number(value: float) -> str:
 
 def bounds(
     *, at_least: float | None = None, at_most: float | None = None, above: float | None = None
-) -> dict[str, Any]:
+) -> Mapping[str, Any]:
     """Field metadata declaring a numeric range: ``field(default=30.0, metadata=bounds(above=0))``."""
-    return {_RULE: Bounds(at_least, at_most, above)}
+    return types.MappingProxyType({_RULE: Bounds(at_least, at_most, above)})
 
 
-def one_of(*choices: str, fold_case: bool = False) -> dict[str, Any]:
+def one_of(*choices: str, fold_case: bool = False) -> Mapping[str, Any]:
     """Field metadata declaring the allowed values of a string setting."""
-    return {_RULE: OneOf(choices, fold_case)}
+    return types.MappingProxyType({_RULE: OneOf(choices, fold_case)})
 
 
 POSITIVE: Final = bounds(above=0)
