@@ -133,6 +133,10 @@ _MODEL_IDS: Final = tuple(MODELS)
 _MODEL_LIST: Final = ", ".join(MODELS)
 _ASPECT_SET: Final = frozenset(ASPECT_RATIOS)
 _SHOT_TYPE_SET: Final = frozenset(SHOT_TYPES)
+# Plain strings, looked up once (an enum member's .value is a descriptor call on the hot path).
+_TEXT: Final = Mode.TEXT.value
+_IMAGE: Final = Mode.IMAGE.value
+_FIRST_LAST: Final = Mode.FIRST_LAST.value
 
 # Names other APIs use for our fields: "did you mean" hints difflib would not find by spelling.
 _FIELD_ALIASES: Final = MappingProxyType(
@@ -241,7 +245,7 @@ class _Check:
         if self.problems:
             return self.result(None)
         assert info is not None  # a missing or unknown model is a problem
-        mode = Mode.FIRST_LAST.value if has_last else Mode.IMAGE.value if has_image else Mode.TEXT.value
+        mode = _FIRST_LAST if has_last else _IMAGE if has_image else _TEXT
         request = ValidRequest(
             body=out,
             model=body["model"],
@@ -669,7 +673,7 @@ def _passthrough(body: dict[str, Any], model: str, options: ValidationOptions) -
         model=model,
         tier=None,
         audio=None,
-        mode=(Mode.FIRST_LAST.value if "last_image" in body else Mode.IMAGE.value) if has_image else Mode.TEXT.value,
+        mode=(_FIRST_LAST if "last_image" in body else _IMAGE) if has_image else _TEXT,
         duration=_whole_number(body.get("duration")),
         media_hosts=tuple(dict.fromkeys(check.media_hosts)),
     )
