@@ -19,6 +19,7 @@ them into the OpenAI-style body of SPEC section 4, so existing SDKs surface ``me
      └── UpstreamTimeout       504  upstream_error         upstream_timeout
 
 Upstream errors are not ``GatewayError``\\ s: they pass through with the upstream's own status and body.
+Every code, with its status and meaning, is catalogued in ``gateway.catalog.CODES``.
 """
 
 from __future__ import annotations

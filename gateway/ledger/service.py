@@ -26,6 +26,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from gateway.auth.principal import Principal
+from gateway.catalog import PENDING, TERMINAL
 from gateway.errors import TooManyRequests
 from gateway.ledger.pricing import Estimate, PriceTable, cost, estimate, settlement_seconds, to_report
 from gateway.ledger.spend import SpendTracker
@@ -33,9 +34,6 @@ from gateway.metrics import Metrics
 from gateway.store.base import Store, StoreError, TaskRecord
 from gateway.validation.checks import ValidRequest
 
-TERMINAL = frozenset({"completed", "failed"})
-#: Non-terminal statuses the ledger records; anything else the upstream invents is passed on but not recorded.
-PENDING = frozenset({"queued", "in_progress"})
 #: Fields an upstream may report a completed video's output seconds in, most specific first.
 _SECONDS_FIELDS = ("output_seconds", "video_duration", "seconds", "duration")
 

@@ -33,13 +33,8 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Final, Protocol
 
+from gateway.catalog import TaskStatus
 from gateway.keys import KeyRecord
-
-TASK_STATUSES: Final = frozenset({"queued", "in_progress", "completed", "failed", "unknown"})
-"""Statuses a ledger task can have (the upstream's, plus ``unknown`` when the gateway gave up)."""
-
-SETTLE_OUTCOMES: Final = frozenset({"completed", "failed"})
-"""Outcomes :meth:`Store.settle` accepts; ``unknown`` is :meth:`Store.mark_unknown`'s."""
 
 USAGE_GROUPS: Final = ("key", "model", "mode", "day")
 """Dimensions :meth:`Store.usage` can group by."""
@@ -111,7 +106,7 @@ class TaskRecord:
     mode_multiplier: Decimal
     request_id: str
     submitted_at: float
-    status: str = "queued"
+    status: str = TaskStatus.QUEUED.value
     progress: int | None = None
     last_polled_at: float | None = None
     last_checked_at: float | None = None

@@ -54,12 +54,11 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
+from gateway.catalog import TASK_STATUSES, TERMINAL
 from gateway.keys import KeyRecord
 from gateway.store.base import (
     IDEMPOTENCY_IN_FLIGHT_TTL_S,
     IDEMPOTENCY_TTL_S,
-    SETTLE_OUTCOMES,
-    TASK_STATUSES,
     IdemKind,
     IdemState,
     IntentRecord,
@@ -737,7 +736,7 @@ class PostgresStore:
         at: float,
     ) -> bool:
         """Settle ``task_id`` once, whichever process asks first; True only for that first settlement."""
-        if outcome not in SETTLE_OUTCOMES:
+        if outcome not in TERMINAL:
             raise ValueError(f"settlement outcome must be completed or failed, not {outcome!r}")
         params = (outcome, to_fixed(seconds), to_fixed(usd), at, task_id, terminal_body)
         return bool(await self._run(lambda conn: conn.fetchval(_SQL_SETTLE, *params), tx=False))

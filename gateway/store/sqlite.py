@@ -58,13 +58,12 @@ from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
 
+from gateway.catalog import TASK_STATUSES, TERMINAL
 from gateway.keys import KeyRecord
 from gateway.store.base import (
     FIXED_DIGITS,
     IDEMPOTENCY_IN_FLIGHT_TTL_S,
     IDEMPOTENCY_TTL_S,
-    SETTLE_OUTCOMES,
-    TASK_STATUSES,
     IdemKind,
     IdemState,
     IntentRecord,
@@ -911,7 +910,7 @@ class SQLiteStore:
         at: float,
     ) -> bool:
         """Settle ``task_id`` once; True only for the first settlement."""
-        if outcome not in SETTLE_OUTCOMES:
+        if outcome not in TERMINAL:
             raise ValueError(f"settlement outcome must be completed or failed, not {outcome!r}")
         seconds_nano, usd_nano = to_fixed(seconds), to_fixed(usd)
         params = (outcome, outcome, seconds_nano, usd_nano, at, task_id)
