@@ -172,6 +172,21 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class WebhooksSettings:
+    #: Development only: let deliveries reach loopback and private addresses (a local test receiver).
+    allow_private_targets: bool = False
+    #: Delivery attempts at once per process, and at most per receiver host and per key.
+    concurrency: int = 8
+    per_target_concurrency: int = 2
+    #: Pending deliveries kept per receiver host and per key; beyond, that host's or key's new ones are dropped.
+    max_pending_per_target: int = 1000
+    max_attempts: int = 6
+    #: Bound on one attempt's HTTP exchange; and how often the worker looks for due deliveries.
+    timeout_s: float = 10.0
+    poll_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
@@ -184,10 +199,11 @@ class Settings:
     proxy: ProxySettings = field(default_factory=ProxySettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    webhooks: WebhooksSettings = field(default_factory=WebhooksSettings)
     #: Secrets, from the environment only; excluded from repr so they never reach a log line.
     upstream_api_key: str = field(default="", repr=False)
     admin_token: str = field(default="", repr=False)
-    #: Signs completion webhooks (HMAC-SHA256); webhooks are off while it is unset.
+    #: Signs completion webhooks (Standard Webhooks, ``whsec_`` + base64); webhooks are off while it is unset.
     webhook_secret: str = field(default="", repr=False)
 
     @property
@@ -212,6 +228,7 @@ _SECRET_KEYS = {
     ("auth", "admin_token"),
     ("admin", "token"),
     ("webhook", "secret"),
+    ("webhooks", "secret"),
 }
 
 
@@ -398,6 +415,12 @@ def _check(settings: Settings) -> None:
             "pricing.default_duration_s: must be between 3 and 15",
         ),
         (settings.validation.resolve_timeout_s > 0, "validation.resolve_timeout_s: must be positive"),
+        (settings.webhooks.concurrency >= 1, "webhooks.concurrency: must be at least 1"),
+        (settings.webhooks.per_target_concurrency >= 1, "webhooks.per_target_concurrency: must be at least 1"),
+        (settings.webhooks.max_pending_per_target >= 1, "webhooks.max_pending_per_target: must be at least 1"),
+        (settings.webhooks.max_attempts >= 1, "webhooks.max_attempts: must be at least 1"),
+        (settings.webhooks.timeout_s > 0, "webhooks.timeout_s: must be positive"),
+        (settings.webhooks.poll_interval_s > 0, "webhooks.poll_interval_s: must be positive"),
         (
             settings.logging.level.lower() in ("debug", "info", "warning", "error"),
             "logging.level: must be one of debug, info, warning, error",

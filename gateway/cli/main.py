@@ -343,6 +343,7 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
                 rpm=args.rpm,
                 monthly_budget_usd=budget,
                 webhook_url=args.webhook_url,
+                allow_private_webhooks=settings.webhooks.allow_private_targets,
             )
             print(f"created key '{issued.record.name}' (store the secret now, it is not shown again):")
             print(issued.secret)
