@@ -423,6 +423,8 @@ async def _copy_store(settings: Settings, to_url: str) -> int:
     finally:
         await source.close()
     print(f"copied {report.keys} keys, {report.tasks:,} tasks and {report.intents} intents")
+    if report.webhooks:
+        print(f"copied {report.webhooks} webhook outbox rows (pending and failed)")
     if not report.verified:
         return _fail("the usage totals of the two stores differ after the copy: do not switch to the destination")
     print("verified: usage by key, model, mode and day is the same in both stores")
