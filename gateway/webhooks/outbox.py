@@ -10,8 +10,8 @@ the row pending: its lease runs out and any worker makes the attempt again (at l
 on ``webhook-id``, the same on every attempt). At shutdown the worker waits briefly for attempts in progress and
 abandons the rest to their leases; nothing is lost.
 
-Every attempt is signed (``gateway.webhooks.signing``), and its destination is checked and pinned anew
-(``gateway.webhooks.targets.pin``): a name with any private address is refused for that attempt.
+Every attempt is signed with the key's own secret (``gateway.webhooks.signing``), and its destination is checked
+and pinned anew (``gateway.webhooks.targets.pin``): a name with any private address is refused for that attempt.
 
 Fairness: at most ``concurrency`` attempts at once in a process, and at most ``per_target_concurrency`` for one
 receiver host and for one key (the claim skips hosts and keys at their cap), so a slow or failing receiver holds a
@@ -39,7 +39,7 @@ from prometheus_client import Counter as PromCounter
 
 from gateway.store.base import OutboxRecord, Store, StoreError, TaskRecord
 from gateway.validation.media_guard import Resolver
-from gateway.webhooks.signing import signed_headers
+from gateway.webhooks.signing import key_signing_key, signed_headers
 from gateway.webhooks.targets import TargetRefused, log_host, pin
 from gateway.webhooks.transport import WebhookTransport
 
@@ -107,6 +107,7 @@ class WebhookOutbox:
             raise ValueError("the webhook key must not be empty")
         self._store = store
         self._key = key
+        self._keys: dict[str, bytes] = {}
         self._transport = transport
         self._resolve = resolver
         self._log = log
@@ -262,7 +263,7 @@ class WebhookOutbox:
         headers = [
             ("Content-Type", "application/json"),
             ("User-Agent", USER_AGENT),
-            *signed_headers(self._key, record.delivery_id, int(self._clock()), record.body),
+            *signed_headers(self._signing_key(record.key_name), record.delivery_id, int(self._clock()), record.body),
         ]
         try:
             async with asyncio.timeout(options.timeout_s):
@@ -270,6 +271,14 @@ class WebhookOutbox:
         except Exception as exc:  # network errors, timeouts, a client library refusing: a failed attempt
             return type(exc).__name__
         return None if 200 <= status < 300 else f"status {status}"
+
+    def _signing_key(self, key_name: str) -> bytes:
+        key = self._keys.get(key_name)
+        if key is None:
+            if len(self._keys) >= 10_000:  # bounded: derivation is cheap, the cache only saves a hash
+                self._keys.clear()
+            key = self._keys[key_name] = key_signing_key(self._key, key_name)
+        return key
 
     def _delay(self, attempt: int) -> float:
         """Capped exponential backoff after failed attempt ``attempt`` (1-based), jittered to 50-100 %."""

@@ -4,6 +4,11 @@ Each attempt is signed anew (a fresh ``webhook-timestamp``) over ``"{webhook-id}
 HMAC-SHA256, keyed with the bytes of the secret ``whsec_<base64>``; ``webhook-signature`` is ``v1,<base64 MAC>``.
 Receivers verify with any Standard Webhooks library (``standardwebhooks`` on PyPI, ``standardwebhooks`` on npm)
 given the same ``whsec_`` secret. Pure: no I/O, no clock (the caller passes the timestamp).
+
+Each client key has its own signing secret, derived from the gateway's one secret (``KLING_GATEWAY_WEBHOOK_SECRET``,
+from the environment only): ``key_secret(master, key_name)`` = ``whsec_`` + base64 HMAC-SHA256(master,
+``"kling-gateway/webhook/" + key_name``). Nothing secret is stored, yet one tenant's receiver cannot forge
+deliveries to another's; ``kling-gateway keys webhook-secret NAME`` prints a key's secret for its receiver.
 """
 
 from __future__ import annotations
@@ -47,6 +52,16 @@ def secret_key(secret: str) -> bytes:
 def new_secret() -> str:
     """A fresh ``whsec_`` secret of 32 random bytes."""
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def key_signing_key(master: bytes, key_name: str) -> bytes:
+    """The HMAC key that signs ``key_name``'s deliveries (derived from the gateway's secret)."""
+    return hmac.new(master, b"kling-gateway/webhook/" + key_name.encode(), hashlib.sha256).digest()
+
+
+def key_secret(master: bytes, key_name: str) -> str:
+    """The ``whsec_`` secret a receiver of ``key_name``'s deliveries verifies with."""
+    return SECRET_PREFIX + base64.b64encode(key_signing_key(master, key_name)).decode()
 
 
 def signature(key: bytes, delivery_id: str, timestamp: int, body: bytes) -> str:

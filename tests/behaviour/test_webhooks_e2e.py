@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -19,12 +20,15 @@ from starlette.routing import Route
 from support.harness import ADMIN, GatewayFactory
 from support.upstream_fake import FakeUpstream, ServerThread, json
 
+from gateway.cli.main import main
 from gateway.config import ConfigError, load_settings
 from gateway.webhooks.outbox import delivery_id
+from gateway.webhooks.signing import key_secret, secret_key
 
 SECRET = "whsec_" + base64.b64encode(b"end-to-end-webhook-secret-0123").decode()
 SUBMIT = "/v1/video/generations"
 BODY = b'{"model": "kling-v3-std-silent", "prompt": "a red fox in the snow", "duration": 5}'
+RECEIVER_SECRET = key_secret(secret_key(SECRET), "hooked")  # `kling-gateway keys webhook-secret hooked`
 KEYS = {"KLING_GATEWAY_AUTH_MODE": "keys", "KLING_GATEWAY_WEBHOOK_SECRET": SECRET}
 
 
@@ -37,7 +41,7 @@ class Receiver:
     async def hook(self, request: Request) -> Response:
         body = await request.body()
         headers = dict(request.headers)
-        self.received.append((headers, body, Webhook(SECRET).verify(body, headers)))
+        self.received.append((headers, body, Webhook(RECEIVER_SECRET).verify(body, headers)))
         return Response(status_code=204)
 
     def app(self) -> Starlette:
@@ -115,3 +119,20 @@ def test_bad_webhook_settings(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(env=env)
     assert str(info.value) == message
+
+
+def test_cli_prints_a_keys_webhook_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`keys webhook-secret NAME` prints the whsec_ secret the key's receiver verifies with; unknown key: exit 1."""
+    monkeypatch.setenv("KLING_GATEWAY_SERVER_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("KLING_GATEWAY_WEBHOOK_SECRET", SECRET)
+    assert main(["keys", "create", "hooked"]) == 0
+    capsys.readouterr()
+    assert main(["keys", "webhook-secret", "hooked"]) == 0
+    assert capsys.readouterr().out.strip() == RECEIVER_SECRET
+    assert main(["keys", "webhook-secret", "nobody"]) == 1
+    assert "no key named 'nobody'" in capsys.readouterr().err
+    monkeypatch.delenv("KLING_GATEWAY_WEBHOOK_SECRET")
+    assert main(["keys", "webhook-secret", "hooked"]) == 1
+    assert "webhooks are off" in capsys.readouterr().err

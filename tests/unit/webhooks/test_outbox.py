@@ -13,19 +13,20 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
-from standardwebhooks import Webhook
+from standardwebhooks import Webhook, WebhookVerificationError
 
 from gateway.logs import make_logger
 from gateway.metrics import Metrics, create_metrics
 from gateway.store import open_store
 from gateway.store.base import OutboxRecord, Store
 from gateway.webhooks.outbox import OutboxOptions, WebhookOutbox, delivery_id
-from gateway.webhooks.signing import secret_key
+from gateway.webhooks.signing import key_secret, secret_key
 from gateway.webhooks.targets import Target
 from gateway.webhooks.transport import AiohttpWebhookTransport
 
 SECRET = "whsec_" + base64.b64encode(b"outbox-test-secret-0123456789").decode()
 BODY = orjson.dumps({"id": "task_1", "status": "completed", "video_url": "https://cdn.example.com/v.mp4"})
+TENANT_SECRET = key_secret(secret_key(SECRET), "tenant")  # what the key "tenant"'s receiver verifies with
 PUBLIC = "93.184.216.34"
 FAST: dict[str, Any] = {"base_delay_s": 0.01, "max_delay_s": 0.05, "poll_interval_s": 0.02, "timeout_s": 2.0}
 
@@ -205,7 +206,9 @@ class TestDelivery:
         _, target, headers, body = transport.posts[0]
         assert body == BODY and headers["Content-Type"] == "application/json"
         assert headers["webhook-id"] == delivery_id("task_1")
-        assert Webhook(SECRET).verify(body, headers)["status"] == "completed"
+        assert Webhook(TENANT_SECRET).verify(body, headers)["status"] == "completed"
+        with pytest.raises(WebhookVerificationError):  # another key's receiver cannot verify (nor forge) it
+            Webhook(key_secret(secret_key(SECRET), "other-tenant")).verify(body, headers)
         assert (target.address, target.name) == (PUBLIC, "hooks.example.com")
         await outbox.aclose()
         assert count(metrics, "deliveries", "delivered") == 1
@@ -223,7 +226,7 @@ class TestDelivery:
         times = [at for at, *_ in transport.posts]
         assert times[1] - times[0] >= 0.05 and times[2] - times[1] >= 0.1  # jittered 50-100 % of 0.1, then 0.2
         for _, _, headers, body in transport.posts:
-            Webhook(SECRET).verify(body, headers)
+            Webhook(TENANT_SECRET).verify(body, headers)
         assert await pending(store) == []
 
     async def test_final_failure_is_kept_and_counted(self, store: Store) -> None:
@@ -387,7 +390,7 @@ class TestLoopbackReceiver:
         async def hook(request: web.Request) -> web.Response:
             body = await request.read()
             headers = dict(request.headers)
-            received.append((headers, body, Webhook(SECRET).verify(body, headers)))
+            received.append((headers, body, Webhook(TENANT_SECRET).verify(body, headers)))
             return web.Response(status=204)
 
         app = web.Application()

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from gateway.webhooks.signing import new_secret, secret_key, secret_problem, signature, signed_headers
+from gateway.webhooks.signing import key_secret, new_secret, secret_key, secret_problem, signature, signed_headers
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef01234567").decode()
 BODY = b'{"id":"task_1","status":"completed"}'
@@ -72,3 +72,12 @@ def test_bad_secrets_are_refused(secret: str, words: str) -> None:
     assert problem is not None and words in problem
     with pytest.raises(ValueError, match="webhook secret"):
         secret_key(secret)
+
+
+def test_each_key_has_its_own_derived_secret() -> None:
+    """Per-key secrets: stable, distinct per key and per gateway secret, and valid whsec_ secrets themselves."""
+    master = secret_key(SECRET)
+    assert key_secret(master, "team-a") == key_secret(master, "team-a")
+    assert key_secret(master, "team-a") != key_secret(master, "team-b")
+    assert key_secret(secret_key(new_secret()), "team-a") != key_secret(master, "team-a")
+    assert secret_problem(key_secret(master, "team-a")) is None
