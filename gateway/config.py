@@ -234,6 +234,21 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class WebhooksSettings:
+    #: Development only: let deliveries reach loopback and private addresses (a local test receiver).
+    allow_private_targets: bool = False
+    #: Delivery attempts at once per process, and at most per receiver host and per key.
+    concurrency: int = field(default=8, metadata=bounds(at_least=1))
+    per_target_concurrency: int = field(default=2, metadata=bounds(at_least=1))
+    #: Pending deliveries kept per receiver host and per key; beyond, that host's or key's new ones are dropped.
+    max_pending_per_target: int = field(default=1000, metadata=bounds(at_least=1))
+    max_attempts: int = field(default=6, metadata=bounds(at_least=1))
+    #: Bound on one attempt's HTTP exchange; and how often the worker looks for due deliveries.
+    timeout_s: float = field(default=10.0, metadata=POSITIVE)
+    poll_interval_s: float = field(default=1.0, metadata=POSITIVE)
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
@@ -246,10 +261,11 @@ class Settings:
     proxy: ProxySettings = field(default_factory=ProxySettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    webhooks: WebhooksSettings = field(default_factory=WebhooksSettings)
     #: Secrets, from the environment only; excluded from repr so they never reach a log line.
     upstream_api_key: str = field(default="", repr=False)
     admin_token: str = field(default="", repr=False)
-    #: Signs completion webhooks (HMAC-SHA256); webhooks are off while it is unset.
+    #: Signs completion webhooks (Standard Webhooks, ``whsec_`` + base64); webhooks are off while it is unset.
     webhook_secret: str = field(default="", repr=False)
 
     @property
@@ -274,6 +290,7 @@ _SECRET_KEYS = {
     ("auth", "admin_token"),
     ("admin", "token"),
     ("webhook", "secret"),
+    ("webhooks", "secret"),
 }
 
 

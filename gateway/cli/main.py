@@ -22,7 +22,7 @@ import uvicorn
 from gateway import __version__
 from gateway.config import ConfigError, Settings, load_settings, missing_scale_extra
 from gateway.ledger.pricing import PriceTable
-from gateway.store.base import StoreError
+from gateway.store.base import Store, StoreError
 from gateway.validation.checks import ValidationOptions, validate
 from gateway.web.verdict import unparseable, verdict
 
@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     key_commands.add_parser("list", help="list keys")
     revoke = key_commands.add_parser("revoke", help="revoke a key at once")
     revoke.add_argument("name")
+    hook_secret = key_commands.add_parser(
+        "webhook-secret", help="print the whsec_ secret this key's webhook receiver verifies with"
+    )
+    hook_secret.add_argument("name")
     rotate = key_commands.add_parser("rotate", help="issue a new secret; the old one works for a grace period")
     rotate.add_argument("name")
     rotate.add_argument("--grace-s", type=float, help="seconds the old secret keeps working ([auth] rotation_grace_s)")
@@ -343,10 +347,13 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
                 rpm=args.rpm,
                 monthly_budget_usd=budget,
                 webhook_url=args.webhook_url,
+                allow_private_webhooks=settings.webhooks.allow_private_targets,
             )
             print(f"created key '{issued.record.name}' (store the secret now, it is not shown again):")
             print(issued.secret)
             return EXIT_OK
+        if args.keys_command == "webhook-secret":
+            return await _webhook_secret(store, args.name, settings)
         if args.keys_command == "revoke":
             await key_admin.revoke(store, args.name, now=now)
             print(f"revoked key '{args.name}' (in force in every gateway process within a second)")
@@ -366,6 +373,22 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
         return _fail(str(exc))
     finally:
         await store.close()
+
+
+async def _webhook_secret(store: Store, name: str, settings: Settings) -> int:
+    """Print the signing secret of ``name``'s deliveries (derived from KLING_GATEWAY_WEBHOOK_SECRET)."""
+    from gateway.webhooks.signing import key_secret, secret_key
+
+    if not settings.webhook_secret:
+        return _fail("KLING_GATEWAY_WEBHOOK_SECRET: not set (webhooks are off)")
+    try:
+        master = secret_key(settings.webhook_secret)
+    except ValueError as exc:
+        return _fail(f"KLING_GATEWAY_WEBHOOK_SECRET: {str(exc).removeprefix('webhook secret: ')}")
+    if await store.get_key(name) is None:
+        return _fail(f"no key named '{name}'")
+    print(key_secret(master, name))
+    return EXIT_OK
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
@@ -422,6 +445,8 @@ async def _copy_store(settings: Settings, to_url: str) -> int:
     finally:
         await source.close()
     print(f"copied {report.keys} keys, {report.tasks:,} tasks and {report.intents} intents")
+    if report.webhooks:
+        print(f"copied {report.webhooks} webhook outbox rows (pending and failed)")
     if not report.verified:
         return _fail("the usage totals of the two stores differ after the copy: do not switch to the destination")
     print("verified: usage by key, model, mode and day is the same in both stores")

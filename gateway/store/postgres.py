@@ -65,6 +65,7 @@ from gateway.store.base import (
     KeyExists,
     KeyNotFound,
     KeyRevoked,
+    OutboxRecord,
     StoreError,
     TaskRecord,
     UsageRow,
@@ -73,6 +74,7 @@ from gateway.store.base import (
 )
 from gateway.store.rows import (
     MAX_PAGE,
+    OUTBOX_COLUMNS,
     UsageQuery,
     add_usage,
     check_group_by,
@@ -81,6 +83,8 @@ from gateway.store.rows import (
     insert_delta,
     key_record,
     key_row,
+    outbox_record,
+    outbox_row,
     task_record,
     task_row,
     usage_queries,
@@ -189,6 +193,29 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
                 PRIMARY KEY (day, key_name, model, mode)
             )""",
             "CREATE INDEX usage_daily_key ON usage_daily (key_name, day)",
+        ),
+    ),
+    (
+        2,
+        (
+            # Completion webhooks waiting for (or given up on) delivery: gateway.webhooks.outbox.
+            """CREATE TABLE webhook_outbox (
+                delivery_id TEXT COLLATE "C" PRIMARY KEY,
+                key_name TEXT NOT NULL,
+                host TEXT NOT NULL,
+                url TEXT NOT NULL,
+                body BYTEA NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL,
+                state TEXT NOT NULL,
+                attempts INTEGER NOT NULL,
+                next_attempt_at DOUBLE PRECISION NOT NULL,
+                lease_owner TEXT,
+                lease_until DOUBLE PRECISION NOT NULL,
+                last_error TEXT
+            )""",
+            "CREATE INDEX webhook_outbox_due ON webhook_outbox (state, next_attempt_at)",
+            "CREATE INDEX webhook_outbox_key ON webhook_outbox (key_name, state)",
+            "CREATE INDEX webhook_outbox_host ON webhook_outbox (host, state)",
         ),
     ),
 )
@@ -836,6 +863,106 @@ class PostgresStore:
         """Delete an in-flight record so a retry can proceed."""
         sql = "DELETE FROM idempotency WHERE key_name = $1 AND idem_key = $2 AND state = 'in_flight'"
         await self._run(lambda conn: conn.execute(sql, key_name, idem_key), tx=False)
+
+    # -- webhook outbox ---------------------------------------------------------------------------------------
+
+    async def outbox_add(self, record: OutboxRecord, max_pending_per_key: int, max_pending_per_host: int) -> bool:
+        """Insert a delivery unless its key or host is at its pending cap (see :class:`gateway.store.base.Store`)."""
+        params = (*outbox_row(record), max_pending_per_key, max_pending_per_host)
+        status = await self._run(lambda conn: conn.execute(_SQL_OUTBOX_ADD, *params))
+        return bool(status == "INSERT 0 1")
+
+    async def outbox_claim(
+        self,
+        now: float,
+        owner: str,
+        lease_until: float,
+        limit: int,
+        per_host: int,
+        per_key: int,
+        busy_hosts: Sequence[str] = (),
+        busy_keys: Sequence[str] = (),
+    ) -> list[OutboxRecord]:
+        """Lease due deliveries to ``owner``: rows locked by a concurrent claim are skipped, never waited for."""
+
+        async def op(conn: asyncpg.Connection) -> list[Any]:
+            ids = [
+                row[0]
+                for row in await conn.fetch(
+                    _SQL_OUTBOX_CANDIDATES, now, list(busy_hosts), list(busy_keys), per_host, per_key, limit
+                )
+            ]
+            if not ids:
+                return []
+            return list(await conn.fetch(_SQL_OUTBOX_LEASE, owner, lease_until, ids))
+
+        rows = await self._run(op)
+        return sorted((outbox_record(row) for row in rows), key=lambda r: (r.next_attempt_at, r.delivery_id))
+
+    async def outbox_release(self, delivery_id: str, owner: str) -> bool:
+        """Give back a leased delivery without an attempt."""
+        sql = (
+            "UPDATE webhook_outbox SET lease_owner = NULL, lease_until = 0 WHERE delivery_id = $1 AND lease_owner = $2"
+        )
+        return bool(await self._run(lambda conn: conn.execute(sql, delivery_id, owner), tx=False) == "UPDATE 1")
+
+    async def outbox_retry(self, delivery_id: str, owner: str, next_attempt_at: float, error: str) -> bool:
+        """Count a failed attempt and schedule the next one."""
+        params = (next_attempt_at, error, delivery_id, owner)
+        return bool(await self._run(lambda conn: conn.execute(_SQL_OUTBOX_RETRY, *params), tx=False) == "UPDATE 1")
+
+    async def outbox_failed(self, delivery_id: str, owner: str, error: str) -> bool:
+        """Count the final failed attempt and keep the row as ``failed``."""
+        params = (error, delivery_id, owner)
+        return bool(await self._run(lambda conn: conn.execute(_SQL_OUTBOX_FAILED, *params), tx=False) == "UPDATE 1")
+
+    async def outbox_delivered(self, delivery_id: str, owner: str) -> bool:
+        """Delete a delivered row."""
+        sql = "DELETE FROM webhook_outbox WHERE delivery_id = $1 AND lease_owner = $2 AND state = 'pending'"
+        return bool(await self._run(lambda conn: conn.execute(sql, delivery_id, owner), tx=False) == "DELETE 1")
+
+    async def outbox_list(self, state: str, limit: int = 1000) -> list[OutboxRecord]:
+        """Rows in ``state``, oldest first."""
+        sql = (
+            f"SELECT {OUTBOX_COLUMNS} FROM webhook_outbox WHERE state = $1 "  # noqa: S608 - constant columns
+            "ORDER BY created_at, delivery_id LIMIT $2"
+        )
+        rows = await self._run(lambda conn: conn.fetch(sql, state, limit), tx=False)
+        return [outbox_record(row) for row in rows]
+
+
+_SQL_OUTBOX_ADD = (  # constant fragments only, values are bound parameters
+    f"INSERT INTO webhook_outbox ({OUTBOX_COLUMNS}, lease_until) "  # noqa: S608
+    "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0 "
+    "WHERE (SELECT COUNT(*) FROM webhook_outbox WHERE key_name = $2 AND state = 'pending') < $11 "
+    "AND (SELECT COUNT(*) FROM webhook_outbox WHERE host = $3 AND state = 'pending') < $12 "
+    "ON CONFLICT (delivery_id) DO NOTHING"
+)
+# Window functions cannot take FOR UPDATE: pick fair candidates first, then lock those still due, skipping rows
+# another claim holds (its lease is then set by the time anyone can lock them again).
+_SQL_OUTBOX_CANDIDATES = (
+    "SELECT delivery_id FROM webhook_outbox WHERE delivery_id IN ("
+    " SELECT delivery_id FROM ("
+    "  SELECT delivery_id, next_attempt_at,"
+    "   ROW_NUMBER() OVER (PARTITION BY host ORDER BY next_attempt_at, delivery_id) AS by_host,"
+    "   ROW_NUMBER() OVER (PARTITION BY key_name ORDER BY next_attempt_at, delivery_id) AS by_key"
+    "  FROM webhook_outbox WHERE state = 'pending' AND next_attempt_at <= $1 AND lease_until <= $1"
+    "  AND host <> ALL($2::text[]) AND key_name <> ALL($3::text[])"
+    " ) candidates WHERE by_host <= $4 AND by_key <= $5 ORDER BY next_attempt_at, delivery_id LIMIT $6"
+    ") AND state = 'pending' AND lease_until <= $1 FOR UPDATE SKIP LOCKED"
+)
+_SQL_OUTBOX_LEASE = (  # constant fragments only, values are bound parameters
+    "UPDATE webhook_outbox SET lease_owner = $1, lease_until = $2 WHERE delivery_id = ANY($3::text[]) "  # noqa: S608
+    f"RETURNING {OUTBOX_COLUMNS}"
+)
+_SQL_OUTBOX_RETRY = (
+    "UPDATE webhook_outbox SET attempts = attempts + 1, next_attempt_at = $1, last_error = $2, lease_owner = NULL, "
+    "lease_until = 0 WHERE delivery_id = $3 AND lease_owner = $4 AND state = 'pending'"
+)
+_SQL_OUTBOX_FAILED = (
+    "UPDATE webhook_outbox SET attempts = attempts + 1, state = 'failed', last_error = $1, lease_owner = NULL, "
+    "lease_until = 0 WHERE delivery_id = $2 AND lease_owner = $3 AND state = 'pending'"
+)
 
 
 def _safe_cause(cause: BaseException, secrets: Sequence[str]) -> BaseException | None:

@@ -52,7 +52,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from types import MappingProxyType
@@ -70,6 +70,7 @@ from gateway.store.base import (
     KeyExists,
     KeyNotFound,
     KeyRevoked,
+    OutboxRecord,
     StoreError,
     TaskRecord,
     UsageRow,
@@ -78,6 +79,7 @@ from gateway.store.base import (
 )
 from gateway.store.rows import (
     MAX_PAGE,
+    OUTBOX_COLUMNS,
     add_usage,
     check_group_by,
     decode_cursor,
@@ -85,6 +87,8 @@ from gateway.store.rows import (
     insert_delta,
     key_record,
     key_row,
+    outbox_record,
+    outbox_row,
     settle_delta,
     task_record,
     task_row,
@@ -191,6 +195,29 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
                 PRIMARY KEY (day, key_name, model, mode)
             )""",
             "CREATE INDEX usage_daily_key ON usage_daily (key_name, day)",
+        ),
+    ),
+    (
+        2,
+        (
+            # Completion webhooks waiting for (or given up on) delivery: gateway.webhooks.outbox.
+            """CREATE TABLE webhook_outbox (
+                delivery_id TEXT PRIMARY KEY,
+                key_name TEXT NOT NULL,
+                host TEXT NOT NULL,
+                url TEXT NOT NULL,
+                body BLOB NOT NULL,
+                created_at REAL NOT NULL,
+                state TEXT NOT NULL,
+                attempts INTEGER NOT NULL,
+                next_attempt_at REAL NOT NULL,
+                lease_owner TEXT,
+                lease_until REAL NOT NULL,
+                last_error TEXT
+            )""",
+            "CREATE INDEX webhook_outbox_due ON webhook_outbox (state, next_attempt_at)",
+            "CREATE INDEX webhook_outbox_key ON webhook_outbox (key_name, state)",
+            "CREATE INDEX webhook_outbox_host ON webhook_outbox (host, state)",
         ),
     ),
 )
@@ -1066,3 +1093,99 @@ class SQLiteStore:
                 (key_name, idem_key),
             )
         )
+
+    # -- webhook outbox ---------------------------------------------------------------------------------------
+
+    async def outbox_add(self, record: OutboxRecord, max_pending_per_key: int, max_pending_per_host: int) -> bool:
+        """Insert a delivery unless its key or host is at its pending cap (see :class:`gateway.store.base.Store`)."""
+        row = outbox_row(record)
+
+        def op(conn: sqlite3.Connection) -> bool:
+            return bool(
+                conn.execute(
+                    _SQL_OUTBOX_ADD, (*row, record.key_name, max_pending_per_key, record.host, max_pending_per_host)
+                ).rowcount
+                == 1
+            )
+
+        return await self._tx(op)
+
+    async def outbox_claim(
+        self,
+        now: float,
+        owner: str,
+        lease_until: float,
+        limit: int,
+        per_host: int,
+        per_key: int,
+        busy_hosts: Sequence[str] = (),
+        busy_keys: Sequence[str] = (),
+    ) -> list[OutboxRecord]:
+        """Lease due deliveries to ``owner`` (one ``BEGIN IMMEDIATE`` transaction: processes serialise)."""
+        params = (
+            owner,
+            lease_until,
+            now,
+            now,
+            json.dumps(list(busy_hosts)),
+            json.dumps(list(busy_keys)),
+            per_host,
+            per_key,
+            limit,
+        )
+        rows = await self._tx(lambda conn: conn.execute(_SQL_OUTBOX_CLAIM, params).fetchall())
+        return sorted((outbox_record(row) for row in rows), key=lambda r: (r.next_attempt_at, r.delivery_id))
+
+    async def outbox_release(self, delivery_id: str, owner: str) -> bool:
+        """Give back a leased delivery without an attempt."""
+        sql = "UPDATE webhook_outbox SET lease_owner = NULL, lease_until = 0 WHERE delivery_id = ? AND lease_owner = ?"
+        return await self._tx(lambda conn: conn.execute(sql, (delivery_id, owner)).rowcount == 1)
+
+    async def outbox_retry(self, delivery_id: str, owner: str, next_attempt_at: float, error: str) -> bool:
+        """Count a failed attempt and schedule the next one."""
+        params = (next_attempt_at, error, delivery_id, owner)
+        return await self._tx(lambda conn: conn.execute(_SQL_OUTBOX_RETRY, params).rowcount == 1)
+
+    async def outbox_failed(self, delivery_id: str, owner: str, error: str) -> bool:
+        """Count the final failed attempt and keep the row as ``failed``."""
+        params = (error, delivery_id, owner)
+        return await self._tx(lambda conn: conn.execute(_SQL_OUTBOX_FAILED, params).rowcount == 1)
+
+    async def outbox_delivered(self, delivery_id: str, owner: str) -> bool:
+        """Delete a delivered row."""
+        sql = "DELETE FROM webhook_outbox WHERE delivery_id = ? AND lease_owner = ? AND state = 'pending'"
+        return await self._tx(lambda conn: conn.execute(sql, (delivery_id, owner)).rowcount == 1)
+
+    async def outbox_list(self, state: str, limit: int = 1000) -> list[OutboxRecord]:
+        """Rows in ``state``, oldest first."""
+        sql = f"SELECT {OUTBOX_COLUMNS} FROM webhook_outbox WHERE state = ? ORDER BY created_at, delivery_id LIMIT ?"  # noqa: S608
+        rows = await self._read(lambda conn: conn.execute(sql, (state, limit)).fetchall())
+        return [outbox_record(row) for row in rows]
+
+
+_SQL_OUTBOX_ADD = (  # constant fragments only, values are bound parameters
+    f"INSERT INTO webhook_outbox ({OUTBOX_COLUMNS}, lease_until) "  # noqa: S608
+    "SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0 "
+    "WHERE (SELECT COUNT(*) FROM webhook_outbox WHERE key_name = ? AND state = 'pending') < ? "
+    "AND (SELECT COUNT(*) FROM webhook_outbox WHERE host = ? AND state = 'pending') < ? "
+    "ON CONFLICT (delivery_id) DO NOTHING"
+)
+_SQL_OUTBOX_CLAIM = (  # constant fragments only, values are bound parameters
+    "UPDATE webhook_outbox SET lease_owner = ?, lease_until = ? WHERE delivery_id IN ("  # noqa: S608
+    " SELECT delivery_id FROM ("
+    "  SELECT delivery_id, next_attempt_at,"
+    "   ROW_NUMBER() OVER (PARTITION BY host ORDER BY next_attempt_at, delivery_id) AS by_host,"
+    "   ROW_NUMBER() OVER (PARTITION BY key_name ORDER BY next_attempt_at, delivery_id) AS by_key"
+    "  FROM webhook_outbox WHERE state = 'pending' AND next_attempt_at <= ? AND lease_until <= ?"
+    "  AND host NOT IN (SELECT value FROM json_each(?)) AND key_name NOT IN (SELECT value FROM json_each(?))"
+    " ) WHERE by_host <= ? AND by_key <= ? ORDER BY next_attempt_at, delivery_id LIMIT ?"
+    f") RETURNING {OUTBOX_COLUMNS}"
+)
+_SQL_OUTBOX_RETRY = (
+    "UPDATE webhook_outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?, lease_owner = NULL, "
+    "lease_until = 0 WHERE delivery_id = ? AND lease_owner = ? AND state = 'pending'"
+)
+_SQL_OUTBOX_FAILED = (
+    "UPDATE webhook_outbox SET attempts = attempts + 1, state = 'failed', last_error = ?, lease_owner = NULL, "
+    "lease_until = 0 WHERE delivery_id = ? AND lease_owner = ? AND state = 'pending'"
+)
