@@ -23,13 +23,13 @@ Redis failing never fails a request (fail open):
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from prometheus_client import Counter
 from redis.asyncio import Redis
 
+from gateway.bounded import LRUCache
 from gateway.config import CacheSettings
 from gateway.shared.redis_ops import (
     CacheUnavailable,
@@ -168,13 +168,12 @@ class SharedLimiter:
         self._limiter = limiter
         self._health = health
         self._clock = clock
-        self._max_keys = max_keys
-        self._leases: OrderedDict[str, list[float]] = OrderedDict()  # key name -> [tokens left, expires at]
+        self._leases: LRUCache[str, list[float]] = LRUCache(max_keys)  # key name -> [tokens left, expires at]
 
     async def check(self, key_name: str, rpm: int | None) -> float | None:
         if rpm is None:
             return None
-        lease = self._leases.get(key_name)
+        lease = self._leases.peek(key_name)
         if lease is not None and lease[0] >= 1 and self._clock() < lease[1]:
             lease[0] -= 1
             return None
@@ -192,16 +191,13 @@ class SharedLimiter:
 
     def _lease(self, key_name: str, tokens: int) -> None:
         expires = self._clock() + _LEASE_S
-        lease = self._leases.get(key_name)
+        lease = self._leases.peek(key_name)
         if lease is not None and self._clock() < lease[1]:
             lease[0] += tokens  # concurrent takes on this replica: keep them all
             lease[1] = expires
-            self._leases.move_to_end(key_name)
+            self._leases.touch(key_name)
             return
-        self._leases[key_name] = [float(tokens), expires]
-        self._leases.move_to_end(key_name)
-        while len(self._leases) > self._max_keys:
-            self._leases.popitem(last=False)
+        self._leases.put(key_name, [float(tokens), expires])
 
 
 class SharedState:
