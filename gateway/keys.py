@@ -265,11 +265,12 @@ class RateLimiter:
         now = self._clock()
         capacity = float(rpm)
         rate = rpm / 60.0
-        bucket = self._buckets.get(key_name)
+        bucket = self._buckets.peek(key_name)
         if bucket is None:
             bucket = _Bucket(capacity, now)
             self._buckets.put(key_name, bucket)
         else:
+            self._buckets.touch(key_name)
             elapsed = max(0.0, now - bucket.stamp)
             bucket.tokens = min(capacity, bucket.tokens + elapsed * rate)
             bucket.stamp = now

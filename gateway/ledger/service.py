@@ -114,8 +114,9 @@ class Ledger:
 
     async def find(self, task_id: str) -> TaskRecord | None:
         """The ledger row of ``task_id`` (from memory when this process has seen it), or None."""
-        task = self._recent.get(task_id)
+        task = self._recent.peek(task_id)
         if task is not None:
+            self._recent.touch(task_id)
             return task
         task = await self.store.get_task(task_id)
         if task is not None:
