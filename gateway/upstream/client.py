@@ -1,9 +1,9 @@
 """The one client to UniAll: header hygiene, key injection, timeouts, GET retries and error mapping.
 
 Only a ``Transport`` touches the network. ``AiohttpTransport`` is the production one (chosen by measurement, see
-BENCHMARKS.md: httpx's pool collapses under concurrency); ``HttpxTransport`` wraps any httpx transport, so unit
-tests plug in ``httpx.MockTransport`` exactly where the network would be. Transports raise the small tree below,
-and ``UpstreamClient`` maps it onto the proxy's answers::
+BENCHMARKS.md: httpx's pool collapses under concurrency); tests and benchmarks use ``HttpxTransport``
+(``tests/support/httpx_transport.py``) to plug ``httpx.MockTransport`` in exactly where the network would be.
+Transports raise the small tree below, and ``UpstreamClient`` maps it onto the proxy's answers::
 
     TransportError
      ├── ConnectFailed      could not open a connection (refused, DNS, connect timeout)  → 502 (GET retried)
@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
-import httpx
 
 from gateway.config import UpstreamSettings
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
@@ -211,42 +210,6 @@ class AiohttpTransport:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-
-class HttpxTransport:
-    """Adapter for any httpx transport (``httpx.MockTransport`` in unit tests, ``ASGITransport`` for an app)."""
-
-    def __init__(self, transport: httpx.AsyncBaseTransport, settings: UpstreamSettings | None = None) -> None:
-        settings = settings or UpstreamSettings()
-        self._client = httpx.AsyncClient(
-            transport=transport,
-            timeout=httpx.Timeout(
-                settings.timeout_s,
-                connect=settings.connect_timeout_s,
-                read=settings.read_timeout_s,
-                pool=settings.pool_timeout_s,
-            ),
-        )
-
-    async def send(self, method: str, url: str, headers: Headers, body: bytes | None) -> UpstreamResponse:
-        started = time.perf_counter()
-        try:
-            response = await self._client.request(method, url, headers=headers, content=body)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise ConnectFailed(type(exc).__name__) from None
-        except httpx.TimeoutException as exc:
-            raise TimedOut(type(exc).__name__) from None
-        except httpx.HTTPError as exc:
-            raise BadResponse(type(exc).__name__) from None
-        return UpstreamResponse(
-            status=response.status_code,
-            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw],
-            body=response.content,
-            elapsed_s=time.perf_counter() - started,
-        )
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
 
 
 class UpstreamClient:

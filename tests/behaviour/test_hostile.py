@@ -28,12 +28,12 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 from support.harness import ADMIN, ADMIN_TOKEN, GatewayFactory
+from support.httpx_transport import HttpxTransport
 from support.upstream_fake import Behaviour, FakeUpstream, RecordedRequest, ServerThread, dynamic, json
 
 from gateway.app import create_app
 from gateway.config import Settings, load_settings
 from gateway.logs import make_logger
-from gateway.upstream.client import HttpxTransport
 from gateway.validation.media_guard import MediaGuard
 from gateway.webhooks.sender import WebhookSender, check_webhook_url
 

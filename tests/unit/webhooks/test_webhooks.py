@@ -10,9 +10,9 @@ import io
 import httpx
 import orjson
 import pytest
+from support.httpx_transport import HttpxTransport
 
 from gateway.logs import make_logger
-from gateway.upstream.client import HttpxTransport
 from gateway.validation.media_guard import MediaGuard
 from gateway.webhooks.sender import WebhookSender, check_webhook_url, sign, verify
 
