@@ -1,23 +1,7 @@
-"""What the replicas of one deployment share through Redis, and what a replica does when Redis fails.
+"""What the replicas of one deployment share through Redis, and what a replica does when Redis fails (fail open).
 
-With ``[cache] url = "redis://..."`` (or ``rediss://``) the app factory builds a ``SharedState``: the status cache
-every replica reads and writes (``StatusPoller``'s ``shared``), one upstream call per task across replicas, and the
-per-key request limits counted once for all of them (``Services.shared_limiter``). The Redis mechanics live in
-``gateway.shared.redis_ops``; this module adds the policy.
-
-Redis failing never fails a request (fail open):
-
-* a status poll reads a Redis error as a miss: the replica answers from its own cache or asks the upstream itself,
-  exactly as a single replica without Redis would;
-* a rate-limit check lets the request through (budgets live in the store, so spending stays bounded); limits
-  are taken from Redis in small leases (``SharedLimiter``), so most requests of a busy key ask Redis nothing;
-* after a failure, Redis is left alone for ``_REST_S`` (every shared operation short-circuits to its fallback),
-  so a hung or dead Redis costs at most one timeout per second instead of one per request;
-* each failure counts in ``kling_gateway_shared_state_failures_total{operation}``, and each failing operation
-  logs ``shared_state_unavailable`` (a warning) at most once per ``_WARN_EVERY_S``, and
-  ``shared_state_recovered`` when it works again. ``/readyz`` is not affected: it reports the store and the
-  configuration (SPEC section 3), and pulling every replica out of a load balancer because Redis is down would
-  turn a degraded deployment into an outage.
+The Redis mechanics live in ``gateway.shared.redis_ops``; this module adds the policy, described on
+:class:`SharedState`.
 """
 
 from __future__ import annotations
@@ -201,7 +185,27 @@ class SharedLimiter:
 
 
 class SharedState:
-    """The Redis client and everything built on it; ``close()`` at shutdown."""
+    """The Redis client and everything built on it; ``close()`` at shutdown.
+
+    With ``[cache] url = "redis://..."`` (or ``rediss://``) the app factory builds a ``SharedState``: the status cache
+    every replica reads and writes (``StatusPoller``'s ``shared``), one upstream call per task across replicas, and the
+    per-key request limits counted once for all of them (``Services.shared_limiter``). The Redis mechanics live in
+    ``gateway.shared.redis_ops``; this module adds the policy.
+
+    Redis failing never fails a request (fail open):
+
+    * a status poll reads a Redis error as a miss: the replica answers from its own cache or asks the upstream itself,
+      exactly as a single replica without Redis would;
+    * a rate-limit check lets the request through (budgets live in the store, so spending stays bounded); limits
+      are taken from Redis in small leases (``SharedLimiter``), so most requests of a busy key ask Redis nothing;
+    * after a failure, Redis is left alone for ``_REST_S`` (every shared operation short-circuits to its fallback),
+      so a hung or dead Redis costs at most one timeout per second instead of one per request;
+    * each failure counts in ``kling_gateway_shared_state_failures_total{operation}``, and each failing operation
+      logs ``shared_state_unavailable`` (a warning) at most once per ``_WARN_EVERY_S``, and
+      ``shared_state_recovered`` when it works again. ``/readyz`` is not affected: it reports the store and the
+      configuration (SPEC section 3), and pulling every replica out of a load balancer because Redis is down would
+      turn a degraded deployment into an outage.
+    """
 
     def __init__(self, client: Redis, status: SharedStatus, limiter: SharedLimiter) -> None:
         self.client = client

@@ -1,33 +1,6 @@
-"""SQLite backend of the store (``sqlite:///path.db``): WAL, one writer thread, schema migrations in code.
+"""SQLite backend of the store (``sqlite:///path.db``): WAL, one writer thread with group commit, migrations in code.
 
-Threads: every write (and the migrations) runs on one dedicated worker thread with its own connection, the
-single writer path, so the event loop never waits on the database and writes never contend inside a process.
-For a file database, reads run on a second small pool of read-only connections (WAL lets readers proceed while
-the writer commits), so a month-long usage report never delays a submission's writes. ``:memory:`` databases
-(tests) do everything on the writer thread, since another connection would see another database.
-
-Connection setup is the only SQLite-specific part besides the DDL: ``journal_mode=WAL``,
-``synchronous=NORMAL``, ``busy_timeout=5000``, ``foreign_keys=ON``. In WAL mode with ``synchronous=NORMAL``
-a transaction is in the WAL file (the OS page cache) when COMMIT returns, so it survives the process being
-killed, ``kill -9`` included; only an OS crash or power loss can lose the last commits (``synchronous=FULL``
-would trade throughput for that). Writes run in ``BEGIN IMMEDIATE`` transactions: they take the write lock up
-front, so two processes on one file serialise instead of failing on lock upgrades.
-
-Group commit: writes are queued and committed together by :class:`gateway.store.sqlite_writer.GroupCommitWriter`
-("awaited = committed"; each operation still succeeds or fails alone).
-
-The DML uses only portable SQL (``?`` placeholders, ``INSERT ... ON CONFLICT``, row values, ``CASE``,
-``COALESCE``, partial indexes), so a PostgreSQL backend can reuse the statements with ``%s`` placeholders.
-
-Usage: besides the ``tasks`` rows, ``usage_daily`` holds per (UTC day, key, model, mode) totals, updated in
-the same transaction as every task insert and settlement. A usage or budget query reads whole days from it
-and only the partial days at the ends of its window from ``tasks``, so a month over a million tasks answers
-in milliseconds rather than sorting every row (see ``bench/ledger_scale.py``).
-:meth:`SQLiteStore.rebuild_usage_rollup` recomputes it from the rows.
-
-Migrations are ``(version, statements)`` pairs applied in order at open inside one ``BEGIN IMMEDIATE``
-transaction and recorded in ``schema_migrations``; concurrent starts serialise on the lock, the second finds
-nothing to do. Never edit a released migration; append a new one.
+The threads, durability, usage rollup and migration rules are described on :class:`SQLiteStore`.
 """
 
 from __future__ import annotations
@@ -362,7 +335,37 @@ def _aggregate(
 
 
 class SQLiteStore:
-    """:class:`gateway.store.base.Store` on one SQLite file. Create with ``await SQLiteStore.open(path)``."""
+    """:class:`gateway.store.base.Store` on one SQLite file. Create with ``await SQLiteStore.open(path)``.
+
+    Threads: every write (and the migrations) runs on one dedicated worker thread with its own connection, the
+    single writer path, so the event loop never waits on the database and writes never contend inside a process.
+    For a file database, reads run on a second small pool of read-only connections (WAL lets readers proceed while
+    the writer commits), so a month-long usage report never delays a submission's writes. ``:memory:`` databases
+    (tests) do everything on the writer thread, since another connection would see another database.
+
+    Connection setup is the only SQLite-specific part besides the DDL: ``journal_mode=WAL``,
+    ``synchronous=NORMAL``, ``busy_timeout=5000``, ``foreign_keys=ON``. In WAL mode with ``synchronous=NORMAL``
+    a transaction is in the WAL file (the OS page cache) when COMMIT returns, so it survives the process being
+    killed, ``kill -9`` included; only an OS crash or power loss can lose the last commits (``synchronous=FULL``
+    would trade throughput for that). Writes run in ``BEGIN IMMEDIATE`` transactions: they take the write lock up
+    front, so two processes on one file serialise instead of failing on lock upgrades.
+
+    Group commit: writes are queued and committed together by :class:`gateway.store.sqlite_writer.GroupCommitWriter`
+    ("awaited = committed"; each operation still succeeds or fails alone).
+
+    The DML uses only portable SQL (``?`` placeholders, ``INSERT ... ON CONFLICT``, row values, ``CASE``,
+    ``COALESCE``, partial indexes), so a PostgreSQL backend can reuse the statements with ``%s`` placeholders.
+
+    Usage: besides the ``tasks`` rows, ``usage_daily`` holds per (UTC day, key, model, mode) totals, updated in
+    the same transaction as every task insert and settlement. A usage or budget query reads whole days from it
+    and only the partial days at the ends of its window from ``tasks``, so a month over a million tasks answers
+    in milliseconds rather than sorting every row (see ``bench/ledger_scale.py``).
+    :meth:`SQLiteStore.rebuild_usage_rollup` recomputes it from the rows.
+
+    Migrations are ``(version, statements)`` pairs applied in order at open inside one ``BEGIN IMMEDIATE``
+    transaction and recorded in ``schema_migrations``; concurrent starts serialise on the lock, the second finds
+    nothing to do. Never edit a released migration; append a new one.
+    """
 
     def __init__(self, path: str, *, max_batch: int = MAX_BATCH) -> None:
         """Prepare (not open) a store on ``path``; use :meth:`open`.

@@ -3,21 +3,7 @@
 Only a ``Transport`` touches the network. ``AiohttpTransport`` is the production one (chosen by measurement, see
 BENCHMARKS.md: httpx's pool collapses under concurrency); tests and benchmarks use ``HttpxTransport``
 (``tests/support/httpx_transport.py``) to plug ``httpx.MockTransport`` in exactly where the network would be.
-Transports raise the small tree below, and ``UpstreamClient`` maps it onto the proxy's answers::
-
-    TransportError
-     ├── ConnectFailed      could not open a connection (refused, DNS, connect timeout)  → 502 (GET retried)
-     ├── TimedOut           no complete answer within the read or total bound           → 504
-     └── BadResponse        reset mid-answer, truncated, garbage, or too large            → 502
-
-Every call goes through the circuit breaker (``gateway.upstream.breaker``) first: submissions, status polls and
-passthrough share it. Transport failures and 5xx answers count against it; while it is open, calls fail fast with 503
-``upstream_unavailable`` and ``Retry-After`` without touching the network.
-
-Concurrent upstream calls are bounded by the aiohttp connector (``[upstream] max_connections``): a call that finds
-every connection busy waits for one, and that wait counts against ``pool_timeout_s`` (part of aiohttp's ``connect``
-bound), after which it fails as a connect error (502). The in-flight bound on the gateway's own requests is
-``gateway.web.overload``.
+Their errors and how ``UpstreamClient`` maps them are described on :class:`TransportError`.
 """
 
 from __future__ import annotations
@@ -72,7 +58,15 @@ USER_AGENT = "kling-gateway"
 
 
 class TransportError(Exception):
-    """A failed upstream exchange; the message never contains a secret."""
+    """A failed upstream exchange; the message never contains a secret.
+
+    A transport raises the small tree below, and ``UpstreamClient`` maps it onto the proxy's answers::
+
+        TransportError
+         ├── ConnectFailed      could not open a connection (refused, DNS, connect timeout)  → 502 (GET retried)
+         ├── TimedOut           no complete answer within the read or total bound           → 504
+         └── BadResponse        reset mid-answer, truncated, garbage, or too large            → 502
+    """
 
 
 class ConnectFailed(TransportError):
@@ -216,7 +210,14 @@ class UpstreamClient:
     """Calls UniAll with the team's key; maps transport failures to 502/504 and records upstream metrics.
 
     Every call passes the circuit ``breaker`` (built from ``[upstream] breaker_*`` unless given): one outcome per
-    call, after any GET retries.
+    call, after any GET retries. Submissions, status polls and passthrough share it. Transport failures and 5xx
+    answers count against it; while it is open, calls fail fast with 503 ``upstream_unavailable`` and
+    ``Retry-After`` without touching the network.
+
+    Concurrent upstream calls are bounded by the aiohttp connector (``[upstream] max_connections``): a call that finds
+    every connection busy waits for one, and that wait counts against ``pool_timeout_s`` (part of aiohttp's ``connect``
+    bound), after which it fails as a connect error (502). The in-flight bound on the gateway's own requests is
+    ``gateway.web.overload``.
     """
 
     def __init__(
