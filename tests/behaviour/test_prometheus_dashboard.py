@@ -210,17 +210,28 @@ def wave(client: httpx.Client) -> None:
         poll_until_done(client, task_id)
 
 
-def upstream_outage(client: httpx.Client, upstream: ServerThread) -> None:
+def upstream_outage(client: httpx.Client, stack: Stack) -> None:
     """A running task's cached status expires while the upstream is down: its polls fail upstream and are answered
-    STALE, twice a few scrapes apart (so the error and stale counters are seen to move, not only to appear)."""
+    STALE, twice, with a scrape in between (so the error and stale counters are seen to move, not only to appear)."""
     task_id = submit(client, VALID)
     assert client.get(f"/v1/videos/{task_id}").status_code == 200
-    upstream.close()
-    for pause in (0.3, 2.0):  # past [cache] pending_ttl_s; then past two scrapes
-        time.sleep(pause)
+    stack.upstream.close()
+    time.sleep(0.3)  # past [cache] pending_ttl_s
+    for _ in range(2):
         response = client.get(f"/v1/videos/{task_id}")
         assert response.status_code == 200, response.text
         assert response.headers["x-cache"] == "STALE"
+        scraped(stack.prometheus, 'sum(kling_gateway_status_cache_total{result="stale"})', at_least=1)
+
+
+def scraped(prometheus: str, expr: str, at_least: float, within_s: float = 15.0) -> None:
+    """Wait until Prometheus has scraped a value of ``expr`` of at least ``at_least``."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if query(prometheus, f"{expr} >= {at_least}"):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"Prometheus never scraped {expr} >= {at_least}")
 
 
 # -- the checks ---------------------------------------------------------------------------------------------------
@@ -250,9 +261,10 @@ class TestDashboardOnRealPrometheus:
         template variables list the key and models; the shipped alert rules all evaluate without error."""
         with httpx.Client(base_url=stack.gateway, headers={"Authorization": f"Bearer {stack.key}"}) as client:
             wave(client)
-            time.sleep(2.5)  # a few scrapes between the waves, so rates see the counters move
+            # Prometheus scrapes the first wave before the second, so rates see the counters move.
+            scraped(stack.prometheus, "sum(kling_gateway_tasks_settled_total)", at_least=2)
             wave(client)
-            upstream_outage(client, stack.upstream)
+            upstream_outage(client, stack)
         deadline = time.monotonic() + 15
         missing = empty_queries(stack.prometheus)
         while missing and time.monotonic() < deadline:
