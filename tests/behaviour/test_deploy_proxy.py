@@ -157,7 +157,13 @@ class TestProxyInFrontOfReplicas:
         )
         assert created.status_code == 201, created.text
         auth = {"Authorization": f"Bearer {created.json()['key']}"}
+        # The other replica sees a new key at its next key refresh ([auth] refresh_interval_s, 0.5 s): until then
+        # a request that nginx sends there is refused with 401, as the README's scale-out table says.
+        deadline = time.monotonic() + 5
         submitted = httpx.post(f"{base}/v1/video/generations", json=VALID, headers=auth)
+        while submitted.status_code == 401 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            submitted = httpx.post(f"{base}/v1/video/generations", json=VALID, headers=auth)
         assert submitted.status_code == 200, submitted.text
         task_id = submitted.json()["id"]
         deadline = time.monotonic() + 15
