@@ -2,7 +2,7 @@
 
 With ``[cache] url = "redis://..."`` (or ``rediss://``) the app factory builds a ``SharedState``: the status cache
 every replica reads and writes (``StatusPoller``'s ``shared``), one upstream call per task across replicas, and the
-per-key request limits counted once for all of them (``Services.shared_limiter``). The Redis mechanics live in
+per-key request limits counted once for all of them (``KeyRateLimits.shared``). The Redis mechanics live in
 ``gateway.shared.redis_ops``; this module adds the policy.
 
 Redis failing never fails a request (fail open):
@@ -25,12 +25,12 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 from prometheus_client import Counter
 from redis.asyncio import Redis
 
 from gateway.config import CacheSettings
+from gateway.logs import Logger
 from gateway.shared.redis_ops import (
     CacheUnavailable,
     RedisRateLimiter,
@@ -49,7 +49,9 @@ _LEASE_S = 1.0
 class Health:
     """Failure bookkeeping for the shared state: a short rest after a failure, throttled warnings, recovery lines."""
 
-    def __init__(self, log: Any, failures: Counter | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, log: Logger, failures: Counter | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._log = log
         self._failures = failures
         self._clock = clock
@@ -214,7 +216,7 @@ class SharedState:
 
     @classmethod
     async def connect(
-        cls, settings: CacheSettings, *, call_timeout_s: float, log: Any, failures: Counter | None = None
+        cls, settings: CacheSettings, *, call_timeout_s: float, log: Logger, failures: Counter | None = None
     ) -> SharedState:
         """Connect to ``settings.url`` (raises ``CacheUnavailable`` if Redis does not answer at start-up)."""
         client = await connect(settings.url)

@@ -26,9 +26,10 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Final
 from urllib.parse import urlsplit
 
+from gateway.logs import Logger
 from gateway.upstream.client import Transport, TransportError
 from gateway.validation.media_guard import MediaGuard
 from gateway.validation.media_urls import media_host, parse_ip_literal, private_host_reason
@@ -122,7 +123,7 @@ class WebhookSender:
         secret: bytes,
         transport: Transport,
         *,
-        log: Any,
+        log: Logger,
         max_attempts: int = 6,
         base_delay_s: float = 1.0,
         max_delay_s: float = 60.0,
