@@ -11,7 +11,7 @@ import hmac
 from typing import Any
 
 from gateway.auth.principal import Authenticator, Principal, bearer_token
-from gateway.auth.rate_limits import KeyRateLimits
+from gateway.auth.rate_limits import KeyRateLimits, rate_limited
 from gateway.errors import AuthenticationFailed, NotFound
 
 
@@ -20,13 +20,21 @@ class ClientAuthentication:
 
     def __init__(self, keys: Authenticator, rate_limits: KeyRateLimits) -> None:
         self._keys = keys
-        self._rate_limits = rate_limits
+        self._local_limits = rate_limits.local
+        self._shared_limits = rate_limits.shared
 
     async def authenticate(self, authorization: str | None, log_fields: dict[str, Any]) -> Principal:
         """The caller of a request with this ``Authorization`` header; its key name goes in ``log_fields``."""
         principal = self._keys.authenticate(authorization)
         log_fields["key"] = principal.name  # before the rate limit: a 429's access line names the key
-        await self._rate_limits.take(principal)
+        # The token is taken inline: this runs on every request, so no further call layer.
+        shared = self._shared_limits
+        if shared is not None:
+            wait = await shared.check(principal.name, principal.rpm)
+        else:
+            wait = self._local_limits.check(principal.name, principal.rpm)
+        if wait is not None:
+            raise rate_limited(principal, wait)
         return principal
 
 

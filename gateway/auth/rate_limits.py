@@ -1,36 +1,33 @@
-"""Per-key rate limits: each key's requests-per-minute, checked after authentication (429 ``rate_limited``).
+"""Per-key rate limits: each key's requests per minute, checked right after authentication (429 ``rate_limited``).
 
 Counted in this process (``keys.RateLimiter``'s token buckets), or for every replica when ``[cache] url`` names
-Redis (a ``SharedRateLimiter``, which lets requests through while Redis is down).
+Redis (a ``SharedRateLimiter``, which lets requests through while Redis is down). ``ClientAuthentication`` takes
+the token on every client request.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from gateway.auth.principal import Principal
 from gateway.errors import TooManyRequests
 from gateway.keys import RateLimiter, SharedRateLimiter
 
 
+@dataclass(frozen=True, slots=True)
 class KeyRateLimits:
-    """Takes one request from the caller's per-minute allowance, or refuses it with 429 and ``Retry-After``."""
+    """Where each key's allowance is counted: ``shared`` (every replica) when set, else ``local`` (this process)."""
 
-    def __init__(self, local: RateLimiter, shared: SharedRateLimiter | None = None) -> None:
-        #: This process's buckets (used when nothing is shared).
-        self.local = local
-        self.shared = shared
+    local: RateLimiter
+    shared: SharedRateLimiter | None = None
 
-    async def take(self, principal: Principal) -> None:
-        shared = self.shared
-        if shared is not None:
-            wait = await shared.check(principal.name, principal.rpm)
-        else:
-            wait = self.local.check(principal.name, principal.rpm)
-        if wait is not None:
-            raise TooManyRequests(
-                f"Rate limit of {principal.rpm} requests per minute for key '{principal.name}' reached; "
-                f"retry in {math.ceil(wait)} s.",
-                code="rate_limited",
-                headers={"Retry-After": str(max(1, math.ceil(wait)))},
-            )
+
+def rate_limited(principal: Principal, wait_s: float) -> TooManyRequests:
+    """The 429 for a key past its requests per minute, with ``Retry-After`` (whole seconds, at least 1)."""
+    return TooManyRequests(
+        f"Rate limit of {principal.rpm} requests per minute for key '{principal.name}' reached; "
+        f"retry in {math.ceil(wait_s)} s.",
+        code="rate_limited",
+        headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
+    )
