@@ -20,6 +20,7 @@ import orjson
 import uvicorn
 
 from gateway import __version__
+from gateway.cli import generate
 from gateway.config import ConfigError, Settings, load_settings, missing_scale_extra
 from gateway.ledger.pricing import PriceTable
 from gateway.store.base import StoreError
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--until", help="YYYY-MM-DD (inclusive) or ISO date-time")
     usage.add_argument("--by", default="", help="group by any of key,model,mode,day")
     usage.add_argument("--format", default="table", choices=("table", "csv", "json"))
+    generate.add_parser(commands)
     return parser
 
 
@@ -456,6 +458,7 @@ _COMMANDS = {
     "sandbox": cmd_sandbox,
     "validate": cmd_validate,
     "check-config": cmd_check_config,
+    "generate": generate.run,
 }
 
 if __name__ == "__main__":
