@@ -17,6 +17,7 @@ import argparse
 import email.utils
 import math
 import os
+import shlex
 import sys
 import time
 import uuid
@@ -172,7 +173,8 @@ def request_body(args: argparse.Namespace) -> dict[str, Any]:
 
 def resume_command(task_id: str, out: str | None) -> str:
     """The command that picks a task up again."""
-    return f"kling-gateway generate --resume {task_id} --wait" + (f" --out {out}" if out else "")
+    command = f"kling-gateway generate --resume {shlex.quote(task_id)} --wait"
+    return f"{command} --out {shlex.quote(out)}" if out else command
 
 
 # -- command line -----------------------------------------------------------------------------------------------
