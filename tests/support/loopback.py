@@ -95,7 +95,8 @@ class Stack:
 
 @contextlib.contextmanager
 def serve_stack(data_dir: Path, *, queued_s: float = 0.2, run_s: float = 0.5, models: str = "") -> Iterator[Stack]:
-    """Sandbox + gateway (auth ``keys``, settler off) on loopback; one key named ``client`` (``models`` globs)."""
+    """Sandbox + gateway (auth ``keys``, settler off, short pending-status cache) on loopback; one key named
+    ``client`` (limited to the ``models`` globs, comma separated, if given)."""
     upstream = Recorder(create_sandbox_app(SandboxOptions(api_key=SANDBOX_API_KEY, queued_s=queued_s, run_s=run_s)))
     with ServerThread(upstream, lifespan="off") as sandbox:
         settings = load_settings(
@@ -108,6 +109,7 @@ def serve_stack(data_dir: Path, *, queued_s: float = 0.2, run_s: float = 0.5, mo
                 "KLING_GATEWAY_SETTLER_ENABLED": "false",
                 "KLING_GATEWAY_VALIDATION_RESOLVE_MEDIA_HOSTS": "false",
                 "KLING_GATEWAY_LOGGING_ACCESS_LOG": "false",
+                "KLING_GATEWAY_CACHE_PENDING_TTL_S": "0.2",  # the sandbox's tasks finish in under a second
             }
         )
         gateway = Recorder(create_app(settings, registry=CollectorRegistry(), log_stream=io.StringIO()))
