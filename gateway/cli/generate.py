@@ -180,30 +180,49 @@ def resume_command(task_id: str, out: str | None) -> str:
 # -- command line -----------------------------------------------------------------------------------------------
 
 
+_HELP_EPILOG = """\
+environment:
+  KLING_GATEWAY_URL   the gateway's base URL (or --url), e.g. http://127.0.0.1:8080
+  KLING_GATEWAY_KEY   a gateway key, gk_... (or --key)
+
+Results go to standard output (name: value lines, or one JSON object with --json); progress, warnings and
+errors to standard error. Ctrl-C leaves the task running and prints the command that resumes it.
+
+exit codes: 0 done, 1 invalid request / refused by the gateway / task failed / gateway unreachable / download
+failed, 2 usage or configuration, 130 interrupted.
+"""
+
+
 def add_parser(subcommands: Any) -> None:
     """Register ``generate`` on the CLI's subcommands."""
     p = subcommands.add_parser(
         "generate",
         help="validate, submit through a gateway, follow the task, download the video",
-        description=__doc__,
+        description="Validate a Kling request locally, submit it through a gateway with an Idempotency-Key, "
+        "follow the task, and download the video.",
+        epilog=_HELP_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", help="kling-v3-{std,pro}-{silent,audio}")
-    p.add_argument("--prompt", help="what the video shows")
-    p.add_argument("--image", help="image URL: image-to-video, or the first frame with --last-image")
-    p.add_argument("--last-image", help="last-frame image URL (needs --image)")
-    p.add_argument("--duration", help="seconds, 3-15")
-    p.add_argument("--aspect-ratio", help="16:9, 9:16 or 1:1")
-    p.add_argument("--negative-prompt", help="what to avoid")
-    p.add_argument("--cfg-scale", help="prompt adherence, 0-1")
+    p.add_argument("--model", metavar="M", help="kling-v3-{std,pro}-{silent,audio}")
+    p.add_argument("--prompt", metavar="P", help="what the video shows")
+    p.add_argument("--image", metavar="URL", help="image URL: image-to-video, or the first frame with --last-image")
+    p.add_argument("--last-image", metavar="URL", help="last-frame image URL (needs --image)")
+    p.add_argument("--duration", metavar="S", help="seconds, 3-15")
+    p.add_argument("--aspect-ratio", metavar="R", help="16:9, 9:16 or 1:1")
+    p.add_argument("--negative-prompt", metavar="T", help="what to avoid")
+    p.add_argument("--cfg-scale", metavar="X", help="prompt adherence, 0-1")
     p.add_argument("--resume", metavar="TASK_ID", help="follow a task submitted before instead of submitting")
     p.add_argument("--wait", action="store_true", help="poll until the task completes or fails")
     p.add_argument("--out", metavar="FILE", help="download the video to FILE (implies --wait)")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end (errors too)")
     p.add_argument("--url", help="gateway base URL (default: $KLING_GATEWAY_URL)")
     p.add_argument("--key", help="gateway key (default: $KLING_GATEWAY_KEY)")
-    p.add_argument("--idempotency-key", help="reuse a key to repeat a submission safely (default: a new UUID)")
-    p.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_S, help="seconds between polls (default 2)")
+    p.add_argument(
+        "--idempotency-key", metavar="K", help="repeat an earlier submission safely with its key (default: a new UUID)"
+    )
+    p.add_argument(
+        "--poll-interval", metavar="S", type=float, default=DEFAULT_POLL_S, help="seconds between polls (default 2)"
+    )
 
 
 _REQUEST_FLAGS = ("model", "prompt", "image", "last_image", "duration", "aspect_ratio", "negative_prompt", "cfg_scale")
@@ -381,6 +400,8 @@ class Job:
             if request is not None:
                 for warning in request["warnings"]:
                     self.out.note(f"warning: {warning['param']}: {warning['message']}")
+                if request["warnings"]:
+                    self.out.result["warnings"] = request["warnings"]
                 task = self.submit(request["body"], idem_key or str(uuid.uuid4()))
             else:
                 self.task_id = resume

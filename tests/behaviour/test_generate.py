@@ -154,6 +154,15 @@ class TestThroughTheGateway:
         (post,) = stack.gateway.to("POST", "/v1/video/generations")
         assert post.headers["idempotency-key"] == report["idempotency_key"]
 
+    def test_warnings_are_reported(self, stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+        """A local validation warning (aspect ratio in image mode) is shown, and listed in the JSON, yet submitted."""
+        image = ["--image", "https://example.com/start-frame.png", "--aspect-ratio", "16:9"]
+        code, out, err = generate(capsys, *FOX, *image)
+        assert code == 0 and "warning: aspect_ratio: " in err
+        code, out, _ = generate(capsys, *FOX, *image, "--json")
+        assert [w["code"] for w in json.loads(out)["warnings"]] == ["aspect_ratio_not_guaranteed"]
+        assert len(stack.gateway.to("POST", "/v1/video/generations")) == 2
+
     def test_given_idempotency_key_is_sent_and_replays(self, stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
         """--idempotency-key is sent as is; repeating the command returns the same task, submitted upstream once."""
         first = generate(capsys, *FOX, "--idempotency-key", "order-42", "--json")
