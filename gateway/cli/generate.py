@@ -109,6 +109,7 @@ class Failure(Exception):
     errors: tuple[dict[str, Any], ...] = ()
     http_status: int | None = None
     exit_code: int = EXIT_FAILED
+    retry_after: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -508,23 +509,33 @@ class Job:
             raise
 
     def _download_content(self, part: Path) -> int | None:
-        """The bytes of ``/v1/videos/{id}/content`` saved to ``part``; None when the gateway answers 404."""
-        for attempt in range(MAX_ATTEMPTS):
+        """The bytes of ``/v1/videos/{id}/content`` saved to ``part``; None when the gateway answers 404.
+
+        ``video_not_ready`` is waited out like a busy gateway (429/503, honouring ``Retry-After``) and a broken
+        transfer is started again, up to ``MAX_ATTEMPTS`` times.
+        """
+        attempt = 0
+        while True:
             try:
                 return self._save(self.client, "GET", f"/v1/videos/{self.task_id}/content", part)
             except Failure as failure:
                 if failure.http_status == 404:
                     return None
-                if failure.code != "video_not_ready":
+                status = 503 if failure.code == "video_not_ready" else failure.http_status
+                delay = next_delay(status, failure.retry_after, interval=self.interval, attempt=attempt)
+                if delay is None:
                     raise
-                self.sleep(min(self.interval * 2.0**attempt, MAX_BACKOFF_S))
-        raise Failure("video_not_ready", "the gateway kept answering that the video is not ready")
+                self.out.note(f"  {failure.code}: retrying the download in {delay:g} s")
+                self.sleep(delay)
+                attempt += 1
 
     def _save(self, client: httpx.Client, method: str, url: str, part: Path) -> int:
         try:
             with client.stream(method, url) as response:
                 if response.status_code != 200:
-                    raise gateway_failure(response.status_code, response.read())
+                    failure = gateway_failure(response.status_code, response.read())
+                    failure.retry_after = parse_retry_after(response.headers.get("retry-after"), time.time())
+                    raise failure
                 length = response.headers.get("content-length")
                 total = int(length) if length and length.isdigit() else None
                 written = 0

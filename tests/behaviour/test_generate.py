@@ -272,23 +272,27 @@ class TestDownloads:
     def test_content_route_preferred_and_not_ready_waited(
         self, fake_gateway: FakeUpstream, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """The gateway's /content is used when it exists; 409 video_not_ready is waited out; video_url is unused."""
+        """The gateway's /content is used when it exists; 409 video_not_ready and 429 are waited out; no video_url."""
         video = b"\x00\x00\x00\x18ftypisom" + bytes(1000)
         fake_gateway.script("POST", "/v1/video/generations", json_answer(200, SUBMITTED))
         done = status("completed", 100, video_url=f"{fake_gateway.url}/cdn/v.mp4")
         fake_gateway.always("GET", "/v1/videos/task_1", json_answer(200, done))
         not_ready = {"error": {"message": "Not yet.", "type": "invalid_request_error", "code": "video_not_ready"}}
+        busy = {"error": {"message": "Slow down.", "type": "rate_limit_error", "code": "rate_limited"}}
         fake_gateway.script(
             "GET",
             "/v1/videos/task_1/content",
             json_answer(409, not_ready),
+            json_answer(429, busy, headers={"Retry-After": "1"}),
             text(200, video, content_type="video/mp4"),
         )
         target = tmp_path / "v.mp4"
         code, _, err = generate(capsys, *FOX, "--out", str(target), *FAST)
         assert code == 0, err
         assert target.read_bytes() == video
-        assert fake_gateway.calls("GET", "/v1/videos/task_1/content") == 2
+        assert fake_gateway.calls("GET", "/v1/videos/task_1/content") == 3
+        assert "video_not_ready: retrying the download in 0.5 s" in err
+        assert "rate_limited: retrying the download in 1 s" in err
         assert fake_gateway.calls("GET", "/cdn/v.mp4") == 0
 
     def test_fallback_on_404_and_short_body_is_an_error(
