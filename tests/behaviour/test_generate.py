@@ -316,34 +316,47 @@ class TestDownloads:
         assert fetch.header("authorization") is None
 
 
+def interrupt_while_waiting(fake: FakeUpstream, *argv: str) -> tuple[int, str, str]:
+    """Run generate as a subprocess against ``fake``, SIGINT it once it is polling: exit code, stdout, stderr."""
+    fake.script("POST", "/v1/video/generations", json_answer(200, SUBMITTED))
+    fake.always("GET", "/v1/videos/task_1", json_answer(200, status("in_progress", 40)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KLING_GATEWAY_", "UNIALL_"))}
+    env.update(KLING_GATEWAY_URL=fake.url, KLING_GATEWAY_KEY="gk_fake")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "generate", *FOX, *argv, *FAST],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        fake.wait_for_calls("GET", "/v1/videos/task_1", 2, within_s=20)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return process.returncode, out, err
+
+
 class TestInterrupt:
     def test_ctrl_c_leaves_the_task_and_says_how_to_resume(self, fake_upstream: FakeUpstream, tmp_path: Path) -> None:
-        """SIGINT while waiting: exit 130, the task id and the exact resume command on stderr, no partial file."""
-        fake_upstream.script("POST", "/v1/video/generations", json_answer(200, SUBMITTED))
-        fake_upstream.always("GET", "/v1/videos/task_1", json_answer(200, status("in_progress", 40)))
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("KLING_GATEWAY_", "UNIALL_"))}
-        env.update(KLING_GATEWAY_URL=fake_upstream.url, KLING_GATEWAY_KEY="gk_fake")
+        """SIGINT while waiting: exit 130, the task id and the exact resume command on stderr, no file."""
         target = tmp_path / "v.mp4"
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "generate", *FOX, "--out", str(target), *FAST],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            fake_upstream.wait_for_calls("GET", "/v1/videos/task_1", 2, within_s=20)
-            process.send_signal(signal.SIGINT)
-            out, err = process.communicate(timeout=10)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
-        assert process.returncode == 130
+        code, out, err = interrupt_while_waiting(fake_upstream, "--out", str(target))
+        assert code == 130
         assert "task_id: task_1" in out
-        assert (
-            f"task task_1 keeps running. Resume with: kling-gateway generate --resume task_1 --wait --out {target}"
-            in err
-        )
+        resume = f"kling-gateway generate --resume task_1 --wait --out {target}"
+        assert f"task task_1 keeps running. Resume with: {resume}" in err
         assert "Traceback" not in err
         assert not target.exists() and not (tmp_path / "v.mp4.part").exists()
+        assert fake_upstream.calls("POST", "/v1/video/generations") == 1  # nothing was cancelled or resubmitted
+
+    def test_ctrl_c_with_json(self, fake_upstream: FakeUpstream) -> None:
+        """With --json the interruption is one JSON object naming the task and the resume command."""
+        code, out, err = interrupt_while_waiting(fake_upstream, "--wait", "--json")
+        report = json.loads(out)
+        assert code == 130 and err == ""
+        assert (report["ok"], report["task_id"], report["error"]["code"]) == (False, "task_1", "interrupted")
+        assert report["resume"] == "kling-gateway generate --resume task_1 --wait"
