@@ -242,13 +242,23 @@ def run(args: argparse.Namespace) -> int:
         return job.run(body, resume=args.resume, wait=args.wait or bool(args.out), idem_key=args.idempotency_key)
 
 
-def _checked_request(args: argparse.Namespace) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class Checked:
+    """A request that passed local validation: the normalized body to submit, and any warnings."""
+
+    body: dict[str, Any]
+    warnings: list[dict[str, str]]
+
+
+def _checked_request(args: argparse.Namespace) -> Checked | None:
     """The validated body to submit, or None with ``--resume``; a ``Failure`` for bad flags or an invalid body."""
     if args.poll_interval < MIN_POLL_S or not math.isfinite(args.poll_interval):
         raise Failure("usage", f"--poll-interval: at least {MIN_POLL_S:g} seconds", exit_code=EXIT_USAGE)
     given = [f"--{name.replace('_', '-')}" for name in _REQUEST_FLAGS if getattr(args, name) is not None]
     if args.resume is not None:
-        if given or args.idempotency_key:
+        if args.idempotency_key is not None:
+            given.append("--idempotency-key")
+        if given:
             raise Failure("usage", f"--resume follows an existing task: drop {', '.join(given)}", exit_code=EXIT_USAGE)
         if not args.resume.strip() or "/" in args.resume:
             raise Failure("usage", f"--resume: not a task id: {args.resume!r}", exit_code=EXIT_USAGE)
@@ -262,7 +272,7 @@ def _checked_request(args: argparse.Namespace) -> dict[str, Any] | None:
         noun = "problem" if len(problems) == 1 else "problems"
         message = f"the request is invalid ({len(problems)} {noun}); nothing was sent"
         raise Failure("invalid_request", message, errors=problems)
-    return {"body": result.request.body, "warnings": [w.as_dict() for w in result.warnings]}
+    return Checked(result.request.body, [w.as_dict() for w in result.warnings])
 
 
 def _gateway(args: argparse.Namespace) -> tuple[str, str | None]:
@@ -396,14 +406,14 @@ class Job:
     sleep: Callable[[float], None] = time.sleep
     task_id: str | None = None
 
-    def run(self, request: dict[str, Any] | None, *, resume: str | None, wait: bool, idem_key: str | None) -> int:
+    def run(self, request: Checked | None, *, resume: str | None, wait: bool, idem_key: str | None) -> int:
         try:
             if request is not None:
-                for warning in request["warnings"]:
+                for warning in request.warnings:
                     self.out.note(f"warning: {warning['param']}: {warning['message']}")
-                if request["warnings"]:
-                    self.out.result["warnings"] = request["warnings"]
-                task = self.submit(request["body"], idem_key or str(uuid.uuid4()))
+                if request.warnings:
+                    self.out.result["warnings"] = request.warnings
+                task = self.submit(request.body, idem_key or str(uuid.uuid4()))
             else:
                 self.task_id = resume
                 task = self.poll_once()

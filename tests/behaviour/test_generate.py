@@ -92,6 +92,7 @@ class TestLocalValidation:
             ([], "--model and --prompt required"),
             (["--resume", "task_1", "--model", "kling-v3-std-silent"], "drop --model"),
             (["--resume", "a/b"], "not a task id"),
+            (["--resume", "task_1", "--idempotency-key", "k"], "drop --idempotency-key"),
             ([*FOX, "--poll-interval", "0.1"], "--poll-interval: at least 0.5"),
         ],
     )
