@@ -436,9 +436,10 @@ class Job:
         except Failure as failure:
             return self.out.fail(failure)
         except KeyboardInterrupt:
-            return self.interrupted(idem_key)
+            return self.interrupted()
 
-    def interrupted(self, idem_key: str | None) -> int:
+    def interrupted(self) -> int:
+        idem_key = self.out.result.get("idempotency_key")
         if self.task_id is None:
             hint = "interrupted before the gateway answered; the task may exist already."
             if idem_key:
@@ -459,7 +460,10 @@ class Job:
             try:
                 response = self.client.request(method, path, **kwargs)
             except httpx.TransportError as exc:
-                status, retry_after, failure = None, None, Failure("unreachable", f"{self.client.base_url}: {exc}")
+                failure = Failure("unreachable", f"cannot reach the gateway at {self.client.base_url}: {exc}")
+                if isinstance(exc, httpx.ConnectError) and self.task_id is None:
+                    raise failure from None  # nothing is running yet: a wrong URL or a stopped gateway, say so now
+                status, retry_after = None, None
             else:
                 if response.status_code < 400:
                     return response

@@ -227,6 +227,21 @@ class TestThroughTheGateway:
         assert code == 1 and "HTTP 404" in err
 
 
+class TestUnreachable:
+    def test_no_gateway_listening_fails_at_once(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A gateway that refuses connections before anything was submitted is exit 1 at once, naming the URL."""
+        url = FakeUpstream.closed_port()
+        monkeypatch.setenv("KLING_GATEWAY_URL", url)
+        started = time.monotonic()
+        code, out, err = generate(capsys, *FOX, "--json")
+        report = json.loads(out)
+        assert code == 1 and err == "" and time.monotonic() - started < 5
+        assert report["error"]["code"] == "unreachable" and url in report["error"]["message"]
+        assert "task_id" not in report and len(report["idempotency_key"]) == 36
+
+
 class TestPoliteness:
     def test_retry_after_is_honoured(self, fake_gateway: FakeUpstream, capsys: pytest.CaptureFixture[str]) -> None:
         """429 and 503 with Retry-After are waited out (not the shorter poll interval); the retry reuses the key."""
