@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from support.loopback import Stack, serve_stack
-from support.upstream_fake import FakeUpstream, dynamic, text
+from support.upstream_fake import FakeUpstream, dynamic, hang, text
 from support.upstream_fake import json as json_answer
 
 from gateway.cli.main import main
@@ -376,3 +376,26 @@ class TestInterrupt:
         assert code == 130 and err == ""
         assert (report["ok"], report["task_id"], report["error"]["code"]) == (False, "task_1", "interrupted")
         assert report["resume"] == "kling-gateway generate --resume task_1 --wait"
+
+    def test_ctrl_c_during_submission_names_the_idempotency_key(self, fake_upstream: FakeUpstream) -> None:
+        """SIGINT before the gateway answered: the hint gives the Idempotency-Key that repeats it safely."""
+        fake_upstream.always("POST", "/v1/video/generations", hang())
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("KLING_GATEWAY_", "UNIALL_"))}
+        env.update(KLING_GATEWAY_URL=fake_upstream.url)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "generate", *FOX, "--idempotency-key", "order-7"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            fake_upstream.wait_for_calls("POST", "/v1/video/generations", 1, within_s=20)
+            process.send_signal(signal.SIGINT)
+            out, err = process.communicate(timeout=10)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+        assert process.returncode == 130 and "task_id" not in out
+        assert "Repeat the command with --idempotency-key order-7" in err
