@@ -25,12 +25,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import httpx
 import orjson
 
 from gateway.validation.checks import validate
+
+if TYPE_CHECKING:  # imported when the command runs: the other commands start without httpx
+    import httpx
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 SUBMIT_PATH = "/v1/video/generations"
@@ -42,7 +44,7 @@ MAX_RETRY_AFTER_S = 120.0
 """A longer ``Retry-After`` (an exhausted monthly budget, say) is reported rather than waited out."""
 MAX_ATTEMPTS = 6
 """Consecutive refusals or transport failures tolerated on one call before giving up."""
-_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+_TIMEOUT_S, _CONNECT_TIMEOUT_S = 30.0, 5.0
 _CHUNK = 64 * 1024
 
 
@@ -287,10 +289,18 @@ def _gateway(args: argparse.Namespace) -> tuple[str, str | None]:
 
 
 def _client(url: str, key: str | None) -> httpx.Client:
+    import httpx
+
     headers = {"User-Agent": "kling-gateway-generate"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
-    return httpx.Client(base_url=url, headers=headers, timeout=_TIMEOUT)
+    return httpx.Client(base_url=url, headers=headers, timeout=_timeout())
+
+
+def _timeout() -> httpx.Timeout:
+    import httpx
+
+    return httpx.Timeout(_TIMEOUT_S, connect=_CONNECT_TIMEOUT_S)
 
 
 # -- output -----------------------------------------------------------------------------------------------------
@@ -455,6 +465,8 @@ class Job:
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """A request repeated, politely, while the gateway is busy or unreachable."""
+        import httpx
+
         attempt = 0
         while True:
             try:
@@ -514,7 +526,9 @@ class Job:
             if size is None:  # this gateway has no content route: fetch the task's video_url, without our key
                 if not video_url.startswith(("http://", "https://")):
                     raise Failure("video_unavailable", "the task completed without a downloadable video_url")
-                with httpx.Client(timeout=_TIMEOUT, follow_redirects=True) as plain:
+                import httpx
+
+                with httpx.Client(timeout=_timeout(), follow_redirects=True) as plain:
                     size = self._save(plain, "GET", video_url, part)
             part.replace(path)
             return size
@@ -544,6 +558,8 @@ class Job:
                 attempt += 1
 
     def _save(self, client: httpx.Client, method: str, url: str, part: Path) -> int:
+        import httpx
+
         try:
             with client.stream(method, url) as response:
                 if response.status_code != 200:
