@@ -5,7 +5,8 @@ the way the real service does, closely enough for the gateway, its tests and loc
 
     POST /v1/video/generations     bearer auth, minimal checks → 200 {"id": "task_…", "status": "queued", …}
     GET  /v1/videos/{task_id}      bearer auth → the status body (404 for an unknown task)
-    GET  /sandbox/files/{id}.mp4   the finished "video" (a tiny MP4 header blob), no auth
+    GET  /sandbox/files/{id}.mp4   the finished "video" (a tiny MP4 header blob), no auth; HEAD and a single
+                                   byte Range (206, unsatisfiable 416) as a CDN answers them
     GET  /sandbox/health           200
 
 A task's status is a pure function of the time elapsed since it was submitted, read from an injected
@@ -55,6 +56,7 @@ __all__ = [
     "RunningServer",
     "SandboxOptions",
     "bind_socket",
+    "byte_range",
     "create_sandbox_app",
     "mp4_bytes",
     "serve_app",
@@ -281,11 +283,51 @@ async def _status(request: Request) -> Response:
 
 
 async def _file(request: Request) -> Response:
+    """GET or HEAD a completed task's video; a single byte ``Range`` answers 206 (unsatisfiable: 416)."""
     state = _state(request)
     task = state.tasks.peek(request.path_params["name"])
     if task is None or not state.is_completed(task):
         return _error(404, "File not found.", "invalid_request_error", "file_not_found")
-    return Response(mp4_bytes(task.seconds), media_type="video/mp4")
+    data = mp4_bytes(task.seconds)
+    headers = {"Accept-Ranges": "bytes"}
+    wanted = byte_range(request.headers.get("range"), len(data))
+    if wanted == "unsatisfiable":
+        headers["Content-Range"] = f"bytes */{len(data)}"
+        return Response(status_code=416, headers=headers)
+    if wanted is None:
+        return Response(data, media_type="video/mp4", headers=headers)
+    first, last = wanted
+    headers["Content-Range"] = f"bytes {first}-{last}/{len(data)}"
+    return Response(data[first : last + 1], status_code=206, media_type="video/mp4", headers=headers)
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | Literal["unsatisfiable"] | None:
+    """The inclusive ``(first, last)`` of a single ``bytes=`` range over ``size`` bytes (RFC 9110 section 14).
+
+    None means "send it all": no header, a malformed one, or several ranges (which a server may ignore).
+
+    >>> byte_range("bytes=0-9", 100), byte_range("bytes=-10", 100), byte_range("bytes=95-", 100)
+    ((0, 9), (90, 99), (95, 99))
+    >>> byte_range("bytes=100-", 100), byte_range("bytes=0-1,5-6", 100)
+    ('unsatisfiable', None)
+    """
+    unit, _, spec = (header or "").partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    start, dash, end = spec.strip().partition("-")
+    if not dash or not (start.isdigit() or end.isdigit()) or (start and not start.isdigit()):
+        return None
+    if end and not end.isdigit():
+        return None
+    if not start:  # the last `end` bytes
+        suffix = int(end)
+        return (max(0, size - suffix), size - 1) if suffix > 0 and size > 0 else "unsatisfiable"
+    first, last = int(start), int(end) if end else size - 1
+    if end and last < first:
+        return None  # invalid, so ignored
+    if first >= size:
+        return "unsatisfiable"
+    return first, min(last, size - 1)
 
 
 async def _health(request: Request) -> Response:
