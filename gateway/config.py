@@ -59,6 +59,12 @@ class ServerSettings:
     shutdown_timeout_s: float = 15.0
     #: Largest request header block accepted, in bytes (uvicorn's httptools/h11 limit).
     max_header_bytes: int = 16 * 1024
+    #: Longest wait for a request's head (request line and headers); past it: 408, or a plain close if nothing came.
+    header_timeout_s: float = 10.0
+    #: Connections allowed in the middle of a request head; past it the longest-waiting one is timed out.
+    max_connections_reading_headers: int = 256
+    #: An idle keep-alive connection is closed after this long.
+    keep_alive_timeout_s: float = 5.0
     #: Requests handled at once; more wait in a bounded queue (health, readiness and metrics are exempt).
     max_in_flight: int = 1024
     #: Requests allowed to wait for a slot; past it: 503 overloaded at once.
@@ -359,6 +365,12 @@ def _check(settings: Settings) -> None:
         (settings.server.max_body_bytes >= 1024, "server.max_body_bytes: must be at least 1024"),
         (settings.server.workers >= 1, "server.workers: must be at least 1"),
         (settings.server.shutdown_timeout_s >= 0, "server.shutdown_timeout_s: must not be negative"),
+        (settings.server.header_timeout_s > 0, "server.header_timeout_s: must be positive"),
+        (
+            settings.server.max_connections_reading_headers >= 1,
+            "server.max_connections_reading_headers: must be at least 1",
+        ),
+        (settings.server.keep_alive_timeout_s > 0, "server.keep_alive_timeout_s: must be positive"),
         (settings.upstream.timeout_s > 0, "upstream.timeout_s: must be positive"),
         (settings.upstream.connect_timeout_s > 0, "upstream.connect_timeout_s: must be positive"),
         (settings.upstream.read_timeout_s > 0, "upstream.read_timeout_s: must be positive"),
