@@ -215,6 +215,9 @@ class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
             raise Refused(InvalidRequest("Upgrade requests with a body are not supported.", code="invalid_upgrade"))
         super().on_headers_complete()
 
+    def _should_upgrade_to_ws(self) -> bool:
+        return False  # the gateway has no WebSocket routes, whatever libraries are installed
+
     def _declares_body(self) -> bool:
         for name, value in self.headers:
             if name == b"transfer-encoding" or (name == b"content-length" and value.strip(b" \t0")):
