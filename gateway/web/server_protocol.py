@@ -117,10 +117,10 @@ class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
         self._limits = limits
         self._max_head = limits.max_header_bytes
         self._watch = watch
-        self._reading_head = False  # in the watch: a head is being read
-        self._head_started = False  # a byte of the current request has arrived
+        self._watched = False  # in the watch: a connection with nothing yet, or a head spread over reads
+        self._in_head = False  # a byte of the current request has arrived, its head is not complete
         self._heads = 0  # heads begun on this connection
-        self._head_fields = 0  # bytes of header names and values in the current head
+        self._head_room = limits.max_header_bytes  # what the current head's target and fields may still add
         self._head_spill = 0  # bytes of reads that fell wholly inside the current head
         self._hosts = 0
         self._refused = False  # nothing more is read; a refusal is written or waits for earlier answers
@@ -130,12 +130,12 @@ class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._reading_head = True
+        self._watched = True
         self._watch.begin(self, self.loop)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._reading_head:
-            self._reading_head = False
+        if self._watched:
+            self._watched = False
             self._watch.done(self)
         super().connection_lost(exc)
 
@@ -156,11 +156,16 @@ class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
         except httptools.HttpParserError:
             self._refuse(malformed())
             return
-        if self._reading_head and heads == self._heads and self._head_started:
-            # A head spread over reads: httptools buffers an unfinished header line whole, so count raw bytes.
-            self._head_spill += len(data)
-            if self._head_spill > self._max_head:
-                self._refuse(head_too_long(self._limits))
+        if self._in_head:
+            # A head spread over reads (never the case for a head that arrives whole: no cost on the hot path).
+            if not self._watched:
+                self._watched = True
+                self._watch.begin(self, self.loop)
+            elif heads == self._heads:
+                # The whole read was inside one head; httptools buffers an unfinished header line whole.
+                self._head_spill += len(data)
+                if self._head_spill > self._max_head:
+                    self._refuse(head_too_long(self._limits))
 
     def _after_upgrade(self, rest: bytes) -> None:
         """The request asked for an upgrade, which the gateway ignores: parse what follows as HTTP/1.1 again."""
@@ -174,17 +179,15 @@ class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._heads += 1
-        self._head_started = True
-        self._head_fields = 0
+        self._in_head = True
+        self._head_room = self._max_head
         self._head_spill = 0
         self._hosts = 0
-        if not self._reading_head:
-            self._reading_head = True
-            self._watch.begin(self, self.loop)
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        if len(self.url) > self._max_head:
+        self._head_room -= len(url)
+        if self._head_room < 0:
             raise Refused(target_too_long(self._limits))
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -195,16 +198,16 @@ class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
             self._hosts += 1
         elif name == b"expect" and value.lower() == b"100-continue":
             self.expect_100_continue = True
-        self._head_fields += len(name) + len(value)
-        if self._head_fields + len(self.url) > self._max_head:
+        self._head_room -= len(name) + len(value)
+        if self._head_room < 0:
             raise Refused(head_too_long(self._limits))
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        if self._reading_head:
-            self._reading_head = False
+        self._in_head = False
+        if self._watched:
+            self._watched = False
             self._watch.done(self)
-        self._head_started = False
         version = self.parser.get_http_version()
         if version != "1.1" and version != "1.0":
             raise Refused(HttpVersionNotSupported(f"HTTP/{version} is not supported; use HTTP/1.1."))
@@ -228,10 +231,10 @@ class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
 
     def head_timed_out(self) -> None:
         """Called by the watch: the head took too long, or the cap needed this connection's place."""
-        self._reading_head = False
+        self._watched = False
         if self.transport.is_closing():
             return
-        if not self._head_started:
+        if not self._in_head:
             self.transport.close()  # not one byte of a request: nothing to answer
             return
         self._refuse(head_timed_out(self._limits))
@@ -239,8 +242,8 @@ class GatewayHttpProtocol(CoalescingHttpToolsProtocol):
     def _refuse(self, error: GatewayError) -> None:
         """Answer ``error`` and close, after the answers to the requests read before it."""
         self._refused = True
-        if self._reading_head:
-            self._reading_head = False
+        if self._watched:
+            self._watched = False
             self._watch.done(self)
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete and cycle.more_body:
