@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-VARIANTS = ("coalescing", "listener")
+VARIANTS = tuple(os.environ.get("LISTENER_COST_VARIANTS", "coalescing,listener").split(","))
 
 
 async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -36,7 +36,7 @@ def serve(variant: str, port: int) -> None:
 
     from gateway.web.server_protocol import CoalescingHttpToolsProtocol, listener_protocol
 
-    http: Any = CoalescingHttpToolsProtocol if variant == "coalescing" else listener_protocol()
+    http: Any = CoalescingHttpToolsProtocol if variant.startswith("coalescing") else listener_protocol()
     uvicorn.run(
         _app,
         host="127.0.0.1",
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=4)
     parser.add_argument("--connections", type=int, default=50)
-    parser.add_argument("--serve", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
