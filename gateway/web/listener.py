@@ -14,8 +14,9 @@ the gateway's protocol (``gateway.web.server_protocol``) enforces, before any re
   but 1.0 and 1.1 gets 505 ``http_version_not_supported``; a malformed request 400 ``invalid_http_request``.
 
 Refusals use the gateway's JSON error body, carry ``X-Request-ID`` and close the connection; requests read before
-the refused one are answered first, in order. ``HeaderWatch`` keeps the connections reading a head in arrival
-order, so one timer (for the oldest) serves them all.
+the refused one are answered first, in order. ``HeaderWatch`` keeps, in arrival order, the connections that have
+sent nothing yet or whose head spans more than one read (a head that arrives whole never enters it), so one timer
+(for the oldest) serves them all.
 """
 
 from __future__ import annotations
