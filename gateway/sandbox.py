@@ -49,7 +49,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from gateway.bounded import LRUCache
-from gateway.web.server_protocol import HTTP_PROTOCOL
+from gateway.web.server_protocol import listener_protocol
 
 __all__ = [
     "EmbeddedServer",
@@ -439,6 +439,8 @@ async def serve_app(
     port: int = 0,
     lifespan: Literal["auto", "on", "off"] = "auto",
     log_level: str = "warning",
+    http: Any = None,
+    timeout_keep_alive: float = 5,
 ) -> AsyncIterator[RunningServer]:
     """Serve ``app`` in the current event loop for the duration of the block (port 0: the OS picks one).
 
@@ -452,8 +454,10 @@ async def serve_app(
         log_config=None,
         access_log=False,
         ws="none",
-        http=HTTP_PROTOCOL,  # the gateway's own, so apps served here run exactly as under `kling-gateway serve`
+        # the gateway's own protocol (any factory works), so apps run here exactly as under `kling-gateway serve`
+        http=http or listener_protocol(),  # type: ignore[arg-type]
         timeout_graceful_shutdown=1,
+        timeout_keep_alive=timeout_keep_alive,  # type: ignore[arg-type]  # a float works; the hint says int
     )
     server = EmbeddedServer(config)
     serving = asyncio.create_task(server.serve(sockets=[sock]))
