@@ -105,7 +105,7 @@ def test_bars_scale_to_the_largest(values: list[Decimal], heights: list[float]) 
     drawn = bars([(str(i), v, str(v)) for i, v in enumerate(values)])
     assert [b.height for b in drawn] == heights
     for bar in drawn:
-        assert 0 <= bar.x and bar.x + bar.width <= WIDTH and 0 <= bar.y <= HEIGHT
+        assert bar.x >= 0 and bar.x + bar.width <= WIDTH and 0 <= bar.y <= HEIGHT
 
 
 def test_bars_stop_at_the_maximum() -> None:
