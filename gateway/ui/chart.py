@@ -12,6 +12,7 @@ from decimal import Decimal
 WIDTH = 600
 HEIGHT = 160
 _LABEL_BAND = 20
+_MAX_BAR_WIDTH = 60.0
 MAX_BARS = 40
 
 
@@ -42,5 +43,6 @@ def bars(points: Sequence[tuple[str, Decimal, str]]) -> list[Bar]:
     result = []
     for index, (label, value, text) in enumerate(shown):
         height = 0.0 if top <= 0 else float(max(value, Decimal(0)) / top) * plot
-        result.append(Bar(index * slot + slot * 0.1, plot - height, slot * 0.8, height, label, text))
+        width = min(slot * 0.8, _MAX_BAR_WIDTH)
+        result.append(Bar(index * slot + (slot - width) / 2, plot - height, width, height, label, text))
     return result

@@ -147,8 +147,11 @@ class UiRoutes:
         return self._render(request, "signin.html")
 
     async def signin(self, request: Request) -> Response:
+        # No session yet, so no CSRF token: refuse a sign-in posted by another site (login CSRF). With the UI's
+        # no-referrer policy browsers send ``Origin: null`` for its own forms; Sec-Fetch-Site still tells.
         origin = request.headers.get("origin")
-        if origin is not None and origin != f"{request.url.scheme}://{request.url.netloc}":
+        foreign_origin = origin not in (None, "null") and origin != f"{request.url.scheme}://{request.url.netloc}"
+        if foreign_origin or request.headers.get("sec-fetch-site") in ("cross-site", "same-site"):
             raise PermissionDenied("Sign in from this gateway's own sign-in page.", code="csrf_failed")
         address = request.client.host if request.client else "unknown"
         wait = self._guard.retry_after(address)
