@@ -9,14 +9,16 @@ inline script: the copy button's script is a file under ``static/``), no-store c
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs, quote, urlencode
 
+import jinja2
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
@@ -55,6 +57,17 @@ SECURITY_HEADERS: Final = {
     "cache-control": "no-store",
     "x-frame-options": "DENY",
 }
+_USAGE_COLUMNS: Final = (
+    "tasks",
+    "requested_seconds",
+    "settled_seconds",
+    "estimated_usd",
+    "settled_usd",
+    "cost_usd",
+    "completed",
+    "failed",
+    "pending",
+)
 _STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -70,6 +83,53 @@ class UiDeps:
     clock: Callable[[], float]
     rotation_grace_s: float
     allow_private_webhooks: bool
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRow:
+    """One key as the keys page shows it: display strings only (never the secret or its hash)."""
+
+    name: str
+    path: str
+    prefix: str
+    active: bool
+    models: str
+    rpm: str
+    budget: str
+    spent: str
+    remaining: str
+    created: str
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRow:
+    """One ledger task as the tasks page shows it."""
+
+    task_id: str
+    path: str
+    key: str
+    model: str
+    mode: str
+    status: str
+    seconds: int
+    estimate: str
+    settled: str
+    submitted: str
+
+
+def _task_row(task: TaskRecord) -> TaskRow:
+    return TaskRow(
+        task_id=task.task_id,
+        path=quote(task.task_id, safe=""),
+        key=task.key_name,
+        model=task.model,
+        mode=task.mode,
+        status=task.status,
+        seconds=task.estimate_seconds,
+        estimate=_money(task.estimate_usd),
+        settled=_money(task.settled_usd),
+        submitted=_when(task.submitted_at),
+    )
 
 
 def _when(ts: float | None) -> str:
@@ -90,8 +150,11 @@ class UiRoutes:
         self._admin = AdminToken(deps.admin_token)
         self._signer = SessionSigner(deps.admin_token, ttl_s=session_ttl_s)
         self._guard = guard or SignInGuard()
-        self._templates = Jinja2Templates(directory=str(_HERE / "templates"))
-        self._templates.env.filters["when"] = _when
+        env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(_HERE / "templates"), autoescape=True, auto_reload=False
+        )  # templates are part of the package: read once, never re-checked per request
+        env.filters["when"] = _when
+        self._templates = Jinja2Templates(env=env)
         self._static = {p.name: p.read_bytes() for p in (_HERE / "static").iterdir() if p.suffix in _STATIC_TYPES}
 
     @classmethod
@@ -193,21 +256,26 @@ class UiRoutes:
     async def keys_page(self, request: Request, status: int = 200, **extra: Any) -> Response:
         now = self._deps.clock()
         start, end = month_bounds(now)
-        records = await self._deps.store.list_keys()
-        spent = {row.key: row.cost_usd for row in await self._deps.store.usage(start, end, ("key",))}
+        store = self._deps.store
+        records, usage = await asyncio.gather(store.list_keys(), store.usage(start, end, ("key",)))
+        spent = {row.key: row.cost_usd for row in usage}
         rows = []
         for record in sorted(records, key=lambda r: (r.revoked, r.name)):
             mtd = spent.get(record.name, Decimal(0))
             budget = record.monthly_budget_usd
             rows.append(
-                {
-                    "record": record,
-                    "status": "revoked" if record.revoked else "active",
-                    "models": ", ".join(record.models) or "all",
-                    "budget": _money(budget),
-                    "spent": _money(mtd),
-                    "remaining": "" if budget is None else _money(max(budget - mtd, Decimal(0))),
-                }
+                KeyRow(
+                    name=record.name,
+                    path=quote(record.name, safe=""),
+                    prefix=record.prefix,
+                    active=not record.revoked,
+                    models=", ".join(record.models) or "all",
+                    rpm="" if record.rpm is None else str(record.rpm),
+                    budget=_money(budget),
+                    spent=_money(mtd),
+                    remaining="" if budget is None else _money(max(budget - mtd, Decimal(0))),
+                    created=_when(record.created_at),
+                )
             )
         return self._render(request, "keys.html", status, keys=rows, **extra)
 
@@ -283,14 +351,12 @@ class UiRoutes:
             return self._render(request, "usage.html", 400, form=form, groups=USAGE_GROUPS, error=str(exc))
         rows = await self._deps.store.usage(since, until, group_by)
         cells, totals = table_cells(rows)
-        labelled: list[dict[str, Any]] = [
-            {"labels": [getattr(row, dim) or "-" for dim in group_by], "cells": cell}
-            for row, cell in zip(rows, cells, strict=True)
-        ]
+        labels = [[getattr(row, dim) or "-" for dim in group_by] for row in rows]
+        table = [[*label, *(cell[name] for name in _USAGE_COLUMNS)] for label, cell in zip(labels, cells, strict=True)]
         bars = chart.bars(
             [
-                (" / ".join(item["labels"]) or "all", row.cost_usd, item["cells"]["cost_usd"])
-                for row, item in zip(rows, labelled, strict=True)
+                (" / ".join(label) or "all", row.cost_usd, cell["cost_usd"])
+                for label, row, cell in zip(labels, rows, cells, strict=True)
             ]
         )
         return self._render(
@@ -299,8 +365,10 @@ class UiRoutes:
             form=form,
             groups=USAGE_GROUPS,
             group_by=group_by,
-            rows=labelled,
+            rows=table,
             totals=totals,
+            columns=_USAGE_COLUMNS,
+            width=len(group_by),
             bars=bars,
             chart_width=chart.WIDTH,
             chart_height=chart.HEIGHT,
@@ -341,7 +409,7 @@ class UiRoutes:
             request,
             "tasks.html",
             400 if error else 200,
-            tasks=found,
+            tasks=[_task_row(t) for t in found],
             keys=keys,
             statuses=sorted(TASK_STATUSES),
             key=key or "",
