@@ -390,7 +390,7 @@ class UiRoutes:
         error = ""
         while True:
             try:
-                page, cursor = await store.tasks_for_key(key, 500 if status else _TASK_PAGE, cursor)
+                page, cursor = await store.tasks_for_key(key, 200 if status else _TASK_PAGE, cursor)
             except ValueError:
                 error, cursor = "That page link is not one this gateway made.", None
                 break
