@@ -1,4 +1,4 @@
-"""uvicorn's httptools protocol for the gateway: each response leaves in one system call, and request heads are bounded."""
+"""uvicorn's httptools protocol for the gateway: one system call per response, bounded request heads."""
 
 from __future__ import annotations
 
