@@ -22,6 +22,7 @@ from starlette.routing import Route
 from gateway.auth.keyring import KeyAuthenticator
 from gateway.auth.principal import Authenticator, OpenAuthenticator
 from gateway.config import Settings, UpstreamSettings, missing_scale_extra
+from gateway.content.wiring import build_content
 from gateway.errors import GatewayError
 from gateway.keys import RateLimiter
 from gateway.ledger.pricing import PriceTable
@@ -231,6 +232,21 @@ async def _build_services(
     async def store_ready() -> str | None:
         return None if await store.ping() else "store unavailable"
 
+    async def poll(task: TaskRecord) -> tuple[int, bytes]:
+        outcome = await poller.poll(task.task_id, terminal_body=task.terminal_body)
+        return outcome.status_code, outcome.body
+
+    content, archiver = build_content(
+        settings,
+        registry=metrics.registry,
+        store=store,
+        poll=poll,
+        log=log,
+        clock=clock,
+        stack=stack,
+        resolver=resolver,
+    )
+
     return Services(
         settings=settings,
         metrics=metrics,
@@ -251,6 +267,8 @@ async def _build_services(
         status=poller,
         clock=clock,
         ready_checks=[store_ready],
+        content=content,
+        archiver=archiver,
     )
 
 
@@ -279,6 +297,8 @@ def _loops(services: Services) -> dict[str, Callable[[], Coroutine[None, None, N
     }
     if isinstance(services.auth, KeyAuthenticator):
         loops["key-refresh"] = services.auth.run
+    if services.archiver is not None:
+        loops["archiver"] = services.archiver.run
     settler = services.settings.settler
     if settler.enabled:
         loops["settler"] = Settler.from_settings(

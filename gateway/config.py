@@ -67,6 +67,8 @@ class ServerSettings:
     queue_timeout_s: float = 0.1
     #: On SIGTERM, /readyz fails at once and the gateway keeps serving this long before it stops accepting.
     shutdown_grace_s: float = 0.0
+    #: The gateway's own base URL as clients reach it (``[archive] rewrite_video_url`` points clients there).
+    public_url: str = ""
 
 
 UPSTREAM_TRANSPORTS = ("lean", "aiohttp")
@@ -166,6 +168,40 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class ContentSettings:
+    """``GET /v1/videos/{id}/content`` (SPEC section 10)."""
+
+    #: Largest video served or archived; a bigger one is 502 video_unavailable.
+    max_bytes: int = 2 * 1024**3
+    connect_timeout_s: float = 5.0
+    #: Longest wait for the next bytes from the video's origin.
+    read_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class ArchiveSettings:
+    """Copies of completed tasks' videos (SPEC section 10); off while ``url`` is empty."""
+
+    url: str = ""
+    #: S3-compatible endpoint (``s3://`` only); empty: AWS itself.
+    endpoint_url: str = ""
+    region: str = ""
+    #: Copies made at once by one process.
+    concurrency: int = 2
+    max_attempts: int = 5
+    #: First retry delay; doubled per attempt up to an hour.
+    retry_base_s: float = 30.0
+    #: How often each process looks for completed tasks to copy.
+    scan_s: float = 5.0
+    #: Completed tasks this recent are copied by the running gateway; older ones by ``archive backfill``.
+    lookback_s: float = 86400.0
+    #: Copies older than this are deleted; 0 keeps them forever.
+    keep_days: float = 0.0
+    #: Status answers carry the gateway's content URL (``[server] public_url``) instead of the upstream's.
+    rewrite_video_url: bool = False
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     level: str = "info"
     access_log: bool = True
@@ -184,6 +220,8 @@ class Settings:
     proxy: ProxySettings = field(default_factory=ProxySettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    content: ContentSettings = field(default_factory=ContentSettings)
+    archive: ArchiveSettings = field(default_factory=ArchiveSettings)
     #: Secrets, from the environment only; excluded from repr so they never reach a log line.
     upstream_api_key: str = field(default="", repr=False)
     admin_token: str = field(default="", repr=False)
@@ -409,6 +447,7 @@ def _check(settings: Settings) -> None:
     _check_url("upstream.base_url", settings.upstream.base_url, ("http", "https"))
     _check_url("cache.url", settings.cache.url, ("memory", "redis", "rediss"))
     _check_url("store.url", settings.store_url, ("sqlite", "postgresql", "postgres"))
+    _check_content(settings)
     if not _PREFIX.fullmatch(settings.cache.key_prefix):
         raise ConfigError("cache.key_prefix: 1-64 characters among letters, digits and . _ : -")
     for model, price in settings.pricing.prices.items():
@@ -419,6 +458,40 @@ def _check(settings: Settings) -> None:
             raise ConfigError(f"pricing.mode_multipliers.{mode}: unknown mode{_hint(mode, MODES)}")
         if multiplier < 0:
             raise ConfigError(f"pricing.mode_multipliers.{mode}: must not be negative")
+
+
+def _check_content(settings: Settings) -> None:
+    content, archive = settings.content, settings.archive
+    checks = [
+        (content.max_bytes >= 1, "content.max_bytes: must be at least 1"),
+        (content.connect_timeout_s > 0, "content.connect_timeout_s: must be positive"),
+        (content.read_timeout_s > 0, "content.read_timeout_s: must be positive"),
+        (archive.concurrency >= 1, "archive.concurrency: must be at least 1"),
+        (archive.max_attempts >= 1, "archive.max_attempts: must be at least 1"),
+        (archive.retry_base_s >= 0, "archive.retry_base_s: must not be negative"),
+        (archive.scan_s > 0, "archive.scan_s: must be positive"),
+        (archive.lookback_s >= 0, "archive.lookback_s: must not be negative"),
+        (archive.keep_days >= 0, "archive.keep_days: must not be negative"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if archive.url:
+        parts = urlsplit(archive.url)
+        if parts.scheme == "file":
+            if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+                raise ConfigError(f"archive.url: a file URL needs an absolute local path, got {archive.url!r}")
+        elif parts.scheme == "s3":
+            if not parts.netloc:
+                raise ConfigError(f"archive.url: no bucket in {archive.url!r}")
+        else:
+            raise ConfigError(f"archive.url: scheme must be file or s3, got {parts.scheme or 'none'!r}")
+    if archive.endpoint_url:
+        _check_url("archive.endpoint_url", archive.endpoint_url, ("http", "https"))
+    if settings.server.public_url:
+        _check_url("server.public_url", settings.server.public_url, ("http", "https"))
+    if archive.rewrite_video_url and not settings.server.public_url:
+        raise ConfigError("archive.rewrite_video_url: needs server.public_url (the gateway's URL as clients reach it)")
 
 
 def missing_scale_extra(setting: str, exc: ImportError) -> ConfigError:

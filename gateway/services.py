@@ -9,6 +9,8 @@ from typing import Any
 from gateway.auth.keyring import KeyAuthenticator
 from gateway.auth.principal import Authenticator
 from gateway.config import Settings
+from gateway.content.archiver import Archiver
+from gateway.content.service import ContentService
 from gateway.keys import RateLimiter, SharedRateLimiter
 from gateway.ledger.pricing import PriceTable
 from gateway.ledger.service import Ledger
@@ -40,6 +42,9 @@ class Services:
     shutting_down: bool = False
     #: Per-key limits counted in Redis for every replica (``[cache] url = "redis://..."``); else ``limiter``.
     shared_limiter: SharedRateLimiter | None = None
+    #: ``GET|HEAD /v1/videos/{id}/content`` and, when ``[archive] url`` is set, the background copier.
+    content: ContentService | None = None
+    archiver: Archiver | None = None
 
     async def readiness(self) -> list[str]:
         if self.shutting_down:

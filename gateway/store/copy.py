@@ -6,7 +6,8 @@ through the ``Store`` protocol only, so it works between any two backends (also 
 * every key as it is: hashes, revocations, rotation grace, limits, budgets, webhooks;
 * every task with its status, settlement and stored final answer (the per-day usage rollup is rebuilt by the
   destination as the tasks arrive);
-* submissions whose outcome is unknown (intents), for reconciliation.
+* submissions whose outcome is unknown (intents), for reconciliation;
+* the archive rows (which task's video is archived where, with its size and SHA-256), so archived videos stay served.
 
 Idempotency records (replays of answers, kept 24 h) are not copied. Stop the gateways writing to the source first:
 tasks recorded during the copy would be missed. The copy ends by comparing usage by key, model, mode and day on
@@ -60,9 +61,18 @@ async def copy_store(source: Store, destination: Store, *, progress: Callable[[i
         await destination.record_intent(
             intent.intent_id, intent.key_name, intent.request_id, intent.model, intent.mode, intent.submitted_at
         )
+    await _copy_archive_rows(source, destination)
     by = ("key", "model", "mode", "day")
     verified = await source.usage(None, None, by) == await destination.usage(None, None, by)
     return CopyReport(keys=len(keys), tasks=tasks, intents=len(intents), verified=verified)
+
+
+async def _copy_archive_rows(source: Store, destination: Store) -> None:
+    after = ""
+    while page := await source.archive_records(after, MAX_PAGE):
+        for record in page:
+            await destination.restore_archive(record)
+        after = page[-1].task_id
 
 
 async def _require_empty(destination: Store) -> None:

@@ -14,6 +14,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from gateway.auth.principal import Principal
+from gateway.content.answer import rewrite_video_url
 from gateway.errors import (
     Conflict,
     GatewayError,
@@ -39,6 +40,7 @@ from gateway.web.verdict import verdict
 
 SUBMIT_ROUTE = "/v1/video/generations"
 STATUS_ROUTE = "/v1/videos/{task_id}"
+CONTENT_ROUTE = "/v1/videos/{task_id}/content"
 PASSTHROUGH_ROUTE = "/v1/{path:path}"
 _TASK_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:\-]{0,199}")  # never "." or ".."
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
@@ -144,9 +146,21 @@ class GatewayRoutes:
             exc.headers["X-Cache"] = "MISS"
             raise
         log_fields(request.scope)["cache"] = outcome.x_cache
-        response = Response(outcome.body, status_code=outcome.status_code)
+        body = outcome.body
+        if self.s.settings.archive.rewrite_video_url:  # clients keep a URL that outlives the upstream's
+            body = rewrite_video_url(body, self.s.settings.server.public_url, task.task_id)
+        response = Response(body, status_code=outcome.status_code)
         response.raw_headers.extend(self.encoded_status_headers(outcome.headers, outcome.x_cache))
         return response
+
+    async def content(self, request: Request) -> Response:
+        """GET|HEAD /v1/videos/{task_id}/content: auth → ownership → the video's bytes (gateway.content)."""
+        principal = await self.authenticate(request)
+        task = await self.owned_task(principal, request.path_params["task_id"])
+        log_fields(request.scope).update(model=task.model, task_id=task.task_id)
+        if self.s.content is None:
+            raise NotFound(f"No route {request.url.path}.", code="not_found")
+        return await self.s.content.serve(request, task)
 
     def encoded_status_headers(self, headers: tuple[tuple[str, str], ...], x_cache: str) -> list[tuple[bytes, bytes]]:
         """A poll answer's end-to-end headers plus ``X-Cache``, encoded once per distinct header set."""
@@ -348,6 +362,7 @@ class GatewayRoutes:
         return [
             Route(SUBMIT_ROUTE, self.submit, methods=["POST"]),
             Route(STATUS_ROUTE, self.status, methods=["GET"]),
+            Route(CONTENT_ROUTE, self.content, methods=["GET", "HEAD"]),
             Route("/gateway/validate", self.validate, methods=["POST"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
