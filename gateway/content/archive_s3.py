@@ -9,6 +9,7 @@ Credentials and region come from the standard AWS environment variables unless `
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 import obstore
@@ -18,7 +19,7 @@ from obstore.store import S3Store
 from gateway.content.archive_store import ArchiveError
 
 if TYPE_CHECKING:
-    from obstore.store import ClientConfig
+    from obstore.store import ClientConfig, RetryConfig
 
 _PART_BYTES: Final = 8 * 1024 * 1024
 _READ_CHUNK: Final = 256 * 1024
@@ -38,7 +39,11 @@ class S3Archive:
             config["region"] = region
         client_options: ClientConfig = {"allow_http": endpoint_url.startswith("http://")}
         self.description = f"s3://{bucket}/{prefix}"
-        self._store = S3Store(bucket, prefix=prefix or None, client_options=client_options, **config)
+        # A few quick retries inside one call; the archiver's own back-off handles longer outages.
+        retry: RetryConfig = {"max_retries": 3, "retry_timeout": timedelta(seconds=30)}
+        self._store = S3Store(
+            bucket, prefix=prefix or None, client_options=client_options, retry_config=retry, **config
+        )
 
     async def put(self, key: str, chunks: AsyncIterator[bytes]) -> None:
         try:

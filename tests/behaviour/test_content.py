@@ -348,3 +348,30 @@ class TestArchive:
         answer = gw.client.get("/v1/videos/task_1").json()
         assert answer["video_url"] == "https://videos.example.com/v1/videos/task_1/content"
         assert gw.client.get("/v1/videos/task_1").json()["video_url"] == answer["video_url"]  # cached answer too
+
+    def test_s3_archive_once_across_replicas(
+        self,
+        fake_upstream: FakeUpstream,
+        make_gateway: GatewayFactory,
+        served: Video,
+        s3_bucket: str,
+        s3_endpoint: str,
+    ) -> None:
+        """Two replicas on one store and one S3 bucket: one copy, one fetch; either serves it after expiry."""
+        env = archive_env(f"s3://{s3_bucket}/videos", KLING_GATEWAY_ARCHIVE_ENDPOINT_URL=s3_endpoint)
+        first, second = make_gateway(fake_upstream.url, env=env), make_gateway(fake_upstream.url, env=env)
+        script_task(fake_upstream, "task_1", f"{fake_upstream.url}/files/task_1.mp4")
+        submit(first)
+        assert first.client.get("/v1/videos/task_1").status_code == 200
+
+        def stored() -> float:
+            return sum(gw.metric("kling_gateway_archive_total", {"result": "stored"}) for gw in (first, second))
+
+        wait_for(lambda: stored() == 1)
+        time.sleep(0.3)
+        assert stored() == 1
+        assert fake_upstream.calls("GET", "/files/task_1.mp4") == 1
+        served.expired = True
+        response = second.client.get(content("task_1"), headers={"Range": "bytes=-1000"})
+        assert (response.status_code, response.content) == (206, video_bytes(SIZE - 1000, SIZE))
+        assert second.metric("kling_gateway_content_bytes_total", {"source": "archive"}) == 1000
