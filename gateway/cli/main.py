@@ -20,6 +20,7 @@ import orjson
 import uvicorn
 
 from gateway import __version__
+from gateway.cli.archive import add_archive_parser, cmd_archive
 from gateway.config import ConfigError, Settings, load_settings, missing_scale_extra
 from gateway.ledger.pricing import PriceTable
 from gateway.store.base import StoreError
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     rotate = key_commands.add_parser("rotate", help="issue a new secret; the old one works for a grace period")
     rotate.add_argument("name")
     rotate.add_argument("--grace-s", type=float, help="seconds the old secret keeps working ([auth] rotation_grace_s)")
+
+    add_archive_parser(commands)
 
     usage = commands.add_parser("usage", help="usage and cost report from the ledger")
     usage.add_argument("--config", help="TOML settings file")
@@ -456,6 +459,7 @@ _COMMANDS = {
     "sandbox": cmd_sandbox,
     "validate": cmd_validate,
     "check-config": cmd_check_config,
+    "archive": cmd_archive,
 }
 
 if __name__ == "__main__":
