@@ -11,9 +11,9 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY config ./config
-# It installs this project itself, with the scale-out backends; dependency floors live in pyproject.toml.
+# It installs this project itself, with the scale-out backends and the S3 archive client; dependency floors live in pyproject.toml.
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir '.[scale]' \
+RUN pip install --no-cache-dir '.[scale,archive]' \
     && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin gateway \
     && mkdir -p /data \
     && chown gateway /data

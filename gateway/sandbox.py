@@ -5,7 +5,7 @@ the way the real service does, closely enough for the gateway, its tests and loc
 
     POST /v1/video/generations     bearer auth, minimal checks → 200 {"id": "task_…", "status": "queued", …}
     GET  /v1/videos/{task_id}      bearer auth → the status body (404 for an unknown task)
-    GET  /sandbox/files/{id}.mp4   the finished "video" (a tiny MP4 header blob), no auth
+    GET|HEAD /sandbox/files/{id}.mp4  the finished "video" (deterministic fake MP4 bytes, byte ranges), no auth
     GET  /sandbox/health           200
 
 A task's status is a pure function of the time elapsed since it was submitted, read from an injected
@@ -48,6 +48,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from gateway.sandbox_video import sandbox_video, video_response
 from gateway.web.server_protocol import HTTP_PROTOCOL
 
 __all__ = [
@@ -287,7 +288,7 @@ async def _file(request: Request) -> Response:
     task = state.tasks.get(request.path_params["name"])
     if task is None or not state.is_completed(task):
         return _error(404, "File not found.", "invalid_request_error", "file_not_found")
-    return Response(mp4_bytes(task.seconds), media_type="video/mp4")
+    return video_response(request, sandbox_video(task.id, mp4_bytes(task.seconds)))
 
 
 async def _health(request: Request) -> Response:
@@ -317,7 +318,7 @@ def create_sandbox_app(
         routes=[
             Route("/v1/video/generations", _create, methods=["POST"]),
             Route("/v1/videos/{task_id}", _status, methods=["GET"]),
-            Route("/sandbox/files/{name}.mp4", _file, methods=["GET"]),
+            Route("/sandbox/files/{name}.mp4", _file, methods=["GET", "HEAD"]),
             Route("/sandbox/health", _health, methods=["GET"]),
         ],
         exception_handlers={HTTPException: _http_error},
