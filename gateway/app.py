@@ -22,6 +22,7 @@ from starlette.routing import Route
 from gateway.auth.keyring import KeyAuthenticator
 from gateway.auth.principal import Authenticator, OpenAuthenticator
 from gateway.config import Settings, UpstreamSettings, missing_scale_extra
+from gateway.content.metrics import ContentMetrics, create_content_metrics
 from gateway.content.wiring import build_content
 from gateway.errors import GatewayError
 from gateway.keys import RateLimiter
@@ -66,6 +67,7 @@ def create_app(
 ) -> Starlette:
     """Build the gateway. Tests inject a transport, registry, log sink, resolver, store and clock; production none."""
     metrics = create_metrics(registry)
+    content_metrics = create_content_metrics(metrics.registry)
     logs = make_logs(
         level=settings.logging.level,
         secrets=(settings.upstream_api_key, settings.admin_token, settings.metrics.token, settings.webhook_secret),
@@ -79,7 +81,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             services = await _build_services(
-                settings, metrics, log, stack, transport, resolver, store, clock, webhook_transport
+                settings, metrics, log, stack, transport, resolver, store, clock, webhook_transport, content_metrics
             )
             handlers.bind(services)
             app.state.services = services
@@ -154,6 +156,7 @@ async def _build_services(
     store: Store | None,
     clock: Callable[[], float],
     webhook_transport: Transport | None,
+    content_metrics: ContentMetrics,
 ) -> Services:
     upstream = UpstreamClient(
         settings.upstream,
@@ -238,7 +241,7 @@ async def _build_services(
 
     content, archiver = build_content(
         settings,
-        registry=metrics.registry,
+        metrics=content_metrics,
         store=store,
         poll=poll,
         log=log,

@@ -6,13 +6,11 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry
-
 from gateway.config import Settings
 from gateway.content.archive_store import ArchiveBackend, open_archive
 from gateway.content.archiver import Archiver
 from gateway.content.fetch import Dial, VideoFetcher
-from gateway.content.metrics import ContentMetrics, create_content_metrics
+from gateway.content.metrics import ContentMetrics
 from gateway.content.origin import KeyForTask, origin_of, team_key
 from gateway.content.service import ContentService, Poll
 from gateway.store.base import Store
@@ -22,7 +20,7 @@ from gateway.validation.media_guard import Resolver
 def build_content(
     settings: Settings,
     *,
-    registry: CollectorRegistry,
+    metrics: ContentMetrics,
     store: Store,
     poll: Poll,
     log: Any,
@@ -33,7 +31,6 @@ def build_content(
     key_for: KeyForTask | None = None,
 ) -> tuple[ContentService, Archiver | None]:
     """The ``/content`` service and the archiver (None while the archive is off); closed by ``stack``."""
-    metrics = create_content_metrics(registry)
     key_for = key_for or team_key(settings.upstream_api_key)
     fetcher = VideoFetcher(settings.content, origin_of(settings.upstream.base_url), resolver=resolver, dial=dial)
     stack.push_async_callback(fetcher.aclose)
