@@ -30,7 +30,7 @@ from gateway.validation.media_guard import Resolver, system_resolver
 from gateway.validation.media_urls import is_private_address, parse_ip_literal
 
 MAX_REDIRECTS: Final = 3
-CHUNK_BYTES: Final = 64 * 1024
+CHUNK_BYTES: Final = 256 * 1024
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 _USER_AGENT: Final = "kling-gateway"
 
@@ -163,12 +163,14 @@ class VideoFetcher:
         )
         if hop.credentials:
             if self._trusted is None:
-                self._trusted = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
+                self._trusted = aiohttp.ClientSession(timeout=timeout, auto_decompress=False, read_bufsize=CHUNK_BYTES)
             return self._trusted
         if self._guarded is None:
             resolver = GuardedResolver(self._resolver, self._dial, self._settings.connect_timeout_s)
             connector = aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False)
-            self._guarded = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
+            self._guarded = aiohttp.ClientSession(
+                connector=connector, timeout=timeout, auto_decompress=False, read_bufsize=CHUNK_BYTES
+            )
         return self._guarded
 
     async def open(self, url: str, key: str, *, range_header: str | None = None) -> Fetched:
