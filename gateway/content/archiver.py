@@ -13,6 +13,7 @@ archive was on (``kling-gateway archive backfill``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
@@ -74,7 +75,9 @@ class Archiver:
         return stored, failed
 
     async def backfill(self, completed_since: float) -> tuple[int, int]:
-        """Copy every unclaimed completed task settled since ``completed_since``; (stored, failed)."""
+        """Copy every unclaimed completed task settled since ``completed_since``, given-up ones included (one more
+        round of attempts each); (stored, failed)."""
+        await self.store.archive_retry_failed()
         stored = failed = 0
         while True:
             page_stored, page_failed = await self.sweep(completed_since)
@@ -134,10 +137,15 @@ class Archiver:
             if source_error:
                 raise source_error[0] from None
             raise
-        if expected is not None and size != expected:
-            raise ArchiveError(f"the video arrived truncated ({size} of {expected} bytes)")
         digest = hasher.hexdigest()
-        await self.verify(key, size, digest)
+        try:
+            if expected is not None and size != expected:
+                raise ArchiveError(f"the video arrived truncated ({size} of {expected} bytes)")
+            await self.verify(key, size, digest)
+        except ArchiveError:
+            with contextlib.suppress(ArchiveError):
+                await self.backend.delete(key)  # never leave a copy that does not match what was fetched
+            raise
         return key, size, digest
 
     async def verify(self, key: str, size: int, digest: str) -> None:

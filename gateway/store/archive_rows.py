@@ -69,6 +69,7 @@ SQL_UNARCHIVED: Final = (
     "SELECT COUNT(*) FROM tasks t LEFT JOIN archives a ON a.task_id = t.task_id "
     "WHERE t.outcome = 'completed' AND a.task_id IS NULL"
 )
+SQL_RETRY_FAILED: Final = "UPDATE archives SET state = 'claimed', claim_until = 0, attempts = 0 WHERE state = 'failed'"
 SQL_PAGE: Final = f"SELECT {_COLUMNS} FROM archives WHERE task_id > ? ORDER BY task_id LIMIT ?"  # noqa: S608
 SQL_RESTORE: Final = (
     f"INSERT INTO archives ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (task_id) DO NOTHING"  # noqa: S608

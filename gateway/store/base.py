@@ -357,3 +357,6 @@ class Store(Protocol):
 
     async def restore_archive(self, record: ArchiveRecord) -> None:
         """Insert an archive row as it is (copy-store); an existing row is left alone."""
+
+    async def archive_retry_failed(self) -> int:
+        """Make every given-up copy claimable again (``archive backfill``); how many."""

@@ -903,6 +903,10 @@ class PostgresStore:
         sql = numbered(arch.SQL_RESTORE)
         await self._run(lambda conn: conn.execute(sql, *arch.record_row(record)), tx=False)
 
+    async def archive_retry_failed(self) -> int:
+        """Make every given-up copy claimable again; how many."""
+        return _count(await self._run(lambda conn: conn.execute(arch.SQL_RETRY_FAILED), tx=False))
+
 
 def _safe_cause(cause: BaseException, secrets: Sequence[str]) -> BaseException | None:
     """``cause`` to chain, or None if its own message would show the password."""

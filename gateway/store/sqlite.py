@@ -1126,3 +1126,7 @@ class SQLiteStore:
     async def restore_archive(self, record: ArchiveRecord) -> None:
         """Insert an archive row as it is; an existing row is left alone."""
         await self._tx(lambda conn: conn.execute(arch.SQL_RESTORE, arch.record_row(record)))
+
+    async def archive_retry_failed(self) -> int:
+        """Make every given-up copy claimable again; how many."""
+        return await self._tx(lambda conn: conn.execute(arch.SQL_RETRY_FAILED).rowcount)

@@ -391,3 +391,22 @@ class TestSandbox:
         assert gw.client.get(content(task_id)).content == expected
         part = gw.client.get(content(task_id), headers={"Range": "bytes=10-19"})
         assert (part.status_code, part.content) == (206, expected[10:20])
+
+
+class TestArchiveFallback:
+    def test_missing_copy_falls_back_to_the_upstream(
+        self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory, served: Video, tmp_path: Path
+    ) -> None:
+        """A recorded copy that has gone missing from the archive: the upstream's URL serves instead, no 500."""
+        folder = tmp_path / "archive"
+        gw = make_gateway(fake_upstream.url, env=archive_env(folder.as_uri()))
+        script_task(fake_upstream, "task_1", f"{fake_upstream.url}/files/task_1.mp4")
+        submit(gw)
+        assert gw.client.get("/v1/videos/task_1").status_code == 200
+        wait_for(lambda: gw.metric("kling_gateway_archive_total", {"result": "stored"}) == 1)
+        (folder / "task_1.mp4").unlink()
+        response = gw.client.get(content("task_1"))
+        assert (response.status_code, response.content) == (200, video_bytes(0, SIZE))
+        assert gw.metric("kling_gateway_content_bytes_total", {"source": "upstream"}) == SIZE
+        assert any(line.get("event") == "archive_read_failed" for line in gw.log_lines())
+        assert "sk-test-upstream" not in gw.logs.getvalue()

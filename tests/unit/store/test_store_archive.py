@@ -142,3 +142,18 @@ async def test_copy_store_keeps_archive_rows(store: Store, tmp_path: Path) -> No
         assert await destination.get_archive("t1") == await store.get_archive("t1")
     finally:
         await destination.close()
+
+
+async def test_retry_failed_makes_given_up_copies_claimable(store: Store) -> None:
+    await completed(store, "t1", T0)
+    await completed(store, "t2", T0)
+    for task_id in ("t1", "t2"):
+        assert await store.archive_claim(task_id, T0, T0 + 60)
+    await store.archive_retry("t1", None, "gave up")
+    await store.archive_stored("t2", "t2.mp4", 1, "00" * 32, T0)
+    assert await store.archive_retry_failed() == 1
+    record = await store.get_archive("t1")
+    assert record is not None
+    assert (record.state, record.attempts) == ("claimed", 0)
+    assert await store.archive_candidates(0, T0) == ["t1"]
+    assert await store.archive_claim("t1", T0, T0 + 60)
