@@ -28,6 +28,9 @@ from gateway.errors import GatewayError
 from gateway.store.base import Store, StoreError, TaskRecord
 
 LEASE_S: Final = 900.0
+#: How far another process's settlement time may trail this one's clock (the floor stays this far behind now).
+_SETTLE_SKEW_S: Final = 300.0
+_PENDING: Final = frozenset({"retry", "busy"})
 MAX_RETRY_S: Final = 3600.0
 _PAGE: Final = 100
 
@@ -55,6 +58,9 @@ class Archiver:
         self.log = log
         self.clock = clock
         self._slots = asyncio.Semaphore(settings.concurrency)
+        self._floor = 0.0
+        #: Tasks still retrying here or claimed by another process: task id -> (settled at, last seen).
+        self._holding: dict[str, tuple[float, float]] = {}
 
     async def run(self) -> None:
         """The background loop (lives as long as the app)."""
@@ -67,12 +73,30 @@ class Archiver:
             await asyncio.sleep(self.settings.scan_s)
 
     async def sweep(self, completed_since: float) -> tuple[int, int]:
-        """Copy one page of unclaimed completed tasks; (stored, failed)."""
-        task_ids = await self.store.archive_candidates(completed_since, self.clock(), _PAGE)
-        results = await asyncio.gather(*(self.archive(task_id) for task_id in task_ids))
-        stored = sum(1 for result in results if result is True)
-        failed = sum(1 for result in results if result is False)
-        return stored, failed
+        """Copy one page of unclaimed completed tasks; (stored, failed).
+
+        Each scan starts at this process's floor: the settlement time below which every candidate it saw has
+        reached an end (stored or given up), so a busy day's archived tasks are not read again every scan. A task
+        still retrying or claimed by another process holds the floor at its own time until it ends or has not been
+        seen for longer than any claim or back-off lasts; a restart starts again at ``lookback_s``.
+        """
+        since = max(completed_since, self._floor)
+        now = self.clock()
+        rows = await self.store.archive_candidates(since, now, _PAGE)
+        outcomes = await asyncio.gather(*(self.archive(task_id) for task_id, _ in rows))
+        for (task_id, settled), outcome in zip(rows, outcomes, strict=True):
+            if outcome in _PENDING:
+                self._holding[task_id] = (settled, now)
+            else:
+                self._holding.pop(task_id, None)
+        # A task not seen again for longer than any claim or back-off can last has ended elsewhere.
+        horizon = now - (MAX_RETRY_S + LEASE_S + 2 * self.settings.scan_s)
+        self._holding = {task_id: held for task_id, held in self._holding.items() if held[1] >= horizon}
+        edge = rows[-1][1] if len(rows) == _PAGE else now  # a full page: ties at its edge are read again
+        floor = min([edge, *(settled for settled, _ in self._holding.values())])
+        self._floor = max(self._floor, min(floor, now - _SETTLE_SKEW_S))
+        stored = outcomes.count("stored")
+        return stored, sum(1 for outcome in outcomes if outcome in ("retry", "failed"))
 
     async def backfill(self, completed_since: float) -> tuple[int, int]:
         """Copy every unclaimed completed task settled since ``completed_since``, given-up ones included (one more
@@ -86,24 +110,24 @@ class Archiver:
             stored += page_stored
             failed += page_failed
 
-    async def archive(self, task_id: str) -> bool | None:
-        """Claim and copy one task: True stored, False failed, None claimed by another process."""
+    async def archive(self, task_id: str) -> str:
+        """Claim and copy one task: ``stored``, ``retry`` (failed, tried again later), ``failed`` (given up) or
+        ``busy`` (claimed by another process)."""
         async with self._slots:
             now = self.clock()
             if not await self.store.archive_claim(task_id, now, now + LEASE_S):
-                return None
+                return "busy"
             try:
                 task = await self.store.get_task(task_id)
                 if task is None:
                     raise ArchiveError("the task is not in the ledger")
                 key, size, digest = await self.copy(task)
             except (GatewayError, ArchiveError, StoreError, OSError) as exc:
-                await self._failed(task_id, exc)
-                return False
+                return await self._failed(task_id, exc)
             await self.store.archive_stored(task_id, key, size, digest, self.clock())
             self.metrics.archive.labels("stored").inc()
             self.log.info("archive_stored", task_id=task_id, bytes=size, archive=self.backend.description)
-            return True
+            return "stored"
 
     async def copy(self, task: TaskRecord) -> tuple[str, int, str]:
         """Fetch the task's video into the archive; (key, size, SHA-256) once the copy reads back the same."""
@@ -172,7 +196,7 @@ class Archiver:
             removed += 1
         return removed
 
-    async def _failed(self, task_id: str, exc: BaseException) -> None:
+    async def _failed(self, task_id: str, exc: BaseException) -> str:
         message = exc.message if isinstance(exc, GatewayError) else str(exc)
         self.metrics.archive.labels("failed").inc()
         try:
@@ -184,5 +208,6 @@ class Archiver:
             await self.store.archive_retry(task_id, retry_at, message)
         except StoreError as store_exc:  # the claim runs out and the task is taken again
             self.log.warning("archive_retry_not_recorded", task_id=task_id, error=str(store_exc))
-            return
+            return "retry"
         self.log.warning("archive_failed", task_id=task_id, error=message, attempt=attempts, gave_up=retry_at is None)
+        return "retry" if retry_at is not None else "failed"

@@ -42,7 +42,7 @@ def archive_schema(real: str, bigint: str, text_key: str) -> tuple[str, ...]:
 _COLUMNS: Final = "task_id, state, attempts, claim_until, archive_key, size, sha256, archived_at, error"
 
 SQL_CANDIDATES: Final = (
-    "SELECT t.task_id FROM tasks t LEFT JOIN archives a ON a.task_id = t.task_id "
+    "SELECT t.task_id, t.settled_at FROM tasks t LEFT JOIN archives a ON a.task_id = t.task_id "
     "WHERE t.outcome = 'completed' AND t.settled_at >= ? "
     "AND (a.task_id IS NULL OR (a.state = 'claimed' AND a.claim_until < ?)) "
     "ORDER BY t.settled_at, t.task_id LIMIT ?"

@@ -328,8 +328,9 @@ class Store(Protocol):
         """Delete an in-flight record (the request failed retryably) so a retry can proceed."""
 
     # archive (SPEC section 10): one row per completed task whose video is copied; see gateway.store.archive_rows
-    async def archive_candidates(self, completed_since: float, now: float, limit: int = 100) -> list[str]:
-        """Completed tasks (settled since ``completed_since``) never claimed, or whose claim ran out by ``now``."""
+    async def archive_candidates(self, completed_since: float, now: float, limit: int = 100) -> list[tuple[str, float]]:
+        """(task id, settled at) of completed tasks settled since ``completed_since`` never claimed, or whose claim
+        ran out by ``now``; oldest first."""
 
     async def archive_claim(self, task_id: str, now: float, until: float) -> bool:
         """Claim copying ``task_id`` until ``until``; True only for one process while the claim holds."""

@@ -844,11 +844,11 @@ class PostgresStore:
 
     # -- archive --------------------------------------------------------------------------------------------
 
-    async def archive_candidates(self, completed_since: float, now: float, limit: int = 100) -> list[str]:
+    async def archive_candidates(self, completed_since: float, now: float, limit: int = 100) -> list[tuple[str, float]]:
         """Completed tasks never claimed, or whose claim ran out by ``now``."""
         sql = numbered(arch.SQL_CANDIDATES)
         rows = await self._run(lambda conn: conn.fetch(sql, completed_since, now, limit), tx=False)
-        return [str(row[0]) for row in rows]
+        return [(str(row[0]), float(row[1])) for row in rows]
 
     async def archive_claim(self, task_id: str, now: float, until: float) -> bool:
         """Claim copying ``task_id`` until ``until``; True only for one process while the claim holds."""

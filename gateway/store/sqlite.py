@@ -1074,11 +1074,11 @@ class SQLiteStore:
 
     # -- archive --------------------------------------------------------------------------------------------
 
-    async def archive_candidates(self, completed_since: float, now: float, limit: int = 100) -> list[str]:
+    async def archive_candidates(self, completed_since: float, now: float, limit: int = 100) -> list[tuple[str, float]]:
         """Completed tasks never claimed, or whose claim ran out by ``now``."""
         params = (completed_since, now, limit)
         rows = await self._read(lambda conn: conn.execute(arch.SQL_CANDIDATES, params).fetchall())
-        return [str(row[0]) for row in rows]
+        return [(str(row[0]), float(row[1])) for row in rows]
 
     async def archive_claim(self, task_id: str, now: float, until: float) -> bool:
         """Claim copying ``task_id`` until ``until``; True only for one process while the claim holds."""

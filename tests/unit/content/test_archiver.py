@@ -183,3 +183,42 @@ async def test_keep_days_removes_old_copies(store: Store, fake: FakeUpstream, tm
     record = await store.get_archive("t1")
     assert record is not None and record.state == "removed"
     assert await archiver.sweep(0) == (0, 0)  # never copied again
+
+
+class RecordingStore:
+    """The store, with the ``completed_since`` of every candidate query written down."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.since: list[float] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    async def archive_candidates(self, completed_since: float, now: float, limit: int = 100) -> list[tuple[str, float]]:
+        self.since.append(completed_since)
+        return await self._store.archive_candidates(completed_since, now, limit)
+
+
+async def test_scans_start_at_the_floor(store: Store, fake: FakeUpstream, tmp_path: Path) -> None:
+    """Once every task up to a time is done, later scans start there; a task still retrying holds the floor."""
+    served = video(100, expired=True)
+    fake.always("*", "/files/bad", served)
+    fake.always("*", "/files/", video(100))
+    await completed(store, "done", f"{fake.url}/files/done.mp4", at=T0)
+    await completed(store, "bad", f"{fake.url}/files/bad.mp4", at=T0 + 10)
+    recording = RecordingStore(store)
+    clock = Clock()
+    clock.now = T0 + 5000
+    archiver, _metrics, fetcher = make_archiver(recording, fake, FileArchive(str(tmp_path / "a")), clock)  # type: ignore[arg-type]
+    try:
+        assert await archiver.sweep(0) == (1, 1)
+        assert await archiver.sweep(0) == (0, 0)
+        assert recording.since == [0, T0 + 10]  # held at the retrying task
+        served.expired = False
+        clock.now += 11
+        assert await archiver.sweep(0) == (1, 0)
+        assert await archiver.sweep(0) == (0, 0)
+    finally:
+        await fetcher.aclose()
+    assert recording.since[-1] == clock.now - 300  # all done: a little behind now, for late settlements

@@ -66,8 +66,8 @@ async def test_candidates_are_completed_tasks_since(store: Store) -> None:
     await completed(store, "newer", T0 + 200)
     await completed(store, "broken", T0 + 150, outcome="failed")
     await store.resolve_intent("i-running", task("running"))
-    assert await store.archive_candidates(T0 + 50, T0 + 300) == ["new", "newer"]
-    assert await store.archive_candidates(0, T0 + 300, limit=1) == ["old"]
+    assert [i for i, _ in await store.archive_candidates(T0 + 50, T0 + 300)] == ["new", "newer"]
+    assert [i for i, _ in await store.archive_candidates(0, T0 + 300, limit=1)] == ["old"]
 
 
 async def test_claim_is_won_once(backend_url: str, store: Store) -> None:
@@ -80,9 +80,9 @@ async def test_claim_is_won_once(backend_url: str, store: Store) -> None:
         for other in others:
             await other.close()
     assert sum(wins) == 1
-    assert await store.archive_candidates(0, T0 + 30) == []  # claimed: not a candidate
+    assert [i for i, _ in await store.archive_candidates(0, T0 + 30)] == []  # claimed: not a candidate
     assert await store.archive_claim("t1", T0 + 30, T0 + 90) is False
-    assert await store.archive_candidates(0, T0 + 61) == ["t1"]  # the claimant died: taken again
+    assert [i for i, _ in await store.archive_candidates(0, T0 + 61)] == ["t1"]  # the claimant died: taken again
     assert await store.archive_claim("t1", T0 + 61, T0 + 120) is True
 
 
@@ -94,7 +94,7 @@ async def test_stored_record_and_summary(store: Store) -> None:
     record = await store.get_archive("t1")
     assert record == ArchiveRecord("t1", "stored", 0, None, "t1.mp4", 1234, "ab" * 32, T0 + 5, None)
     assert await store.archive_claim("t1", T0 + 999, T0 + 2000) is False  # stored: never again
-    assert await store.archive_candidates(0, T0 + 999) == ["t2"]
+    assert [i for i, _ in await store.archive_candidates(0, T0 + 999)] == ["t2"]
     summary = await store.archive_summary()
     assert summary["stored"] == (1, 1234)
     assert summary["unarchived"] == (1, 0)
@@ -108,14 +108,14 @@ async def test_retry_backs_off_then_gives_up(store: Store) -> None:
     record = await store.get_archive("t1")
     assert record is not None
     assert (record.state, record.attempts, record.error) == ("claimed", 1, "boom")
-    assert await store.archive_candidates(0, T0 + 5) == []  # backing off
-    assert await store.archive_candidates(0, T0 + 11) == ["t1"]
+    assert [i for i, _ in await store.archive_candidates(0, T0 + 5)] == []  # backing off
+    assert [i for i, _ in await store.archive_candidates(0, T0 + 11)] == ["t1"]
     assert await store.archive_claim("t1", T0 + 11, T0 + 70)
     await store.archive_retry("t1", None, "still broken")
     record = await store.get_archive("t1")
     assert record is not None
     assert (record.state, record.attempts) == ("failed", 2)
-    assert await store.archive_candidates(0, T0 + 10_000) == []
+    assert [i for i, _ in await store.archive_candidates(0, T0 + 10_000)] == []
     assert (await store.archive_summary())["failed"] == (1, 0)
 
 
@@ -155,5 +155,5 @@ async def test_retry_failed_makes_given_up_copies_claimable(store: Store) -> Non
     record = await store.get_archive("t1")
     assert record is not None
     assert (record.state, record.attempts) == ("claimed", 0)
-    assert await store.archive_candidates(0, T0) == ["t1"]
+    assert [i for i, _ in await store.archive_candidates(0, T0)] == ["t1"]
     assert await store.archive_claim("t1", T0, T0 + 60)
