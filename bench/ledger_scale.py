@@ -25,6 +25,7 @@ from dataclasses import replace
 from decimal import Decimal
 from typing import TypeVar
 
+from gateway.catalog import MODELS, MODES
 from gateway.store import open_store
 from gateway.store.base import Store, TaskRecord, from_fixed
 from gateway.store.rows import task_row
@@ -39,13 +40,7 @@ T = TypeVar("T")
 
 MONTH_START = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 MONTH_END = MONTH_START + 31 * 86400
-PRICES = {
-    "kling-v3-std-silent": Decimal("0.084"),
-    "kling-v3-std-audio": Decimal("0.126"),
-    "kling-v3-pro-silent": Decimal("0.112"),
-    "kling-v3-pro-audio": Decimal("0.168"),
-}
-MODES = ("text", "image", "first_last")
+PRICES = {model: info.list_price_usd_per_s for model, info in MODELS.items()}
 DURATIONS = (None, 3, 5, 5, 5, 10, 15)
 
 

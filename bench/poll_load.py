@@ -54,6 +54,7 @@ from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.app import create_app
+from gateway.catalog import TERMINAL
 from gateway.config import load_settings
 from gateway.sandbox import SandboxOptions, create_sandbox_app, serve_app
 
@@ -61,7 +62,6 @@ T = TypeVar("T")
 
 STATUS_PREFIX = "/v1/videos/"
 SUBMIT = "/v1/video/generations"
-TERMINAL = frozenset({"completed", "failed"})
 MODEL = "kling-v3-std-silent"
 UPSTREAM_KEY = "sk-bench-" + secrets.token_hex(8)
 

@@ -48,7 +48,8 @@ from gateway.web.middleware import RequestBook, RequestContextMiddleware, curren
 from gateway.web.openapi import openapi_document, openapi_route
 from gateway.web.overload import Overload, OverloadMiddleware
 from gateway.web.routes import STATUS_ROUTE, SUBMIT_ROUTE, GatewayRoutes
-from gateway.webhooks.sender import WebhookSender
+from gateway.webhooks.build import build_outbox
+from gateway.webhooks.transport import WebhookTransport
 
 if TYPE_CHECKING:
     from gateway.shared.fail_open import SharedState
@@ -63,7 +64,7 @@ def create_app(
     resolver: Resolver | None = None,
     store: Store | None = None,
     clock: Callable[[], float] = time.time,
-    webhook_transport: Transport | None = None,
+    webhook_transport: WebhookTransport | None = None,
 ) -> Starlette:
     """Build the gateway. Tests inject a transport, registry, log sink, resolver, store and clock; production none."""
     metrics = create_metrics(registry)
@@ -155,7 +156,7 @@ async def _build_services(
     resolver: Resolver | None,
     store: Store | None,
     clock: Callable[[], float],
-    webhook_transport: Transport | None,
+    webhook_transport: WebhookTransport | None,
     content_metrics: ContentMetrics,
 ) -> Services:
     upstream = UpstreamClient(
@@ -175,15 +176,8 @@ async def _build_services(
         await auth.load()
     else:
         auth = OpenAuthenticator()
-    webhooks = None
-    if settings.webhook_secret:
-        webhooks = WebhookSender(
-            settings.webhook_secret.encode(),
-            webhook_transport if webhook_transport is not None else AiohttpTransport(settings.upstream),
-            log=log,
-            # Callback hosts get the same DNS half of the private-host rule as media URLs, at delivery time.
-            guard=MediaGuard(resolver, timeout_s=settings.validation.resolve_timeout_s),
-        )
+    webhooks = build_outbox(settings, store, metrics, log, resolver, webhook_transport)
+    if webhooks is not None:
         stack.push_async_callback(webhooks.aclose, 5.0)
     ledger = Ledger(
         store,
@@ -191,7 +185,11 @@ async def _build_services(
         metrics,
         log,
         clock=clock,
-        on_terminal=_webhook_hook(auth, webhooks) if webhooks is not None else None,
+        on_terminal=(
+            webhooks.terminal_hook(auth.webhook_url)
+            if webhooks is not None and isinstance(auth, KeyAuthenticator)
+            else None
+        ),
         recent_tasks=min(settings.cache.max_entries, 20_000),
     )
     await ledger.load_in_flight()
@@ -315,14 +313,3 @@ def _upstream_transport(settings: UpstreamSettings) -> Transport:
     if settings.transport == "aiohttp":
         return AiohttpTransport(settings)
     return LeanTransport(settings)
-
-
-def _webhook_hook(auth: Authenticator, webhooks: WebhookSender) -> Callable[[TaskRecord, bytes], None]:
-    """On a task's first terminal status, POST it to the owning key's webhook URL, if the key has one."""
-
-    def deliver(task: TaskRecord, body: bytes) -> None:
-        url = auth.webhook_url(task.key_name) if isinstance(auth, KeyAuthenticator) else None
-        if url:
-            webhooks.deliver(url, body)
-
-    return deliver

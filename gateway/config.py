@@ -4,6 +4,8 @@ Precedence, lowest first: built-in defaults, the TOML file, environment variable
 the environment (``UNIALL_API_KEY``, ``KLING_GATEWAY_ADMIN_TOKEN``); a secret written in the TOML file is an
 error, so it never lands in a repository. Every failure is a ``ConfigError`` whose message is one line naming
 the setting, e.g. ``server.port: expected an integer, got 'abc' (from KLING_GATEWAY_SERVER_PORT)``.
+Ranges and vocabularies are declared beside their fields (``metadata=bounds(...)`` / ``one_of(...)``) and
+checked by one generic checker; only checks across fields or of a shape stay in ``_check``.
 
 >>> settings = load_settings(env={"UNIALL_API_KEY": "sk-x", "KLING_GATEWAY_SERVER_PORT": "9000"})
 >>> settings.server.port
@@ -13,7 +15,6 @@ the setting, e.g. ``server.port: expected an integer, got 'abc' (from KLING_GATE
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 import tomllib
@@ -22,10 +23,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Final, Union, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
 import orjson
+
+from gateway.catalog import DURATION_MAX, DURATION_MIN, MODELS, MODES
+from gateway.suggest import did_you_mean
 
 ENV_PREFIX = "KLING_GATEWAY_"
 SECRET_ENV = ("UNIALL_API_KEY", "KLING_GATEWAY_ADMIN_TOKEN", "KLING_GATEWAY_WEBHOOK_SECRET")
@@ -34,39 +38,97 @@ _PREFIX = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 #: Public list prices, USD per output second. Replace them with your contract prices in ``[pricing.prices]``.
 LIST_PRICES_USD_PER_S: Mapping[str, Decimal] = types.MappingProxyType(
-    {
-        "kling-v3-std-silent": Decimal("0.084"),
-        "kling-v3-std-audio": Decimal("0.126"),
-        "kling-v3-pro-silent": Decimal("0.112"),
-        "kling-v3-pro-audio": Decimal("0.168"),
-    }
+    {model: info.list_price_usd_per_s for model, info in MODELS.items()}
 )
-MODES = ("text", "image", "first_last")
 
 
 class ConfigError(Exception):
     """A missing or malformed setting; ``str()`` is one line naming it."""
 
 
+# -- bounds declared beside their fields ---------------------------------------------------------------------
+
+_RULE: Final = "gateway.config.rule"
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """A numeric range: ``at_least`` / ``at_most`` inclusive, ``above`` exclusive; None means open."""
+
+    at_least: float | None = None
+    at_most: float | None = None
+    above: float | None = None
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with ``value`` (``"must be positive"``, ...), or None when it is in range."""
+        if self.above is not None and not value > self.above:
+            return "must be positive" if self.above == 0 else f"must be greater than {_number(self.above)}"
+        low, high = self.at_least, self.at_most
+        if (low is not None and value < low) or (high is not None and value > high):
+            if low is not None and high is not None:
+                return f"must be between {_number(low)} and {_number(high)}"
+            if low is not None:
+                return "must not be negative" if low == 0 else f"must be at least {_number(low)}"
+            assert high is not None  # one of the two is out of range
+            return f"must be at most {_number(high)}"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class OneOf:
+    """A closed vocabulary; ``fold_case`` accepts any letter case."""
+
+    choices: tuple[str, ...]
+    fold_case: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        if (value.lower() if self.fold_case else value) in self.choices:
+            return None
+        if len(self.choices) == 2:
+            return f"must be {self.choices[0]!r} or {self.choices[1]!r}, got {value!r}"
+        return f"must be one of {', '.join(self.choices)}"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if value == int(value) else str(value)
+
+
+def bounds(
+    *, at_least: float | None = None, at_most: float | None = None, above: float | None = None
+) -> Mapping[str, Any]:
+    """Field metadata declaring a numeric range: ``field(default=30.0, metadata=bounds(above=0))``."""
+    return types.MappingProxyType({_RULE: Bounds(at_least, at_most, above)})
+
+
+def one_of(*choices: str, fold_case: bool = False) -> Mapping[str, Any]:
+    """Field metadata declaring the allowed values of a string setting."""
+    return types.MappingProxyType({_RULE: OneOf(choices, fold_case)})
+
+
+POSITIVE: Final = bounds(above=0)
+NOT_NEGATIVE: Final = bounds(at_least=0)
+AT_LEAST_ONE: Final = bounds(at_least=1)
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     host: str = "127.0.0.1"
-    port: int = 8080
+    port: int = field(default=8080, metadata=bounds(at_least=1, at_most=65535))
     data_dir: str = "./data"
-    max_body_bytes: int = 1024 * 1024
-    workers: int = 1
+    max_body_bytes: int = field(default=1024 * 1024, metadata=bounds(at_least=1024))
+    workers: int = field(default=1, metadata=AT_LEAST_ONE)
     #: Seconds in-flight requests get to finish on SIGTERM before connections are cut.
-    shutdown_timeout_s: float = 15.0
+    shutdown_timeout_s: float = field(default=15.0, metadata=NOT_NEGATIVE)
     #: Largest request header block accepted, in bytes (uvicorn's httptools/h11 limit).
     max_header_bytes: int = 16 * 1024
     #: Requests handled at once; more wait in a bounded queue (health, readiness and metrics are exempt).
-    max_in_flight: int = 1024
+    max_in_flight: int = field(default=1024, metadata=AT_LEAST_ONE)
     #: Requests allowed to wait for a slot; past it: 503 overloaded at once.
-    max_queued: int = 256
+    max_queued: int = field(default=256, metadata=NOT_NEGATIVE)
     #: Longest wait in that queue before 503 overloaded.
-    queue_timeout_s: float = 0.1
+    queue_timeout_s: float = field(default=0.1, metadata=NOT_NEGATIVE)
     #: On SIGTERM, /readyz fails at once and the gateway keeps serving this long before it stops accepting.
-    shutdown_grace_s: float = 0.0
+    shutdown_grace_s: float = field(default=0.0, metadata=NOT_NEGATIVE)
     #: The gateway's own base URL as clients reach it (``[archive] rewrite_video_url`` points clients there).
     public_url: str = ""
 
@@ -78,35 +140,35 @@ UPSTREAM_TRANSPORTS = ("lean", "aiohttp")
 class UpstreamSettings:
     base_url: str = DEFAULT_BASE_URL
     #: Whole-call bound (connect + send + wait for and read the answer).
-    timeout_s: float = 30.0
-    connect_timeout_s: float = 5.0
+    timeout_s: float = field(default=30.0, metadata=POSITIVE)
+    connect_timeout_s: float = field(default=5.0, metadata=POSITIVE)
     #: Longest silence while reading the answer.
-    read_timeout_s: float = 30.0
+    read_timeout_s: float = field(default=30.0, metadata=POSITIVE)
     #: Longest wait for a free pooled connection.
-    pool_timeout_s: float = 5.0
-    max_connections: int = 256
+    pool_timeout_s: float = field(default=5.0, metadata=POSITIVE)
+    max_connections: int = field(default=256, metadata=AT_LEAST_ONE)
     #: Attempts after the first for GET on connect errors (never for POST).
-    get_retries: int = 2
+    get_retries: int = field(default=2, metadata=NOT_NEGATIVE)
     retry_backoff_s: float = 0.05
     retry_backoff_max_s: float = 0.5
     #: Larger upstream answers are refused (502) rather than buffered.
     max_response_bytes: int = 8 * 1024 * 1024
     #: The upstream client: "lean" (httptools, the default: a quarter of aiohttp's CPU per call, see
     #: bench/results-transport.md) or "aiohttp" (the earlier client, kept as a fallback).
-    transport: str = "lean"
+    transport: str = field(default="lean", metadata=one_of(*UPSTREAM_TRANSPORTS))
     #: Consecutive failed calls (transport errors, 5xx) that open the circuit breaker; 0 turns it off.
-    breaker_failure_threshold: int = 5
+    breaker_failure_threshold: int = field(default=5, metadata=NOT_NEGATIVE)
     #: Seconds the breaker stays open (fast 503s) before one probe call is let through.
-    breaker_open_s: float = 10.0
+    breaker_open_s: float = field(default=10.0, metadata=POSITIVE)
 
 
 @dataclass(frozen=True)
 class AuthSettings:
-    mode: str = "keys"
+    mode: str = field(default="keys", metadata=one_of("keys", "open"))
     #: How long a rotated-out key keeps working, so clients can roll over.
-    rotation_grace_s: float = 86400.0
+    rotation_grace_s: float = field(default=86400.0, metadata=NOT_NEGATIVE)
     #: How often each process checks the store for key changes (revocation latency bound).
-    refresh_interval_s: float = 0.5
+    refresh_interval_s: float = field(default=0.5, metadata=POSITIVE)
 
 
 @dataclass(frozen=True)
@@ -117,12 +179,12 @@ class StoreSettings:
 @dataclass(frozen=True)
 class CacheSettings:
     url: str = "memory://"
-    pending_ttl_s: float = 2.0
-    terminal_ttl_s: float = 3600.0
-    max_entries: int = 100_000
+    pending_ttl_s: float = field(default=2.0, metadata=NOT_NEGATIVE)
+    terminal_ttl_s: float = field(default=3600.0, metadata=NOT_NEGATIVE)
+    max_entries: int = field(default=100_000, metadata=AT_LEAST_ONE)
     max_bytes: int = 64 * 1024 * 1024
     #: With Redis: how long an expired status stays there to be served STALE while the upstream fails.
-    stale_keep_s: float = 3600.0
+    stale_keep_s: float = field(default=3600.0, metadata=NOT_NEGATIVE)
     #: With Redis: the prefix of every key this gateway writes, so several deployments can share one server.
     key_prefix: str = "kling-gateway:"
 
@@ -130,17 +192,17 @@ class CacheSettings:
 @dataclass(frozen=True)
 class SettlerSettings:
     enabled: bool = True
-    idle_s: float = 30.0
-    max_rps: float = 5.0
+    idle_s: float = field(default=30.0, metadata=NOT_NEGATIVE)
+    max_rps: float = field(default=5.0, metadata=POSITIVE)
     #: At most this many overdue tasks marked ``unknown`` a second (store writes only, no upstream call).
-    max_give_ups_per_s: float = 50.0
-    concurrency: int = 4
-    task_max_age_s: float = 86400.0
+    max_give_ups_per_s: float = field(default=50.0, metadata=POSITIVE)
+    concurrency: int = field(default=4, metadata=AT_LEAST_ONE)
+    task_max_age_s: float = field(default=86400.0, metadata=POSITIVE)
 
 
 @dataclass(frozen=True)
 class PricingSettings:
-    default_duration_s: int = 5
+    default_duration_s: int = field(default=5, metadata=bounds(at_least=DURATION_MIN, at_most=DURATION_MAX))
     prices: Mapping[str, Decimal] = field(default_factory=lambda: dict(LIST_PRICES_USD_PER_S))
     mode_multipliers: Mapping[str, Decimal] = field(default_factory=lambda: dict.fromkeys(MODES, Decimal(1)))
 
@@ -151,7 +213,7 @@ class ValidationSettings:
     block_private_media: bool = True
     #: Resolve media host names and reject names that resolve only to private addresses.
     resolve_media_hosts: bool = True
-    resolve_timeout_s: float = 0.5
+    resolve_timeout_s: float = field(default=0.5, metadata=POSITIVE)
     #: Model ids forwarded without Kling rules (besides the four Kling v3 ids).
     passthrough_models: tuple[str, ...] = ()
 
@@ -172,10 +234,10 @@ class ContentSettings:
     """``GET /v1/videos/{id}/content`` (SPEC section 10)."""
 
     #: Largest video served or archived; a bigger one is 502 video_unavailable.
-    max_bytes: int = 2 * 1024**3
-    connect_timeout_s: float = 5.0
+    max_bytes: int = field(default=2 * 1024**3, metadata=AT_LEAST_ONE)
+    connect_timeout_s: float = field(default=5.0, metadata=POSITIVE)
     #: Longest wait for the next bytes from the video's origin.
-    read_timeout_s: float = 30.0
+    read_timeout_s: float = field(default=30.0, metadata=POSITIVE)
 
 
 @dataclass(frozen=True)
@@ -187,24 +249,39 @@ class ArchiveSettings:
     endpoint_url: str = ""
     region: str = ""
     #: Copies made at once by one process.
-    concurrency: int = 2
-    max_attempts: int = 5
+    concurrency: int = field(default=2, metadata=AT_LEAST_ONE)
+    max_attempts: int = field(default=5, metadata=AT_LEAST_ONE)
     #: First retry delay; doubled per attempt up to an hour.
-    retry_base_s: float = 30.0
+    retry_base_s: float = field(default=30.0, metadata=NOT_NEGATIVE)
     #: How often each process looks for completed tasks to copy.
-    scan_s: float = 5.0
+    scan_s: float = field(default=5.0, metadata=POSITIVE)
     #: Completed tasks this recent are copied by the running gateway; older ones by ``archive backfill``.
-    lookback_s: float = 86400.0
+    lookback_s: float = field(default=86400.0, metadata=NOT_NEGATIVE)
     #: Copies older than this are deleted; 0 keeps them forever.
-    keep_days: float = 0.0
+    keep_days: float = field(default=0.0, metadata=NOT_NEGATIVE)
     #: Status answers carry the gateway's content URL (``[server] public_url``) instead of the upstream's.
     rewrite_video_url: bool = False
 
 
 @dataclass(frozen=True)
 class LoggingSettings:
-    level: str = "info"
+    level: str = field(default="info", metadata=one_of("debug", "info", "warning", "error", fold_case=True))
     access_log: bool = True
+
+
+@dataclass(frozen=True)
+class WebhooksSettings:
+    #: Development only: let deliveries reach loopback and private addresses (a local test receiver).
+    allow_private_targets: bool = False
+    #: Delivery attempts at once per process, and at most per receiver host and per key.
+    concurrency: int = field(default=8, metadata=bounds(at_least=1))
+    per_target_concurrency: int = field(default=2, metadata=bounds(at_least=1))
+    #: Pending deliveries kept per receiver host and per key; beyond, that host's or key's new ones are dropped.
+    max_pending_per_target: int = field(default=1000, metadata=bounds(at_least=1))
+    max_attempts: int = field(default=6, metadata=bounds(at_least=1))
+    #: Bound on one attempt's HTTP exchange; and how often the worker looks for due deliveries.
+    timeout_s: float = field(default=10.0, metadata=POSITIVE)
+    poll_interval_s: float = field(default=1.0, metadata=POSITIVE)
 
 
 @dataclass(frozen=True)
@@ -220,12 +297,13 @@ class Settings:
     proxy: ProxySettings = field(default_factory=ProxySettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    webhooks: WebhooksSettings = field(default_factory=WebhooksSettings)
     content: ContentSettings = field(default_factory=ContentSettings)
     archive: ArchiveSettings = field(default_factory=ArchiveSettings)
     #: Secrets, from the environment only; excluded from repr so they never reach a log line.
     upstream_api_key: str = field(default="", repr=False)
     admin_token: str = field(default="", repr=False)
-    #: Signs completion webhooks (HMAC-SHA256); webhooks are off while it is unset.
+    #: Signs completion webhooks (Standard Webhooks, ``whsec_`` + base64); webhooks are off while it is unset.
     webhook_secret: str = field(default="", repr=False)
 
     @property
@@ -250,6 +328,7 @@ _SECRET_KEYS = {
     ("auth", "admin_token"),
     ("admin", "token"),
     ("webhook", "secret"),
+    ("webhooks", "secret"),
 }
 
 
@@ -277,7 +356,7 @@ def load_settings(
         sections[section_name] = _build_section(section_name, section_type, values, environ)
     if raw:
         name = sorted(raw)[0]
-        raise ConfigError(f"[{name}]: unknown section{_hint(name, _SECTIONS)}")
+        raise ConfigError(f"[{name}]: unknown section{did_you_mean(name, _SECTIONS)}")
     upstream = sections["upstream"]
     if environ.get("UNIALL_BASE_URL"):
         upstream = dataclasses.replace(upstream, base_url=environ["UNIALL_BASE_URL"])
@@ -313,7 +392,7 @@ def _build_section(name: str, section_type: type[Any], values: dict[str, Any], e
         if (name, key) in _SECRET_KEYS:
             raise ConfigError(f"{name}.{key}: secrets are read only from the environment, remove it from the file")
         if key not in known:
-            raise ConfigError(f"{name}.{key}: unknown setting{_hint(key, known)}")
+            raise ConfigError(f"{name}.{key}: unknown setting{did_you_mean(key, known)}")
     kwargs: dict[str, Any] = {}
     for key in known:
         env_name = f"{ENV_PREFIX}{name.upper()}_{key.upper()}"
@@ -391,59 +470,14 @@ def _coerce(setting: str, hint: Any, value: Any, source: str, from_env: bool) ->
 
 
 def _check(settings: Settings) -> None:
-    """Range and consistency checks that a type alone cannot express."""
-    checks: list[tuple[bool, str]] = [
-        (1 <= settings.server.port <= 65535, "server.port: must be between 1 and 65535"),
-        (settings.server.max_body_bytes >= 1024, "server.max_body_bytes: must be at least 1024"),
-        (settings.server.workers >= 1, "server.workers: must be at least 1"),
-        (settings.server.shutdown_timeout_s >= 0, "server.shutdown_timeout_s: must not be negative"),
-        (settings.upstream.timeout_s > 0, "upstream.timeout_s: must be positive"),
-        (settings.upstream.connect_timeout_s > 0, "upstream.connect_timeout_s: must be positive"),
-        (settings.upstream.read_timeout_s > 0, "upstream.read_timeout_s: must be positive"),
-        (settings.upstream.pool_timeout_s > 0, "upstream.pool_timeout_s: must be positive"),
-        (settings.upstream.max_connections >= 1, "upstream.max_connections: must be at least 1"),
-        (settings.upstream.get_retries >= 0, "upstream.get_retries: must not be negative"),
-        (
-            settings.upstream.breaker_failure_threshold >= 0,
-            "upstream.breaker_failure_threshold: must not be negative",
-        ),
-        (settings.upstream.breaker_open_s > 0, "upstream.breaker_open_s: must be positive"),
-        (settings.server.max_in_flight >= 1, "server.max_in_flight: must be at least 1"),
-        (settings.server.max_queued >= 0, "server.max_queued: must not be negative"),
-        (settings.server.queue_timeout_s >= 0, "server.queue_timeout_s: must not be negative"),
-        (settings.server.shutdown_grace_s >= 0, "server.shutdown_grace_s: must not be negative"),
-        (
-            settings.auth.mode in ("keys", "open"),
-            f"auth.mode: must be 'keys' or 'open', got {settings.auth.mode!r}",
-        ),
-        (
-            settings.upstream.transport in UPSTREAM_TRANSPORTS,
-            f"upstream.transport: must be 'lean' or 'aiohttp', got {settings.upstream.transport!r}",
-        ),
-        (settings.auth.rotation_grace_s >= 0, "auth.rotation_grace_s: must not be negative"),
-        (settings.auth.refresh_interval_s > 0, "auth.refresh_interval_s: must be positive"),
-        (settings.cache.pending_ttl_s >= 0, "cache.pending_ttl_s: must not be negative"),
-        (settings.cache.terminal_ttl_s >= 0, "cache.terminal_ttl_s: must not be negative"),
-        (settings.cache.max_entries >= 1, "cache.max_entries: must be at least 1"),
-        (settings.cache.stale_keep_s >= 0, "cache.stale_keep_s: must not be negative"),
-        (settings.settler.max_rps > 0, "settler.max_rps: must be positive"),
-        (settings.settler.max_give_ups_per_s > 0, "settler.max_give_ups_per_s: must be positive"),
-        (settings.settler.concurrency >= 1, "settler.concurrency: must be at least 1"),
-        (settings.settler.idle_s >= 0, "settler.idle_s: must not be negative"),
-        (settings.settler.task_max_age_s > 0, "settler.task_max_age_s: must be positive"),
-        (
-            3 <= settings.pricing.default_duration_s <= 15,
-            "pricing.default_duration_s: must be between 3 and 15",
-        ),
-        (settings.validation.resolve_timeout_s > 0, "validation.resolve_timeout_s: must be positive"),
-        (
-            settings.logging.level.lower() in ("debug", "info", "warning", "error"),
-            "logging.level: must be one of debug, info, warning, error",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    """Every field's declared rule (``bounds``, ``one_of``), then the checks a rule beside one field cannot state."""
+    for section_name in _SECTIONS:
+        section = getattr(settings, section_name)
+        for item in dataclasses.fields(section):
+            rule: Bounds | OneOf | None = item.metadata.get(_RULE)
+            problem = None if rule is None else rule.problem(getattr(section, item.name))
+            if problem is not None:
+                raise ConfigError(f"{section_name}.{item.name}: {problem}")
     _check_url("upstream.base_url", settings.upstream.base_url, ("http", "https"))
     _check_url("cache.url", settings.cache.url, ("memory", "redis", "rediss"))
     _check_url("store.url", settings.store_url, ("sqlite", "postgresql", "postgres"))
@@ -455,27 +489,14 @@ def _check(settings: Settings) -> None:
             raise ConfigError(f"pricing.prices.{model}: must not be negative")
     for mode, multiplier in settings.pricing.mode_multipliers.items():
         if mode not in MODES:
-            raise ConfigError(f"pricing.mode_multipliers.{mode}: unknown mode{_hint(mode, MODES)}")
+            raise ConfigError(f"pricing.mode_multipliers.{mode}: unknown mode{did_you_mean(mode, MODES)}")
         if multiplier < 0:
             raise ConfigError(f"pricing.mode_multipliers.{mode}: must not be negative")
 
 
 def _check_content(settings: Settings) -> None:
-    content, archive = settings.content, settings.archive
-    checks = [
-        (content.max_bytes >= 1, "content.max_bytes: must be at least 1"),
-        (content.connect_timeout_s > 0, "content.connect_timeout_s: must be positive"),
-        (content.read_timeout_s > 0, "content.read_timeout_s: must be positive"),
-        (archive.concurrency >= 1, "archive.concurrency: must be at least 1"),
-        (archive.max_attempts >= 1, "archive.max_attempts: must be at least 1"),
-        (archive.retry_base_s >= 0, "archive.retry_base_s: must not be negative"),
-        (archive.scan_s > 0, "archive.scan_s: must be positive"),
-        (archive.lookback_s >= 0, "archive.lookback_s: must not be negative"),
-        (archive.keep_days >= 0, "archive.keep_days: must not be negative"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    """The archive URL's shape and the settings that depend on each other (ranges are declared on the fields)."""
+    archive = settings.archive
     if archive.url:
         parts = urlsplit(archive.url)
         if parts.scheme == "file":
@@ -505,8 +526,3 @@ def _check_url(setting: str, url: str, schemes: tuple[str, ...]) -> None:
         raise ConfigError(f"{setting}: scheme must be one of {', '.join(schemes)}, got {parts.scheme or 'none'!r}")
     if parts.scheme in ("http", "https") and not parts.hostname:
         raise ConfigError(f"{setting}: no host in {url!r}")
-
-
-def _hint(word: str, choices: Any) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""

@@ -22,6 +22,7 @@ them into the OpenAI-style body of SPEC section 4, so existing SDKs surface ``me
 answers it.
 
 Upstream errors are not ``GatewayError``\\ s: they pass through with the upstream's own status and body.
+Every code, with its status and meaning, is catalogued in ``gateway.catalog.CODES``.
 """
 
 from __future__ import annotations

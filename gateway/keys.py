@@ -24,11 +24,12 @@ import hmac
 import re
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol
+
+from gateway.bounded import LRUCache
 
 KEY_PREFIX = "gk_"
 """Every gateway key starts with this."""
@@ -253,8 +254,7 @@ class RateLimiter:
         if max_keys < 1:
             raise ValueError("max_keys must be at least 1")
         self._clock = clock
-        self._max_keys = max_keys
-        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._buckets: LRUCache[str, _Bucket] = LRUCache(max_keys)
 
     def check(self, key_name: str, rpm: int | None) -> float | None:
         """Take one token for ``key_name``: None if allowed, else seconds until a token is available."""
@@ -265,14 +265,12 @@ class RateLimiter:
         now = self._clock()
         capacity = float(rpm)
         rate = rpm / 60.0
-        bucket = self._buckets.get(key_name)
+        bucket = self._buckets.peek(key_name)
         if bucket is None:
-            if len(self._buckets) >= self._max_keys:
-                self._buckets.popitem(last=False)
             bucket = _Bucket(capacity, now)
-            self._buckets[key_name] = bucket
+            self._buckets.put(key_name, bucket)
         else:
-            self._buckets.move_to_end(key_name)
+            self._buckets.touch(key_name)
             elapsed = max(0.0, now - bucket.stamp)
             bucket.tokens = min(capacity, bucket.tokens + elapsed * rate)
             bucket.stamp = now
@@ -283,7 +281,7 @@ class RateLimiter:
 
     def forget(self, key_name: str) -> None:
         """Drop ``key_name``'s bucket (e.g. after revocation)."""
-        self._buckets.pop(key_name, None)
+        self._buckets.pop(key_name)
 
     def __len__(self) -> int:
         return len(self._buckets)

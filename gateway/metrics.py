@@ -34,6 +34,8 @@ class Metrics:
     key_spend: Gauge
     upstream_breaker: Gauge
     shared_state_failures: Counter
+    webhook_deliveries: Counter
+    webhook_attempts: Counter
 
 
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -149,6 +151,19 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             prefix + "shared_state_failures_total",
             "Redis operations that failed (the request went on without Redis), by operation.",
             ("operation",),
+            registry=registry,
+        ),
+        webhook_deliveries=Counter(
+            prefix + "webhook_deliveries_total",
+            "Completion webhooks by final outcome: delivered, failed (every attempt failed; the outbox row is kept) "
+            "or dropped (not enqueued: its host or key at the pending cap).",
+            ("outcome",),
+            registry=registry,
+        ),
+        webhook_attempts=Counter(
+            prefix + "webhook_attempts_total",
+            "Completion webhook delivery attempts, by result (delivered or failed).",
+            ("result",),
             registry=registry,
         ),
     )

@@ -35,7 +35,6 @@ import secrets
 import socket
 import struct
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -48,6 +47,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from gateway.bounded import LRUCache
 from gateway.sandbox_video import sandbox_video, video_response
 from gateway.web.server_protocol import HTTP_PROTOCOL
 
@@ -118,7 +118,7 @@ class _SandboxState:
         self.clock = clock
         self.wall_clock = wall_clock
         self.rng = rng
-        self.tasks: OrderedDict[str, _Task] = OrderedDict()
+        self.tasks: LRUCache[str, _Task] = LRUCache(options.max_tasks)  # only put touches: the oldest go first
 
     def submit(self, model: str, seconds: int, prompts: list[str]) -> _Task:
         opts = self.options
@@ -132,9 +132,7 @@ class _SandboxState:
             created_at=int(self.wall_clock()),
             fails=fails,
         )
-        self.tasks[task.id] = task
-        while len(self.tasks) > opts.max_tasks:
-            self.tasks.popitem(last=False)
+        self.tasks.put(task.id, task)
         return task
 
     def status_body(self, task: _Task, base_url: str) -> dict[str, Any]:
@@ -276,7 +274,7 @@ async def _status(request: Request) -> Response:
     state = _state(request)
     if (denied := _authenticate(request, state.options.api_key)) is not None:
         return denied
-    task = state.tasks.get(request.path_params["task_id"])
+    task = state.tasks.peek(request.path_params["task_id"])
     if task is None:
         return _error(404, "Task not found.", "invalid_request_error", "task_not_found", "task_id")
     base = state.options.public_base_url or str(request.base_url)
@@ -285,7 +283,7 @@ async def _status(request: Request) -> Response:
 
 async def _file(request: Request) -> Response:
     state = _state(request)
-    task = state.tasks.get(request.path_params["name"])
+    task = state.tasks.peek(request.path_params["name"])
     if task is None or not state.is_completed(task):
         return _error(404, "File not found.", "invalid_request_error", "file_not_found")
     return video_response(request, sandbox_video(task.id, mp4_bytes(task.seconds)))

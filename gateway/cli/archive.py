@@ -12,11 +12,11 @@ import asyncio
 import contextlib
 import sys
 import time
-from typing import Any
 
 import orjson
 from prometheus_client import CollectorRegistry
 
+from gateway.cli.common import EXIT_INVALID, EXIT_OK, fail, open_store
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.content.archive_store import ArchiveBackend, ArchiveError, open_archive
 from gateway.content.fetch import VideoFetcher
@@ -25,21 +25,20 @@ from gateway.content.origin import origin_of, team_key
 from gateway.content.wiring import make_archiver
 from gateway.logs import make_logs
 
-EXIT_OK, EXIT_FAILED = 0, 1
 
-
-def add_archive_parser(commands: Any) -> None:
+def add_parser(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The ``archive`` command and its actions, on the CLI's subparsers."""
-    archive = commands.add_parser("archive", help="the video archive: backfill older tasks, show counts")
+    archive = subcommands.add_parser("archive", help="the video archive: backfill older tasks, show counts")
     archive.add_argument("--config", help="TOML settings file")
     actions = archive.add_subparsers(dest="archive_command", required=True, metavar="ACTION")
     backfill = actions.add_parser("backfill", help="archive completed tasks not archived yet")
     backfill.add_argument("--since", help="only tasks completed since: YYYY-MM-DD, ISO date-time, or 30d / 24h")
     status = actions.add_parser("status", help="archived, failed and pending tasks, with bytes")
     status.add_argument("--format", default="table", choices=("table", "json"))
+    archive.set_defaults(handler=run)
 
 
-def cmd_archive(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     if not settings.archive.url and args.archive_command == "backfill":
         raise ConfigError("archive.url: not set (KLING_GATEWAY_ARCHIVE_URL); the archive is off")
@@ -48,25 +47,15 @@ def cmd_archive(args: argparse.Namespace) -> int:
     return asyncio.run(_status(settings, args.format))
 
 
-async def _open_store(settings: Settings) -> Any:
-    from gateway.store import open_store
-
-    try:
-        return await open_store(settings.store_url)
-    except ValueError as exc:
-        raise ConfigError(f"store.url: {exc}") from None
-
-
 async def _backfill(settings: Settings, since_text: str | None) -> int:
     from gateway.ledger.reports import parse_period
 
     try:
         since, _ = parse_period(since_text, None, time.time())
     except ValueError as exc:
-        print(f"kling-gateway: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return fail(str(exc))
     archive = _archive(settings)
-    store = await _open_store(settings)
+    store = await open_store(settings.store_url)
     fetcher = VideoFetcher(settings.content, origin_of(settings.upstream.base_url))
     logs = make_logs(level=settings.logging.level, secrets=(settings.upstream_api_key,), stream=sys.stderr)
     metrics = create_content_metrics(CollectorRegistry())
@@ -80,11 +69,11 @@ async def _backfill(settings: Settings, since_text: str | None) -> int:
         await archive.aclose()
         await store.close()
     print(f"archived {stored} videos; {failed} attempts failed (retried later by the running gateways)")
-    return EXIT_OK if failed == 0 else EXIT_FAILED
+    return EXIT_OK if failed == 0 else EXIT_INVALID
 
 
 async def _status(settings: Settings, fmt: str) -> int:
-    store = await _open_store(settings)
+    store = await open_store(settings.store_url)
     try:
         summary = await store.archive_summary()
     finally:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
+from gateway.catalog import TaskStatus
 from gateway.config import PricingSettings
 
 FOUR_PLACES = Decimal("0.0001")
@@ -72,9 +73,9 @@ def cost(price_per_second: Decimal, multiplier: Decimal, seconds: Decimal) -> De
 
 def settlement_seconds(outcome: str, reported: Decimal | None, requested: int) -> Decimal:
     """Seconds a terminal task is billed at: completed → reported (else requested); failed → 0."""
-    if outcome == "failed":
+    if outcome == TaskStatus.FAILED:
         return Decimal(0)
-    if outcome == "completed" and reported is not None and reported >= 0:
+    if outcome == TaskStatus.COMPLETED and reported is not None and reported >= 0:
         return reported
     return Decimal(requested)
 

@@ -32,7 +32,6 @@ Table: aligned columns and a ``TOTAL`` line.
 from __future__ import annotations
 
 import csv
-import difflib
 import io
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -45,6 +44,7 @@ import orjson
 
 from gateway.ledger.pricing import CENTS, FOUR_PLACES, to_cents, to_report
 from gateway.store.base import USAGE_GROUPS, UsageRow
+from gateway.suggest import did_you_mean
 
 FORMATS: Final = ("table", "csv", "json")
 """Output formats :func:`render` knows."""
@@ -147,10 +147,7 @@ def parse_group_by(text: str | None, *, name: str = "--by") -> tuple[str, ...]:
         if not word or word in result:
             continue
         if word not in USAGE_GROUPS:
-            # Swapped letters first ("modle" is closer to "model" than difflib thinks), then spelling.
-            close = [dim for dim in USAGE_GROUPS if sorted(dim) == sorted(word)]
-            close += difflib.get_close_matches(word[:_SHOW_MAX], USAGE_GROUPS, n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(word, USAGE_GROUPS, anagrams=True, cutoff=0.5)
             raise ValueError(
                 f"{name}: unknown dimension {_show(part.strip())} (choose from {','.join(USAGE_GROUPS)}){hint}"
             )

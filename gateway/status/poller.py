@@ -38,8 +38,8 @@ from typing import Any, Final, Literal, Protocol, TypeVar, cast
 
 import orjson
 
+from gateway.catalog import TERMINAL
 from gateway.errors import GatewayError
-from gateway.ledger.service import TERMINAL
 from gateway.metrics import Metrics
 from gateway.upstream.client import UpstreamResponse, inbound_headers
 

@@ -17,8 +17,9 @@ from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, Final
 
+from gateway.catalog import TASK_STATUSES, TaskStatus
 from gateway.keys import KeyRecord
-from gateway.store.base import TASK_STATUSES, USAGE_GROUPS, TaskRecord, UsageRow, from_fixed, to_fixed
+from gateway.store.base import USAGE_GROUPS, OutboxRecord, TaskRecord, UsageRow, from_fixed, to_fixed
 
 #: The largest page ``tasks_for_key`` returns.
 MAX_PAGE = 1000
@@ -154,9 +155,9 @@ def insert_delta(task: TaskRecord) -> tuple[Any, ...]:
         estimate,
         settled_usd,
         settled_usd if settled else estimate,
-        int(task.outcome == "completed"),
-        int(task.outcome == "failed"),
-        int(task.outcome == "unknown"),
+        int(task.outcome == TaskStatus.COMPLETED),
+        int(task.outcome == TaskStatus.FAILED),
+        int(task.outcome == TaskStatus.UNKNOWN),
         int(not settled),
         int(task.duration_defaulted),
     )
@@ -176,9 +177,9 @@ def settle_delta(unsettled: Sequence[Any], outcome: str, seconds_nano: int, usd_
         0,
         usd_nano,
         usd_nano - estimate_nano,
-        int(outcome == "completed"),
-        int(outcome == "failed"),
-        int(outcome == "unknown"),
+        int(outcome == TaskStatus.COMPLETED),
+        int(outcome == TaskStatus.FAILED),
+        int(outcome == TaskStatus.UNKNOWN),
         -1,
         0,
     )
@@ -313,3 +314,40 @@ def usage_rows(group_by: tuple[str, ...], totals: Mapping[tuple[Any, ...], list[
             )
         )
     return rows
+
+
+OUTBOX_COLUMNS: Final = (
+    "delivery_id, key_name, host, url, body, created_at, state, attempts, next_attempt_at, last_error"
+)
+
+
+def outbox_row(record: OutboxRecord) -> tuple[Any, ...]:
+    """The ``OUTBOX_COLUMNS`` values of ``record``."""
+    return (
+        record.delivery_id,
+        record.key_name,
+        record.host,
+        record.url,
+        record.body,
+        record.created_at,
+        record.state,
+        record.attempts,
+        record.next_attempt_at,
+        record.last_error,
+    )
+
+
+def outbox_record(row: Any) -> OutboxRecord:
+    """The record of a row selected as ``OUTBOX_COLUMNS``."""
+    return OutboxRecord(
+        delivery_id=row[0],
+        key_name=row[1],
+        host=row[2],
+        url=row[3],
+        body=bytes(row[4]),
+        created_at=float(row[5]),
+        state=row[6],
+        attempts=int(row[7]),
+        next_attempt_at=float(row[8]),
+        last_error=row[9],
+    )

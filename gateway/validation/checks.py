@@ -15,37 +15,7 @@ Normalization is deliberately small, so that every example on the upstream page 
 The input object is never mutated. Everything is precomputed at import and the happy path never touches
 ``difflib``; a typical body validates in a few microseconds (``bench/validation_bench.py``).
 
-Problem codes::
-
-    invalid_body                 the body is not a JSON object
-    missing_field                a required field is absent (model, prompt, duration with multi_prompt,
-                                 multi_prompt item keys, element_id)
-    invalid_type                 a field has the wrong JSON type (or a fractional duration)
-    unknown_field                a field the gateway does not know (strict mode); with a did-you-mean hint
-    duplicate_field              a flattened field also sent inside extra_body
-    unknown_model                not a Kling v3 model id (nor a configured pass-through model)
-    empty_prompt                 prompt (or a shot prompt) empty or only whitespace
-    prompt_too_long              prompt over 2500 characters
-    prompt_with_multi_prompt     prompt sent together with extra_body.multi_prompt in image mode
-    multi_prompt_requires_image  extra_body.multi_prompt without image
-    multi_prompt_with_last_image extra_body.multi_prompt together with last_image
-    multi_prompt_count           multi_prompt not 1 to 6 shots
-    multi_prompt_index_out_of_range  a shot index below 0
-    duplicate_index              two shots with the same index
-    multi_prompt_prompt_too_long a shot prompt over 512 characters
-    multi_prompt_duration_out_of_range  a shot duration below 1 second
-    multi_prompt_duration_mismatch      shot durations not adding up to duration
-    duration_out_of_range        duration outside 3 to 15 seconds
-    invalid_enum                 aspect_ratio or shot_type not an allowed value; with a did-you-mean hint
-    invalid_url                  image / last_image not an absolute http(s) URL with a sane host
-    last_image_requires_image    last_image without image
-    private_media_url            media on a private, loopback, link-local, reserved or special-use host,
-                                 or with credentials in the URL
-    negative_prompt_too_long     negative_prompt over 2500 characters
-    cfg_scale_out_of_range       cfg_scale outside [0, 1]
-    element_list_too_long        more than 3 elements
-
-Warning codes: ``aspect_ratio_not_guaranteed`` (aspect_ratio in an image mode), ``shot_type_normalized``.
+Every problem and warning code, with its meaning, is in ``gateway.catalog.CODES``.
 
 The private-media rule has a second, asynchronous half — names that resolve only to private addresses —
 which lives in ``gateway.validation.media_guard``; this module collects the host names for it in
@@ -54,7 +24,6 @@ which lives in ``gateway.validation.media_guard``; this module collects the host
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -62,7 +31,25 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final
 
+from gateway.catalog import (
+    ASPECT_RATIOS,
+    CFG_SCALE_MAX,
+    CFG_SCALE_MIN,
+    DURATION_MAX,
+    DURATION_MIN,
+    ELEMENT_LIST_MAX,
+    MODELS,
+    MULTI_PROMPT_MAX,
+    NEGATIVE_PROMPT_MAX,
+    PROMPT_MAX,
+    SHOT_PROMPT_MAX,
+    SHOT_TYPE_ALIASES,
+    SHOT_TYPES,
+    Mode,
+    ModelInfo,
+)
 from gateway.errors import Problem
+from gateway.suggest import did_you_mean
 from gateway.validation.describe import got, json_type, show
 from gateway.validation.media_urls import (
     is_private_address,
@@ -84,24 +71,6 @@ __all__ = [
     "private_host_reason",
     "validate",
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class ModelInfo:
-    """What a Kling v3 model id says about the output: tier ``"std"`` or ``"pro"``, with or without audio."""
-
-    tier: str
-    audio: bool
-
-
-MODELS: Final[Mapping[str, ModelInfo]] = MappingProxyType(
-    {
-        "kling-v3-std-silent": ModelInfo("std", False),
-        "kling-v3-std-audio": ModelInfo("std", True),
-        "kling-v3-pro-silent": ModelInfo("pro", False),
-        "kling-v3-pro-audio": ModelInfo("pro", True),
-    }
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,18 +119,6 @@ class ValidationResult:
 
 # -- limits and vocabularies ---------------------------------------------------------------------------------
 
-PROMPT_MAX: Final = 2500
-NEGATIVE_PROMPT_MAX: Final = 2500
-SHOT_PROMPT_MAX: Final = 512
-DURATION_MIN: Final = 3
-DURATION_MAX: Final = 15
-MULTI_PROMPT_MAX: Final = 6
-ELEMENT_LIST_MAX: Final = 3
-CFG_SCALE_MIN: Final = 0.0
-CFG_SCALE_MAX: Final = 1.0
-ASPECT_RATIOS: Final = ("16:9", "9:16", "1:1")
-SHOT_TYPES: Final = ("customize", "intelligent")
-_SHOT_TYPE_ALIASES: Final = {"intelligence": "intelligent"}
 
 _FLATTENED: Final = ("negative_prompt", "cfg_scale", "multi_prompt", "element_list", "shot_type")
 _TOP_FIELDS: Final = ("model", "prompt", "image", "last_image", "aspect_ratio", "duration", "extra_body")
@@ -176,6 +133,10 @@ _MODEL_IDS: Final = tuple(MODELS)
 _MODEL_LIST: Final = ", ".join(MODELS)
 _ASPECT_SET: Final = frozenset(ASPECT_RATIOS)
 _SHOT_TYPE_SET: Final = frozenset(SHOT_TYPES)
+# Plain strings, looked up once (an enum member's .value is a descriptor call on the hot path).
+_TEXT: Final = Mode.TEXT.value
+_IMAGE: Final = Mode.IMAGE.value
+_FIRST_LAST: Final = Mode.FIRST_LAST.value
 
 # Names other APIs use for our fields: "did you mean" hints difflib would not find by spelling.
 _FIELD_ALIASES: Final = MappingProxyType(
@@ -213,11 +174,7 @@ _INT_STRING: Final = re.compile(r"[+-]?[0-9]+")
 
 def _hint(word: str, choices: Sequence[str], aliases: Mapping[str, str] | None = None) -> str:
     """``"; did you mean 'X'?"`` for the closest choice, or ``""``; only ever called on the error path."""
-    lowered = word.lower()[:100]
-    if aliases is not None and lowered in aliases:
-        return f"; did you mean {aliases[lowered]!r}?"
-    match = difflib.get_close_matches(lowered, choices, n=1, cutoff=0.6)
-    return f"; did you mean {match[0]!r}?" if match else ""
+    return did_you_mean(word.lower(), choices, aliases=aliases)
 
 
 def _whole_number(value: object) -> int | None:
@@ -288,7 +245,7 @@ class _Check:
         if self.problems:
             return self.result(None)
         assert info is not None  # a missing or unknown model is a problem
-        mode = "first_last" if has_last else "image" if has_image else "text"
+        mode = _FIRST_LAST if has_last else _IMAGE if has_image else _TEXT
         request = ValidRequest(
             body=out,
             model=body["model"],
@@ -529,7 +486,7 @@ class _Check:
             return None
         if value in _SHOT_TYPE_SET:
             return None
-        alias = _SHOT_TYPE_ALIASES.get(value)
+        alias = SHOT_TYPE_ALIASES.get(value)
         if alias is not None:
             self.warnings.append(
                 Problem(param, "shot_type_normalized", f"shot_type {value!r} was normalized to {alias!r}")
@@ -716,7 +673,7 @@ def _passthrough(body: dict[str, Any], model: str, options: ValidationOptions) -
         model=model,
         tier=None,
         audio=None,
-        mode=("first_last" if "last_image" in body else "image") if has_image else "text",
+        mode=(_FIRST_LAST if "last_image" in body else _IMAGE) if has_image else _TEXT,
         duration=_whole_number(body.get("duration")),
         media_hosts=tuple(dict.fromkeys(check.media_hosts)),
     )

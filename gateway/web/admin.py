@@ -146,6 +146,7 @@ class AdminRoutes:
                 rpm=_optional_int(body.get("rpm"), "rpm"),
                 monthly_budget_usd=_optional_money(body.get("monthly_budget_usd")),
                 webhook_url=_optional_str(body.get("webhook_url"), "webhook_url"),
+                allow_private_webhooks=self.g.s.settings.webhooks.allow_private_targets,
             )
         except KeyExists:
             raise Conflict(f"A key named '{name}' exists already.", code="key_exists", param="name") from None

@@ -15,12 +15,13 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.catalog import REQUEST_ID_SHAPE
 from gateway.errors import GatewayError, HeadersTooLarge
 from gateway.logs import REQUEST_ID
 from gateway.metrics import Metrics
 
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
-_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=\-]{1,128}")
+_SANE_REQUEST_ID = re.compile(REQUEST_ID_SHAPE)
 REQUEST_ID_KEY = "gateway.request_id"
 LOG_FIELDS_KEY = "gateway.log"
 _IDS_PER_DRAW = 256

@@ -32,35 +32,42 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway import __version__
-from gateway.config import Settings
-from gateway.validation.checks import (
+from gateway.catalog import (
     ASPECT_RATIOS,
     CFG_SCALE_MAX,
     CFG_SCALE_MIN,
+    CODES,
     DURATION_MAX,
     DURATION_MIN,
     ELEMENT_LIST_MAX,
+    IDEMPOTENCY_KEY_SHAPE,
+    KEY_NAME_SHAPE,
     MODELS,
     MULTI_PROMPT_MAX,
     NEGATIVE_PROMPT_MAX,
     PROMPT_MAX,
+    REQUEST_ID_SHAPE,
     SHOT_PROMPT_MAX,
+    SHOT_TYPE_ALIASES,
     SHOT_TYPES,
+    TASK_ID_SHAPE,
+    Mode,
 )
+from gateway.config import Settings
 
 OPENAPI_PATH: Final = "/gateway/openapi.json"
 OPENAPI_VERSION: Final = "3.0.3"
 
 _JSON: Final = "application/json"
 _REF: Final = "#/components/schemas/"
-_REQUEST_ID_PATTERN: Final = r"^[A-Za-z0-9._:@/+=\-]{1,128}$"
-_KEY_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_REQUEST_ID_PATTERN: Final = f"^{REQUEST_ID_SHAPE}$"
+_KEY_NAME_PATTERN: Final = f"^{KEY_NAME_SHAPE}$"
 # An integer-valued string for a duration in range, as the validator accepts it: "5", "+5", "05" (at most 12
 # characters: longer digit strings are out of range by definition).
 _DURATION_STRING: Final = r"^\+?0*([3-9]|1[0-5])$"
 _INT_STRING: Final = r"^[+-]?[0-9]+$"
-_TASK_ID_PATTERN: Final = r"^[A-Za-z0-9_][A-Za-z0-9._:\-]{0,199}$"
-_IDEMPOTENCY_KEY_PATTERN: Final = r"^[\x21-\x7e]{1,255}$"
+_TASK_ID_PATTERN: Final = f"^{TASK_ID_SHAPE}$"
+_IDEMPOTENCY_KEY_PATTERN: Final = f"^{IDEMPOTENCY_KEY_SHAPE}$"
 
 _EXAMPLE_BODY: Final = {
     "model": "kling-v3-std-silent",
@@ -163,7 +170,7 @@ def _generation_schemas(settings: Settings) -> dict[str, Any]:
         "cfg_scale": {"type": "number", "minimum": CFG_SCALE_MIN, "maximum": CFG_SCALE_MAX},
         "shot_type": {
             "type": "string",
-            "enum": [*SHOT_TYPES, "intelligence"],
+            "enum": [*SHOT_TYPES, *SHOT_TYPE_ALIASES],
             "description": "'intelligence' is accepted and normalized to 'intelligent' (with a warning).",
         },
         "multi_prompt": {
@@ -233,7 +240,7 @@ def _gateway_schemas() -> dict[str, Any]:
             "usd": {"type": "string", "description": "USD, 4 decimal places."},
             "duration_defaulted": {"type": "boolean"},
             "priced": {"type": "boolean"},
-            "mode": {"type": "string", "enum": ["text", "image", "first_last"]},
+            "mode": {"type": "string", "enum": [mode.value for mode in Mode]},
             "tier": _nullable({"type": "string"}),
             "audio": _nullable({"type": "boolean"}),
         },
@@ -448,6 +455,15 @@ def _error(status: int, *codes: str) -> dict[str, Any]:
     return _json_response(f"{_STATUS_TEXT[status]}: {', '.join(codes)}.", schema, *extra)
 
 
+def _codes(*codes: str) -> dict[int, tuple[str, ...]]:
+    """``codes`` grouped under the statuses the catalogue (``gateway.catalog.CODES``) gives them."""
+    grouped: dict[int, tuple[str, ...]] = {}
+    for code in codes:
+        for status in CODES[code].statuses:
+            grouped[status] = (*grouped.get(status, ()), code)
+    return grouped
+
+
 def _merge(*groups: Mapping[int, tuple[str, ...]]) -> dict[int, tuple[str, ...]]:
     merged: dict[int, tuple[str, ...]] = {}
     for group in groups:
@@ -464,16 +480,14 @@ def _responses(ok: Mapping[str, Any], errors: Mapping[int, tuple[str, ...]]) -> 
     return out
 
 
-_JSON_BODY: Final = {
-    400: ("invalid_json", "invalid_body", "invalid_content_length"),
-    413: ("payload_too_large",),
-    415: ("unsupported_media_type",),
-}
-_STORE: Final = {503: ("store_unavailable",)}
+_JSON_BODY: Final = _codes(
+    "invalid_json", "invalid_body", "invalid_content_length", "payload_too_large", "unsupported_media_type"
+)
+_STORE: Final = _codes("store_unavailable")
 # 503 upstream_unavailable: the circuit breaker is open (fails fast, with Retry-After).
-_UPSTREAM: Final = {502: ("upstream_unavailable",), 503: ("upstream_unavailable",), 504: ("upstream_timeout",)}
+_UPSTREAM: Final = _codes("upstream_unavailable", "upstream_timeout")
 # Every route but /healthz, /readyz and /metrics may be refused at once when the gateway is saturated.
-_OVERLOAD: Final = {503: ("overloaded",)}
+_OVERLOAD: Final = _codes("overloaded")
 
 
 class _Doc:
@@ -482,14 +496,12 @@ class _Doc:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         keys = settings.auth.mode == "keys"
-        self.client_errors: dict[int, tuple[str, ...]] = (
-            {401: ("invalid_api_key",), 429: ("rate_limited",)} if keys else {}
-        )
+        self.client_errors: dict[int, tuple[str, ...]] = _codes("invalid_api_key", "rate_limited") if keys else {}
         self.client_security: list[dict[str, list[str]]] = [{"gatewayKey": []}] if keys else [{}]
         admin_on = bool(settings.admin_token)
         # Without an admin token there is no admin API: every admin route answers 404 not_found.
         self.admin_errors: dict[int, tuple[str, ...]] = (
-            {401: ("invalid_admin_token",)} if admin_on else {404: ("not_found",)}
+            _codes("invalid_admin_token") if admin_on else _codes("not_found")
         )
 
     def operation(
@@ -541,14 +553,9 @@ class _Doc:
     def submit(self) -> dict[str, Any]:
         errors = _merge(
             _JSON_BODY,
-            {400: ("invalid_request", "invalid_idempotency_key")},
+            _codes("invalid_request", "invalid_idempotency_key"),
             self.client_errors,
-            {
-                403: ("model_not_allowed",),
-                409: ("idempotency_in_progress",),
-                422: ("idempotency_conflict",),
-                429: ("budget_exceeded",),
-            },
+            _codes("model_not_allowed", "idempotency_in_progress", "idempotency_conflict", "budget_exceeded"),
             _UPSTREAM,
             _STORE,
             _OVERLOAD,
@@ -579,7 +586,7 @@ class _Doc:
         )
 
     def status(self) -> dict[str, Any]:
-        errors = _merge(self.client_errors, {404: ("task_not_found", "not_found")}, _UPSTREAM, _STORE, _OVERLOAD)
+        errors = _merge(self.client_errors, _codes("task_not_found", "not_found"), _UPSTREAM, _STORE, _OVERLOAD)
         ok = {"200": _json_response("The task's status (cached, coalesced or fresh).", _ref("UpstreamTask"), "X-Cache")}
         task_id = {
             "name": "task_id",
@@ -650,9 +657,7 @@ class _Doc:
     def passthrough(self) -> dict[str, Any]:
         path = {"name": "path", "in": "path", "required": True, "schema": {"type": "string"}}
         ok = {"200": {"description": "The upstream's answer, unchanged.", "headers": _headers()}}
-        errors = _merge(
-            self.client_errors, {413: ("payload_too_large",), 400: ("invalid_content_length",)}, _UPSTREAM, _OVERLOAD
-        )
+        errors = _merge(self.client_errors, _codes("payload_too_large", "invalid_content_length"), _UPSTREAM, _OVERLOAD)
         return {
             method: self.operation(
                 f"passthrough{method.capitalize()}",
@@ -692,7 +697,7 @@ class _Doc:
             _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}),
             _query("cursor", {"type": "string"}, "The next_cursor of the previous page."),
         ]
-        errors = _merge({400: ("invalid_parameter", "invalid_cursor")}, self.client_errors, _STORE, _OVERLOAD)
+        errors = _merge(_codes("invalid_parameter", "invalid_cursor"), self.client_errors, _STORE, _OVERLOAD)
         ok = {
             "200": _json_response("The caller's tasks, newest first (the admin token: everyone's).", _ref("TaskPage"))
         }
@@ -712,7 +717,7 @@ class _Doc:
             _query("until", {"type": "string"}, period + " A date includes that whole day."),
             _query("by", {"type": "string"}, "Comma-separated grouping: key, model, mode, day."),
         ]
-        errors = _merge({400: ("invalid_parameter",)}, self.client_errors, _STORE, _OVERLOAD)
+        errors = _merge(_codes("invalid_parameter"), self.client_errors, _STORE, _OVERLOAD)
         ok = {"200": _json_response("Usage and cost (the admin token: everyone's).", _ref("Usage"))}
         return self.operation(
             "getUsage",
@@ -760,7 +765,7 @@ class _Doc:
     def create_key(self) -> dict[str, Any]:
         errors = _merge(
             _JSON_BODY,
-            {400: ("unknown_field", "missing_field", "invalid_type", "invalid_key_request"), 409: ("key_exists",)},
+            _codes("unknown_field", "missing_field", "invalid_type", "invalid_key_request", "key_exists"),
         )
         ok = {"201": _json_response("The new key, with its secret (shown this once).", _ref("IssuedKey"))}
         return self.admin("createKey", "Issue a client key", ok, errors, body="KeyCreate")
@@ -768,13 +773,13 @@ class _Doc:
     def get_key(self) -> dict[str, Any]:
         ok = {"200": _json_response("The key.", _ref("Key"))}
         return self.admin(
-            "getKey", "One client key", ok, {404: ("key_not_found", "not_found")}, parameters=[_name_param()]
+            "getKey", "One client key", ok, _codes("key_not_found", "not_found"), parameters=[_name_param()]
         )
 
     def revoke_key(self) -> dict[str, Any]:
         ok = {"200": _json_response("The key, revoked (revoking twice is not an error).", _ref("Key"))}
         return self.admin(
-            "revokeKey", "Revoke a key at once", ok, {404: ("key_not_found", "not_found")}, parameters=[_name_param()]
+            "revokeKey", "Revoke a key at once", ok, _codes("key_not_found", "not_found"), parameters=[_name_param()]
         )
 
     def rotate_key(self) -> dict[str, Any]:
@@ -784,7 +789,7 @@ class _Doc:
             "Seconds the old secret stays valid (default [auth] rotation_grace_s).",
         )
         ok = {"200": _json_response("The key with its new secret (shown this once).", _ref("IssuedKey"))}
-        errors = {400: ("invalid_parameter",), 404: ("key_not_found", "not_found"), 409: ("key_revoked",)}
+        errors = _codes("invalid_parameter", "key_not_found", "not_found", "key_revoked")
         return self.admin("rotateKey", "A new secret for a key", ok, errors, parameters=[_name_param(), grace])
 
     # -- operations ---------------------------------------------------------------------------------------------
@@ -798,7 +803,7 @@ class _Doc:
                 "content": {"text/plain": {"schema": {"type": "string"}}},
             }
         }
-        errors = {401: ("invalid_metrics_token",)} if token else {}
+        errors = _codes("invalid_metrics_token") if token else {}
         return self.operation(
             "getMetrics",
             "Prometheus metrics",

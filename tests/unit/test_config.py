@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from decimal import Decimal
 from pathlib import Path
+from typing import Any, get_type_hints
 
 import pytest
 from support.paths import REPO_ROOT
 
-from gateway.config import ConfigError, load_settings
+from gateway.config import Bounds, ConfigError, OneOf, Settings, bounds, load_settings, one_of
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -186,3 +188,111 @@ class TestErrors:
         """Serving against the real upstream needs UNIALL_API_KEY."""
         with pytest.raises(ConfigError, match=r"^UNIALL_API_KEY: not set"):
             load_settings(env={}, require_upstream_key=True)
+
+
+#: One row per declared rule: a bad value and the message it gets (the setting's name is prepended).
+RULE_CASES: list[tuple[str, str, str]] = [
+    ("server.port", "65536", "must be between 1 and 65535"),
+    ("server.max_body_bytes", "1023", "must be at least 1024"),
+    ("server.workers", "0", "must be at least 1"),
+    ("server.shutdown_timeout_s", "-1", "must not be negative"),
+    ("upstream.timeout_s", "0", "must be positive"),
+    ("upstream.connect_timeout_s", "0", "must be positive"),
+    ("upstream.read_timeout_s", "0", "must be positive"),
+    ("upstream.pool_timeout_s", "0", "must be positive"),
+    ("upstream.max_connections", "0", "must be at least 1"),
+    ("upstream.get_retries", "-1", "must not be negative"),
+    ("upstream.breaker_failure_threshold", "-1", "must not be negative"),
+    ("upstream.breaker_open_s", "0", "must be positive"),
+    ("server.max_in_flight", "0", "must be at least 1"),
+    ("server.max_queued", "-1", "must not be negative"),
+    ("server.queue_timeout_s", "-1", "must not be negative"),
+    ("server.shutdown_grace_s", "-1", "must not be negative"),
+    ("auth.mode", "bogus", "must be 'keys' or 'open', got 'bogus'"),
+    ("upstream.transport", "bogus", "must be 'lean' or 'aiohttp', got 'bogus'"),
+    ("auth.rotation_grace_s", "-1", "must not be negative"),
+    ("auth.refresh_interval_s", "0", "must be positive"),
+    ("cache.pending_ttl_s", "-1", "must not be negative"),
+    ("cache.terminal_ttl_s", "-1", "must not be negative"),
+    ("cache.max_entries", "0", "must be at least 1"),
+    ("cache.stale_keep_s", "-1", "must not be negative"),
+    ("settler.max_rps", "0", "must be positive"),
+    ("settler.max_give_ups_per_s", "0", "must be positive"),
+    ("settler.concurrency", "0", "must be at least 1"),
+    ("settler.idle_s", "-1", "must not be negative"),
+    ("settler.task_max_age_s", "0", "must be positive"),
+    ("webhooks.concurrency", "0", "must be at least 1"),
+    ("webhooks.per_target_concurrency", "0", "must be at least 1"),
+    ("webhooks.max_pending_per_target", "0", "must be at least 1"),
+    ("webhooks.max_attempts", "0", "must be at least 1"),
+    ("webhooks.timeout_s", "0", "must be positive"),
+    ("webhooks.poll_interval_s", "0", "must be positive"),
+    ("content.max_bytes", "0", "must be at least 1"),
+    ("content.connect_timeout_s", "0", "must be positive"),
+    ("content.read_timeout_s", "0", "must be positive"),
+    ("archive.concurrency", "0", "must be at least 1"),
+    ("archive.max_attempts", "0", "must be at least 1"),
+    ("archive.retry_base_s", "-1", "must not be negative"),
+    ("archive.scan_s", "0", "must be positive"),
+    ("archive.lookback_s", "-1", "must not be negative"),
+    ("archive.keep_days", "-1", "must not be negative"),
+    ("pricing.default_duration_s", "16", "must be between 3 and 15"),
+    ("validation.resolve_timeout_s", "0", "must be positive"),
+    ("logging.level", "loud", "must be one of debug, info, warning, error"),
+    ("server.port", "0", "must be between 1 and 65535"),
+    ("pricing.default_duration_s", "2", "must be between 3 and 15"),
+]
+
+
+class TestDeclaredRules:
+    """Every range and vocabulary is declared beside its field and checked by one checker."""
+
+    @pytest.mark.parametrize(("setting", "bad", "message"), RULE_CASES)
+    def test_each_rule_refuses_its_bad_value(self, setting: str, bad: str, message: str) -> None:
+        """A value outside the declared rule is refused, naming the setting, from the environment or the file."""
+        section, key = setting.split(".")
+        with pytest.raises(ConfigError) as info:
+            load_settings(env={f"KLING_GATEWAY_{section.upper()}_{key.upper()}": bad})
+        assert str(info.value) == f"{setting}: {message}"
+
+    def test_every_rule_is_in_the_table(self) -> None:
+        """No declared rule goes untested: the table above names every field that carries one."""
+        ruled = {
+            f"{section}.{item.name}"
+            for section, section_type in get_type_hints(Settings).items()
+            if dataclasses.is_dataclass(section_type)
+            for item in dataclasses.fields(section_type)
+            if item.metadata
+        }
+        tested = {setting for setting, _, _ in RULE_CASES}
+        assert ruled == tested
+
+    @pytest.mark.parametrize(
+        ("rule", "value", "problem"),
+        [
+            (Bounds(above=0), 0.001, None),
+            (Bounds(above=0), 0, "must be positive"),
+            (Bounds(above=2), 2, "must be greater than 2"),
+            (Bounds(at_least=0), 0, None),
+            (Bounds(at_least=0), -0.5, "must not be negative"),
+            (Bounds(at_least=1024), 1023, "must be at least 1024"),
+            (Bounds(at_least=0.5), 0.25, "must be at least 0.5"),
+            (Bounds(at_most=10), 11, "must be at most 10"),
+            (Bounds(at_least=3, at_most=15), 3, None),
+            (Bounds(at_least=3, at_most=15), 15, None),
+            (Bounds(at_least=3, at_most=15), 16, "must be between 3 and 15"),
+            (Bounds(at_least=3, at_most=15), 2, "must be between 3 and 15"),
+            (OneOf(("keys", "open")), "open", None),
+            (OneOf(("keys", "open")), "Open", "must be 'keys' or 'open', got 'Open'"),
+            (OneOf(("debug", "info", "error"), fold_case=True), "INFO", None),
+            (OneOf(("debug", "info", "error"), fold_case=True), "loud", "must be one of debug, info, error"),
+        ],
+    )
+    def test_checker_table(self, rule: Bounds | OneOf, value: Any, problem: str | None) -> None:
+        """The generic checker's message for each kind of rule and edge."""
+        assert rule.problem(value) == problem
+
+    def test_metadata_helpers(self) -> None:
+        """``bounds`` and ``one_of`` build the field metadata the checker reads."""
+        assert list(bounds(at_least=1).values()) == [Bounds(at_least=1)]
+        assert list(one_of("a", "b").values()) == [OneOf(("a", "b"))]

@@ -198,6 +198,7 @@ class TestMigrations:
                 "task_bodies",
                 "idempotency",
                 "usage_daily",
+                "webhook_outbox",
                 "archives",
             }
         finally:

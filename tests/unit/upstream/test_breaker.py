@@ -10,13 +10,14 @@ from typing import Any
 import httpx
 import pytest
 from support.harness import ADMIN, GatewayFactory
+from support.httpx_transport import HttpxTransport
 from support.upstream_fake import FakeUpstream, json, refuse, slow
 
 from gateway.config import UpstreamSettings
 from gateway.errors import ServiceUnavailable, UpstreamUnavailable
 from gateway.metrics import create_metrics
 from gateway.upstream.breaker import BreakerOpen, BreakerState, CircuitBreaker, CircuitOpen, Permit, open_error
-from gateway.upstream.client import HttpxTransport, UpstreamClient
+from gateway.upstream.client import UpstreamClient
 
 SUBMIT = "/v1/video/generations"
 BODY: dict[str, Any] = {"model": "kling-v3-std-silent", "prompt": "rain on a tin roof", "duration": 5}

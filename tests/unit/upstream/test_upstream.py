@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from support.httpx_transport import HttpxTransport
 
 from gateway.config import UpstreamSettings
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 from gateway.metrics import create_metrics
-from gateway.upstream.client import HttpxTransport, UpstreamClient, inbound_headers, outbound_headers
+from gateway.upstream.client import UpstreamClient, inbound_headers, outbound_headers
 
 KEY = "sk-upstream-canary"
 
