@@ -70,6 +70,8 @@ class Archiver:
                 await self.expire()
             except (StoreError, ArchiveError) as exc:
                 self.log.warning("archive_sweep_failed", error=str(exc))
+            except Exception as exc:  # a bug must not stop archiving for the life of the process
+                self.log.error("archive_sweep_crashed", error=repr(exc)[:500])
             await asyncio.sleep(self.settings.scan_s)
 
     async def sweep(self, completed_since: float) -> tuple[int, int]:
