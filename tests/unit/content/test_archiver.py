@@ -222,3 +222,40 @@ async def test_scans_start_at_the_floor(store: Store, fake: FakeUpstream, tmp_pa
     finally:
         await fetcher.aclose()
     assert recording.since[-1] == clock.now - 300  # all done: a little behind now, for late settlements
+
+
+class FlakyStore(RecordingStore):
+    """The first two candidate queries fail: a store outage, then an unexpected error."""
+
+    async def archive_candidates(self, completed_since: float, now: float, limit: int = 100) -> list[tuple[str, float]]:
+        self.since.append(completed_since)
+        if len(self.since) == 1:
+            from gateway.store.base import StoreError
+
+            raise StoreError("database is locked")
+        if len(self.since) == 2:
+            raise RuntimeError("surprise")
+        return await self._store.archive_candidates(completed_since, now, limit)
+
+
+async def test_background_loop_outlives_failures(store: Store, fake: FakeUpstream, tmp_path: Path) -> None:
+    """The loop logs a failed or crashed scan and goes on: the task is archived on a later scan."""
+    import asyncio
+
+    fake.always("*", "/files/", video(100))
+    await completed(store, "t1", f"{fake.url}/files/t1.mp4")
+    flaky = FlakyStore(store)
+    clock = Clock()
+    archiver, metrics, fetcher = make_archiver(flaky, fake, FileArchive(str(tmp_path / "a")), clock, scan_s=0.01)  # type: ignore[arg-type]
+    loop = asyncio.create_task(archiver.run())
+    try:
+        for _ in range(500):
+            if count(metrics, "stored") == 1:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+        await fetcher.aclose()
+    assert count(metrics, "stored") == 1
+    assert len(flaky.since) >= 3
