@@ -161,13 +161,20 @@ class VideoFetcher:
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self._settings.connect_timeout_s, sock_read=self._settings.read_timeout_s
         )
+        # No connection cap of aiohttp's own (100 by default, waited for without a timeout): downloads are already
+        # bounded by [server] max_in_flight, and a cap here would stall the 101st behind slow clients.
         if hop.credentials:
             if self._trusted is None:
-                self._trusted = aiohttp.ClientSession(timeout=timeout, auto_decompress=False, read_bufsize=CHUNK_BYTES)
+                self._trusted = aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=0),
+                    timeout=timeout,
+                    auto_decompress=False,
+                    read_bufsize=CHUNK_BYTES,
+                )
             return self._trusted
         if self._guarded is None:
             resolver = GuardedResolver(self._resolver, self._dial, self._settings.connect_timeout_s)
-            connector = aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False)
+            connector = aiohttp.TCPConnector(limit=0, resolver=resolver, use_dns_cache=False)
             self._guarded = aiohttp.ClientSession(
                 connector=connector, timeout=timeout, auto_decompress=False, read_bufsize=CHUNK_BYTES
             )
