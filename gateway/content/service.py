@@ -1,6 +1,7 @@
 """One answer to ``GET|HEAD /v1/videos/{task_id}/content`` for a task the caller owns (SPEC section 10).
 
-Not completed: 409 ``video_not_ready`` (the task's status in the message). Archived: the copy, with its size and
+Not completed: 409 ``video_not_ready`` (the task's status in the message). ``If-None-Match`` naming the answer's
+``ETag`` gets 304. Archived: the copy, with its size and
 SHA-256 (the ``ETag``) from the ledger; a copy that cannot be opened falls back to the upstream. Otherwise the
 task's ``video_url`` through ``VideoFetcher`` (the account's key only to the upstream's own origin). Single byte
 ranges are honoured either way (206, or 416 with ``Content-Range: bytes */size``); an origin that ignores a range is
@@ -48,6 +49,22 @@ def _unsatisfiable(size: int | None) -> RangeNotSatisfiable:
     )
 
 
+def _etags(header: str | None) -> frozenset[str]:
+    """The entity tags of an ``If-None-Match`` header, weak prefixes dropped (weak comparison, RFC 9110 13.1.2)."""
+    if not header:
+        return frozenset()
+    return frozenset(tag.strip().removeprefix("W/") for tag in header.split(",") if tag.strip())
+
+
+def _matches(etag: str, if_none_match: frozenset[str]) -> bool:
+    return bool(if_none_match) and ("*" in if_none_match or etag.removeprefix("W/") in if_none_match)
+
+
+def _not_modified(headers: dict[str, str]) -> Response:
+    """304: the client's copy is current (only the validator is sent again)."""
+    return Response(b"", status_code=304, headers={"ETag": headers["ETag"]})
+
+
 class ContentService:
     def __init__(
         self,
@@ -72,6 +89,7 @@ class ContentService:
     async def serve(self, request: Request, task: TaskRecord) -> Response:
         head = request.method == "HEAD"
         spec = parse_range(request.headers.get("range"))
+        self_etags = _etags(request.headers.get("if-none-match"))
         body = task.terminal_body if task.status == "completed" else None
         if body is None:
             code, body = await self.poll(task)
@@ -83,15 +101,20 @@ class ContentService:
         if self.archive is not None:
             record = await self.store.get_archive(task.task_id)
             if record is not None and record.state == "stored":
-                archived = await self.from_archive(self.archive, record, spec, head)
+                archived = await self.from_archive(self.archive, record, spec, head, self_etags)
                 if archived is not None:
                     return archived
         if url is None:
             raise video_unavailable("The task's final answer has no video_url.")
-        return await self.from_upstream(task, url, spec, head)
+        return await self.from_upstream(task, url, spec, head, self_etags)
 
     async def from_archive(
-        self, archive: ArchiveBackend, record: ArchiveRecord, spec: RangeSpec | None, head: bool
+        self,
+        archive: ArchiveBackend,
+        record: ArchiveRecord,
+        spec: RangeSpec | None,
+        head: bool,
+        if_none_match: frozenset[str],
     ) -> Response | None:
         """The archived copy, or None when it cannot be opened (the upstream is asked instead)."""
         if record.key is None or record.size is None:
@@ -101,6 +124,8 @@ class ContentService:
         if span is UNSATISFIABLE:
             raise _unsatisfiable(size)
         headers = {"Accept-Ranges": "bytes", "Content-Type": _DEFAULT_TYPE, "ETag": f'"{record.sha256}"'}
+        if _matches(headers["ETag"], if_none_match):
+            return _not_modified(headers)
         status, start, end = 200, 0, size - 1
         if isinstance(span, ByteSpan):
             status, start, end = 206, span.start, span.end
@@ -117,13 +142,18 @@ class ContentService:
             return None
         return StreamingResponse(self._counted(chunks, "archive", first), status_code=status, headers=headers)
 
-    async def from_upstream(self, task: TaskRecord, url: str, spec: RangeSpec | None, head: bool) -> Response:
+    async def from_upstream(
+        self, task: TaskRecord, url: str, spec: RangeSpec | None, head: bool, if_none_match: frozenset[str]
+    ) -> Response:
         fetched = await self.fetcher.open(url, self.key_for(task), range_header=spec.header() if spec else None)
         try:
             status, headers, skip, take = self._shape(task, fetched, spec)
         except BaseException:
             fetched.close()
             raise
+        if _matches(headers["ETag"], if_none_match):
+            fetched.close()
+            return _not_modified(headers)
         if head:
             fetched.close()
             return Response(b"", status_code=status, headers=headers)

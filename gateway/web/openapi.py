@@ -631,6 +631,17 @@ class _Doc:
                 "headers": {**headers, "Content-Range": {"description": "bytes a-b/size", **plain}},
                 "content": video,
             },
+            "304": {
+                "description": "If-None-Match named the video's ETag: the client's copy is current.",
+                "headers": headers,
+            },
+        }
+        if_none_match = {
+            "name": "If-None-Match",
+            "in": "header",
+            "required": False,
+            "description": "Entity tags the client holds; one matching the video's ETag (or *) gets 304.",
+            "schema": {"type": "string"},
         }
         rng = {
             "name": "Range",
@@ -651,7 +662,7 @@ class _Doc:
             "upstream",
             _responses(ok, errors),
             security=self.client_security,
-            parameters=[task_id, rng],
+            parameters=[task_id, rng, if_none_match],
         )
 
     def passthrough(self) -> dict[str, Any]:

@@ -157,6 +157,21 @@ class TestDownload:
         ranged = gw.client.head(content("task_1"), headers={"Range": "bytes=0-9"})
         assert (ranged.status_code, ranged.headers["content-length"]) == (206, "10")
 
+    @pytest.mark.parametrize(
+        ("if_none_match", "status"), [('"v1"', 304), ('W/"v1"', 304), ('"v0", "v1"', 304), ("*", 304), ('"v0"', 200)]
+    )
+    def test_if_none_match(
+        self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory, served: Video, if_none_match: str, status: int
+    ) -> None:
+        """If-None-Match naming the video's ETag: 304 with the ETag and no body; another tag: the video."""
+        gw = make_gateway(fake_upstream.url)
+        script_task(fake_upstream, "task_1", f"{fake_upstream.url}/files/task_1.mp4")
+        submit(gw)
+        response = gw.client.get(content("task_1"), headers={"If-None-Match": if_none_match})
+        assert response.status_code == status
+        assert response.headers["etag"] == '"v1"'
+        assert len(response.content) == (0 if status == 304 else SIZE)
+
     def test_expired_url_without_archive_is_502(
         self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory, served: Video
     ) -> None:
@@ -309,6 +324,9 @@ class TestArchive:
         assert whole.content == video_bytes(0, SIZE)
         assert gw.client.head(content("task_1")).headers["content-length"] == str(SIZE)
         assert gw.client.get(content("task_1"), headers={"Range": f"bytes={SIZE}-"}).status_code == 416
+        etag = whole.headers["etag"]
+        cached = gw.client.get(content("task_1"), headers={"If-None-Match": etag})
+        assert (cached.status_code, cached.content, cached.headers["etag"]) == (304, b"", etag)
         assert gw.metric("kling_gateway_content_bytes_total", {"source": "archive"}) == 100 + SIZE
         time.sleep(0.2)  # several more scans: still one copy, one fetch
         assert fake_upstream.calls("GET", "/files/task_1.mp4") == 1
