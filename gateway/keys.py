@@ -30,6 +30,7 @@ from decimal import Decimal
 from typing import Protocol
 
 from gateway.bounded import LRUCache
+from gateway.catalog import KEY_NAME_SHAPE
 
 KEY_PREFIX = "gk_"
 """Every gateway key starts with this."""
@@ -48,7 +49,7 @@ _BODY_LEN = 43  # len(secrets.token_urlsafe(32)): 32 bytes in unpadded base64
 _CHECKSUM_LEN = 6
 _KEY_LEN = len(KEY_PREFIX) + _BODY_LEN + _CHECKSUM_LEN
 _URLSAFE = re.compile(r"[A-Za-z0-9_-]+")
-_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_KEY_NAME = re.compile(KEY_NAME_SHAPE)
 _MODEL_GLOB = re.compile(r"[A-Za-z0-9._:/*?!\[\]-]+")
 #: Bounds on a key's model allowlist: every request of the key matches against it.
 MAX_MODEL_PATTERNS = 64

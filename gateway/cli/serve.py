@@ -104,13 +104,16 @@ def _prepare_multiprocess_metrics(data_dir: Path) -> None:
 
 def uvicorn_options(settings: Settings, host: str, port: int) -> dict[str, Any]:
     """The keyword arguments of ``uvicorn.run`` for the gateway (one process or several)."""
-    from gateway.web.server_protocol import HTTP_PROTOCOL
+    from gateway.web.listener import ListenerLimits
+    from gateway.web.server_protocol import listener_protocol
 
     return {
         "host": host,
         "port": port,
         "loop": "uvloop" if sys.platform != "win32" else "asyncio",
-        "http": HTTP_PROTOCOL,  # uvicorn's httptools protocol, each response's head and body in one write
+        # uvicorn's httptools protocol: each response in one write, plus the listener's limits on request heads
+        "http": listener_protocol(ListenerLimits.of(settings.server)),
+        "timeout_keep_alive": settings.server.keep_alive_timeout_s,
         "lifespan": "on",
         "access_log": False,  # the gateway writes its own structured access line
         "server_header": False,

@@ -30,6 +30,7 @@ from gateway.catalog import PENDING, TERMINAL
 from gateway.errors import TooManyRequests
 from gateway.ledger.pricing import Estimate, PriceTable, cost, estimate, settlement_seconds, to_report
 from gateway.ledger.spend import SpendTracker
+from gateway.logs import Logger
 from gateway.metrics import Metrics
 from gateway.store.base import Store, StoreError, TaskRecord
 from gateway.validation.checks import ValidRequest
@@ -83,7 +84,7 @@ class Ledger:
         store: Store,
         prices: PriceTable,
         metrics: Metrics,
-        log: Any,
+        log: Logger,
         *,
         clock: Callable[[], float] = time.time,
         retry_delays_s: tuple[float, ...] = (0.1, 0.5, 1, 2, 5, 10, 30, 60),

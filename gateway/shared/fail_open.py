@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 from prometheus_client import Counter
 from redis.asyncio import Redis
 
 from gateway.bounded import LRUCache
 from gateway.config import CacheSettings
+from gateway.logs import Logger
 from gateway.shared.redis_ops import (
     CacheUnavailable,
     RedisRateLimiter,
@@ -33,7 +33,9 @@ _LEASE_S = 1.0
 class Health:
     """Failure bookkeeping for the shared state: a short rest after a failure, throttled warnings, recovery lines."""
 
-    def __init__(self, log: Any, failures: Counter | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, log: Logger, failures: Counter | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._log = log
         self._failures = failures
         self._clock = clock
@@ -214,7 +216,7 @@ class SharedState:
 
     @classmethod
     async def connect(
-        cls, settings: CacheSettings, *, call_timeout_s: float, log: Any, failures: Counter | None = None
+        cls, settings: CacheSettings, *, call_timeout_s: float, log: Logger, failures: Counter | None = None
     ) -> SharedState:
         """Connect to ``settings.url`` (raises ``CacheUnavailable`` if Redis does not answer at start-up)."""
         client = await connect(settings.url)

@@ -19,6 +19,7 @@ import aiohttp
 
 from gateway.config import UpstreamSettings
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.logs import Logger
 from gateway.metrics import Metrics
 from gateway.upstream.breaker import BreakerOpen, BreakerState, CircuitBreaker, Permit, open_error
 
@@ -230,7 +231,7 @@ class UpstreamClient:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
         breaker: CircuitBreaker | None = None,
-        log: Any = None,
+        log: Logger,
     ) -> None:
         self._settings = settings
         self._api_key = api_key
@@ -336,14 +337,13 @@ class UpstreamClient:
             return
         previous, self._breaker_state = self._breaker_state, state
         self._show_breaker_state()
-        if self._log is not None:
-            log = self._log.warning if state is BreakerState.OPEN else self._log.info
-            log(
-                "upstream_breaker",
-                state=state.value,
-                previous=previous.value,
-                consecutive_failures=self.breaker.consecutive_failures,
-            )
+        log = self._log.warning if state is BreakerState.OPEN else self._log.info
+        log(
+            "upstream_breaker",
+            state=state.value,
+            previous=previous.value,
+            consecutive_failures=self.breaker.consecutive_failures,
+        )
 
     def _show_breaker_state(self) -> None:
         """Set the state gauge: 1 for the current state, 0 for the others."""

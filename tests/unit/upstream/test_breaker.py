@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -15,6 +16,7 @@ from support.upstream_fake import FakeUpstream, json, refuse, slow
 
 from gateway.config import UpstreamSettings
 from gateway.errors import ServiceUnavailable, UpstreamUnavailable
+from gateway.logs import make_logger
 from gateway.metrics import create_metrics
 from gateway.upstream.breaker import BreakerOpen, BreakerState, CircuitBreaker, CircuitOpen, Permit, open_error
 from gateway.upstream.client import UpstreamClient
@@ -204,7 +206,12 @@ def client_for(handler: Any, clock: FakeClock, threshold: int = 2) -> UpstreamCl
     settings = UpstreamSettings(base_url="http://upstream.test", get_retries=0)
     breaker = CircuitBreaker(threshold, 5.0, clock=clock)
     return UpstreamClient(
-        settings, "sk-x", HttpxTransport(httpx.MockTransport(handler), settings), create_metrics(), breaker=breaker
+        settings,
+        "sk-x",
+        HttpxTransport(httpx.MockTransport(handler), settings),
+        create_metrics(),
+        breaker=breaker,
+        log=make_logger(stream=io.StringIO()),
     )
 
 
