@@ -2,8 +2,9 @@
 
 Every page needs a signed session (``session``); every post needs the session's CSRF token (403 ``csrf_failed``
 otherwise). Keys are changed through :mod:`gateway.auth.key_admin`, usage comes from the store's report and
-:mod:`gateway.ledger.reports` (so totals are the CLI's to the cent), tasks from the store's task pages. Without an
-admin token every UI path is 404, as the admin API is. Each response carries a strict Content-Security-Policy (no
+:mod:`gateway.ledger.reports` (so totals are the CLI's to the cent), tasks from the store's task pages, a task's
+video from the content service behind ``/v1/videos/{id}/content``. Without an admin token every UI path is 404, as
+the admin API is. Each response carries a strict Content-Security-Policy (no
 inline script: the copy button's script is a file under ``static/``), no-store caching and no referrer.
 """
 
@@ -29,6 +30,7 @@ from gateway.auth import key_admin
 from gateway.auth.authenticate import AdminToken
 from gateway.auth.key_admin import IssuedKey
 from gateway.catalog import TASK_STATUSES
+from gateway.content.service import ContentService
 from gateway.errors import NotFound, PermissionDenied, TooManyRequests
 from gateway.keys import parse_model_globs
 from gateway.ledger.pricing import to_cents
@@ -84,6 +86,7 @@ class UiDeps:
     clock: Callable[[], float]
     rotation_grace_s: float
     allow_private_webhooks: bool
+    content: ContentService | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +173,7 @@ class UiRoutes:
                 clock=services.clock,
                 rotation_grace_s=settings.auth.rotation_grace_s,
                 allow_private_webhooks=settings.webhooks.allow_private_targets,
+                content=services.content,
             )
         )
 
@@ -428,6 +432,17 @@ class UiRoutes:
             scanned_limit=_TASK_SCAN if status and scanned >= _TASK_SCAN else None,
         )
 
+    async def video(self, request: Request) -> Response:
+        """A task's video for the signed-in admin: what ``/v1/videos/{id}/content`` serves the task's own key.
+
+        A browser session cannot send the owning key's bearer token, so the UI hands the task to the same content
+        service under its session instead.
+        """
+        task = await self._deps.store.get_task(request.path_params["task_id"])
+        if task is None or self._deps.content is None:
+            raise NotFound("No such task.", code="task_not_found", param="task_id")
+        return await self._deps.content.serve(request, task)
+
     # -- static -----------------------------------------------------------------------------------------------
 
     async def static(self, request: Request) -> Response:
@@ -454,6 +469,7 @@ class UiRoutes:
                     Route("/keys/{name}/revoke", page(self.revoke_key), methods=["POST"]),
                     Route("/usage", page(self.usage), methods=["GET"]),
                     Route("/tasks", page(self.tasks), methods=["GET"]),
+                    Route("/tasks/{task_id}/video", page(self.video), methods=["GET", "HEAD"]),
                     Route("/static/{name}", page(self.static, signed_in=False), methods=["GET"]),
                 ],
             )

@@ -352,12 +352,21 @@ def test_tasks_filter_by_key_and_status_and_link_to_content(ui: GatewayHarness) 
     sign_in(ui)
     every = ui.client.get(f"{UI}/tasks").text
     assert every.index("wait-b") < every.index("wait-a") < every.index("done-a")
-    assert 'href="/v1/videos/done-a/content"' in every and "/v1/videos/wait-a/content" not in every
+    assert f'href="{UI}/tasks/done-a/video"' in every and f"{UI}/tasks/wait-a/video" not in every
     by_key = ui.client.get(f"{UI}/tasks", params={"key": "team-a"}).text
     assert "wait-a" in by_key and "wait-b" not in by_key
     by_status = ui.client.get(f"{UI}/tasks", params={"key": "team-a", "status": "queued"}).text
     assert "wait-a" in by_status and "done-a" not in by_status
     assert ui.client.get(f"{UI}/tasks", params={"cursor": "garbage"}).status_code == 400
+
+
+def test_the_video_of_an_unknown_task_is_404(ui: GatewayHarness) -> None:
+    sign_in(ui)
+    response = ui.client.get(f"{UI}/tasks/task_nope/video")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "task_not_found"
+    ui.client.cookies.clear()
+    assert ui.client.get(f"{UI}/tasks/task_nope/video", follow_redirects=False).status_code == 303
 
 
 def test_tasks_page_through_older_tasks(ui: GatewayHarness) -> None:
