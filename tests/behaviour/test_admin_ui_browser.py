@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,19 @@ def browser_page(tmp_path: Path) -> Iterator[Any]:
 
 def submit(stack: Stack, secret: str) -> httpx.Response:
     return httpx.post(stack.url + SUBMIT, json=BODY, headers={"Authorization": f"Bearer {secret}"}, timeout=10)
+
+
+def wait_until_completed(stack: Stack, secret: str, task_id: str) -> None:
+    """Poll as the client does until the sandbox's task is done (the ledger records it on the poll)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        polled = httpx.get(
+            f"{stack.url}/v1/videos/{task_id}", headers={"Authorization": f"Bearer {secret}"}, timeout=10
+        )
+        if polled.json().get("status") == "completed":
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{task_id} did not complete")
 
 
 def test_admin_ui_end_to_end(stack: Stack, browser_page: Any, tmp_path: Path) -> None:
@@ -111,11 +125,16 @@ def test_admin_ui_end_to_end(stack: Stack, browser_page: Any, tmp_path: Path) ->
     assert page.locator("svg.chart rect.bar").count() == 1
     page.screenshot(path=shots / "usage.png", full_page=True)
 
-    # Tasks: the two submissions, filterable by key.
+    # Tasks: the two submissions, filterable by key; a finished one links to its video.
+    first = accepted[0].json()["id"]
+    wait_until_completed(stack, secret, first)
     page.get_by_role("link", name="Tasks").click()
     page.get_by_label("Key").select_option("browser-team")
     page.get_by_role("button", name="Filter").click()
     assert page.locator("tbody tr").count() == 2
+    link = page.get_by_role("link", name=first)
+    video = page.request.get(stack.url + link.get_attribute("href"))
+    assert video.status == 200 and video.headers["content-type"].startswith("video/"), video.text()[:200]
     page.screenshot(path=shots / "tasks.png", full_page=True)
 
     # Revoke: the secret is refused at once.
