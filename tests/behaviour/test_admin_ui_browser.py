@@ -91,6 +91,10 @@ def test_admin_ui_end_to_end(stack: Stack, browser_page: Any, tmp_path: Path) ->
     page.get_by_label("Admin token").fill(ADMIN_TOKEN)
     page.keyboard.press("Enter")  # the form works from the keyboard
     page.wait_for_url("**/gateway/ui/keys")
+    page.keyboard.press("Tab")  # keyboard users reach the skip link first, then the navigation
+    assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "Keys"
 
     # Create a key with a budget through the form; its secret is shown once, with a copy button.
     page.get_by_label("Name").fill("browser-team")
