@@ -454,6 +454,9 @@ class UiRoutes:
         return response
 
     def routes(self) -> list[BaseRoute]:
+        """The UI's routes; none without an admin token, so every UI path is the router's plain 404."""
+        if not self._deps.admin_token:
+            return []
         page = self._page
         return [
             Mount(

@@ -92,12 +92,14 @@ def test_without_an_admin_token_every_ui_path_is_404(
 ) -> None:
     ui = make_gateway(fake_upstream.url, env={"KLING_GATEWAY_ADMIN_TOKEN": ""})
     for method, path in [
+        ("GET", UI),
+        ("GET", f"{UI}/"),
         ("GET", f"{UI}/signin"),
         ("POST", f"{UI}/signin"),
         ("GET", f"{UI}/keys"),
         ("GET", f"{UI}/static/ui.css"),
     ]:
-        response = ui.client.request(method, path, data={"token": ""})
+        response = ui.client.request(method, path, data={"token": ""}, follow_redirects=False)
         assert response.status_code == 404, path
         assert response.json()["error"]["code"] == "not_found"
 
