@@ -353,7 +353,9 @@ class UiRoutes:
             since, until = parse_period(form["since"], form["until"], now, names=("since", "until"))
             group_by = parse_group_by(form["by"], name="by")
         except ValueError as exc:
-            return self._render(request, "usage.html", 400, form=form, groups=USAGE_GROUPS, error=str(exc))
+            return self._render(
+                request, "usage.html", 400, form=form, groups=USAGE_GROUPS, month_start=month_start, error=str(exc)
+            )
         rows = await self._deps.store.usage(since, until, group_by)
         cells, totals = table_cells(rows)
         labels = [[getattr(row, dim) or "-" for dim in group_by] for row in rows]
@@ -379,6 +381,7 @@ class UiRoutes:
             "usage.html",
             form=form,
             groups=USAGE_GROUPS,
+            month_start=month_start,
             group_by=group_by,
             rows=table,
             totals=totals,

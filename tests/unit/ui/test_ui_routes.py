@@ -380,3 +380,15 @@ def test_tasks_page_through_older_tasks(ui: GatewayHarness) -> None:
     assert older is not None
     second = ui.client.get(older.group(1).replace("&amp;", "&")).text
     assert "t050" in second and "t000" not in second
+
+
+def test_usage_period_presets_keep_the_grouping(ui: GatewayHarness) -> None:
+    seed(ui, [task("old", "team-a", NOW - 10 * 86400, "1"), task("new", "team-a", NOW - 3600, "2")])
+    sign_in(ui)
+    page = ui.client.get(f"{UI}/usage", params={"by": "model"}).text
+    presets = re.findall(r'<a href="(\?since=[^"]*)">([^<]+)</a>', page)
+    assert [label for _, label in presets] == ["This month", "Last 24 hours", "Last 7 days", "Last 30 days", "All time"]
+    week = ui.client.get(f"{UI}/usage" + presets[2][0].replace("&amp;", "&")).text
+    assert re.search(r'id="total-tasks">1<', week) and '<th scope="col">model</th>' in week
+    everything = ui.client.get(f"{UI}/usage" + presets[4][0].replace("&amp;", "&")).text
+    assert re.search(r'id="total-tasks">2<', everything)
