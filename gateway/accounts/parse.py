@@ -15,10 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+__all__ = ["DEFAULT_ACCOUNT"]
+
+from gateway.catalog import DEFAULT_ACCOUNT
 from gateway.keys import parse_model_globs
 from gateway.suggest import did_you_mean
 
-DEFAULT_ACCOUNT: Final = "default"
 KEY_ENV: Final = "UNIALL_API_KEY"
 KEYS_ENV: Final = "UNIALL_API_KEYS"
 KEYS_FILE_ENV: Final = "UNIALL_API_KEYS_FILE"
@@ -114,7 +116,7 @@ def keys_from_env(environ: Mapping[str, str], read_file: Any = None) -> tuple[st
 
 
 def parse_account_settings(raw: Any, source: str) -> dict[str, AccountSettings]:
-    """``{name: {max_in_flight, weight, models}}`` → ``{name: AccountSettings}``; ``source`` names where it came from."""
+    """``{name: {max_in_flight, weight, models}}`` → ``{name: AccountSettings}``; ``source`` names the origin."""
     if not isinstance(raw, dict):
         raise AccountsError(f"{source}: expected a table of accounts")
     result: dict[str, AccountSettings] = {}

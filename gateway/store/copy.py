@@ -58,7 +58,13 @@ async def copy_store(source: Store, destination: Store, *, progress: Callable[[i
     intents = await source.list_intents()
     for intent in intents:
         await destination.record_intent(
-            intent.intent_id, intent.key_name, intent.request_id, intent.model, intent.mode, intent.submitted_at
+            intent.intent_id,
+            intent.key_name,
+            intent.request_id,
+            intent.model,
+            intent.mode,
+            intent.submitted_at,
+            account=intent.account,
         )
     by = ("key", "model", "mode", "day")
     verified = await source.usage(None, None, by) == await destination.usage(None, None, by)

@@ -94,6 +94,7 @@ def task_row(task: TaskRecord) -> tuple[Any, ...]:
         _opt_fixed(task.settled_seconds),
         _opt_fixed(task.settled_usd),
         task.settled_at,
+        task.account,
     )
 
 
@@ -124,6 +125,7 @@ def task_record(row: Sequence[Any]) -> TaskRecord:
         settled_usd=_opt_decimal(row[20]),
         settled_at=row[21],
         terminal_body=None if row[22] is None else bytes(row[22]),
+        account=sys.intern(row[23]),
     )
 
 
