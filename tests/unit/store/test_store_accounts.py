@@ -6,14 +6,31 @@ import asyncio
 import sqlite3
 from dataclasses import replace
 from decimal import Decimal
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-from test_store import T0, backend_url, make_task, store  # noqa: F401 - the shared fixtures
+from test_store import T0, make_task
 
 from gateway.store import open_store
 from gateway.store.base import Store
 from gateway.store.copy import copy_store
 from gateway.store.sqlite import MIGRATIONS, SQLiteStore
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty store URL: a SQLite file, or a PostgreSQL schema of its own (dropped afterwards)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'gateway.db'}"
+    url: str = request.getfixturevalue("postgres_schema_url")
+    return url
+
+
+@pytest.fixture
+async def store(backend_url: str) -> AsyncIterator[Store]:
+    opened = await open_store(backend_url)
+    yield opened
+    await opened.close()
 
 
 async def admit(store: Store, n: int, account: str, limit: int, at: float = T0) -> bool:
@@ -89,15 +106,15 @@ class TestExistingLedgers:
         conn.execute("INSERT INTO intents VALUES ('i-old', 'team-a', 'r', 'm', 'text', 1.0)")
         conn.commit()
         conn.close()
-        store = await SQLiteStore.open(str(path))
+        old = await SQLiteStore.open(str(path))
         try:
-            assert store.applied_migrations == (2,)
-            await store.resolve_intent("i-new", make_task("t-new"))
-            task = await store.get_task("t-new")
+            assert old.applied_migrations == (2,)
+            await old.resolve_intent("i-new", make_task("t-new"))
+            task = await old.get_task("t-new")
             assert task is not None and task.account == "default"
-            assert [i.account for i in await store.list_intents()] == ["default"]
+            assert [i.account for i in await old.list_intents()] == ["default"]
         finally:
-            await store.close()
+            await old.close()
 
     async def test_copy_store_keeps_accounts(self, tmp_path: Path) -> None:
         """copy-store moves every task's and intent's account along."""
