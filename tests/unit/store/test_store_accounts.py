@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from decimal import Decimal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 from test_store import T0, make_task
 
 from gateway.store import open_store
