@@ -19,8 +19,10 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
+from gateway.accounts.pool import AccountPool
 from gateway.auth.keyring import KeyAuthenticator
 from gateway.auth.principal import Authenticator, OpenAuthenticator
+from gateway.catalog import DEFAULT_ACCOUNT
 from gateway.config import Settings, UpstreamSettings, missing_scale_extra
 from gateway.errors import GatewayError
 from gateway.keys import RateLimiter
@@ -67,7 +69,13 @@ def create_app(
     metrics = create_metrics(registry)
     logs = make_logs(
         level=settings.logging.level,
-        secrets=(settings.upstream_api_key, settings.admin_token, settings.metrics.token, settings.webhook_secret),
+        secrets=(
+            settings.upstream_api_key,
+            *settings.upstream_keys.values(),
+            settings.admin_token,
+            settings.metrics.token,
+            settings.webhook_secret,
+        ),
         stream=log_stream,
     )
     log = logs.log
@@ -154,9 +162,19 @@ async def _build_services(
     clock: Callable[[], float],
     webhook_transport: Transport | None,
 ) -> Services:
+    accounts = AccountPool(
+        settings.upstream_keys or {DEFAULT_ACCOUNT: settings.upstream_api_key},
+        settings.accounts,
+        metrics,
+        log,
+        keys_file=settings.upstream_keys_file,
+        capacity_wait_s=settings.upstream.capacity_wait_s,
+        capacity_retry_after_s=settings.upstream.capacity_retry_after_s,
+        clock=clock,
+    )
     upstream = UpstreamClient(
         settings.upstream,
-        settings.upstream_api_key,
+        accounts.key,
         transport if transport is not None else _upstream_transport(settings.upstream),
         metrics,
         log=log,
@@ -189,12 +207,19 @@ async def _build_services(
         clock=clock,
         on_terminal=_webhook_hook(auth, webhooks) if webhooks is not None else None,
         recent_tasks=min(settings.cache.max_entries, 20_000),
+        on_release=accounts.released,
     )
     await ledger.load_in_flight()
+    await accounts.check_removed(store)
 
     async def fetch(task_id: str) -> FetchResult:
+        task = await ledger.find(task_id)  # in memory for a task just polled or submitted here
         answer = await upstream.request(
-            "GET", f"/v1/videos/{quote(task_id, safe='')}", route=STATUS_ROUTE, request_id=current_request_id()
+            "GET",
+            f"/v1/videos/{quote(task_id, safe='')}",
+            route=STATUS_ROUTE,
+            request_id=current_request_id(),
+            account=task.account if task is not None else DEFAULT_ACCOUNT,
         )
         result = FetchResult.from_upstream(answer)
         if 200 <= answer.status < 300 and result.parsed is None:
@@ -250,6 +275,7 @@ async def _build_services(
         shared_limiter=shared.limiter if shared is not None else None,
         status=poller,
         clock=clock,
+        accounts=accounts,
         ready_checks=[store_ready],
     )
 
@@ -276,13 +302,20 @@ def _loops(services: Services) -> dict[str, Callable[[], Coroutine[None, None, N
     loops: dict[str, Callable[[], Coroutine[None, None, None]]] = {
         "in-flight-gauge": services.ledger.follow_in_flight,
         "budget-gauges": services.ledger.follow_budgets,
+        "accounts": lambda: services.accounts.follow(services.store),
     }
     if isinstance(services.auth, KeyAuthenticator):
         loops["key-refresh"] = services.auth.run
     settler = services.settings.settler
     if settler.enabled:
         loops["settler"] = Settler.from_settings(
-            settler, services.store, services.ledger, services.status.poll, services.log, clock=services.clock
+            settler,
+            services.store,
+            services.ledger,
+            services.status.poll,
+            services.log,
+            clock=services.clock,
+            has_account=lambda account: services.accounts.key(account) is not None,
         ).run
     return loops
 

@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.accounts.pool import AccountPool
 from gateway.auth.keyring import KeyAuthenticator
 from gateway.auth.principal import Authenticator
 from gateway.config import Settings
@@ -35,6 +36,8 @@ class Services:
     limiter: RateLimiter
     status: StatusPoller
     clock: Callable[[], float]
+    #: The upstream accounts: keys, states, capacity bookkeeping (SPEC section 9).
+    accounts: AccountPool
     #: Named readiness checks; each returns a problem string or None.
     ready_checks: list[Callable[[], Awaitable[str | None]]] = field(default_factory=list)
     shutting_down: bool = False
