@@ -114,6 +114,16 @@ class AdminRoutes:
             }
         )
 
+    # -- admin: upstream accounts ---------------------------------------------------------------------------------
+
+    async def accounts(self, request: Request) -> Response:
+        """GET /gateway/accounts: each upstream account's state, tasks in flight (every process's), limit, weight,
+        models and key fingerprint; never key material."""
+        self.require_admin(request)
+        accounts = self.g.s.accounts
+        await accounts.refresh(self.g.s.store)
+        return json_response({"data": accounts.describe()})
+
     # -- admin: keys ---------------------------------------------------------------------------------------------
 
     async def list_keys(self, request: Request) -> Response:
@@ -199,6 +209,7 @@ class AdminRoutes:
             Route("/gateway/tasks", self.tasks, methods=["GET"]),
             Route("/gateway/usage", self.usage, methods=["GET"]),
             Route("/gateway/submissions/unknown", self.unknown_outcomes, methods=["GET"]),
+            Route("/gateway/accounts", self.accounts, methods=["GET"]),
             Route("/gateway/keys", self.list_keys, methods=["GET"]),
             Route("/gateway/keys", self.create_key, methods=["POST"]),
             Route("/gateway/keys/{name}", self.get_key, methods=["GET"]),
