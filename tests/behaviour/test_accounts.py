@@ -276,3 +276,32 @@ class TestRemovedAccount:
         assert rows["old"]["key_fingerprint"] is None
         response = again.client.get(f"/v1/videos/{task_id}")
         assert (response.status_code, response.json()["error"]["code"]) == (502, "upstream_unavailable")
+
+
+class TestReplicas:
+    def test_two_replicas_never_exceed_max_in_flight(
+        self,
+        fake_upstream: FakeUpstream,
+        make_gateway: GatewayFactory,
+        postgres_schema_url: str,
+        redis_url: str,
+        redis_prefix: str,
+    ) -> None:
+        """Two gateways on one PostgreSQL schema and Redis, concurrent submissions: the account's limit holds."""
+        kling = KlingAccounts({"sk-acct-a": 0, "sk-acct-b": 0}).install(fake_upstream)
+        env = accounts_env(
+            settings='{"a": {"max_in_flight": 3}, "b": {"max_in_flight": 2}}',
+            KLING_GATEWAY_STORE_URL=postgres_schema_url,
+            KLING_GATEWAY_CACHE_URL=redis_url,
+            KLING_GATEWAY_CACHE_KEY_PREFIX=redis_prefix,
+        )
+        replicas = [make_gateway(fake_upstream.url, upstream_key="", env=env) for _ in range(2)]
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda n: submit(replicas[n % 2]), range(16)))
+        statuses = sorted(a.status_code for a in answers)
+        assert statuses == [200] * 5 + [429] * 11
+        assert {a.json()["error"]["code"] for a in answers if a.status_code == 429} == {"upstream_capacity"}
+        assert fake_upstream.calls("POST", SUBMIT) == 5
+        assert kling.running("sk-acct-a") == 3 and kling.running("sk-acct-b") == 2
+        rows = accounts_of(replicas[1])
+        assert (rows["a"]["in_flight"], rows["b"]["in_flight"]) == (3, 2)
