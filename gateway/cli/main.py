@@ -20,6 +20,7 @@ import orjson
 import uvicorn
 
 from gateway import __version__
+from gateway.cli import accounts as cli_accounts
 from gateway.config import ConfigError, Settings, load_settings, missing_scale_extra
 from gateway.ledger.pricing import PriceTable
 from gateway.store.base import StoreError
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--until", help="YYYY-MM-DD (inclusive) or ISO date-time")
     usage.add_argument("--by", default="", help="group by any of key,model,mode,day")
     usage.add_argument("--format", default="table", choices=("table", "csv", "json"))
+    cli_accounts.add_parser(commands)
     return parser
 
 
@@ -450,6 +452,7 @@ def _table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
 
 _COMMANDS = {
     "serve": cmd_serve,
+    "accounts": cli_accounts.cmd_accounts,
     "keys": cmd_keys,
     "copy-store": cmd_copy_store,
     "usage": cmd_usage,
