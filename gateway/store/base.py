@@ -36,7 +36,7 @@ from typing import Final, Protocol
 from gateway.catalog import DEFAULT_ACCOUNT, TaskStatus
 from gateway.keys import KeyRecord
 
-USAGE_GROUPS: Final = ("key", "model", "mode", "day")
+USAGE_GROUPS: Final = ("key", "model", "mode", "day", "account")
 """Dimensions :meth:`Store.usage` can group by."""
 
 FIXED_DIGITS: Final = 9
@@ -166,6 +166,7 @@ class UsageRow:
     unknown: int
     pending: int
     defaulted: int
+    account: str | None = None
 
 
 class IdemKind(enum.Enum):

@@ -81,6 +81,8 @@ class AdminRoutes:
         try:
             since, until = parse_period(params.get("since"), params.get("until"), self.g.s.clock(), names=_PERIOD)
             group_by = parse_group_by(params.get("by", ""), name="by")
+            if "account" in group_by and not admin:
+                raise ValueError("by: 'account' needs the admin token")
         except ValueError as exc:
             raise InvalidRequest(str(exc), code="invalid_parameter") from None
         if principal is None:

@@ -305,3 +305,18 @@ class TestReplicas:
         assert kling.running("sk-acct-a") == 3 and kling.running("sk-acct-b") == 2
         rows = accounts_of(replicas[1])
         assert (rows["a"]["in_flight"], rows["b"]["in_flight"]) == (3, 2)
+
+
+class TestUsageByAccount:
+    def test_admin_usage_by_account(self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory) -> None:
+        """/gateway/usage?by=account groups by account for the admin; a client key asking for it gets 400."""
+        KlingAccounts({"sk-acct-a": 0, "sk-acct-b": 0}).install(fake_upstream)
+        gw = make_gateway(fake_upstream.url, upstream_key="", env=accounts_env(KLING_GATEWAY_AUTH_MODE="keys"))
+        secret = gw.create_key("team")
+        for _ in range(3):
+            assert gw.client.post(SUBMIT, json=BODY, headers=gw.as_key(secret)).status_code == 200
+        report = gw.client.get("/gateway/usage?by=account", headers=ADMIN)
+        assert report.status_code == 200
+        assert {row["account"]: row["tasks"] for row in report.json()["rows"]} == {"a": 2, "b": 1}
+        refused = gw.client.get("/gateway/usage?by=account", headers=gw.as_key(secret))
+        assert (refused.status_code, refused.json()["error"]["code"]) == (400, "invalid_parameter")
