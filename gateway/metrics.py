@@ -37,6 +37,7 @@ class Metrics:
     account_in_flight: Gauge
     account_refusals: Counter
     account_unauthorized: Gauge
+    account_max_in_flight: Gauge
 
 
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -173,5 +174,12 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             ("account",),
             registry=registry,
             multiprocess_mode="livemax",
+        ),
+        account_max_in_flight=Gauge(
+            prefix + "upstream_account_max_in_flight",
+            "Each upstream account's max_in_flight (0: no limit), for alerting on every account being full.",
+            ("account",),
+            registry=registry,
+            multiprocess_mode="mostrecent",
         ),
     )

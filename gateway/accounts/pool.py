@@ -87,6 +87,7 @@ class AccountPool:
         for name in self._keys:
             self._metrics.account_in_flight.labels(name).set(0)
             self._metrics.account_unauthorized.labels(name).set(0)
+            self._metrics.account_max_in_flight.labels(name).set(self._limit(name))
 
     # -- keys ------------------------------------------------------------------------------------------------------
 
@@ -143,6 +144,7 @@ class AccountPool:
                 self._log.info("upstream_account_key_changed", account=name, key_fingerprint=fingerprint(keys[name]))
         for name in keys:
             self._in_flight.setdefault(name, 0)
+            self._metrics.account_max_in_flight.labels(name).set(self._limit(name))
             self._metrics.account_unauthorized.labels(name).set(1 if name in self._unauthorized else 0)
         self._log.info(
             "upstream_keys_reloaded",

@@ -9,8 +9,8 @@ through the ``Store`` protocol only, so it works between any two backends (also 
 * submissions whose outcome is unknown (intents), for reconciliation.
 
 Idempotency records (replays of answers, kept 24 h) are not copied. Stop the gateways writing to the source first:
-tasks recorded during the copy would be missed. The copy ends by comparing usage by key, model, mode and day on
-both stores: ``CopyReport.verified`` says they agree.
+tasks recorded during the copy would be missed. The copy ends by comparing usage by key, model, mode and day, and by
+upstream account, on both stores: ``CopyReport.verified`` says they agree.
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ async def copy_store(source: Store, destination: Store, *, progress: Callable[[i
         )
     by = ("key", "model", "mode", "day")
     verified = await source.usage(None, None, by) == await destination.usage(None, None, by)
+    accounts = ("account",)
+    verified = verified and await source.usage(None, None, accounts) == await destination.usage(None, None, accounts)
     return CopyReport(keys=len(keys), tasks=tasks, intents=len(intents), verified=verified)
 
 
