@@ -110,6 +110,7 @@ class AdminRoutes:
                         "model": i.model,
                         "mode": i.mode,
                         "submitted_at": i.submitted_at,
+                        "account": i.account,
                     }
                     for i in intents
                 ]

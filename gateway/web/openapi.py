@@ -360,6 +360,7 @@ def _gateway_schemas() -> dict[str, Any]:
             "model": {"type": "string"},
             "mode": {"type": "string"},
             "submitted_at": {"type": "number"},
+            "account": {"type": "string", "description": "The upstream account it was sent on (check with its key)."},
         },
     }
     return {

@@ -110,7 +110,11 @@ class TestStoreFailure:
         response = gw.client.post(SUBMIT, json=BODY, headers={"X-Request-ID": "rid-unknown"})
         assert response.status_code == 504
         (unknown,) = gw.client.get("/gateway/submissions/unknown", headers=ADMIN).json()["data"]
-        assert (unknown["request_id"], unknown["model"]) == ("rid-unknown", "kling-v3-std-silent")
+        assert (unknown["request_id"], unknown["model"], unknown["account"]) == (
+            "rid-unknown",
+            "kling-v3-std-silent",
+            "default",
+        )
 
     def test_refused_connection_leaves_nothing(self, make_gateway: GatewayFactory) -> None:
         """A submission that never reached the upstream leaves no intent behind."""
