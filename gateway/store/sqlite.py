@@ -199,9 +199,9 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
             # Upstream accounts (SPEC section 9): tasks and intents recorded before them belong to 'default'.
             "ALTER TABLE intents ADD COLUMN account TEXT NOT NULL DEFAULT 'default'",
             "ALTER TABLE tasks ADD COLUMN account TEXT NOT NULL DEFAULT 'default'",
-            # Capacity admission counts an account's unsettled tasks and recent intents.
+            # Capacity admission counts an account's unsettled tasks (and its intents: a small table, only the
+            # submissions on their way, so it needs no index of its own).
             "CREATE INDEX tasks_account_unsettled ON tasks (account) WHERE settled_at IS NULL",
-            "CREATE INDEX intents_account ON intents (account, submitted_at)",
         ),
     ),
 )
