@@ -15,8 +15,10 @@ import argparse
 import asyncio
 import os
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,7 +27,9 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
 from gateway.config import load_settings
-from gateway.upstream.client import HttpxTransport
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from support.httpx_transport import HttpxTransport
 
 _BODY = orjson.dumps(
     {

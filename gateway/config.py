@@ -134,6 +134,12 @@ class ServerSettings:
     shutdown_timeout_s: float = field(default=15.0, metadata=NOT_NEGATIVE)
     #: Largest request header block accepted, in bytes (uvicorn's httptools/h11 limit).
     max_header_bytes: int = 16 * 1024
+    #: Longest wait for a request's head (request line and headers); past it: 408, or a plain close if nothing came.
+    header_timeout_s: float = field(default=10.0, metadata=POSITIVE)
+    #: Connections allowed in the middle of a request head; past it the longest-waiting one is timed out.
+    max_connections_reading_headers: int = field(default=256, metadata=AT_LEAST_ONE)
+    #: An idle keep-alive connection is closed after this long.
+    keep_alive_timeout_s: float = field(default=5.0, metadata=POSITIVE)
     #: Requests handled at once; more wait in a bounded queue (health, readiness and metrics are exempt).
     max_in_flight: int = field(default=1024, metadata=AT_LEAST_ONE)
     #: Requests allowed to wait for a slot; past it: 503 overloaded at once.
@@ -252,6 +258,21 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class WebhooksSettings:
+    #: Development only: let deliveries reach loopback and private addresses (a local test receiver).
+    allow_private_targets: bool = False
+    #: Delivery attempts at once per process, and at most per receiver host and per key.
+    concurrency: int = field(default=8, metadata=bounds(at_least=1))
+    per_target_concurrency: int = field(default=2, metadata=bounds(at_least=1))
+    #: Pending deliveries kept per receiver host and per key; beyond, that host's or key's new ones are dropped.
+    max_pending_per_target: int = field(default=1000, metadata=bounds(at_least=1))
+    max_attempts: int = field(default=6, metadata=bounds(at_least=1))
+    #: Bound on one attempt's HTTP exchange; and how often the worker looks for due deliveries.
+    timeout_s: float = field(default=10.0, metadata=POSITIVE)
+    poll_interval_s: float = field(default=1.0, metadata=POSITIVE)
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
@@ -264,10 +285,11 @@ class Settings:
     proxy: ProxySettings = field(default_factory=ProxySettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    webhooks: WebhooksSettings = field(default_factory=WebhooksSettings)
     #: Secrets, from the environment only; excluded from repr so they never reach a log line.
     upstream_api_key: str = field(default="", repr=False)
     admin_token: str = field(default="", repr=False)
-    #: Signs completion webhooks (HMAC-SHA256); webhooks are off while it is unset.
+    #: Signs completion webhooks (Standard Webhooks, ``whsec_`` + base64); webhooks are off while it is unset.
     webhook_secret: str = field(default="", repr=False)
     #: Upstream accounts' keys by name (section 9), from the one key variable that is set; never logged.
     upstream_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -309,6 +331,7 @@ _SECRET_KEYS = {
     ("auth", "admin_token"),
     ("admin", "token"),
     ("webhook", "secret"),
+    ("webhooks", "secret"),
 }
 
 

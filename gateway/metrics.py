@@ -38,6 +38,8 @@ class Metrics:
     account_refusals: Counter
     account_unauthorized: Gauge
     account_max_in_flight: Gauge
+    webhook_deliveries: Counter
+    webhook_attempts: Counter
 
 
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -181,5 +183,18 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             ("account",),
             registry=registry,
             multiprocess_mode="mostrecent",
+        ),
+        webhook_deliveries=Counter(
+            prefix + "webhook_deliveries_total",
+            "Completion webhooks by final outcome: delivered, failed (every attempt failed; the outbox row is kept) "
+            "or dropped (not enqueued: its host or key at the pending cap).",
+            ("outcome",),
+            registry=registry,
+        ),
+        webhook_attempts=Counter(
+            prefix + "webhook_attempts_total",
+            "Completion webhook delivery attempts, by result (delivered or failed).",
+            ("result",),
+            registry=registry,
         ),
     )

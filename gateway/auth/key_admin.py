@@ -8,7 +8,7 @@ from typing import Any
 
 from gateway.keys import KeyRecord, issue_key, new_secret
 from gateway.store.base import KeyNotFound, Store
-from gateway.webhooks.sender import check_webhook_url
+from gateway.webhooks.targets import check_webhook_url
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,10 +45,14 @@ async def create(
     rpm: int | None = None,
     monthly_budget_usd: Decimal | None = None,
     webhook_url: str | None = None,
+    allow_private_webhooks: bool = False,
 ) -> IssuedKey:
-    """Issue a key (ValueError for a bad name, limit or webhook URL; KeyExists for a taken name)."""
+    """Issue a key (ValueError for a bad name, limit or webhook URL; KeyExists for a taken name).
+
+    ``allow_private_webhooks`` is ``[webhooks] allow_private_targets`` (development only).
+    """
     if webhook_url is not None:
-        problem = check_webhook_url(webhook_url)
+        problem = check_webhook_url(webhook_url, allow_private=allow_private_webhooks)
         if problem:
             raise ValueError(f"webhook URL: {problem}")
     secret, record = issue_key(

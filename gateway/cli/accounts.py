@@ -18,10 +18,11 @@ from gateway.config import Settings, load_settings
 COLUMNS = ("name", "state", "in_flight", "max_in_flight", "weight", "models", "key_fingerprint")
 
 
-def add_parser(commands: Any) -> None:
-    accounts = commands.add_parser("accounts", help="the upstream accounts: state, tasks in flight, limit")
+def add_parser(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    accounts = subcommands.add_parser("accounts", help="the upstream accounts: state, tasks in flight, limit")
     accounts.add_argument("--config", help="TOML settings file")
     accounts.add_argument("--format", default="table", choices=("table", "json"))
+    accounts.set_defaults(handler=cmd_accounts)
 
 
 def cmd_accounts(args: argparse.Namespace) -> int:

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
+
+from gateway.bounded import LRUCache
 
 ReadSpend = Callable[[str, float, float], Awaitable[Decimal]]
 _ZERO = Decimal(0)
@@ -61,21 +63,20 @@ class SpendTracker:
         self._read = read
         self._refresh_s = refresh_s
         self._monotonic = monotonic
-        self._max_keys = max_keys
-        self._keys: OrderedDict[str, _KeySpend] = OrderedDict()
+        self._keys: LRUCache[str, _KeySpend] = LRUCache(max_keys)
         self._reads: dict[str, asyncio.Task[_KeySpend]] = {}
         self._held: dict[str, Decimal] = {}
 
     async def spent(self, key_name: str, month_start: float, month_end: float) -> Decimal:
         """Settled + outstanding spend of ``key_name`` in the month starting at ``month_start``, plus held."""
-        entry = self._keys.get(key_name)
+        entry = self._keys.peek(key_name)
         now = self._monotonic()
         if entry is None or entry.month_start != month_start:
             entry = await self._refresh(key_name, month_start, month_end)
         elif now - entry.read_started >= self._refresh_s and key_name not in self._reads:
             self._start_refresh(key_name, month_start, month_end)  # answer from the current figure meanwhile
         else:
-            self._keys.move_to_end(key_name)
+            self._keys.touch(key_name)
         return entry.base + entry.recent_total + self._held.get(key_name, _ZERO)
 
     def tracks(self, key_name: str) -> bool:
@@ -84,7 +85,7 @@ class SpendTracker:
 
     def add(self, key_name: str, month_start: float, usd: Decimal) -> None:
         """This process recorded a task of ``usd`` (estimate) for ``key_name`` in the month at ``month_start``."""
-        entry = self._keys.get(key_name)
+        entry = self._keys.peek(key_name)
         if entry is not None and entry.month_start == month_start:
             entry.note(self._monotonic(), usd)
 
@@ -124,14 +125,11 @@ class SpendTracker:
         started = self._monotonic()
         base = await self._read(key_name, month_start, month_end)
         entry = _KeySpend(month_start, base, started)
-        old = self._keys.get(key_name)
+        old = self._keys.peek(key_name)
         if old is not None and old.month_start == month_start:
             # Keep what was added since just before this read began: it may not be in the figure just read.
             for at, usd in old.recent:
                 if at >= started:
                     entry.note(at, usd)
-        self._keys[key_name] = entry
-        self._keys.move_to_end(key_name)
-        while len(self._keys) > self._max_keys:
-            self._keys.popitem(last=False)
+        self._keys.put(key_name, entry)
         return entry

@@ -21,6 +21,7 @@ Semantics every backend keeps:
   ``SUM`` is exact and fast (no float, no Decimal parsing per row); anything finer than 1e-9 is rounded
   half-even on the way in. Prices and multipliers, which are never summed, are kept as decimal text.
 * **Idempotency** records are scoped per client key: see :meth:`Store.idempotency_begin`.
+* **Webhook outbox** rows are leased, never locked across a delivery: see :meth:`Store.outbox_claim`.
 
 Times are Unix epoch seconds (floats) passed in by the caller, so tests control the clock. Days are UTC.
 Failures of the backend surface as :class:`StoreError` (never a driver-specific exception).
@@ -29,6 +30,7 @@ Failures of the backend surface as :class:`StoreError` (never a driver-specific 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Final, Protocol
@@ -192,6 +194,26 @@ class IdemState:
     body: bytes = b""
 
 
+@dataclass(frozen=True, slots=True)
+class OutboxRecord:
+    """One completion webhook in the outbox: ``pending`` until delivered (then deleted) or ``failed`` (kept).
+
+    ``delivery_id`` is the ``webhook-id`` of every attempt, so receivers can de-duplicate; ``attempts`` counts the
+    attempts that finished (a process that dies mid-attempt leaves it unchanged: the attempt is made again).
+    """
+
+    delivery_id: str
+    key_name: str
+    host: str
+    url: str
+    body: bytes
+    created_at: float
+    state: str = "pending"
+    attempts: int = 0
+    next_attempt_at: float = 0.0
+    last_error: str | None = None
+
+
 class Store(Protocol):
     """The narrow async interface every backend implements (see the module docstring for the semantics)."""
 
@@ -327,3 +349,38 @@ class Store(Protocol):
 
     async def idempotency_abandon(self, key_name: str, idem_key: str) -> None:
         """Delete an in-flight record (the request failed retryably) so a retry can proceed."""
+
+    # -- webhook outbox (gateway.webhooks.outbox) ---------------------------------------------------------------
+
+    async def outbox_add(self, record: OutboxRecord, max_pending_per_key: int, max_pending_per_host: int) -> bool:
+        """Insert a delivery unless its key or host already has that many pending ones (then False)."""
+
+    async def outbox_claim(
+        self,
+        now: float,
+        owner: str,
+        lease_until: float,
+        limit: int,
+        per_host: int,
+        per_key: int,
+        busy_hosts: Sequence[str] = (),
+        busy_keys: Sequence[str] = (),
+    ) -> list[OutboxRecord]:
+        """Lease up to ``limit`` due pending deliveries to ``owner`` until ``lease_until``, atomically across
+        processes (a leased row is claimed by nobody else until the lease ends), oldest first, at most
+        ``per_host``/``per_key`` for one host/key and none for ``busy_hosts``/``busy_keys``."""
+
+    async def outbox_release(self, delivery_id: str, owner: str) -> bool:
+        """Give back a leased delivery without an attempt (due again at once)."""
+
+    async def outbox_retry(self, delivery_id: str, owner: str, next_attempt_at: float, error: str) -> bool:
+        """Count a failed attempt and schedule the next one; False if ``owner`` lost the lease."""
+
+    async def outbox_failed(self, delivery_id: str, owner: str, error: str) -> bool:
+        """Count the final failed attempt and keep the row as ``failed``; False if ``owner`` lost the lease."""
+
+    async def outbox_delivered(self, delivery_id: str, owner: str) -> bool:
+        """Delete a delivered row; False if ``owner`` lost the lease."""
+
+    async def outbox_list(self, state: str, limit: int = 1000) -> list[OutboxRecord]:
+        """Rows in ``state`` (``pending`` or ``failed``), oldest first."""

@@ -6,7 +6,10 @@ through the ``Store`` protocol only, so it works between any two backends (also 
 * every key as it is: hashes, revocations, rotation grace, limits, budgets, webhooks;
 * every task with its status, settlement and stored final answer (the per-day usage rollup is rebuilt by the
   destination as the tasks arrive);
-* submissions whose outcome is unknown (intents), for reconciliation.
+* submissions whose outcome is unknown (intents), for reconciliation;
+* the webhook outbox: pending deliveries (with their attempt counts and next attempt times, so the destination's
+  workers go on delivering them under the same ``webhook-id``) and failed ones (kept for inspection). Leases are
+  not copied: the source's gateways are stopped, so nothing is mid-attempt.
 
 Idempotency records (replays of answers, kept 24 h) are not copied. Stop the gateways writing to the source first:
 tasks recorded during the copy would be missed. The copy ends by comparing usage by key, model, mode and day, and by
@@ -23,6 +26,7 @@ from gateway.store.base import Store, StoreError
 from gateway.store.rows import MAX_PAGE
 
 _CONCURRENT_WRITES = 32
+_ALL_ROWS = 2**31 - 1
 
 
 class DestinationNotEmpty(StoreError):
@@ -35,10 +39,11 @@ class CopyReport:
     tasks: int
     intents: int
     verified: bool
+    webhooks: int = 0
 
 
 async def copy_store(source: Store, destination: Store, *, progress: Callable[[int], None] | None = None) -> CopyReport:
-    """Copy keys, tasks and intents from ``source`` into the empty ``destination`` (see the module docstring)."""
+    """Copy keys, tasks, intents and webhook outbox rows into the empty ``destination`` (see the module docstring)."""
     await _require_empty(destination)
     keys = await source.list_keys()
     for record in keys:
@@ -66,11 +71,15 @@ async def copy_store(source: Store, destination: Store, *, progress: Callable[[i
             intent.submitted_at,
             account=intent.account,
         )
+    webhooks = 0
+    for state in ("pending", "failed"):
+        for row in await source.outbox_list(state, limit=_ALL_ROWS):
+            webhooks += await destination.outbox_add(row, _ALL_ROWS, _ALL_ROWS)
     by = ("key", "model", "mode", "day")
     verified = await source.usage(None, None, by) == await destination.usage(None, None, by)
     accounts = ("account",)
     verified = verified and await source.usage(None, None, accounts) == await destination.usage(None, None, accounts)
-    return CopyReport(keys=len(keys), tasks=tasks, intents=len(intents), verified=verified)
+    return CopyReport(keys=len(keys), tasks=tasks, intents=len(intents), verified=verified, webhooks=webhooks)
 
 
 async def _require_empty(destination: Store) -> None:

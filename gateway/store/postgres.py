@@ -1,41 +1,6 @@
 """PostgreSQL backend of the store (``postgresql://user:pw@host/db``): one database shared by many gateways.
 
-Any number of gateway processes and replicas open :class:`PostgresStore` on the same database and share keys,
-intents, the ledger, idempotency records and usage (SPEC section 8). It keeps exactly the observable behaviour
-of :class:`gateway.store.sqlite.SQLiteStore` (same results, ordering, errors and edge cases); the row and record
-conversions, rollup deltas and page cursors are the SQLite backend's own functions, so both map records alike.
-
-Connections: a small asyncpg pool per process (1 to 10 connections). Every write is one ``READ COMMITTED``
-transaction (set explicitly, whatever the server default); a read spanning several statements (usage reports)
-runs in one ``REPEATABLE READ`` read-only transaction, so it sees a single snapshot.
-
-Across processes, the guarantees rest on row locks rather than on a single writer:
-
-* **Settlement once**: ``UPDATE tasks ... WHERE task_id = $n AND settled_at IS NULL RETURNING ...``. A second
-  settler blocks on the row lock, re-checks the condition once the first commits, and updates nothing; only the
-  caller whose UPDATE returned the row adds to the usage rollup and gets True.
-* **Tasks once**: ``INSERT ... ON CONFLICT (task_id) DO NOTHING``; :meth:`PostgresStore.resolve_intent` reports
-  False when the row existed.
-* **Idempotency claims**: expired record deleted, then ``INSERT ... ON CONFLICT DO NOTHING`` (a concurrent claim
-  waits for the first to commit and then finds its row); taking over a stale in-flight record is a compare-and-set
-  on its ``created_at``, so exactly one of several takers wins.
-* **Keys**: every change bumps the ``counters`` row in the same transaction; rotation reads the key
-  ``FOR UPDATE`` so two rotations serialise.
-
-Usage: ``usage_daily`` keeps per (UTC day, key, model, mode) totals in the same transactions as task inserts and
-settlements (upsert last, so its row lock is held only until COMMIT), exactly as in the SQLite backend.
-
-Schema: money and settled seconds are ``BIGINT`` units of 1e-9 (:func:`gateway.store.base.to_fixed`), times are
-``DOUBLE PRECISION`` epoch seconds, bodies ``BYTEA``. Ordered text columns are ``COLLATE "C"`` so ordering is
-by code point, as in SQLite and Python, whatever the database's locale. ``?schema=name`` in the URL (or
-``schema=``) puts every table in that PostgreSQL schema, created if missing.
-
-Migrations are ``(version, statements)`` pairs applied at open in one transaction holding
-``pg_advisory_xact_lock`` (per schema), recorded in ``schema_migrations``; processes starting together wait for
-the first, then find nothing to do. A database migrated by a newer gateway is refused. Append, never edit.
-
-Every driver or network failure surfaces as :class:`gateway.store.base.StoreError`, with the URL's password (if any)
-never in the message.
+Connections, the cross-process guarantees, schema and migrations are described on :class:`PostgresStore`.
 """
 
 from __future__ import annotations
@@ -65,6 +30,7 @@ from gateway.store.base import (
     KeyExists,
     KeyNotFound,
     KeyRevoked,
+    OutboxRecord,
     StoreError,
     TaskRecord,
     UsageRow,
@@ -73,6 +39,7 @@ from gateway.store.base import (
 )
 from gateway.store.rows import (
     MAX_PAGE,
+    OUTBOX_COLUMNS,
     UsageQuery,
     add_usage,
     check_group_by,
@@ -81,6 +48,8 @@ from gateway.store.rows import (
     insert_delta,
     key_record,
     key_row,
+    outbox_record,
+    outbox_row,
     task_record,
     task_row,
     usage_queries,
@@ -193,6 +162,29 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
     ),
     (
         2,
+        (
+            # Completion webhooks waiting for (or given up on) delivery: gateway.webhooks.outbox.
+            """CREATE TABLE webhook_outbox (
+                delivery_id TEXT COLLATE "C" PRIMARY KEY,
+                key_name TEXT NOT NULL,
+                host TEXT NOT NULL,
+                url TEXT NOT NULL,
+                body BYTEA NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL,
+                state TEXT NOT NULL,
+                attempts INTEGER NOT NULL,
+                next_attempt_at DOUBLE PRECISION NOT NULL,
+                lease_owner TEXT,
+                lease_until DOUBLE PRECISION NOT NULL,
+                last_error TEXT
+            )""",
+            "CREATE INDEX webhook_outbox_due ON webhook_outbox (state, next_attempt_at)",
+            "CREATE INDEX webhook_outbox_key ON webhook_outbox (key_name, state)",
+            "CREATE INDEX webhook_outbox_host ON webhook_outbox (host, state)",
+        ),
+    ),
+    (
+        3,
         (
             # Upstream accounts (SPEC section 9): tasks and intents recorded before them belong to 'default'.
             "ALTER TABLE intents ADD COLUMN account TEXT COLLATE \"C\" NOT NULL DEFAULT 'default'",
@@ -550,7 +542,45 @@ async def _claim(
 
 
 class PostgresStore:
-    """:class:`gateway.store.base.Store` on a PostgreSQL database. Create with ``await PostgresStore.open(url)``."""
+    """:class:`gateway.store.base.Store` on a PostgreSQL database. Create with ``await PostgresStore.open(url)``.
+
+    Any number of gateway processes and replicas open :class:`PostgresStore` on the same database and share keys,
+    intents, the ledger, idempotency records and usage (SPEC section 8). It keeps exactly the observable behaviour
+    of :class:`gateway.store.sqlite.SQLiteStore` (same results, ordering, errors and edge cases); the row and record
+    conversions, rollup deltas and page cursors are the SQLite backend's own functions, so both map records alike.
+
+    Connections: a small asyncpg pool per process (1 to 10 connections). Every write is one ``READ COMMITTED``
+    transaction (set explicitly, whatever the server default); a read spanning several statements (usage reports)
+    runs in one ``REPEATABLE READ`` read-only transaction, so it sees a single snapshot.
+
+    Across processes, the guarantees rest on row locks rather than on a single writer:
+
+    * **Settlement once**: ``UPDATE tasks ... WHERE task_id = $n AND settled_at IS NULL RETURNING ...``. A second
+      settler blocks on the row lock, re-checks the condition once the first commits, and updates nothing; only the
+      caller whose UPDATE returned the row adds to the usage rollup and gets True.
+    * **Tasks once**: ``INSERT ... ON CONFLICT (task_id) DO NOTHING``; :meth:`PostgresStore.resolve_intent` reports
+      False when the row existed.
+    * **Idempotency claims**: expired record deleted, then ``INSERT ... ON CONFLICT DO NOTHING`` (a concurrent claim
+      waits for the first to commit and then finds its row); taking over a stale in-flight record is a compare-and-set
+      on its ``created_at``, so exactly one of several takers wins.
+    * **Keys**: every change bumps the ``counters`` row in the same transaction; rotation reads the key
+      ``FOR UPDATE`` so two rotations serialise.
+
+    Usage: ``usage_daily`` keeps per (UTC day, key, model, mode) totals in the same transactions as task inserts and
+    settlements (upsert last, so its row lock is held only until COMMIT), exactly as in the SQLite backend.
+
+    Schema: money and settled seconds are ``BIGINT`` units of 1e-9 (:func:`gateway.store.base.to_fixed`), times are
+    ``DOUBLE PRECISION`` epoch seconds, bodies ``BYTEA``. Ordered text columns are ``COLLATE "C"`` so ordering is
+    by code point, as in SQLite and Python, whatever the database's locale. ``?schema=name`` in the URL (or
+    ``schema=``) puts every table in that PostgreSQL schema, created if missing.
+
+    Migrations are ``(version, statements)`` pairs applied at open in one transaction holding
+    ``pg_advisory_xact_lock`` (per schema), recorded in ``schema_migrations``; processes starting together wait for
+    the first, then find nothing to do. A database migrated by a newer gateway is refused. Append, never edit.
+
+    Every driver or network failure surfaces as :class:`gateway.store.base.StoreError`, with the URL's password (if any)
+    never in the message.
+    """
 
     def __init__(self, pool: asyncpg.Pool, secrets: tuple[str, ...]) -> None:
         """Wrap an open pool; use :meth:`open`."""
@@ -888,6 +918,106 @@ class PostgresStore:
         """Delete an in-flight record so a retry can proceed."""
         sql = "DELETE FROM idempotency WHERE key_name = $1 AND idem_key = $2 AND state = 'in_flight'"
         await self._run(lambda conn: conn.execute(sql, key_name, idem_key), tx=False)
+
+    # -- webhook outbox ---------------------------------------------------------------------------------------
+
+    async def outbox_add(self, record: OutboxRecord, max_pending_per_key: int, max_pending_per_host: int) -> bool:
+        """Insert a delivery unless its key or host is at its pending cap (see :class:`gateway.store.base.Store`)."""
+        params = (*outbox_row(record), max_pending_per_key, max_pending_per_host)
+        status = await self._run(lambda conn: conn.execute(_SQL_OUTBOX_ADD, *params))
+        return bool(status == "INSERT 0 1")
+
+    async def outbox_claim(
+        self,
+        now: float,
+        owner: str,
+        lease_until: float,
+        limit: int,
+        per_host: int,
+        per_key: int,
+        busy_hosts: Sequence[str] = (),
+        busy_keys: Sequence[str] = (),
+    ) -> list[OutboxRecord]:
+        """Lease due deliveries to ``owner``: rows locked by a concurrent claim are skipped, never waited for."""
+
+        async def op(conn: asyncpg.Connection) -> list[Any]:
+            ids = [
+                row[0]
+                for row in await conn.fetch(
+                    _SQL_OUTBOX_CANDIDATES, now, list(busy_hosts), list(busy_keys), per_host, per_key, limit
+                )
+            ]
+            if not ids:
+                return []
+            return list(await conn.fetch(_SQL_OUTBOX_LEASE, owner, lease_until, ids))
+
+        rows = await self._run(op)
+        return sorted((outbox_record(row) for row in rows), key=lambda r: (r.next_attempt_at, r.delivery_id))
+
+    async def outbox_release(self, delivery_id: str, owner: str) -> bool:
+        """Give back a leased delivery without an attempt."""
+        sql = (
+            "UPDATE webhook_outbox SET lease_owner = NULL, lease_until = 0 WHERE delivery_id = $1 AND lease_owner = $2"
+        )
+        return bool(await self._run(lambda conn: conn.execute(sql, delivery_id, owner), tx=False) == "UPDATE 1")
+
+    async def outbox_retry(self, delivery_id: str, owner: str, next_attempt_at: float, error: str) -> bool:
+        """Count a failed attempt and schedule the next one."""
+        params = (next_attempt_at, error, delivery_id, owner)
+        return bool(await self._run(lambda conn: conn.execute(_SQL_OUTBOX_RETRY, *params), tx=False) == "UPDATE 1")
+
+    async def outbox_failed(self, delivery_id: str, owner: str, error: str) -> bool:
+        """Count the final failed attempt and keep the row as ``failed``."""
+        params = (error, delivery_id, owner)
+        return bool(await self._run(lambda conn: conn.execute(_SQL_OUTBOX_FAILED, *params), tx=False) == "UPDATE 1")
+
+    async def outbox_delivered(self, delivery_id: str, owner: str) -> bool:
+        """Delete a delivered row."""
+        sql = "DELETE FROM webhook_outbox WHERE delivery_id = $1 AND lease_owner = $2 AND state = 'pending'"
+        return bool(await self._run(lambda conn: conn.execute(sql, delivery_id, owner), tx=False) == "DELETE 1")
+
+    async def outbox_list(self, state: str, limit: int = 1000) -> list[OutboxRecord]:
+        """Rows in ``state``, oldest first."""
+        sql = (
+            f"SELECT {OUTBOX_COLUMNS} FROM webhook_outbox WHERE state = $1 "  # noqa: S608 - constant columns
+            "ORDER BY created_at, delivery_id LIMIT $2"
+        )
+        rows = await self._run(lambda conn: conn.fetch(sql, state, limit), tx=False)
+        return [outbox_record(row) for row in rows]
+
+
+_SQL_OUTBOX_ADD = (  # constant fragments only, values are bound parameters
+    f"INSERT INTO webhook_outbox ({OUTBOX_COLUMNS}, lease_until) "  # noqa: S608
+    "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0 "
+    "WHERE (SELECT COUNT(*) FROM webhook_outbox WHERE key_name = $2 AND state = 'pending') < $11 "
+    "AND (SELECT COUNT(*) FROM webhook_outbox WHERE host = $3 AND state = 'pending') < $12 "
+    "ON CONFLICT (delivery_id) DO NOTHING"
+)
+# Window functions cannot take FOR UPDATE: pick fair candidates first, then lock those still due, skipping rows
+# another claim holds (its lease is then set by the time anyone can lock them again).
+_SQL_OUTBOX_CANDIDATES = (
+    "SELECT delivery_id FROM webhook_outbox WHERE delivery_id IN ("
+    " SELECT delivery_id FROM ("
+    "  SELECT delivery_id, next_attempt_at,"
+    "   ROW_NUMBER() OVER (PARTITION BY host ORDER BY next_attempt_at, delivery_id) AS by_host,"
+    "   ROW_NUMBER() OVER (PARTITION BY key_name ORDER BY next_attempt_at, delivery_id) AS by_key"
+    "  FROM webhook_outbox WHERE state = 'pending' AND next_attempt_at <= $1 AND lease_until <= $1"
+    "  AND host <> ALL($2::text[]) AND key_name <> ALL($3::text[])"
+    " ) candidates WHERE by_host <= $4 AND by_key <= $5 ORDER BY next_attempt_at, delivery_id LIMIT $6"
+    ") AND state = 'pending' AND lease_until <= $1 FOR UPDATE SKIP LOCKED"
+)
+_SQL_OUTBOX_LEASE = (  # constant fragments only, values are bound parameters
+    "UPDATE webhook_outbox SET lease_owner = $1, lease_until = $2 WHERE delivery_id = ANY($3::text[]) "  # noqa: S608
+    f"RETURNING {OUTBOX_COLUMNS}"
+)
+_SQL_OUTBOX_RETRY = (
+    "UPDATE webhook_outbox SET attempts = attempts + 1, next_attempt_at = $1, last_error = $2, lease_owner = NULL, "
+    "lease_until = 0 WHERE delivery_id = $3 AND lease_owner = $4 AND state = 'pending'"
+)
+_SQL_OUTBOX_FAILED = (
+    "UPDATE webhook_outbox SET attempts = attempts + 1, state = 'failed', last_error = $1, lease_owner = NULL, "
+    "lease_until = 0 WHERE delivery_id = $2 AND lease_owner = $3 AND state = 'pending'"
+)
 
 
 def _safe_cause(cause: BaseException, secrets: Sequence[str]) -> BaseException | None:

@@ -19,7 +19,7 @@ from typing import Any, Final
 
 from gateway.catalog import TASK_STATUSES, TaskStatus
 from gateway.keys import KeyRecord
-from gateway.store.base import USAGE_GROUPS, TaskRecord, UsageRow, from_fixed, to_fixed
+from gateway.store.base import USAGE_GROUPS, OutboxRecord, TaskRecord, UsageRow, from_fixed, to_fixed
 
 #: The largest page ``tasks_for_key`` returns.
 MAX_PAGE = 1000
@@ -324,3 +324,40 @@ def usage_rows(group_by: tuple[str, ...], totals: Mapping[tuple[Any, ...], list[
             )
         )
     return rows
+
+
+OUTBOX_COLUMNS: Final = (
+    "delivery_id, key_name, host, url, body, created_at, state, attempts, next_attempt_at, last_error"
+)
+
+
+def outbox_row(record: OutboxRecord) -> tuple[Any, ...]:
+    """The ``OUTBOX_COLUMNS`` values of ``record``."""
+    return (
+        record.delivery_id,
+        record.key_name,
+        record.host,
+        record.url,
+        record.body,
+        record.created_at,
+        record.state,
+        record.attempts,
+        record.next_attempt_at,
+        record.last_error,
+    )
+
+
+def outbox_record(row: Any) -> OutboxRecord:
+    """The record of a row selected as ``OUTBOX_COLUMNS``."""
+    return OutboxRecord(
+        delivery_id=row[0],
+        key_name=row[1],
+        host=row[2],
+        url=row[3],
+        body=bytes(row[4]),
+        created_at=float(row[5]),
+        state=row[6],
+        attempts=int(row[7]),
+        next_attempt_at=float(row[8]),
+        last_error=row[9],
+    )

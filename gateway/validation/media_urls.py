@@ -1,6 +1,6 @@
 """Media URL parsing and the private-address rule: every IPv4/IPv6 spelling, host normalization, local names.
 
-Pure (no I/O). ``gateway.validation.checks`` uses it for ``image``/``last_image`` and ``gateway.webhooks.sender``
+Pure (no I/O). ``gateway.validation.checks`` uses it for ``image``/``last_image`` and ``gateway.webhooks.targets``
 for callback URLs; the asynchronous half (names that resolve only to private addresses) is
 ``gateway.validation.media_guard``.
 """

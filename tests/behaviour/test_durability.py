@@ -43,10 +43,10 @@ class FlakyStore:
         self.failures = failures
         self.intents_fail = intents_fail
 
-    async def record_intent(self, *args: Any) -> None:
+    async def record_intent(self, *args: Any) -> bool:
         if self.intents_fail:
             raise StoreError("database is locked (injected)")
-        await self._inner.record_intent(*args)
+        return await self._inner.record_intent(*args)
 
     async def resolve_intent(self, intent_id: str, task: TaskRecord) -> bool:
         if self.failures > 0:

@@ -32,10 +32,7 @@ from support.upstream_fake import Behaviour, FakeUpstream, RecordedRequest, Serv
 
 from gateway.app import create_app
 from gateway.config import Settings, load_settings
-from gateway.logs import make_logger
-from gateway.upstream.client import HttpxTransport
-from gateway.validation.media_guard import MediaGuard
-from gateway.webhooks.sender import WebhookSender, check_webhook_url
+from gateway.webhooks.targets import Target, TargetRefused, check_webhook_url, pin
 
 SUBMIT = "/v1/video/generations"
 VALIDATE = "/gateway/validate"
@@ -825,27 +822,13 @@ class TestNamesResolvingPrivately:
         assert media_errors(gw, f"https://{name}/a.png") == []
 
     @pytest.mark.parametrize("name", sorted(PRIVATE_NAMES))
-    async def test_webhook_sender_refuses(self, name: str) -> None:
-        """A WebhookSender with a MediaGuard refuses to deliver to such a name, without a request."""
-        calls: list[httpx.Request] = []
-
-        def handler(request: httpx.Request) -> httpx.Response:
-            calls.append(request)
-            return httpx.Response(200)
-
-        sender = WebhookSender(
-            b"whsec-test",
-            HttpxTransport(httpx.MockTransport(handler)),
-            log=make_logger(stream=io.StringIO()),
-            guard=MediaGuard(FakeResolver(PRIVATE_NAMES)),
-        )
-        assert sender.deliver(f"https://{name}/hook", b"{}")
-        await sender.drain(5)
-        await sender.aclose()
-        assert calls == []
+    async def test_webhook_attempt_refuses(self, name: str) -> None:
+        """Every webhook attempt resolves the callback host and refuses such a name before any request."""
+        with pytest.raises(TargetRefused, match="private"):
+            await pin(f"https://{name}/hook", FakeResolver(PRIVATE_NAMES), timeout_s=1.0)
 
 
-WEBHOOK_SECRET = "whsec-hostile"
+WEBHOOK_SECRET = "whsec_" + "aG9zdGlsZS10ZXN0LXNlY3JldC0wMTIzNDU2Nzg5"  # base64 of 30 bytes
 
 
 @dataclass
@@ -854,12 +837,16 @@ class HookRecorder:
 
     urls: list[str]
 
-    def transport(self) -> HttpxTransport:
-        def handler(request: httpx.Request) -> httpx.Response:
-            self.urls.append(str(request.url))
-            return httpx.Response(200)
+    def transport(self) -> HookRecorder:
+        return self
 
-        return HttpxTransport(httpx.MockTransport(handler))
+    async def post(self, target: Target, headers: list[tuple[str, str]], body: bytes) -> int:
+        """The webhook transport's one call: record where the attempt would have gone."""
+        self.urls.append(target.url)
+        return 200
+
+    async def aclose(self) -> None:
+        pass
 
 
 def run_to_terminal(

@@ -13,7 +13,7 @@ from test_store import T0, add_task, make_task
 from gateway.cli.main import main
 from gateway.keys import KeyRecord, new_secret
 from gateway.store import open_store
-from gateway.store.base import Store
+from gateway.store.base import OutboxRecord, Store
 from gateway.store.copy import DestinationNotEmpty, copy_store
 
 
@@ -42,6 +42,11 @@ async def fill(store: Store) -> None:
     await store.settle("task-00008", "failed", Decimal(0), Decimal(0), None, T0 + 9001)
     await store.mark_unknown("task-00009", T0 + 9002)
     await store.record_intent("intent-open", "team-a", "req-open", "kling-v3-pro-audio", "text", T0 + 9003)
+    hook = OutboxRecord("msg_a", "team-a", "hooks.example.com", "https://hooks.example.com/k", body, T0 + 9004)
+    await store.outbox_add(hook, 10, 10)
+    await store.outbox_claim(T0 + 9005, "worker", T0 + 9010, 1, 1, 1)
+    await store.outbox_retry("msg_a", "worker", T0 + 9020, "status 503")  # pending, one attempt made
+    await store.outbox_add(replace(hook, delivery_id="msg_b", state="failed", attempts=6, last_error="x"), 10, 10)
 
 
 @pytest.fixture
@@ -61,7 +66,8 @@ async def everything(store: Store) -> tuple[object, ...]:
         if cursor is None:
             break
     by = ("key", "model", "mode", "day")
-    return await store.list_keys(), tasks, await store.list_intents(), await store.usage(None, None, by)
+    outbox = await store.outbox_list("pending"), await store.outbox_list("failed")
+    return await store.list_keys(), tasks, await store.list_intents(), await store.usage(None, None, by), outbox
 
 
 class TestCopyStore:
@@ -74,7 +80,7 @@ class TestCopyStore:
             there = await copy_store(sqlite_source, postgres)
             again = await copy_store(postgres, back)
 
-            assert (there.keys, there.tasks, there.intents, there.verified) == (3, 2500, 1, True)
+            assert (there.keys, there.tasks, there.intents, there.verified, there.webhooks) == (3, 2500, 1, True, 2)
             assert again == there
             original = await everything(sqlite_source)
             assert await everything(postgres) == original

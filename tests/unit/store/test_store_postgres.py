@@ -198,6 +198,7 @@ class TestMigrations:
                 "task_bodies",
                 "idempotency",
                 "usage_daily",
+                "webhook_outbox",
             }
         finally:
             await query(postgres_url, "public", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
