@@ -220,7 +220,13 @@ class TestAccountKeys:
 
         cfg = UpstreamSettings(base_url="http://upstream.test")
         keys = {"a": "sk-a", "b": "sk-b"}
-        client = UpstreamClient(cfg, keys.get, HttpxTransport(httpx.MockTransport(handler), cfg), create_metrics())
+        client = UpstreamClient(
+            cfg,
+            keys.get,
+            HttpxTransport(httpx.MockTransport(handler), cfg),
+            create_metrics(),
+            log=make_logger(stream=io.StringIO()),
+        )
         for account in ("a", "b", "a"):
             await client.request("GET", "/v1/videos/t", route="status", request_id="r", account=account)
         assert seen == ["Bearer sk-a", "Bearer sk-b", "Bearer sk-a"]
