@@ -14,9 +14,9 @@ from starlette.routing import BaseRoute, Route
 from gateway.accounts.pool import AccountPool
 from gateway.auth.authenticate import ClientAuthentication
 from gateway.auth.principal import Principal
+from gateway.catalog import DEFAULT_ACCOUNT, TASK_ID_SHAPE
 from gateway.content.answer import rewrite_video_url
 from gateway.content.service import ContentService
-from gateway.catalog import DEFAULT_ACCOUNT, TASK_ID_SHAPE
 from gateway.errors import GatewayError, NotFound, PermissionDenied, Problem, UnsupportedMediaType, UpstreamUnavailable
 from gateway.keys import model_allowed
 from gateway.ledger.pricing import Estimate, PriceTable
