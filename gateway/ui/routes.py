@@ -26,6 +26,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.templating import Jinja2Templates
 
+from gateway.accounts.pool import AccountPool
 from gateway.auth import key_admin
 from gateway.auth.authenticate import AdminToken
 from gateway.auth.key_admin import IssuedKey
@@ -87,6 +88,7 @@ class UiDeps:
     rotation_grace_s: float
     allow_private_webhooks: bool
     content: ContentService | None = None
+    accounts: AccountPool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +176,7 @@ class UiRoutes:
                 rotation_grace_s=settings.auth.rotation_grace_s,
                 allow_private_webhooks=settings.webhooks.allow_private_targets,
                 content=services.content,
+                accounts=services.accounts,
             )
         )
 
@@ -446,6 +449,17 @@ class UiRoutes:
             raise NotFound("No such task.", code="task_not_found", param="task_id")
         return await self._deps.content.serve(request, task)
 
+    # -- upstream accounts ------------------------------------------------------------------------------------
+
+    async def accounts(self, request: Request) -> Response:
+        """What ``GET /gateway/accounts`` shows: state, tasks in flight (every process's), limit; fingerprints only."""
+        pool = self._deps.accounts
+        rows: list[dict[str, Any]] = []
+        if pool is not None:
+            await pool.refresh(self._deps.store)
+            rows = pool.describe()
+        return self._render(request, "accounts.html", accounts=rows)
+
     # -- static -----------------------------------------------------------------------------------------------
 
     async def static(self, request: Request) -> Response:
@@ -474,6 +488,7 @@ class UiRoutes:
                     Route("/keys/{name}/rotate", page(self.rotate_key), methods=["POST"]),
                     Route("/keys/{name}/revoke", page(self.revoke_key), methods=["POST"]),
                     Route("/usage", page(self.usage), methods=["GET"]),
+                    Route("/accounts", page(self.accounts), methods=["GET"]),
                     Route("/tasks", page(self.tasks), methods=["GET"]),
                     Route("/tasks/{task_id}/video", page(self.video), methods=["GET", "HEAD"]),
                     Route("/static/{name}", page(self.static, signed_in=False), methods=["GET"]),

@@ -392,3 +392,25 @@ def test_usage_period_presets_keep_the_grouping(ui: GatewayHarness) -> None:
     assert re.search(r'id="total-tasks">1<', week) and '<th scope="col">model</th>' in week
     everything = ui.client.get(f"{UI}/usage" + presets[4][0].replace("&amp;", "&")).text
     assert re.search(r'id="total-tasks">2<', everything)
+
+
+def test_accounts_page_shows_state_and_in_flight_never_the_key(ui: GatewayHarness) -> None:
+    seed(ui, [task("t1", "team-a", NOW - 60, "1")])  # unsettled: one in flight on the default account
+    sign_in(ui)
+    page = ui.client.get(f"{UI}/accounts")
+    assert page.status_code == 200
+    rows = ui.client.get("/gateway/accounts", headers=ADMIN).json()["data"]
+    assert rows, "the gateway has at least its default account"
+    for row in rows:
+        assert row["name"] in page.text and row["state"] in page.text
+        assert f'<td class="num">{row["in_flight"]}</td>' in page.text
+    assert ui.settings.upstream_api_key not in page.text
+
+
+def test_usage_by_account(ui: GatewayHarness) -> None:
+    seed(ui, [task("t1", "team-a", NOW - 60, "1.5")])
+    sign_in(ui)
+    page = ui.client.get(f"{UI}/usage", params={"by": "account"})
+    assert page.status_code == 200
+    assert '<th scope="col">account</th>' in page.text
+    assert re.search(r'id="total-cost">1.50<', page.text)
