@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from support.harness import ADMIN, ADMIN_TOKEN
+from support.harness import ADMIN, ADMIN_TOKEN, SANDBOX_API_KEY
 from support.loopback import Stack, serve_stack
 
 CHROMIUM = shutil.which("chromium")
@@ -141,6 +141,12 @@ def test_admin_ui_end_to_end(stack: Stack, browser_page: Any, tmp_path: Path) ->
     assert video.status == 200 and video.headers["content-type"].startswith("video/"), video.text()[:200]
     page.screenshot(path=shots / "tasks.png", full_page=True)
 
+    # Accounts: the sandbox's one upstream account, its key never shown.
+    page.get_by_role("link", name="Accounts").click()
+    assert page.get_by_role("row").filter(has_text="default").count() == 1
+    assert SANDBOX_API_KEY not in page.content()
+    page.screenshot(path=shots / "accounts.png", full_page=True)
+
     # Revoke: the secret is refused at once.
     page.get_by_role("link", name="Keys").click()
     page.get_by_role("button", name="Revoke browser-team").click()
@@ -159,6 +165,7 @@ def test_admin_ui_end_to_end(stack: Stack, browser_page: Any, tmp_path: Path) ->
     # The one failed load is the wrong sign-in's own 401 page; no CSP violation, no script error, no favicon miss.
     assert console_errors == ["Failed to load resource: the server responded with a status of 401 (Unauthorized)"]
     assert sorted(p.name for p in shots.iterdir()) == [
+        "accounts.png",
         "key-created.png",
         "keys-revoked.png",
         "keys.png",
