@@ -104,13 +104,18 @@ class AdminRoutes:
         params = request.query_params
         try:
             since, until = parse_period(params.get("since"), params.get("until"), self._clock(), names=_PERIOD)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), code="invalid_parameter", param=_period_param(str(exc))) from None
+        try:
             group_by = parse_group_by(params.get("by", ""), name="by")
         except ValueError as exc:
-            raise InvalidRequest(str(exc), code="invalid_parameter") from None
+            raise InvalidRequest(str(exc), code="invalid_parameter", param="by") from None
         if principal is None:
             rows = await self._store.usage(since, until, group_by)
         else:
-            own = [r for r in await self._store.usage(since, until, ("key", *group_by)) if r.key == principal.name]
+            # The store groups by key first so the caller's own rows can be picked out ("key" may be asked too).
+            by_key = ("key", *(dim for dim in group_by if dim != "key"))
+            own = [r for r in await self._store.usage(since, until, by_key) if r.key == principal.name]
             rows = rollup(own, group_by)
         return json_response(usage_json(rows, group_by, since, until))
 
@@ -225,6 +230,11 @@ class AdminRoutes:
             Route("/gateway/keys/{name}", self.revoke_key, methods=["DELETE"]),
             Route("/gateway/keys/{name}/rotate", self.rotate_key, methods=["POST"]),
         ]
+
+
+def _period_param(message: str) -> str:
+    """Which of ``since``/``until`` a period error is about (its message starts with the name)."""
+    return "until" if message.startswith("until") else "since"
 
 
 def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
