@@ -74,3 +74,38 @@ class TestUsageForAClient:
         response = gw.client.get(f"/gateway/usage?{query}", headers=ADMIN)
         error = response.json()["error"]
         assert (response.status_code, error["code"], error["param"]) == (400, "invalid_parameter", param)
+
+
+class TestWrongMethods:
+    @pytest.mark.parametrize(
+        ("method", "path", "allow"),
+        [
+            ("GET", "/v1/video/generations", "POST"),
+            ("PUT", "/v1/video/generations", "POST"),
+            ("DELETE", "/v1/videos/task_abc123", "GET, HEAD"),
+            ("POST", "/v1/videos/task_abc123", "GET, HEAD"),
+        ],
+    )
+    @pytest.mark.parametrize("passthrough", ["false", "true"])
+    def test_405_with_allow(
+        self,
+        make_gateway: GatewayFactory,
+        fake_upstream: FakeUpstream,
+        method: str,
+        path: str,
+        allow: str,
+        passthrough: str,
+    ) -> None:
+        gw = make_gateway(fake_upstream.url, env={"KLING_GATEWAY_PROXY_PASSTHROUGH": passthrough})
+        response = gw.client.request(method, path)
+        assert (response.status_code, response.json()["error"]["code"]) == (405, "method_not_allowed")
+        assert response.headers["allow"] == allow
+
+    def test_post_v1_videos_points_at_the_submit_route(
+        self, make_gateway: GatewayFactory, fake_upstream: FakeUpstream
+    ) -> None:
+        gw = make_gateway(fake_upstream.url)
+        response = gw.client.post("/v1/videos", json={"model": "kling-v3-std-silent", "prompt": "a fox"})
+        error = response.json()["error"]
+        assert (response.status_code, error["code"]) == (404, "not_found")
+        assert "POST /v1/video/generations" in error["message"]
