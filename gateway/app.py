@@ -24,6 +24,7 @@ from starlette.routing import BaseRoute, Route
 from gateway.auth.authenticate import AdminToken, ClientAuthentication
 from gateway.auth.keyring import KeyAuthenticator
 from gateway.builders import Injected, build_services, request_checks
+from gateway.catalog import MODELS
 from gateway.config import Settings
 from gateway.errors import GatewayError
 from gateway.ledger.pricing import PriceTable
@@ -175,6 +176,7 @@ def _handlers(services: Services, resolver: Resolver | None) -> _Handlers:
         max_body_bytes=settings.server.max_body_bytes,
         rotation_grace_s=settings.auth.rotation_grace_s,
         allow_private_webhooks=settings.webhooks.allow_private_targets,
+        known_models=frozenset(MODELS) | frozenset(settings.validation.passthrough_models),
     )
     return _Handlers(gateway=gateway, admin=admin, health=HealthRoutes(services.readiness))
 

@@ -190,6 +190,16 @@ def new_secret() -> NewSecret:
     return NewSecret(secret=secret, key_hash=hash_secret(secret), prefix=display_prefix(secret))
 
 
+def check_limits(rpm: int | None, monthly_budget_usd: Decimal | None) -> None:
+    """ValueError unless ``rpm`` and ``monthly_budget_usd`` are in range (None: no limit)."""
+    if rpm is not None and not 1 <= rpm <= MAX_RPM:
+        raise ValueError(f"rpm must be an integer from 1 to {MAX_RPM}")
+    if monthly_budget_usd is not None and (
+        not monthly_budget_usd.is_finite() or not 0 <= monthly_budget_usd <= MAX_MONTHLY_BUDGET_USD
+    ):
+        raise ValueError(f"monthly budget must be an amount from 0 to {MAX_MONTHLY_BUDGET_USD}")
+
+
 def issue_key(
     name: str,
     *,
@@ -201,12 +211,7 @@ def issue_key(
 ) -> tuple[str, KeyRecord]:
     """Make a new key: returns ``(secret, record)``; show the secret once, store only the record."""
     validate_key_name(name)
-    if rpm is not None and not 1 <= rpm <= MAX_RPM:
-        raise ValueError(f"rpm must be an integer from 1 to {MAX_RPM}")
-    if monthly_budget_usd is not None and (
-        not monthly_budget_usd.is_finite() or not 0 <= monthly_budget_usd <= MAX_MONTHLY_BUDGET_USD
-    ):
-        raise ValueError(f"monthly budget must be an amount from 0 to {MAX_MONTHLY_BUDGET_USD}")
+    check_limits(rpm, monthly_budget_usd)
     fresh = new_secret()
     record = KeyRecord(
         name=name,

@@ -363,3 +363,7 @@ class Store(Protocol):
 
     async def outbox_list(self, state: str, limit: int = 1000) -> list[OutboxRecord]:
         """Rows in ``state`` (``pending`` or ``failed``), oldest first."""
+
+    async def update_key_limits(self, record: KeyRecord) -> KeyRecord:
+        """Set ``record.name``'s models, rpm, monthly budget and webhook URL to ``record``'s (bumps the keys
+        version); :class:`KeyNotFound` / :class:`KeyRevoked` otherwise. Returns the stored record."""

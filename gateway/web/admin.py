@@ -6,7 +6,7 @@ The admin API exists only when ``KLING_GATEWAY_ADMIN_TOKEN`` is set; without it 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -17,11 +17,13 @@ from starlette.routing import BaseRoute, Route
 from gateway.auth import key_admin
 from gateway.auth.authenticate import AdminToken, ClientAuthentication
 from gateway.auth.principal import Principal
+from gateway.catalog import MODELS
 from gateway.errors import Conflict, InvalidRequest, NotFound
 from gateway.keys import parse_model_globs
 from gateway.ledger.pricing import to_report
 from gateway.ledger.reports import parse_group_by, parse_period, rollup, usage_json
 from gateway.store.base import KeyExists, KeyNotFound, KeyRevoked, Store, TaskRecord
+from gateway.suggest import did_you_mean
 from gateway.web.bodies import json_response, read_json_object
 from gateway.web.middleware import log_fields
 
@@ -73,6 +75,7 @@ class AdminRoutes:
         max_body_bytes: int,
         rotation_grace_s: float,
         allow_private_webhooks: bool,
+        known_models: Collection[str] = MODELS,
     ) -> None:
         self._clients = clients
         self._admin_token = admin_token
@@ -82,6 +85,7 @@ class AdminRoutes:
         self._max_body_bytes = max_body_bytes
         self._rotation_grace_s = rotation_grace_s
         self._allow_private_webhooks = allow_private_webhooks
+        self._known_models = known_models
 
     # -- the caller's own ---------------------------------------------------------------------------------------
 
@@ -160,12 +164,11 @@ class AdminRoutes:
     async def create_key(self, request: Request) -> Response:
         self.require_admin(request)
         body = await read_json_object(request, self._max_body_bytes)
-        unknown = sorted(set(body) - _KEY_FIELDS)
-        if unknown:
-            raise InvalidRequest(f"Unknown field '{unknown[0]}'.", code="unknown_field", param=unknown[0])
+        _refuse_unknown_fields(body, _KEY_FIELDS)
         name = body.get("name")
         if not isinstance(name, str):
             raise InvalidRequest("name is required (a string).", code="missing_field", param="name")
+        log_fields(request.scope)["key_name"] = name
         try:
             issued = await key_admin.create(
                 self._store,
@@ -176,7 +179,15 @@ class AdminRoutes:
                 monthly_budget_usd=_optional_money(body.get("monthly_budget_usd")),
                 webhook_url=_optional_str(body.get("webhook_url"), "webhook_url"),
                 allow_private_webhooks=self._allow_private_webhooks,
+                known_models=self._known_models,
             )
+        except key_admin.NameRevoked:
+            raise Conflict(
+                f"A key named '{name}' was revoked; names stay reserved (tasks and usage are recorded by name), "
+                "so choose another name.",
+                code="key_revoked",
+                param="name",
+            ) from None
         except KeyExists:
             raise Conflict(f"A key named '{name}' exists already.", code="key_exists", param="name") from None
         except ValueError as exc:
@@ -184,8 +195,42 @@ class AdminRoutes:
         await self._keys_changed()
         return json_response({**key_admin.describe(issued.record, self._clock()), "key": issued.secret}, 201)
 
+    async def update_key(self, request: Request) -> Response:
+        """PATCH /gateway/keys/{name}: change models, rpm, monthly_budget_usd or webhook_url (null removes)."""
+        self.require_admin(request)
+        name = request.path_params["name"]
+        log_fields(request.scope)["key_name"] = name
+        body = await read_json_object(request, self._max_body_bytes)
+        _refuse_unknown_fields(body, set(key_admin.UPDATABLE))
+        changes: dict[str, Any] = {}
+        if "models" in body:
+            changes["models"] = _models(body["models"])
+        if "rpm" in body:
+            changes["rpm"] = _optional_int(body["rpm"], "rpm")
+        if "monthly_budget_usd" in body:
+            changes["monthly_budget_usd"] = _optional_money(body["monthly_budget_usd"])
+        if "webhook_url" in body:
+            changes["webhook_url"] = _optional_str(body["webhook_url"], "webhook_url")
+        try:
+            record = await key_admin.update_limits(
+                self._store,
+                name,
+                changes,
+                allow_private_webhooks=self._allow_private_webhooks,
+                known_models=self._known_models,
+            )
+        except KeyNotFound:
+            raise NotFound("No such key.", code="key_not_found", param="name") from None
+        except KeyRevoked:
+            raise Conflict("A revoked key cannot be changed.", code="key_revoked", param="name") from None
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), code="invalid_key_request") from None
+        await self._keys_changed()
+        return json_response(key_admin.describe(record, self._clock()))
+
     async def revoke_key(self, request: Request) -> Response:
         self.require_admin(request)
+        log_fields(request.scope)["key_name"] = request.path_params["name"]
         try:
             record = await key_admin.revoke(self._store, request.path_params["name"], now=self._clock())
         except KeyNotFound:
@@ -195,6 +240,7 @@ class AdminRoutes:
 
     async def rotate_key(self, request: Request) -> Response:
         self.require_admin(request)
+        log_fields(request.scope)["key_name"] = request.path_params["name"]
         grace = self._rotation_grace_s
         if "grace_s" in request.query_params:
             grace = float(_int_param(request, "grace_s", int(grace), 0, 30 * 86400))
@@ -228,8 +274,20 @@ class AdminRoutes:
             Route("/gateway/keys", self.create_key, methods=["POST"]),
             Route("/gateway/keys/{name}", self.get_key, methods=["GET"]),
             Route("/gateway/keys/{name}", self.revoke_key, methods=["DELETE"]),
+            Route("/gateway/keys/{name}", self.update_key, methods=["PATCH"]),
             Route("/gateway/keys/{name}/rotate", self.rotate_key, methods=["POST"]),
         ]
+
+
+def _refuse_unknown_fields(body: dict[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(body) - known)
+    if unknown:
+        hint = did_you_mean(unknown[0], sorted(known))
+        raise InvalidRequest(
+            f"Unknown field '{unknown[0]}' (fields: {', '.join(sorted(known))}){hint}",
+            code="unknown_field",
+            param=unknown[0],
+        )
 
 
 def _period_param(message: str) -> str:

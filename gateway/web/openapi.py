@@ -317,7 +317,7 @@ def _gateway_schemas() -> dict[str, Any]:
             },
         ]
     }
-    key_create = {
+    key_create: dict[str, Any] = {
         "type": "object",
         "required": ["name"],
         "additionalProperties": False,
@@ -377,6 +377,12 @@ def _gateway_schemas() -> dict[str, Any]:
         "Key": key,
         "IssuedKey": issued,
         "KeyCreate": key_create,
+        "KeyUpdate": {
+            "type": "object",
+            "additionalProperties": False,
+            "description": "Only the fields given change; null removes a limit (or the webhook).",
+            "properties": {k: v for k, v in key_create["properties"].items() if k != "name"},
+        },
         "KeyList": {
             "type": "object",
             "required": ["data"],
@@ -535,7 +541,11 @@ class _Doc:
             "/gateway/usage": {"get": self.usage()},
             "/gateway/submissions/unknown": {"get": self.unknown_submissions()},
             "/gateway/keys": {"get": self.list_keys(), "post": self.create_key()},
-            "/gateway/keys/{name}": {"get": self.get_key(), "delete": self.revoke_key()},
+            "/gateway/keys/{name}": {
+                "get": self.get_key(),
+                "delete": self.revoke_key(),
+                "patch": self.update_key(),
+            },
             "/gateway/keys/{name}/rotate": {"post": self.rotate_key()},
             "/metrics": {"get": self.metrics()},
             "/healthz": {"get": self.healthz()},
@@ -713,7 +723,9 @@ class _Doc:
     def create_key(self) -> dict[str, Any]:
         errors = _merge(
             _JSON_BODY,
-            _codes("unknown_field", "missing_field", "invalid_type", "invalid_key_request", "key_exists"),
+            _codes(
+                "unknown_field", "missing_field", "invalid_type", "invalid_key_request", "key_exists", "key_revoked"
+            ),
         )
         ok = {"201": _json_response("The new key, with its secret (shown this once).", _ref("IssuedKey"))}
         return self.admin("createKey", "Issue a client key", ok, errors, body="KeyCreate")
@@ -722,6 +734,21 @@ class _Doc:
         ok = {"200": _json_response("The key.", _ref("Key"))}
         return self.admin(
             "getKey", "One client key", ok, _codes("key_not_found", "not_found"), parameters=[_name_param()]
+        )
+
+    def update_key(self) -> dict[str, Any]:
+        errors = _merge(
+            _JSON_BODY,
+            _codes("unknown_field", "invalid_type", "invalid_key_request", "key_not_found", "not_found", "key_revoked"),
+        )
+        ok = {"200": _json_response("The key as changed (in force in every process within a second).", _ref("Key"))}
+        return self.admin(
+            "updateKey",
+            "Change a key's models, rpm, budget or webhook",
+            ok,
+            errors,
+            parameters=[_name_param()],
+            body="KeyUpdate",
         )
 
     def revoke_key(self) -> dict[str, Any]:
