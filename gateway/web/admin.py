@@ -21,7 +21,8 @@ from gateway.catalog import MODELS
 from gateway.errors import Conflict, InvalidRequest, NotFound
 from gateway.keys import parse_model_globs
 from gateway.ledger.pricing import to_report
-from gateway.ledger.reports import parse_group_by, parse_period, rollup, usage_json
+from gateway.ledger.reports import iso_time, parse_group_by, parse_period, rollup, usage_json
+from gateway.ledger.service import month_bounds
 from gateway.store.base import KeyExists, KeyNotFound, KeyRevoked, Store, TaskRecord
 from gateway.suggest import did_you_mean
 from gateway.web.bodies import json_response, read_json_object
@@ -121,7 +122,22 @@ class AdminRoutes:
             by_key = ("key", *(dim for dim in group_by if dim != "key"))
             own = [r for r in await self._store.usage(since, until, by_key) if r.key == principal.name]
             rows = rollup(own, group_by)
-        return json_response(usage_json(rows, group_by, since, until))
+        report = usage_json(rows, group_by, since, until)
+        if principal is not None:
+            report["budget"] = await self.month_budget(principal)
+        return json_response(report)
+
+    async def month_budget(self, principal: Principal) -> dict[str, Any]:
+        """This UTC month's spend (settled + outstanding estimates), the key's budget and what remains of it."""
+        start, end = month_bounds(self._clock())
+        spent = await self._store.outstanding_and_settled_usd(principal.name, start, end)
+        budget = principal.monthly_budget_usd
+        return {
+            "month_start": iso_time(start),
+            "spent_usd": to_report(spent),
+            "monthly_budget_usd": None if budget is None else to_report(budget),
+            "remaining_usd": None if budget is None else to_report(max(budget - spent, Decimal(0))),
+        }
 
     async def unknown_outcomes(self, request: Request) -> Response:
         """GET /gateway/submissions/unknown (admin): submissions sent upstream whose outcome was never recorded.

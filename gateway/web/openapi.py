@@ -347,6 +347,16 @@ def _gateway_schemas() -> dict[str, Any]:
             "group_by": _string_array(),
             "rows": {"type": "array", "items": {"type": "object"}},
             "totals": {"type": "object"},
+            "budget": {
+                "type": "object",
+                "description": "For a client key only: this UTC month's spend, the key's budget and what remains.",
+                "properties": {
+                    "month_start": {"type": "string"},
+                    "spent_usd": {"type": "string"},
+                    "monthly_budget_usd": _nullable({"type": "string"}),
+                    "remaining_usd": _nullable({"type": "string"}),
+                },
+            },
         },
     }
     intent = {

@@ -3,6 +3,7 @@ read-only commands that never create a store, and the store named when it is not
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from gateway.cli.main import main
 
 CLI = [sys.executable, "-m", "gateway"]
 
@@ -135,3 +138,85 @@ class TestSandboxStartUp:
         renewed.wait_healthy()
         assert new_key != key
         assert (tasks_status(port, new_key), tasks_status(port, key)) == (200, 401)
+
+
+@pytest.fixture
+def in_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A clean environment (no gateway settings) and the working directory an empty folder."""
+    for name in list(os.environ):
+        if name.startswith(("KLING_GATEWAY_", "UNIALL_")):
+            monkeypatch.delenv(name)
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    return folder
+
+
+class TestStores:
+    @pytest.mark.parametrize("argv", [["keys", "list"], ["usage"], ["keys", "list", "--format", "json"]])
+    def test_read_only_commands_never_create_a_store(
+        self, in_folder: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+    ) -> None:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"no store at {in_folder / 'data' / 'gateway.db'}" in err
+        assert "KLING_GATEWAY_SERVER_DATA_DIR" in err
+        assert not (in_folder / "data").exists()
+
+    def test_a_store_other_than_the_default_is_named(
+        self, in_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        monkeypatch.setenv("KLING_GATEWAY_SERVER_DATA_DIR", str(in_folder / "team-data"))
+        assert main(["keys", "create", "team"]) == 0
+        assert f"created a new store at sqlite:///{in_folder / 'team-data' / 'gateway.db'}" in capsys.readouterr().err
+        assert main(["keys", "list"]) == 0
+        assert f"store sqlite:///{in_folder / 'team-data' / 'gateway.db'}" in capsys.readouterr().err
+
+
+class TestKeysUpdateAndList:
+    def test_update_then_list_in_every_format(self, in_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        assert main(["keys", "create", "team", "--monthly-budget", "10"]) == 0
+        assert (
+            main(["keys", "update", "team", "--models", "kling-v3-std-*", "--rpm", "30", "--monthly-budget", "25"]) == 0
+        )
+        assert "updated key 'team'" in capsys.readouterr().out
+        assert main(["keys", "list", "--format", "json"]) == 0
+        (row,) = json.loads(capsys.readouterr().out)["data"]
+        assert (row["models"], row["rpm"], row["monthly_budget_usd"], row["spent_usd"], row["remaining_usd"]) == (
+            ["kling-v3-std-*"],
+            30,
+            "25",
+            "0.0000",
+            "25.0000",
+        )
+        assert main(["keys", "list", "--format", "csv"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].split(",")[-3:] == ["spent_usd", "remaining_usd", "created_at"]
+        assert main(["keys", "update", "team", "--rpm", "none"]) == 0
+        capsys.readouterr()
+        assert main(["keys", "list"]) == 0
+        assert "remaining_usd" in capsys.readouterr().out
+
+    @pytest.mark.parametrize(
+        ("argv", "message"),
+        [
+            (["keys", "update", "team"], "nothing to change"),
+            (["keys", "update", "team", "--rpm", "fast"], "--rpm: not a whole number"),
+            (["keys", "update", "team", "--models", "kling-v9-*"], "matches no model"),
+            (["keys", "update", "nobody", "--rpm", "5"], "no key named 'nobody'"),
+        ],
+    )
+    def test_update_refusals(
+        self, in_folder: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+    ) -> None:
+        assert main(["keys", "create", "team"]) == 0
+        capsys.readouterr()
+        assert main(argv) == 1
+        assert message in capsys.readouterr().err
+
+    def test_a_revoked_name_says_it_is_revoked(self, in_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        assert main(["keys", "create", "team"]) == 0
+        assert main(["keys", "revoke", "team"]) == 0
+        capsys.readouterr()
+        assert main(["keys", "create", "team"]) == 1
+        assert "was revoked" in capsys.readouterr().err
