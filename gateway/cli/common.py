@@ -29,12 +29,13 @@ def shown_url(url: str) -> str:
     return scrub(redact_url(url), url_secrets(url))
 
 
-async def open_store(url: str, setting: str = "store.url", *, create: bool = True) -> Any:
+async def open_store(url: str, setting: str = "store.url", *, create: bool = True, announce: bool = True) -> Any:
     """The store at ``url``; an unusable URL is a configuration error naming ``setting``.
 
     ``create=False`` (read-only commands) refuses a SQLite file that does not exist rather than creating an
-    empty store. A store other than the built-in default, and a newly created one, is named on stderr, so a
-    command run from the wrong folder says where it looked.
+    empty store. A store other than the built-in default, and a newly created one, is named on stderr (unless
+    ``announce`` is False: ``serve`` names it in its start-up line), so a command run from the wrong folder says
+    where it looked.
     """
     from gateway.store import open_store as open_url
 
@@ -46,6 +47,8 @@ async def open_store(url: str, setting: str = "store.url", *, create: bool = Tru
         store = await open_url(url)
     except ValueError as exc:
         raise ConfigError(f"{setting}: {exc}") from None
+    if not announce:
+        return store
     if created:
         print(f"kling-gateway: created a new store at {shown_url(url)}", file=sys.stderr)
     elif url != DEFAULT_STORE_URL:

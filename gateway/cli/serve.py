@@ -21,7 +21,7 @@ from typing import Any
 import uvicorn
 
 from gateway import __version__
-from gateway.cli.common import EXIT_OK, Unreachable, open_store
+from gateway.cli.common import EXIT_OK, Unreachable, open_store, shown_url
 from gateway.config import ConfigError, Settings, load_settings, missing_scale_extra
 
 
@@ -66,19 +66,19 @@ def run_serve(args: argparse.Namespace) -> int:
         if workers != 1:
             raise ConfigError("--workers: --sandbox runs a single process")
         sock = _bind(host, port)  # first: a busy port fails before the store or the dev key is touched
-        asyncio.run(_preflight(settings))
+        _preflight_or_close(settings, sock)
         return _serve_with_sandbox(settings, host, sock, new_dev_key=args.new_dev_key)
     if workers > 1:
         asyncio.run(_preflight(settings))
         _prepare_multiprocess_metrics(Path(settings.server.data_dir))
-        _print_listening(host, port, workers)
+        _print_listening(host, port, workers, settings)
         uvicorn.run(
             "gateway.asgi:app_from_environment", factory=True, workers=workers, **uvicorn_options(settings, host, port)
         )
         return EXIT_OK
     sock = _bind(host, port)
-    asyncio.run(_preflight(settings))
-    _print_listening(host, sock.getsockname()[1], 1)
+    _preflight_or_close(settings, sock)
+    _print_listening(host, sock.getsockname()[1], 1, settings)
     _run_on(sock, _app_for(settings), settings, host)
     return EXIT_OK
 
@@ -93,13 +93,23 @@ def _bind(host: str, port: int) -> socket.socket:
         raise Unreachable(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
-def _print_listening(host: str, port: int, workers: int) -> None:
-    """The start-up line: where the gateway listens and with how many worker processes (on stderr)."""
+def _preflight_or_close(settings: Settings, sock: socket.socket) -> None:
+    try:
+        asyncio.run(_preflight(settings))
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _print_listening(host: str, port: int, workers: int, settings: Settings) -> None:
+    """The start-up line: where the gateway listens, with how many worker processes, on which store (stderr)."""
     shown = f"[{host}]" if ":" in host else host
     plural = "es" if workers != 1 else ""
-    print(
-        f"kling-gateway {__version__}: listening on http://{shown}:{port} ({workers} process{plural})", file=sys.stderr
+    line = (
+        f"kling-gateway {__version__}: listening on http://{shown}:{port} ({workers} process{plural}), "
+        f"store {shown_url(settings.store_url)}"
     )
+    print(line, file=sys.stderr)
     sys.stderr.flush()
 
 
@@ -112,7 +122,7 @@ def _run_on(sock: socket.socket, app: Any, settings: Settings, host: str) -> Non
 async def _preflight(settings: Settings) -> None:
     """Open the store (creating and migrating it once, before any worker starts) and reach Redis if configured,
     so a wrong URL or a server that is down is one clear line and exit status 1, not a traceback per worker."""
-    store = await open_store(settings.store_url)
+    store = await open_store(settings.store_url, announce=False)
     await store.close()
     if settings.cache.url.startswith("memory:"):
         return
