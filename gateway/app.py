@@ -23,6 +23,7 @@ from starlette.routing import BaseRoute, Route
 
 from gateway.auth.authenticate import AdminToken, ClientAuthentication
 from gateway.auth.keyring import KeyAuthenticator
+from gateway.auth.rate_limits import RateLimitHeaders
 from gateway.builders import Injected, build_services, request_checks
 from gateway.catalog import MODELS
 from gateway.config import Settings
@@ -88,6 +89,7 @@ def create_app(
         async with contextlib.AsyncExitStack() as stack:
             services = await build_services(settings, metrics, log, stack, injected)
             app.state.services = services
+            book.rate_headers = RateLimitHeaders(services.rate_limits).for_key
             stack.enter_context(_mounted(app, _handlers(services, injected.resolver), book, overload, errors))
             await stack.enter_async_context(
                 shutdown_hook(

@@ -219,3 +219,29 @@ class TestBudgetVisibility:
             "20.0000",
         )
         assert "budget" not in gw.client.get("/gateway/usage", headers=ADMIN).json()
+
+
+class TestRateLimitHeaders:
+    def test_authenticated_responses_carry_the_key_allowance(
+        self, make_gateway: GatewayFactory, fake_upstream: FakeUpstream
+    ) -> None:
+        gw = make_gateway(fake_upstream.url, env={"KLING_GATEWAY_AUTH_MODE": "keys"})
+        headers = gw.as_key(gw.create_key("team", rpm=3))
+        seen = []
+        for path in ("/gateway/tasks", "/v1/videos/task_0123456789", "/gateway/tasks", "/gateway/tasks"):
+            response = gw.client.get(path, headers=headers)
+            seen.append(
+                (
+                    response.status_code,
+                    response.headers.get("x-ratelimit-limit-requests"),
+                    response.headers.get("x-ratelimit-remaining-requests"),
+                )
+            )
+        assert seen == [(200, "3", "2"), (404, "3", "1"), (200, "3", "0"), (429, "3", "0")]
+
+    def test_no_headers_for_a_key_without_a_limit(
+        self, make_gateway: GatewayFactory, fake_upstream: FakeUpstream
+    ) -> None:
+        gw = make_gateway(fake_upstream.url, env={"KLING_GATEWAY_AUTH_MODE": "keys"})
+        response = gw.client.get("/gateway/tasks", headers=gw.as_key(gw.create_key("team")))
+        assert response.status_code == 200 and "x-ratelimit-limit-requests" not in response.headers
