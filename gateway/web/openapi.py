@@ -826,6 +826,13 @@ def _name_param() -> dict[str, Any]:
     return {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "pattern": _KEY_NAME_PATTERN}}
 
 
+def markdown_of(docstring: str) -> str:
+    """A docstring's reStructuredText as Markdown: ``code`` -> `code`, *emphasis* kept, lines joined per paragraph."""
+    text = docstring.replace("``", "`")
+    paragraphs = [" ".join(line.strip() for line in block.splitlines()) for block in text.strip().split("\n\n")]
+    return "\n\n".join(p.replace(" - ", "\n- ") if p.startswith("- ") else p for p in paragraphs)
+
+
 def openapi_document(settings: Settings) -> dict[str, Any]:
     """The OpenAPI 3.0.3 description of the gateway as ``settings`` configure it (a fresh, JSON-ready dict)."""
     doc = _Doc(settings)
@@ -834,7 +841,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         "info": {
             "title": "kling-gateway",
             "version": __version__,
-            "description": __doc__.split("\n\n", 1)[1] if __doc__ else "",
+            "description": markdown_of(__doc__.split("\n\n", 1)[1] if __doc__ else ""),
         },
         "tags": [
             {"name": "upstream", "description": "UniAll-compatible: same paths and bodies; answers pass through."},

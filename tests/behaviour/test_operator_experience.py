@@ -245,3 +245,16 @@ class TestRateLimitHeaders:
         gw = make_gateway(fake_upstream.url, env={"KLING_GATEWAY_AUTH_MODE": "keys"})
         response = gw.client.get("/gateway/tasks", headers=gw.as_key(gw.create_key("team")))
         assert response.status_code == 200 and "x-ratelimit-limit-requests" not in response.headers
+
+
+class TestNoRawMarkup:
+    def test_openapi_description_is_markdown(self, make_gateway: GatewayFactory, fake_upstream: FakeUpstream) -> None:
+        gw = make_gateway(fake_upstream.url)
+        description = gw.client.get("/gateway/openapi.json").json()["info"]["description"]
+        assert "``" not in description and "`[proxy] passthrough`" in description
+
+    def test_help_has_no_docstring_markup(self, capsys: pytest.CaptureFixture[str]) -> None:
+        from gateway.cli.main import build_parser
+
+        text = build_parser().format_help()
+        assert "``" not in text and "Kling v3" in text
