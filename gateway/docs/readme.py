@@ -98,7 +98,7 @@ def config_reference() -> str:
     blocks: list[str] = []
     example = toml_comments(EXAMPLE_TOML.read_text()) if EXAMPLE_TOML.is_file() else {}
     for section, section_type in get_type_hints(config.Settings).items():
-        if not dataclasses.is_dataclass(section_type):
+        if not (isinstance(section_type, type) and dataclasses.is_dataclass(section_type)):
             continue
         comments = field_comments(section_type)
         rows = ["| setting | environment variable | default | allowed | meaning |", "|---|---|---|---|---|"]
