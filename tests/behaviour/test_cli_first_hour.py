@@ -220,3 +220,22 @@ class TestKeysUpdateAndList:
         capsys.readouterr()
         assert main(["keys", "create", "team"]) == 1
         assert "was revoked" in capsys.readouterr().err
+
+
+class TestCheckConfig:
+    def test_a_postgres_url_is_shown_with_its_scheme_and_no_password(
+        self, in_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        monkeypatch.setenv("UNIALL_API_KEY", "sk-x")
+        monkeypatch.setenv("KLING_GATEWAY_STORE_URL", "postgresql://gw:s3cret-pw@db.internal:5432/gw")
+        assert main(["check-config"]) == 0
+        out = capsys.readouterr().out
+        assert "store postgresql://gw:***@db.internal:5432/gw" in out and "s3cret-pw" not in out
+
+    def test_a_misspelt_environment_variable_is_not_ok(
+        self, in_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        monkeypatch.setenv("UNIALL_API_KEY", "sk-x")
+        monkeypatch.setenv("KLING_GATEWAY_SERVER_PROT", "1")
+        assert main(["check-config"]) == 2
+        assert "did you mean 'KLING_GATEWAY_SERVER_PORT'" in capsys.readouterr().err
