@@ -2,7 +2,7 @@
 
 ``OpenAuthenticator`` serves ``[auth] mode = "open"`` (single-user local use, never the default);
 ``KeyAuthenticator`` checks gateway-issued keys against an in-memory table that follows the store.
-Both are one call on the hot path; neither touches the store per request.
+Both are one call on the hot path; a known key never touches the store (a new one is looked up once).
 """
 
 from __future__ import annotations
