@@ -4,8 +4,8 @@ Per request: parse ``Bearer gk_...``, check its format and checksum (a malformed
 it, look the hash up in a dict, and ask the record whether it accepts that hash now (revoked, rotated-out). A known
 key never touches the store. A well-formed key (valid checksum) that the table does not hold yet is looked up in
 the store once (``KeyAuthenticator.look_up``), so a key works everywhere as soon as the command or request that
-created or rotated it returned; misses are remembered for a few seconds in a bounded cache and look-ups run a few
-at a time, so random well-formed keys cannot turn into a stream of store queries.
+created or rotated it returned; misses are remembered for a few seconds in a bounded cache and only a few
+look-ups run at a time, so random well-formed keys cannot turn into a stream of store queries.
 A refresher polls ``store.keys_version()`` every ``refresh_interval_s``
 and reloads the table when it changed, so a revocation made by any process is in force everywhere within about
 one interval (0.5 s by default); changes made through this process apply at once.
@@ -66,7 +66,7 @@ class KeyAuthenticator:
         self._known_tokens: dict[str, str] = {}
         self._version: int | None = None
         self._misses: LRUCache[str, float] = LRUCache(_MISSES_MAX)
-        self._lookups = asyncio.Semaphore(_LOOKUPS_AT_ONCE)
+        self._lookups: dict[str, asyncio.Future[KeyRecord | None]] = {}
 
     def authenticate(self, authorization: str | None) -> Principal:
         token = bearer_token(authorization)
@@ -91,25 +91,35 @@ class KeyAuthenticator:
     async def look_up(self, key_hash: str) -> Principal:
         """The key hashing to ``key_hash`` read from the store (401 unless it accepts it); added to the table.
 
-        Misses are remembered for ``_MISS_TTL_S`` (bounded), and at most ``_LOOKUPS_AT_ONCE`` run at a time.
+        Misses are remembered for ``_MISS_TTL_S`` (bounded); concurrent requests with one key share one read, and
+        at most ``_LOOKUPS_AT_ONCE`` different keys are read at a time (beyond that: 401 at once, never a queue).
         """
-        now = time.monotonic()
         missed_until = self._misses.peek(key_hash)
-        if missed_until is not None and missed_until > now:
+        if missed_until is not None and missed_until > time.monotonic():
             raise invalid_key()
-        async with self._lookups:
-            record = self._by_hash.get(key_hash)  # another request may have found it meanwhile
-            if record is None:
-                try:
-                    record = await self._store.find_key_by_hash(key_hash)
-                except StoreError:
-                    raise invalid_key() from None
-            if record is None or not record.accepts(key_hash, self._clock()):
-                self._misses.put(key_hash, time.monotonic() + _MISS_TTL_S)
+        pending = self._lookups.get(key_hash)
+        if pending is None:
+            if len(self._lookups) >= _LOOKUPS_AT_ONCE:
                 raise invalid_key()
-        self._misses.pop(key_hash)
-        self._add(record)
-        return self._principals[record.name]
+            pending = asyncio.ensure_future(self._find(key_hash))
+            self._lookups[key_hash] = pending
+            pending.add_done_callback(lambda _: self._lookups.pop(key_hash, None))
+        record = await asyncio.shield(pending)
+        if record is None or not record.accepts(key_hash, self._clock()):
+            self._misses.put(key_hash, time.monotonic() + _MISS_TTL_S)
+            raise invalid_key()
+        return self._principals.get(record.name) or principal_of(record)
+
+    async def _find(self, key_hash: str) -> KeyRecord | None:
+        """Read one key from the store and put it in the table (None when unknown or the store fails)."""
+        try:
+            record = await self._store.find_key_by_hash(key_hash)
+        except StoreError:
+            return None
+        if record is not None and not record.revoked:
+            self._misses.pop(key_hash)
+            self._add(record)
+        return record
 
     def _add(self, record: KeyRecord) -> None:
         """Put one record in the table (replacing the one of that name), without waiting for the refresher."""
