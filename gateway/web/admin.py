@@ -219,15 +219,15 @@ class AdminRoutes:
         body = await read_json_object(request, self._max_body_bytes)
         _refuse_unknown_fields(body, set(key_admin.UPDATABLE))
         changes: dict[str, Any] = {}
-        if "models" in body:
-            changes["models"] = _models(body["models"])
-        if "rpm" in body:
-            changes["rpm"] = _optional_int(body["rpm"], "rpm")
-        if "monthly_budget_usd" in body:
-            changes["monthly_budget_usd"] = _optional_money(body["monthly_budget_usd"])
-        if "webhook_url" in body:
-            changes["webhook_url"] = _optional_str(body["webhook_url"], "webhook_url")
         try:
+            if "models" in body:
+                changes["models"] = _models(body["models"])
+            if "rpm" in body:
+                changes["rpm"] = _optional_int(body["rpm"], "rpm")
+            if "monthly_budget_usd" in body:
+                changes["monthly_budget_usd"] = _optional_money(body["monthly_budget_usd"])
+            if "webhook_url" in body:
+                changes["webhook_url"] = _optional_str(body["webhook_url"], "webhook_url")
             record = await key_admin.update_limits(
                 self._store,
                 name,

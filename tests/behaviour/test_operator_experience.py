@@ -147,6 +147,7 @@ class TestKeyUpdates:
         [
             ({"rpm": 0}, 400, "invalid_key_request"),
             ({"models": ["kling-v9-*"]}, 400, "invalid_key_request"),
+            ({"models": "+json"}, 400, "invalid_key_request"),
             ({"rmp": 5}, 400, "unknown_field"),
             ({"name": "other"}, 400, "unknown_field"),
             ({"rpm": "fast"}, 400, "invalid_type"),
