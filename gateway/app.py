@@ -27,6 +27,7 @@ from gateway.auth.rate_limits import RateLimitHeaders
 from gateway.builders import Injected, build_services, request_checks
 from gateway.catalog import MODELS
 from gateway.config import Settings
+from gateway.content.metrics import create_content_metrics
 from gateway.errors import GatewayError
 from gateway.ledger.pricing import PriceTable
 from gateway.ledger.settler import Settler
@@ -35,6 +36,7 @@ from gateway.metrics import create_metrics
 from gateway.services import Services
 from gateway.shutdown import shutdown_hook
 from gateway.store.base import Store, StoreError
+from gateway.ui.routes import UiRoutes
 from gateway.upstream.client import Transport
 from gateway.validation.media_guard import Resolver
 from gateway.web.admin import AdminRoutes
@@ -64,9 +66,16 @@ def create_app(
     """Build the gateway. Tests inject a transport, registry, log sink, resolver, store and clock; production none."""
     injected = Injected(transport, resolver, store, clock, webhook_transport)
     metrics = create_metrics(registry)
+    content_metrics = create_content_metrics(metrics.registry)
     logs = make_logs(
         level=settings.logging.level,
-        secrets=(settings.upstream_api_key, settings.admin_token, settings.metrics.token, settings.webhook_secret),
+        secrets=(
+            settings.upstream_api_key,
+            *settings.upstream_keys.values(),
+            settings.admin_token,
+            settings.metrics.token,
+            settings.webhook_secret,
+        ),
         stream=log_stream,
     )
     log = logs.log
@@ -87,7 +96,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: GatewayApp) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            services = await build_services(settings, metrics, log, stack, injected)
+            services = await build_services(settings, metrics, log, stack, injected, content_metrics=content_metrics)
             app.state.services = services
             book.rate_headers = RateLimitHeaders(services.rate_limits).for_key
             stack.enter_context(_mounted(app, _handlers(services, injected.resolver), book, overload, errors))
@@ -132,13 +141,22 @@ def _loops(services: Services) -> dict[str, Callable[[], Coroutine[None, None, N
     loops: dict[str, Callable[[], Coroutine[None, None, None]]] = {
         "in-flight-gauge": services.ledger.follow_in_flight,
         "budget-gauges": services.ledger.follow_budgets,
+        "accounts": lambda: services.accounts.follow(services.store),
     }
     if isinstance(services.auth, KeyAuthenticator):
         loops["key-refresh"] = services.auth.run
+    if services.archiver is not None:
+        loops["archiver"] = services.archiver.run
     settler = services.settings.settler
     if settler.enabled:
         loops["settler"] = Settler.from_settings(
-            settler, services.store, services.ledger, services.status.poll, services.log, clock=services.clock
+            settler,
+            services.store,
+            services.ledger,
+            services.status.poll,
+            services.log,
+            clock=services.clock,
+            has_account=lambda account: services.accounts.key(account) is not None,
         ).run
     return loops
 
@@ -151,6 +169,7 @@ class _Handlers:
     gateway: GatewayRoutes
     admin: AdminRoutes
     health: HealthRoutes
+    ui: UiRoutes
 
 
 def _handlers(services: Services, resolver: Resolver | None) -> _Handlers:
@@ -168,6 +187,9 @@ def _handlers(services: Services, resolver: Resolver | None) -> _Handlers:
         log=services.log,
         max_body_bytes=settings.server.max_body_bytes,
         passthrough_enabled=settings.proxy.passthrough,
+        content=services.content,
+        video_url_base=settings.server.public_url if settings.archive.rewrite_video_url else None,
+        accounts=services.accounts,
     )
     admin = AdminRoutes(
         clients=clients,
@@ -178,9 +200,10 @@ def _handlers(services: Services, resolver: Resolver | None) -> _Handlers:
         max_body_bytes=settings.server.max_body_bytes,
         rotation_grace_s=settings.auth.rotation_grace_s,
         allow_private_webhooks=settings.webhooks.allow_private_targets,
+        accounts=services.accounts,
         known_models=frozenset(MODELS) | frozenset(settings.validation.passthrough_models),
     )
-    return _Handlers(gateway=gateway, admin=admin, health=HealthRoutes(services.readiness))
+    return _Handlers(gateway=gateway, admin=admin, health=HealthRoutes(services.readiness), ui=UiRoutes.build(services))
 
 
 @contextlib.contextmanager
@@ -188,7 +211,12 @@ def _mounted(
     app: GatewayApp, handlers: _Handlers, book: RequestBook, overload: Overload, errors: ErrorResponder
 ) -> Iterator[None]:
     """The handlers' routes and the fast lane in the app while the block runs (the routes built without them stay)."""
-    own: list[BaseRoute] = [*handlers.gateway.routes(), *handlers.admin.routes(), *handlers.health.routes()]
+    own: list[BaseRoute] = [
+        *handlers.gateway.routes(),
+        *handlers.admin.routes(),
+        *handlers.health.routes(),
+        *handlers.ui.routes(),
+    ]
     by_path = {route.path: route for route in own if isinstance(route, Route)}
     built = list(app.router.routes)
     # Passthrough last, so it never shadows the gateway's own routes.

@@ -10,10 +10,16 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from gateway.accounts.pool import AccountPool
 from gateway.auth.keyring import KeyAuthenticator
 from gateway.auth.principal import Authenticator, OpenAuthenticator
 from gateway.auth.rate_limits import KeyRateLimits
+from gateway.catalog import DEFAULT_ACCOUNT
 from gateway.config import Settings, UpstreamSettings, missing_scale_extra
+from gateway.content.archiver import Archiver
+from gateway.content.metrics import ContentMetrics
+from gateway.content.service import ContentService
+from gateway.content.wiring import build_content
 from gateway.keys import RateLimiter
 from gateway.ledger.pricing import PriceTable
 from gateway.ledger.service import Ledger
@@ -24,7 +30,7 @@ from gateway.status.fetch import upstream_status_fetch
 from gateway.status.ledger_link import record_in_ledger
 from gateway.status.poller import Coalescer, MemoryStatusCache, StatusPoller
 from gateway.store import open_store
-from gateway.store.base import Store
+from gateway.store.base import Store, TaskRecord
 from gateway.upstream.client import AiohttpTransport, Transport, UpstreamClient
 from gateway.upstream.lean import LeanTransport
 from gateway.validation.checks import ValidationOptions
@@ -50,15 +56,25 @@ class Injected:
 
 
 async def build_services(
-    settings: Settings, metrics: Metrics, log: Logger, stack: contextlib.AsyncExitStack, injected: Injected
+    settings: Settings,
+    metrics: Metrics,
+    log: Logger,
+    stack: contextlib.AsyncExitStack,
+    injected: Injected,
+    *,
+    content_metrics: ContentMetrics,
 ) -> Services:
     """Every service the app runs on, each built by its family's builder in dependency order."""
-    upstream = upstream_client(settings, metrics, log, stack, injected.transport)
+    accounts = account_pool(settings, metrics, log, injected.clock)
+    upstream = upstream_client(settings, metrics, log, stack, injected.transport, accounts)
     store = await open_or_injected_store(settings, stack, injected.store)
     auth = await authenticator(settings, store, log, injected.clock)
     webhooks = webhook_outbox(settings, store, metrics, log, stack, injected)
-    ledger = await build_ledger(settings, store, metrics, log, injected.clock, auth, webhooks)
+    ledger = await build_ledger(settings, store, metrics, log, injected.clock, auth, webhooks, accounts)
+    await accounts.check_removed(store)
     shared = await shared_state(settings, metrics, log, stack)
+    status = status_poller(settings, upstream, ledger, metrics, log, shared)
+    content, archiver = content_services(settings, content_metrics, store, status, log, stack, injected)
     return Services(
         settings=settings,
         metrics=metrics,
@@ -68,19 +84,42 @@ async def build_services(
         auth=auth,
         rate_limits=KeyRateLimits(RateLimiter(), shared.limiter if shared is not None else None),
         ledger=ledger,
-        status=status_poller(settings, upstream, ledger, metrics, log, shared),
+        status=status,
         clock=injected.clock,
+        accounts=accounts,
         ready_checks=[store_ready(store)],
+        content=content,
+        archiver=archiver,
+    )
+
+
+def account_pool(settings: Settings, metrics: Metrics, log: Logger, clock: Callable[[], float]) -> AccountPool:
+    """The upstream accounts (SPEC section 9): their keys from the environment, settings from ``[upstream]``."""
+    return AccountPool(
+        settings.upstream_keys or {DEFAULT_ACCOUNT: settings.upstream_api_key},
+        settings.accounts,
+        metrics,
+        log,
+        keys_file=settings.upstream_keys_file,
+        capacity_wait_s=settings.upstream.capacity_wait_s,
+        capacity_retry_after_s=settings.upstream.capacity_retry_after_s,
+        clock=clock,
     )
 
 
 def upstream_client(
-    settings: Settings, metrics: Metrics, log: Logger, stack: contextlib.AsyncExitStack, transport: Transport | None
+    settings: Settings,
+    metrics: Metrics,
+    log: Logger,
+    stack: contextlib.AsyncExitStack,
+    transport: Transport | None,
+    accounts: AccountPool,
 ) -> UpstreamClient:
-    """The client for UniAll (the transport chosen by ``[upstream] transport`` unless one is injected)."""
+    """The client for UniAll with each account's key (the transport chosen by ``[upstream] transport`` unless one
+    is injected)."""
     upstream = UpstreamClient(
         settings.upstream,
-        settings.upstream_api_key,
+        accounts.key,
         transport if transport is not None else upstream_transport(settings.upstream),
         metrics,
         log=log,
@@ -143,6 +182,7 @@ async def build_ledger(
     clock: Callable[[], float],
     auth: Authenticator,
     webhooks: WebhookOutbox | None,
+    accounts: AccountPool,
 ) -> Ledger:
     """The ledger, with the tasks still in flight loaded (and webhooks on terminal statuses, when configured)."""
     ledger = Ledger(
@@ -157,6 +197,7 @@ async def build_ledger(
             else None
         ),
         recent_tasks=min(settings.cache.max_entries, 20_000),
+        on_release=accounts.released,
     )
     await ledger.load_in_flight()
     return ledger
@@ -198,10 +239,37 @@ def status_poller(
         cache,
         Coalescer(),
         metrics,
-        fetch=upstream_status_fetch(upstream),
+        fetch=upstream_status_fetch(upstream, ledger),
         on_fresh=record_in_ledger(ledger),
         shared=shared.status if shared is not None else None,
         log=log,
+    )
+
+
+def content_services(
+    settings: Settings,
+    metrics: ContentMetrics,
+    store: Store,
+    status: StatusPoller,
+    log: Logger,
+    stack: contextlib.AsyncExitStack,
+    injected: Injected,
+) -> tuple[ContentService, Archiver | None]:
+    """``/v1/videos/{id}/content`` (answers through the status cache) and, with ``[archive] url``, the copier."""
+
+    async def poll(task: TaskRecord) -> tuple[int, bytes]:
+        outcome = await status.poll(task.task_id, terminal_body=task.terminal_body)
+        return outcome.status_code, outcome.body
+
+    return build_content(
+        settings,
+        metrics=metrics,
+        store=store,
+        poll=poll,
+        log=log,
+        clock=injected.clock,
+        stack=stack,
+        resolver=injected.resolver,
     )
 
 

@@ -14,6 +14,29 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Final
 
+# -- upstream accounts ----------------------------------------------------------------------------------------
+
+DEFAULT_ACCOUNT: Final = "default"
+"""The account of ``UNIALL_API_KEY`` alone, and of every task recorded before accounts existed."""
+
+
+class AccountState(StrEnum):
+    """What ``GET /gateway/accounts`` says of an upstream account (SPEC section 9)."""
+
+    OK = "ok"
+    FULL = "full"
+    UNAUTHORIZED = "unauthorized"
+    REMOVED = "removed"
+
+
+class RefusalReason(StrEnum):
+    """Why the upstream refused a submission on an account (``kling_gateway_upstream_account_refusals_total``)."""
+
+    CAPACITY = "capacity"
+    RATE_LIMITED = "rate_limited"
+    UNAUTHORIZED = "unauthorized"
+
+
 # -- task statuses -------------------------------------------------------------------------------------------
 
 
@@ -138,6 +161,7 @@ _CODES: Final = (
     Code("invalid_admin_token", (401,), _E, "missing or wrong admin token"),
     Code("invalid_metrics_token", (401,), _E, "missing or wrong metrics token"),
     Code("model_not_allowed", (403,), _E, "the key may not use this model"),
+    Code("csrf_failed", (403,), _E, "an admin UI form post without its session's CSRF token, or from another origin"),
     Code("task_not_found", (404,), _E, "unknown task, or another key's task (they look the same)"),
     Code("key_not_found", (404,), _E, "no key with this name"),
     Code("not_found", (404,), _E, "no such route (or the admin API is off)"),
@@ -145,6 +169,7 @@ _CODES: Final = (
     Code("idempotency_in_progress", (409,), _E, "a request with this Idempotency-Key is still being handled"),
     Code("key_exists", (409,), _E, "a key with this name already exists"),
     Code("key_revoked", (409,), _E, "the key is revoked: it cannot be rotated or changed, and its name stays reserved"),
+    Code("video_not_ready", (409,), _E, "the task's video was asked for before the task completed"),
     Code("payload_too_large", (413,), _E, "the body is over [server] max_body_bytes"),
     Code("unsupported_media_type", (415,), _E, "the body is not declared as JSON"),
     Code("unsupported_encoding", (415,), _E, "a Content-Encoding or transfer coding the gateway does not decode"),
@@ -155,8 +180,17 @@ _CODES: Final = (
     Code("http_version_not_supported", (505,), _E, "anything but HTTP/1.0 and HTTP/1.1"),
     Code("rate_limited", (429,), _E, "over the key's requests per minute (with Retry-After)"),
     Code("budget_exceeded", (429,), _E, "over the key's monthly budget (with Retry-After)"),
+    Code("upstream_capacity", (429,), _E, "no upstream account serving the model has room (with Retry-After)"),
+    Code("too_many_auth_failures", (429,), _E, "too many wrong admin tokens from this address (with Retry-After)"),
     Code("internal_error", (500,), _E, "the gateway failed to handle the request"),
+    Code("range_not_satisfiable", (416,), _E, "the Range asked for lies outside the video (Content-Range: */size)"),
     Code("upstream_unavailable", (502, 503), _E, "the upstream cannot be reached (503: circuit breaker open)"),
+    Code(
+        "video_unavailable",
+        (502,),
+        _E,
+        "the task's video may not be fetched (private or unusable URL), has expired, or is over [content] max_bytes",
+    ),
     Code("overloaded", (503,), _E, "the gateway is saturated (with Retry-After)"),
     Code("store_unavailable", (503,), _E, "the ledger cannot be written, so nothing is forwarded"),
     Code("upstream_timeout", (504,), _E, "the upstream did not answer in time"),

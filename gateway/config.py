@@ -28,11 +28,24 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from gateway.accounts.parse import SETTINGS_ENV as ACCOUNTS_ENV
+from gateway.accounts.parse import (
+    AccountsError,
+    AccountSettings,
+    account_settings,
+    check_settings_have_keys,
+    keys_from_env,
+)
 from gateway.catalog import DURATION_MAX, DURATION_MIN, MODELS, MODES
 from gateway.suggest import did_you_mean
 
 ENV_PREFIX = "KLING_GATEWAY_"
-SECRET_ENV = ("UNIALL_API_KEY", "KLING_GATEWAY_ADMIN_TOKEN", "KLING_GATEWAY_WEBHOOK_SECRET")
+SECRET_ENV = (
+    "UNIALL_API_KEY",
+    "UNIALL_API_KEYS",
+    "KLING_GATEWAY_ADMIN_TOKEN",
+    "KLING_GATEWAY_WEBHOOK_SECRET",
+)
 DEFAULT_BASE_URL = "https://api.uniall.ai"
 _PREFIX = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 #: ``KLING_GATEWAY_*`` variables that are not ``<SECTION>_<KEY>`` settings; any other unknown one is an error
@@ -44,8 +57,7 @@ OTHER_ENV: Final = frozenset(
         "KLING_GATEWAY_CONFIG",
         "KLING_GATEWAY_URL",  # generate: the gateway to submit through
         "KLING_GATEWAY_KEY",  # generate: the client key
-        "KLING_GATEWAY_UPSTREAM_ACCOUNTS",
-        "KLING_GATEWAY_ARCHIVE_URL",
+        "KLING_GATEWAY_UPSTREAM_ACCOUNTS",  # the accounts' settings as one JSON object (gateway.accounts.parse)
         "KLING_GATEWAY_FUZZ_EXAMPLES",
     }
 )
@@ -151,6 +163,8 @@ class ServerSettings:
     queue_timeout_s: float = field(default=0.1, metadata=NOT_NEGATIVE)
     #: On SIGTERM, /readyz fails at once and the gateway keeps serving this long before it stops accepting.
     shutdown_grace_s: float = field(default=0.0, metadata=NOT_NEGATIVE)
+    #: The gateway's own base URL as clients reach it (``[archive] rewrite_video_url`` points clients there).
+    public_url: str = ""
 
 
 UPSTREAM_TRANSPORTS = ("lean", "aiohttp")
@@ -180,6 +194,11 @@ class UpstreamSettings:
     breaker_failure_threshold: int = field(default=5, metadata=NOT_NEGATIVE)
     #: Seconds the breaker stays open (fast 503s) before one probe call is let through.
     breaker_open_s: float = field(default=10.0, metadata=POSITIVE)
+    #: How long a submission waits, first come first served, for an upstream account with room before
+    #: 429 upstream_capacity (0: answer at once).
+    capacity_wait_s: float = field(default=0.0, metadata=bounds(at_least=0, at_most=60))
+    #: Retry-After of a 429 upstream_capacity when no account's set-aside time says better.
+    capacity_retry_after_s: int = field(default=5, metadata=bounds(at_least=1, at_most=3600))
 
 
 @dataclass(frozen=True)
@@ -250,6 +269,40 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class ContentSettings:
+    """``GET /v1/videos/{id}/content`` (SPEC section 10)."""
+
+    #: Largest video served or archived; a bigger one is 502 video_unavailable.
+    max_bytes: int = field(default=2 * 1024**3, metadata=AT_LEAST_ONE)
+    connect_timeout_s: float = field(default=5.0, metadata=POSITIVE)
+    #: Longest wait for the next bytes from the video's origin.
+    read_timeout_s: float = field(default=30.0, metadata=POSITIVE)
+
+
+@dataclass(frozen=True)
+class ArchiveSettings:
+    """Copies of completed tasks' videos (SPEC section 10); off while ``url`` is empty."""
+
+    url: str = ""
+    #: S3-compatible endpoint (``s3://`` only); empty: AWS itself.
+    endpoint_url: str = ""
+    region: str = ""
+    #: Copies made at once by one process.
+    concurrency: int = field(default=2, metadata=AT_LEAST_ONE)
+    max_attempts: int = field(default=5, metadata=AT_LEAST_ONE)
+    #: First retry delay; doubled per attempt up to an hour.
+    retry_base_s: float = field(default=30.0, metadata=NOT_NEGATIVE)
+    #: How often each process looks for completed tasks to copy.
+    scan_s: float = field(default=5.0, metadata=POSITIVE)
+    #: Completed tasks this recent are copied by the running gateway; older ones by ``archive backfill``.
+    lookback_s: float = field(default=86400.0, metadata=NOT_NEGATIVE)
+    #: Copies older than this are deleted; 0 keeps them forever.
+    keep_days: float = field(default=0.0, metadata=NOT_NEGATIVE)
+    #: Status answers carry the gateway's content URL (``[server] public_url``) instead of the upstream's.
+    rewrite_video_url: bool = False
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     level: str = field(default="info", metadata=one_of("debug", "info", "warning", "error", fold_case=True))
     access_log: bool = True
@@ -284,11 +337,21 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     webhooks: WebhooksSettings = field(default_factory=WebhooksSettings)
+    content: ContentSettings = field(default_factory=ContentSettings)
+    archive: ArchiveSettings = field(default_factory=ArchiveSettings)
     #: Secrets, from the environment only; excluded from repr so they never reach a log line.
     upstream_api_key: str = field(default="", repr=False)
     admin_token: str = field(default="", repr=False)
     #: Signs completion webhooks (Standard Webhooks, ``whsec_`` + base64); webhooks are off while it is unset.
     webhook_secret: str = field(default="", repr=False)
+    #: Upstream accounts' keys by name (section 9), from the one key variable that is set; never logged.
+    upstream_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
+    #: Which variable the keys came from (``UNIALL_API_KEY``, ``UNIALL_API_KEYS``, ``UNIALL_API_KEYS_FILE``), or "".
+    upstream_keys_source: str = ""
+    #: The key file to re-read when it changes (``UNIALL_API_KEYS_FILE``), or "".
+    upstream_keys_file: str = ""
+    #: Per-account settings (``[upstream.accounts.NAME]`` and ``KLING_GATEWAY_UPSTREAM_ACCOUNTS``).
+    accounts: Mapping[str, AccountSettings] = field(default_factory=dict)
 
     @property
     def store_url(self) -> str:
@@ -304,7 +367,16 @@ class Settings:
 _SECTIONS: dict[str, type[Any]] = {
     name: hint
     for name, hint in get_type_hints(Settings).items()
-    if name not in ("upstream_api_key", "admin_token", "webhook_secret")
+    if name
+    not in (
+        "upstream_api_key",
+        "admin_token",
+        "webhook_secret",
+        "upstream_keys",
+        "upstream_keys_source",
+        "upstream_keys_file",
+        "accounts",
+    )
 }
 _SECRET_KEYS = {
     ("upstream", "api_key"),
@@ -333,10 +405,14 @@ def load_settings(
     if path is not None:
         raw = _read_toml(Path(path))
     sections: dict[str, Any] = {}
+    accounts_raw: Any = None
     for section_name, section_type in _SECTIONS.items():
         values = raw.pop(section_name, {})
         if not isinstance(values, dict):
             raise ConfigError(f"[{section_name}]: expected a table, got {type(values).__name__}")
+        if section_name == "upstream":
+            values = dict(values)
+            accounts_raw = values.pop("accounts", None)
         sections[section_name] = _build_section(section_name, section_type, values, environ)
     if raw:
         name = sorted(raw)[0]
@@ -346,15 +422,23 @@ def load_settings(
     if environ.get("UNIALL_BASE_URL"):
         upstream = dataclasses.replace(upstream, base_url=environ["UNIALL_BASE_URL"])
         sections["upstream"] = upstream
+    source, keys, accounts = _accounts(accounts_raw, environ)
     settings = Settings(
         **sections,
-        upstream_api_key=environ.get("UNIALL_API_KEY", ""),
+        upstream_api_key=next(iter(keys.values()), ""),
         admin_token=environ.get("KLING_GATEWAY_ADMIN_TOKEN", ""),
         webhook_secret=environ.get("KLING_GATEWAY_WEBHOOK_SECRET", ""),
+        upstream_keys=keys,
+        upstream_keys_source=source or "",
+        upstream_keys_file=environ.get("UNIALL_API_KEYS_FILE", "").strip() if source == "UNIALL_API_KEYS_FILE" else "",
+        accounts=accounts,
     )
     _check(settings)
-    if require_upstream_key and not settings.upstream_api_key:
-        raise ConfigError("UNIALL_API_KEY: not set (the upstream key comes only from the environment)")
+    if require_upstream_key and not settings.upstream_keys:
+        raise ConfigError(
+            "UNIALL_API_KEY: not set (the upstream key comes only from the environment: "
+            "UNIALL_API_KEY, UNIALL_API_KEYS or UNIALL_API_KEYS_FILE)"
+        )
     return settings
 
 
@@ -380,6 +464,30 @@ def _check_env_names(environ: Mapping[str, str]) -> None:
             continue
         hint = did_you_mean(env_name, settings_env | OTHER_ENV)
         raise ConfigError(f"{env_name}: unknown environment variable (no such setting){hint}")
+
+
+def _read_text(path: str) -> str:
+    return Path(path).read_text(encoding="utf-8")
+
+
+def _accounts(
+    file_raw: Any, environ: Mapping[str, str]
+) -> tuple[str | None, dict[str, str], dict[str, AccountSettings]]:
+    """The upstream accounts' keys (from the one key variable set) and their settings, checked against each other."""
+    try:
+        source, keys = keys_from_env(environ, _read_text)
+        env_raw: Any = None
+        if environ.get(ACCOUNTS_ENV, "").strip():
+            try:
+                env_raw = orjson.loads(environ[ACCOUNTS_ENV])
+            except orjson.JSONDecodeError:
+                raise AccountsError(f"{ACCOUNTS_ENV}: expected a JSON object of accounts") from None
+        accounts = account_settings(file_raw, env_raw)
+        if keys:
+            check_settings_have_keys(accounts, keys, source or "")
+    except AccountsError as exc:
+        raise ConfigError(str(exc)) from None
+    return source, keys, accounts
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -490,6 +598,7 @@ def _check(settings: Settings) -> None:
     _check_url("upstream.base_url", settings.upstream.base_url, ("http", "https"))
     _check_url("cache.url", settings.cache.url, ("memory", "redis", "rediss"))
     _check_url("store.url", settings.store_url, ("sqlite", "postgresql", "postgres"))
+    _check_content(settings)
     if not _PREFIX.fullmatch(settings.cache.key_prefix):
         raise ConfigError("cache.key_prefix: 1-64 characters among letters, digits and . _ : -")
     for model, price in settings.pricing.prices.items():
@@ -500,6 +609,27 @@ def _check(settings: Settings) -> None:
             raise ConfigError(f"pricing.mode_multipliers.{mode}: unknown mode{did_you_mean(mode, MODES)}")
         if multiplier < 0:
             raise ConfigError(f"pricing.mode_multipliers.{mode}: must not be negative")
+
+
+def _check_content(settings: Settings) -> None:
+    """The archive URL's shape and the settings that depend on each other (ranges are declared on the fields)."""
+    archive = settings.archive
+    if archive.url:
+        parts = urlsplit(archive.url)
+        if parts.scheme == "file":
+            if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+                raise ConfigError(f"archive.url: a file URL needs an absolute local path, got {archive.url!r}")
+        elif parts.scheme == "s3":
+            if not parts.netloc:
+                raise ConfigError(f"archive.url: no bucket in {archive.url!r}")
+        else:
+            raise ConfigError(f"archive.url: scheme must be file or s3, got {parts.scheme or 'none'!r}")
+    if archive.endpoint_url:
+        _check_url("archive.endpoint_url", archive.endpoint_url, ("http", "https"))
+    if settings.server.public_url:
+        _check_url("server.public_url", settings.server.public_url, ("http", "https"))
+    if archive.rewrite_video_url and not settings.server.public_url:
+        raise ConfigError("archive.rewrite_video_url: needs server.public_url (the gateway's URL as clients reach it)")
 
 
 def missing_scale_extra(setting: str, exc: ImportError) -> ConfigError:

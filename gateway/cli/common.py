@@ -39,7 +39,7 @@ async def open_store(url: str, setting: str = "store.url", *, create: bool = Tru
     """
     from gateway.store import open_store as open_url
 
-    missing = _missing_sqlite_file(url, setting)
+    missing = missing_store_file(url, setting)
     if missing is not None and not create:
         raise ConfigError(f"{setting}: no store at {missing} ({_POINT_AT_IT})")
     created = missing is not None
@@ -56,7 +56,7 @@ async def open_store(url: str, setting: str = "store.url", *, create: bool = Tru
     return store
 
 
-def _missing_sqlite_file(url: str, setting: str) -> Path | None:
+def missing_store_file(url: str, setting: str = "store.url") -> Path | None:
     """The absolute path of a SQLite store file that does not exist yet, else None (other backends too)."""
     from gateway.store import sqlite_path
 

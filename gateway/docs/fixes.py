@@ -81,5 +81,13 @@ FIXES: Final[Mapping[str, str]] = MappingProxyType(
         "aspect_ratio_not_guaranteed": "Nothing to fix: in image modes the image's shape decides.",
         "shot_type_normalized": "Send `intelligent` to silence the warning.",
         "duration_defaulted": "Send `duration` to be billed and estimated exactly.",
+        "upstream_capacity": "Retry after `Retry-After`; add upstream accounts or raise their limits "
+        "(`kling-gateway accounts` shows them).",
+        "video_unavailable": "Fetch the task's `video_url` before it expires, or enable the archive; raise "
+        "`[content] max_bytes` for very large videos.",
+        "too_many_auth_failures": "Wait `Retry-After`; fix the admin token the client sends.",
+        "range_not_satisfiable": "Ask for a `Range` inside the video's size (`Content-Range: */size` gives it).",
+        "video_not_ready": "Poll the task until `completed`, then fetch its content.",
+        "csrf_failed": "Reload the admin page and submit the form again from the gateway's own origin.",
     }
 )

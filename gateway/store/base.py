@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Final, Protocol
 
-from gateway.catalog import TaskStatus
+from gateway.catalog import DEFAULT_ACCOUNT, TaskStatus
 from gateway.keys import KeyRecord
 
-USAGE_GROUPS: Final = ("key", "model", "mode", "day")
+USAGE_GROUPS: Final = ("key", "model", "mode", "day", "account")
 """Dimensions :meth:`Store.usage` can group by."""
 
 FIXED_DIGITS: Final = 9
@@ -117,6 +117,8 @@ class TaskRecord:
     settled_usd: Decimal | None = None
     settled_at: float | None = None
     terminal_body: bytes | None = None
+    #: The upstream account that created the task: every later upstream call for it uses that account's key.
+    account: str = DEFAULT_ACCOUNT
 
     @property
     def settled(self) -> bool:
@@ -139,6 +141,7 @@ class IntentRecord:
     model: str
     mode: str
     submitted_at: float
+    account: str = DEFAULT_ACCOUNT
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +168,7 @@ class UsageRow:
     unknown: int
     pending: int
     defaulted: int
+    account: str | None = None
 
 
 class IdemKind(enum.Enum):
@@ -210,6 +214,21 @@ class OutboxRecord:
     last_error: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ArchiveRecord:
+    """A completed task's archived video (``gateway.store.archive_rows`` has the states), or the attempt to make it."""
+
+    task_id: str
+    state: str
+    attempts: int = 0
+    claim_until: float | None = None
+    key: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+    archived_at: float | None = None
+    error: str | None = None
+
+
 class Store(Protocol):
     """The narrow async interface every backend implements (see the module docstring for the semantics)."""
 
@@ -246,9 +265,26 @@ class Store(Protocol):
 
     # intents
     async def record_intent(
-        self, intent_id: str, key_name: str, request_id: str, model: str, mode: str, submitted_at: float
-    ) -> None:
-        """Write the intent to submit, before forwarding."""
+        self,
+        intent_id: str,
+        key_name: str,
+        request_id: str,
+        model: str,
+        mode: str,
+        submitted_at: float,
+        account: str = DEFAULT_ACCOUNT,
+        max_in_flight: int = 0,
+        hold_since: float = 0.0,
+    ) -> bool:
+        """Write the intent to submit on ``account``, before forwarding; the admission of its capacity.
+
+        With ``max_in_flight`` > 0 the intent is written only if the account's unsettled tasks plus its intents
+        submitted since ``hold_since`` are fewer, atomically across processes; else nothing is written and the
+        answer is False. With 0 (no limit) it is one plain insert and always True.
+        """
+
+    async def account_in_flight(self, hold_since: float) -> dict[str, int]:
+        """Per account: unsettled tasks plus intents submitted since ``hold_since`` (accounts with none left out)."""
 
     async def resolve_intent(self, intent_id: str, task: TaskRecord) -> bool:
         """Insert ``task`` and delete the intent in one transaction; safe to retry.
@@ -367,3 +403,38 @@ class Store(Protocol):
     async def update_key_limits(self, record: KeyRecord) -> KeyRecord:
         """Set ``record.name``'s models, rpm, monthly budget and webhook URL to ``record``'s (bumps the keys
         version); :class:`KeyNotFound` / :class:`KeyRevoked` otherwise. Returns the stored record."""
+
+    # archive (SPEC section 10): one row per completed task whose video is copied; see gateway.store.archive_rows
+    async def archive_candidates(self, completed_since: float, now: float, limit: int = 100) -> list[tuple[str, float]]:
+        """(task id, settled at) of completed tasks settled since ``completed_since`` never claimed, or whose claim
+        ran out by ``now``; oldest first."""
+
+    async def archive_claim(self, task_id: str, now: float, until: float) -> bool:
+        """Claim copying ``task_id`` until ``until``; True only for one process while the claim holds."""
+
+    async def archive_stored(self, task_id: str, key: str, size: int, sha256: str, at: float) -> None:
+        """Record the verified copy."""
+
+    async def archive_retry(self, task_id: str, retry_at: float | None, error: str) -> None:
+        """Count a failed attempt: claimable again after ``retry_at``, or given up (``failed``) when None."""
+
+    async def get_archive(self, task_id: str) -> ArchiveRecord | None:
+        """The archive row of ``task_id``, or None."""
+
+    async def archives_stored_before(self, before: float, limit: int = 100) -> list[ArchiveRecord]:
+        """Stored copies archived before ``before``, oldest first (for ``[archive] keep_days``)."""
+
+    async def archive_removed(self, task_id: str) -> None:
+        """Mark a stored copy as deleted."""
+
+    async def archive_summary(self) -> dict[str, tuple[int, int]]:
+        """``{state: (tasks, bytes)}`` for every state, plus ``unarchived`` completed tasks."""
+
+    async def archive_records(self, after: str = "", limit: int = 1000) -> list[ArchiveRecord]:
+        """A page of archive rows ordered by task id, after ``after`` (for copy-store)."""
+
+    async def restore_archive(self, record: ArchiveRecord) -> None:
+        """Insert an archive row as it is (copy-store); an existing row is left alone."""
+
+    async def archive_retry_failed(self) -> int:
+        """Make every given-up copy claimable again (``archive backfill``); how many."""

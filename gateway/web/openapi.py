@@ -51,6 +51,7 @@ from gateway.catalog import (
     SHOT_TYPE_ALIASES,
     SHOT_TYPES,
     TASK_ID_SHAPE,
+    AccountState,
     Mode,
 )
 from gateway.config import Settings
@@ -84,6 +85,7 @@ _STATUS_TEXT: Final = {
     409: "Conflict",
     413: "Body too large",
     415: "Body is not JSON",
+    416: "Range not satisfiable",
     422: "Unprocessable",
     429: "Too many requests",
     502: "Upstream unreachable or invalid",
@@ -369,6 +371,7 @@ def _gateway_schemas() -> dict[str, Any]:
             "model": {"type": "string"},
             "mode": {"type": "string"},
             "submitted_at": {"type": "number"},
+            "account": {"type": "string", "description": "The upstream account it was sent on (check with its key)."},
         },
     }
     return {
@@ -397,6 +400,40 @@ def _gateway_schemas() -> dict[str, Any]:
             "type": "object",
             "required": ["data"],
             "properties": {"data": {"type": "array", "items": _ref("Key")}},
+        },
+        "AccountList": {
+            "type": "object",
+            "required": ["data"],
+            "properties": {
+                "data": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": [
+                            "name",
+                            "state",
+                            "in_flight",
+                            "max_in_flight",
+                            "weight",
+                            "models",
+                            "key_fingerprint",
+                        ],
+                        "properties": {
+                            "name": {"type": "string", "pattern": "^[a-z0-9_-]{1,32}$"},
+                            "state": {"type": "string", "enum": [s.value for s in AccountState]},
+                            "in_flight": {"type": "integer", "minimum": 0},
+                            "max_in_flight": {"type": "integer", "minimum": 0, "description": "0: no limit"},
+                            "weight": {"type": "number"},
+                            "models": _string_array(),
+                            "key_fingerprint": {
+                                "type": "string",
+                                "nullable": True,
+                                "description": "First 8 hex digits of the key's SHA-256 (null for a removed account).",
+                            },
+                        },
+                    },
+                }
+            },
         },
         "UnknownSubmissions": {
             "type": "object",
@@ -546,10 +583,12 @@ class _Doc:
         paths: dict[str, Any] = {
             "/v1/video/generations": {"post": self.submit()},
             "/v1/videos/{task_id}": {"get": self.status()},
+            "/v1/videos/{task_id}/content": {"get": self.content()},
             "/gateway/validate": {"post": self.validate()},
             "/gateway/tasks": {"get": self.tasks()},
             "/gateway/usage": {"get": self.usage()},
             "/gateway/submissions/unknown": {"get": self.unknown_submissions()},
+            "/gateway/accounts": {"get": self.accounts()},
             "/gateway/keys": {"get": self.list_keys(), "post": self.create_key()},
             "/gateway/keys/{name}": {
                 "get": self.get_key(),
@@ -573,7 +612,13 @@ class _Doc:
             _JSON_BODY,
             _codes("invalid_request", "invalid_idempotency_key"),
             self.client_errors,
-            _codes("model_not_allowed", "idempotency_in_progress", "idempotency_conflict", "budget_exceeded"),
+            _codes(
+                "model_not_allowed",
+                "idempotency_in_progress",
+                "idempotency_conflict",
+                "budget_exceeded",
+                "upstream_capacity",
+            ),
             _UPSTREAM,
             _STORE,
             _OVERLOAD,
@@ -620,6 +665,67 @@ class _Doc:
             _responses(ok, errors),
             security=self.client_security,
             parameters=[task_id],
+        )
+
+    def content(self) -> dict[str, Any]:
+        errors = _merge(
+            self.client_errors,
+            {
+                404: ("task_not_found", "not_found"),
+                409: ("video_not_ready",),
+                416: ("range_not_satisfiable",),
+                502: ("video_unavailable",),
+            },
+            _UPSTREAM,
+            _STORE,
+            _OVERLOAD,
+        )
+        video = {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}
+        plain = {"schema": {"type": "string"}}
+        headers = {
+            **_headers(),
+            "ETag": {"description": "The archived copy's SHA-256, or the origin's validator.", **plain},
+            "Accept-Ranges": {"description": "bytes", **plain},
+        }
+        ok = {
+            "200": {"description": "The whole video (HEAD: its headers only).", "headers": headers, "content": video},
+            "206": {
+                "description": "One byte range of it.",
+                "headers": {**headers, "Content-Range": {"description": "bytes a-b/size", **plain}},
+                "content": video,
+            },
+            "304": {
+                "description": "If-None-Match named the video's ETag: the client's copy is current.",
+                "headers": headers,
+            },
+        }
+        if_none_match = {
+            "name": "If-None-Match",
+            "in": "header",
+            "required": False,
+            "description": "Entity tags the client holds; one matching the video's ETag (or *) gets 304.",
+            "schema": {"type": "string"},
+        }
+        rng = {
+            "name": "Range",
+            "in": "header",
+            "required": False,
+            "description": "One byte range (bytes=a-b, a- or -n); several ranges are answered with the whole video.",
+            "schema": {"type": "string"},
+        }
+        task_id = {
+            "name": "task_id",
+            "in": "path",
+            "required": True,
+            "schema": {"type": "string", "pattern": _TASK_ID_PATTERN},
+        }
+        return self.operation(
+            "getVideoContent",
+            "The task's video: from the archive, else its video_url (credentials only to the upstream's origin)",
+            "upstream",
+            _responses(ok, errors),
+            security=self.client_security,
+            parameters=[task_id, rng, if_none_match],
         )
 
     def passthrough(self) -> dict[str, Any]:
@@ -726,6 +832,10 @@ class _Doc:
             )
         }
         return self.admin("listUnknownSubmissions", "Submissions to reconcile with the upstream", ok)
+
+    def accounts(self) -> dict[str, Any]:
+        ok = {"200": _json_response("The upstream accounts (never key material).", _ref("AccountList"))}
+        return self.admin("listAccounts", "Upstream accounts: state, tasks in flight, limit", ok)
 
     def list_keys(self) -> dict[str, Any]:
         return self.admin("listKeys", "Every client key", {"200": _json_response("The keys.", _ref("KeyList"))})

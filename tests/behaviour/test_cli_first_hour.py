@@ -163,6 +163,14 @@ class TestStores:
         assert "KLING_GATEWAY_SERVER_DATA_DIR" in err
         assert not (in_folder / "data").exists()
 
+    def test_accounts_shows_the_settings_without_creating_a_store(
+        self, in_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        monkeypatch.setenv("UNIALL_API_KEY", "sk-x")
+        assert main(["accounts"]) == 0
+        assert "no store at" in capsys.readouterr().err
+        assert not (in_folder / "data").exists()
+
     def test_a_store_other_than_the_default_is_named(
         self, in_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:

@@ -13,7 +13,8 @@ an optional default used once the queue is empty; anything unscripted answers 40
         assert fake.requests[0].header("authorization") == "Bearer sk-upstream"
 
 Behaviours (module-level constructors): ``json``, ``text``, ``invalid_json``, ``huge`` (well-behaved: the
-connection is kept alive), and the misbehaving ``raw``, ``garbage``, ``truncate``, ``reset`` (RST, before or
+connection is kept alive), ``video`` (a file of deterministic bytes with ranges and HEAD that can be expired),
+``redirect``, and the misbehaving ``raw``, ``garbage``, ``truncate``, ``reset`` (RST, before or
 mid-response), ``refuse`` (close without answering), ``hang``, ``slow`` (delay, then another behaviour) and
 ``dynamic`` (a function of the request). ``FakeUpstream.closed_port()`` is a URL nobody listens on;
 ``stop_listening()`` / ``start_listening()`` take a running fake's port down and back up.
@@ -372,6 +373,81 @@ def dynamic(fn: Callable[[RecordedRequest], Behaviour]) -> Dynamic:
     return Dynamic(fn)
 
 
+_PATTERN = bytes(range(251)) * 263  # a cycle of 251 bytes, longer than any offset plus one chunk
+
+
+def video_bytes(start: int, end: int) -> bytes:
+    """Bytes ``start``..``end`` (exclusive) of ``video(size)``'s deterministic content (offset o holds o % 251)."""
+    out = bytearray()
+    while start < end:
+        step = min(end - start, _CHUNK)
+        offset = start % 251
+        out += _PATTERN[offset : offset + step]
+        start += step
+    return bytes(out)
+
+
+@dataclass
+class Video(Behaviour):
+    """A video file of ``size`` deterministic bytes, streamed, with HEAD and single byte ranges (206/416).
+
+    ``expired`` (settable while running) turns every answer into 403, as an expired signed URL does;
+    ``ranges=False`` ignores Range headers (200 with everything); ``etag`` is sent when set.
+    """
+
+    size: int
+    ranges: bool = True
+    expired: bool = False
+    etag: str | None = None
+    content_type: str = "video/mp4"
+
+    async def run(self, conn: _Conn, request: RecordedRequest) -> bool:
+        if self.expired:
+            body = b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
+            head = _response_head(403, [("Content-Type", "application/xml")], len(body), conn.keep_alive)
+            conn.writer.write(head + (b"" if request.method == "HEAD" else body))
+            await conn.writer.drain()
+            return conn.keep_alive
+        headers = [("Content-Type", self.content_type), ("Accept-Ranges", "bytes" if self.ranges else "none")]
+        if self.etag:
+            headers.append(("ETag", self.etag))
+        status, start, end = 200, 0, self.size
+        wanted = request.header("range") if self.ranges else None
+        if wanted:
+            first, _, last = wanted.removeprefix("bytes=").partition("-")
+            if first:
+                start, end = int(first), min(self.size, int(last) + 1 if last else self.size)
+            else:
+                start, end = max(0, self.size - int(last)), self.size
+            if start >= self.size:
+                headers.append(("Content-Range", f"bytes */{self.size}"))
+                conn.writer.write(_response_head(416, headers, 0, conn.keep_alive))
+                await conn.writer.drain()
+                return conn.keep_alive
+            status = 206
+            headers.append(("Content-Range", f"bytes {start}-{end - 1}/{self.size}"))
+        conn.writer.write(_response_head(status, headers, end - start, conn.keep_alive))
+        if request.method != "HEAD":
+            position = start
+            while position < end:
+                step = min(end - position, _CHUNK)
+                conn.writer.write(video_bytes(position, position + step))
+                position += step
+                await conn.writer.drain()
+        await conn.writer.drain()
+        return conn.keep_alive
+
+
+def video(size: int, **options: Any) -> Video:
+    """A video of ``size`` deterministic bytes with ranges and HEAD (see ``Video``); keep it to expire it later."""
+    return Video(size, **options)
+
+
+def redirect(location: str, status: int = 302) -> Respond:
+    """A redirect to ``location``."""
+    return Respond(status, b"", (("Location", location),))
+
+
 def _not_scripted(request: RecordedRequest) -> Respond:
     message = f"fake upstream: nothing scripted for {request.method} {request.path}"
     return json(404, {"error": {"message": message, "type": "invalid_request_error", "code": "not_scripted"}})
@@ -687,3 +763,80 @@ class SandboxServer:
     url: str
     api_key: str
     options: SandboxOptions
+
+
+# --- accounts
+
+
+class KlingAccounts:
+    """UniAll's per-key behaviour, for a ``FakeUpstream``: each key is an account with its own tasks and limit.
+
+    * a submission with an unknown or revoked key is 401; over the key's concurrency limit it is 429 with Kling's
+      code 1303 and ``Retry-After``; otherwise a task owned by that key is created (``queued``);
+    * a status poll with another key than the task's is 404 (as UniAll answers), with the owner's key the status;
+    * ``finish(task_id)`` completes a task (it stops counting against its key's limit).
+
+        accounts = KlingAccounts({"sk-a": 1, "sk-b": 0}).install(fake)   # limit 0: none
+    """
+
+    def __init__(self, limits: dict[str, int], *, retry_after_s: int = 7) -> None:
+        self._lock = threading.Lock()
+        self.limits = dict(limits)
+        self.revoked: set[str] = set()
+        self.retry_after_s = retry_after_s
+        self.owner: dict[str, str] = {}
+        self.status: dict[str, str] = {}
+        self.refusals: list[tuple[str, int]] = []
+        self._next = 0
+
+    def install(self, fake: FakeUpstream) -> KlingAccounts:
+        fake.always("POST", "/v1/video/generations", dynamic(self._submit))
+        fake.always("GET", "/v1/videos/", dynamic(self._poll))
+        return self
+
+    @staticmethod
+    def _key(request: RecordedRequest) -> str:
+        auth = request.header("authorization") or ""
+        return auth.removeprefix("Bearer ")
+
+    def running(self, key: str) -> int:
+        with self._lock:
+            return sum(1 for task, owner in self.owner.items() if owner == key and self.status[task] != "completed")
+
+    def _submit(self, request: RecordedRequest) -> Behaviour:
+        key = self._key(request)
+        with self._lock:
+            if key not in self.limits or key in self.revoked:
+                self.refusals.append((key, 401))
+                return json(401, {"error": {"message": "invalid api key", "code": "invalid_api_key"}})
+            limit = self.limits[key]
+            running = sum(1 for t, owner in self.owner.items() if owner == key and self.status[t] != "completed")
+            if limit and running >= limit:
+                self.refusals.append((key, 429))
+                return json(
+                    429,
+                    {"code": 1303, "message": "parallel task over resource pack limit"},
+                    {"Retry-After": str(self.retry_after_s)},
+                )
+            self._next += 1
+            task_id = f"task_{self._next}"
+            self.owner[task_id] = key
+            self.status[task_id] = "queued"
+        return json(200, {"id": task_id, "task_id": task_id, "status": "queued", "progress": 0})
+
+    def _poll(self, request: RecordedRequest) -> Behaviour:
+        task_id = request.path.rsplit("/", 1)[-1]
+        key = self._key(request)
+        with self._lock:
+            if self.owner.get(task_id) != key or key in self.revoked:
+                return json(404, {"error": {"message": "task not found", "code": "task_not_found"}})
+            status = self.status[task_id]
+        body: dict[str, Any] = {"id": task_id, "task_id": task_id, "status": status, "progress": 100}
+        if status == "completed":
+            body["video_url"] = f"https://cdn.example.com/{task_id}.mp4"
+            body["seconds"] = 5
+        return json(200, body)
+
+    def finish(self, task_id: str) -> None:
+        with self._lock:
+            self.status[task_id] = "completed"
