@@ -19,6 +19,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"configuration ok: upstream {settings.upstream.base_url}, auth {settings.auth.mode}, "
         f"store {shown_url(settings.store_url)}, cache {shown_url(settings.cache.url)}, "
+        f"archive {shown_url(settings.archive.url) if settings.archive.url else 'off'}, "
         f"listening on {settings.server.host}:{settings.server.port}, "
         f"upstream accounts {', '.join(settings.upstream_keys)} (from {settings.upstream_keys_source})"
     )
