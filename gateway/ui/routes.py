@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -30,7 +30,7 @@ from gateway.accounts.pool import AccountPool
 from gateway.auth import key_admin
 from gateway.auth.authenticate import AdminToken
 from gateway.auth.key_admin import IssuedKey
-from gateway.catalog import TASK_STATUSES
+from gateway.catalog import MODELS, TASK_STATUSES
 from gateway.content.service import ContentService
 from gateway.errors import NotFound, PermissionDenied, TooManyRequests
 from gateway.keys import parse_model_globs
@@ -89,6 +89,7 @@ class UiDeps:
     allow_private_webhooks: bool
     content: ContentService | None = None
     accounts: AccountPool | None = None
+    known_models: Collection[str] = frozenset(MODELS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +178,7 @@ class UiRoutes:
                 allow_private_webhooks=settings.webhooks.allow_private_targets,
                 content=services.content,
                 accounts=services.accounts,
+                known_models=frozenset(MODELS) | frozenset(settings.validation.passthrough_models),
             )
         )
 
@@ -302,6 +304,7 @@ class UiRoutes:
                 rpm=_optional_int(fields.get("rpm"), "rpm"),
                 monthly_budget_usd=_optional_money(fields.get("monthly_budget_usd")),
                 allow_private_webhooks=self._deps.allow_private_webhooks,
+                known_models=self._deps.known_models,
             )
         except KeyExists:
             return await self.keys_page(request, 409, error=f"A key named '{name}' exists already.", form=fields)
@@ -309,6 +312,46 @@ class UiRoutes:
             return await self.keys_page(request, 400, error=str(exc), form=fields)
         await self._deps.keys_changed()
         return self._secret_page(request, issued, "created")
+
+    async def edit_key(self, request: Request) -> Response:
+        """The form that changes a key's limits, filled with its current ones."""
+        name = request.path_params["name"]
+        record = await self._deps.store.get_key(name)
+        if record is None or record.revoked:
+            return await self.keys_page(request, 404, error=f"No active key named '{name}'.")
+        form = {
+            "models": ", ".join(record.models),
+            "rpm": "" if record.rpm is None else str(record.rpm),
+            "monthly_budget_usd": "" if record.monthly_budget_usd is None else str(record.monthly_budget_usd),
+        }
+        return self._render(request, "key_edit.html", key={"name": name, "path": quote(name, safe="")}, form=form)
+
+    async def update_key(self, request: Request) -> Response:
+        """``PATCH /gateway/keys/{name}``'s change of models, rpm and budget (an empty field removes the limit)."""
+        fields = await self._form(request)
+        name = request.path_params["name"]
+        key = {"name": name, "path": quote(name, safe="")}
+        try:
+            changes = {
+                "models": parse_model_globs(fields.get("models", "")),
+                "rpm": _optional_int(fields.get("rpm"), "rpm"),
+                "monthly_budget_usd": _optional_money(fields.get("monthly_budget_usd")),
+            }
+            await key_admin.update_limits(
+                self._deps.store,
+                name,
+                changes,
+                allow_private_webhooks=self._deps.allow_private_webhooks,
+                known_models=self._deps.known_models,
+            )
+        except KeyNotFound:
+            return await self.keys_page(request, 404, error=f"No key named '{name}'.")
+        except KeyRevoked:
+            return await self.keys_page(request, 409, error=f"'{name}' is revoked, so it cannot be changed.")
+        except ValueError as exc:
+            return self._render(request, "key_edit.html", 400, key=key, form=fields, error=str(exc))
+        await self._deps.keys_changed()
+        return RedirectResponse(f"{PREFIX}/keys?{urlencode({'done': f'Saved the limits of {name}.'})}", status_code=303)
 
     async def rotate_key(self, request: Request) -> Response:
         await self._form(request)
@@ -486,6 +529,8 @@ class UiRoutes:
                     Route("/keys", page(self.keys), methods=["GET"]),
                     Route("/keys", page(self.create_key), methods=["POST"]),
                     Route("/keys/{name}/rotate", page(self.rotate_key), methods=["POST"]),
+                    Route("/keys/{name}/limits", page(self.edit_key), methods=["GET"]),
+                    Route("/keys/{name}/limits", page(self.update_key), methods=["POST"]),
                     Route("/keys/{name}/revoke", page(self.revoke_key), methods=["POST"]),
                     Route("/usage", page(self.usage), methods=["GET"]),
                     Route("/accounts", page(self.accounts), methods=["GET"]),

@@ -1,8 +1,9 @@
 """The admin UI in a real browser: Debian's chromium driven by Playwright against a gateway served on loopback.
 
-Sign in, create a key and use its secret against the gateway (the sandbox upstream behind it), revoke it and see
-it refused, read the usage page after the submissions. A screenshot of every page is kept under the test's tmp dir
-(``artifacts/``), never committed. Skipped only when chromium is not installed (``.ci/run`` installs it).
+Sign in, create a key and use its secret against the gateway (the sandbox upstream behind it), lower its budget
+and see a submission refused, revoke it and see it refused, read the usage page after the submissions. A screenshot
+of every page is kept under the test's tmp dir (``artifacts/``), never committed. Skipped only when chromium is not
+installed (``.ci/run`` installs it).
 """
 
 from __future__ import annotations
@@ -147,6 +148,18 @@ def test_admin_ui_end_to_end(stack: Stack, browser_page: Any, tmp_path: Path) ->
     assert SANDBOX_API_KEY not in page.content()
     page.screenshot(path=shots / "accounts.png", full_page=True)
 
+    # Lower the budget below what the key has spent: the next submission is refused.
+    page.get_by_role("link", name="Keys").click()
+    page.get_by_role("link", name="Edit the limits of browser-team").click()
+    assert page.get_by_label("Monthly budget, USD (empty for none)").input_value() == "50"
+    page.get_by_label("Monthly budget, USD (empty for none)").fill("0.5")
+    page.screenshot(path=shots / "key-limits.png", full_page=True)
+    page.get_by_role("button", name="Save limits").click()
+    page.wait_for_url("**/gateway/ui/keys?done=*")
+    assert page.get_by_role("status").inner_text() == "Saved the limits of browser-team."
+    over = submit(stack, secret)
+    assert over.status_code == 429 and over.json()["error"]["code"] == "budget_exceeded", over.text
+
     # Revoke: the secret is refused at once.
     page.get_by_role("link", name="Keys").click()
     page.get_by_role("button", name="Revoke browser-team").click()
@@ -167,6 +180,7 @@ def test_admin_ui_end_to_end(stack: Stack, browser_page: Any, tmp_path: Path) ->
     assert sorted(p.name for p in shots.iterdir()) == [
         "accounts.png",
         "key-created.png",
+        "key-limits.png",
         "keys-revoked.png",
         "keys.png",
         "signin.png",

@@ -178,7 +178,13 @@ def test_sign_out_clears_the_cookie(ui: GatewayHarness) -> None:
 @pytest.mark.parametrize("csrf", [None, "", "wrong", "x" * 43])
 @pytest.mark.parametrize(
     ("path", "fields"),
-    [("/keys", {"name": "team-x"}), ("/keys/team-a/revoke", {}), ("/keys/team-a/rotate", {}), ("/signout", {})],
+    [
+        ("/keys", {"name": "team-x"}),
+        ("/keys/team-a/revoke", {}),
+        ("/keys/team-a/rotate", {}),
+        ("/keys/team-a/limits", {"rpm": "1"}),
+        ("/signout", {}),
+    ],
 )
 def test_posts_without_the_right_csrf_token_are_refused(
     ui: GatewayHarness, csrf: str | None, path: str, fields: dict[str, str]
@@ -414,3 +420,40 @@ def test_usage_by_account(ui: GatewayHarness) -> None:
     assert page.status_code == 200
     assert '<th scope="col">account</th>' in page.text
     assert re.search(r'id="total-cost">1.50<', page.text)
+
+
+def test_limits_form_shows_the_current_limits_and_changes_them(ui: GatewayHarness) -> None:
+    ui.create_key("team-a", models=["kling-v3-std-*"], rpm=30, monthly_budget_usd="10")
+    csrf = sign_in(ui)
+    form = ui.client.get(f"{UI}/keys/team-a/limits").text
+    for field, value in [("models", "kling-v3-std-*"), ("rpm", "30"), ("monthly_budget_usd", "10")]:
+        assert re.search(rf'name="{field}"[^>]*value="{re.escape(value)}"', form), field
+    saved = ui.client.post(
+        f"{UI}/keys/team-a/limits", data={"csrf": csrf, "models": "", "rpm": "90", "monthly_budget_usd": "2.5"}
+    )
+    assert saved.status_code == 200 and "Saved the limits of team-a." in saved.text
+    key = ui.client.get("/gateway/keys/team-a", headers=ADMIN).json()
+    assert (key["models"], key["rpm"], key["monthly_budget_usd"]) == ([], 90, "2.5")
+
+
+@pytest.mark.parametrize(
+    ("name", "fields", "status", "message"),
+    [
+        ("team-a", {"rpm": "fast"}, 400, "rpm must be a whole number"),
+        ("team-a", {"monthly_budget_usd": "-1"}, 400, "monthly_budget_usd"),
+        ("team-a", {"models": "no-such-model-*"}, 400, "matches no model"),
+        ("nobody", {"rpm": "1"}, 404, "No key named"),
+        ("gone", {"rpm": "1"}, 409, "cannot be changed"),
+    ],
+)
+def test_limits_refusals_show_the_reason(
+    ui: GatewayHarness, name: str, fields: dict[str, str], status: int, message: str
+) -> None:
+    ui.create_key("team-a", rpm=30)
+    ui.create_key("gone")
+    assert ui.client.delete("/gateway/keys/gone", headers=ADMIN).status_code == 200
+    csrf = sign_in(ui)
+    response = ui.client.post(f"{UI}/keys/{name}/limits", data={"csrf": csrf, **fields})
+    assert response.status_code == status
+    assert message in response.text
+    assert ui.client.get("/gateway/keys/team-a", headers=ADMIN).json()["rpm"] == 30
