@@ -101,7 +101,7 @@ async def _run(pending_ttl: str, n: int, rounds: int, upstream: str | None = Non
         "UNIALL_BASE_URL": upstream or "http://upstream.test",
         "UNIALL_API_KEY": "sk-bench",
         "KLING_GATEWAY_SERVER_DATA_DIR": data,
-        "KLING_GATEWAY_ADMIN_TOKEN": "adm-bench",
+        "KLING_GATEWAY_ADMIN_TOKEN": "adm-bench-0123456789abcdefghijklmnopq",
         "KLING_GATEWAY_CACHE_PENDING_TTL_S": pending_ttl,
         "KLING_GATEWAY_VALIDATION_RESOLVE_MEDIA_HOSTS": "false",
         "KLING_GATEWAY_SETTLER_ENABLED": "false",

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
+from gateway.auth.guard import GuessLimiter
 from gateway.auth.keyring import KeyAuthenticator
 from gateway.auth.principal import Authenticator, OpenAuthenticator
 from gateway.config import Settings, UpstreamSettings, missing_scale_extra
@@ -249,6 +250,7 @@ async def _build_services(
         status=poller,
         clock=clock,
         ready_checks=[store_ready],
+        admin_guard=GuessLimiter(),
     )
 
 

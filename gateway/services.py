@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.auth.guard import GuessLimiter
 from gateway.auth.keyring import KeyAuthenticator
 from gateway.auth.principal import Authenticator
 from gateway.config import Settings
@@ -40,6 +41,8 @@ class Services:
     shutting_down: bool = False
     #: Per-key limits counted in Redis for every replica (``[cache] url = "redis://..."``); else ``limiter``.
     shared_limiter: SharedRateLimiter | None = None
+    #: Wrong admin tokens per client address (429 ``too_many_auth_failures`` after repeated ones).
+    admin_guard: GuessLimiter = field(default_factory=GuessLimiter)
 
     async def readiness(self) -> list[str]:
         if self.shutting_down:

@@ -22,13 +22,21 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 from gateway.auth.principal import Principal
 from gateway.catalog import PENDING, TERMINAL
 from gateway.errors import TooManyRequests
-from gateway.ledger.pricing import Estimate, PriceTable, cost, estimate, settlement_seconds, to_report
+from gateway.ledger.pricing import (
+    Estimate,
+    PriceTable,
+    bounded_seconds,
+    cost,
+    estimate,
+    settlement_seconds,
+    to_report,
+)
 from gateway.ledger.spend import SpendTracker
 from gateway.metrics import Metrics
 from gateway.store.base import Store, StoreError, TaskRecord
@@ -50,23 +58,26 @@ class Submission:
     submitted_at: float
 
 
-def reported_seconds(body: dict[str, Any]) -> Decimal | None:
-    """Output seconds the upstream reports for a completed task, if it reports any usable number."""
-    sources = [body]
-    if isinstance(body.get("usage"), dict):
-        sources.insert(0, body["usage"])
+class DuplicateTaskId(Exception):
+    """The upstream answered a submission with a task id the ledger already holds."""
+
+    def __init__(self, task_id: str, owner: str) -> None:
+        super().__init__(task_id)
+        self.task_id = task_id
+        self.owner = owner
+
+
+def reported_seconds(body: dict[str, Any], requested: int) -> tuple[Decimal | None, str | None]:
+    """Output seconds the upstream reports for a completed task, if usable, else why not (``None, None`` when it
+    reports none). The first field present decides (``usage`` first): see ``pricing.bounded_seconds``."""
+    usage = body.get("usage")
+    sources = (usage, body) if isinstance(usage, dict) else (body,)
     for source in sources:
         for name in _SECONDS_FIELDS:
             value = source.get(name)
-            if isinstance(value, bool) or value is None:
-                continue
-            try:
-                seconds = Decimal(str(value))
-            except InvalidOperation:
-                continue
-            if seconds.is_finite() and seconds >= 0:
-                return seconds
-    return None
+            if value is not None:
+                return bounded_seconds(value, requested)
+    return None, None
 
 
 def month_bounds(now: float) -> tuple[float, float]:
@@ -216,7 +227,14 @@ class Ledger:
             self._log.error("intent_drop_failed", intent_id=sub.intent_id, error=str(exc))
 
     async def accepted(self, sub: Submission, task_id: str) -> TaskRecord:
-        """Record the task (retrying in the background if the store fails) and count it."""
+        """Record the task (retrying in the background if the store fails) and count it.
+
+        ``DuplicateTaskId`` when the ledger already has ``task_id``: the row and its owner stay as they are, and
+        this submission's intent stays as outcome unknown (the upstream answered with an id it had given before).
+        """
+        existing = await self.find(task_id)
+        if existing is not None:
+            raise DuplicateTaskId(task_id, existing.key_name)
         request, est = sub.request, sub.estimate
         task = TaskRecord(
             task_id=task_id,
@@ -235,12 +253,16 @@ class Ledger:
             submitted_at=sub.submitted_at,
         )
         try:
-            await self.store.resolve_intent(sub.intent_id, task)
+            inserted = await self.store.resolve_intent(sub.intent_id, task)
         except StoreError as exc:
+            inserted = True  # unknown yet: the background retry finds out
             self._log.error("task_write_failed", task_id=task_id, error=str(exc), will_retry=True)
             write = asyncio.create_task(self._retry_write(sub.intent_id, task))
             self._pending_writes.add(write)
             write.add_done_callback(self._pending_writes.discard)
+        if not inserted:  # another process recorded this id in between
+            owner = await self.store.get_task(task_id)
+            raise DuplicateTaskId(task_id, owner.key_name if owner is not None else "")
         self._remember(task)
         if sub.principal.monthly_budget_usd is not None:
             self._spend.add(task.key_name, month_bounds(task.submitted_at)[0], task.estimate_usd)
@@ -280,7 +302,10 @@ class Ledger:
             return
         now = self._clock()
         if status in TERMINAL:
-            seconds = settlement_seconds(status, reported_seconds(status_body), task.estimate_seconds)
+            reported, anomaly = reported_seconds(status_body, task.estimate_seconds)
+            if status != "completed":
+                anomaly = None
+            seconds = settlement_seconds(status, reported, task.estimate_seconds)
             usd = cost(task.price_per_second_usd, task.mode_multiplier, seconds)
             first = await self.store.settle(task.task_id, status, seconds, usd, raw, now)
             if task.task_id in self._recent:
@@ -289,6 +314,11 @@ class Ledger:
                 )
             if first:
                 self._count_settlement(task, status, usd)
+                if anomaly is not None:  # once per task: only the call that settled it gets here
+                    self._metrics.settlement_anomalies.labels(anomaly).inc()
+                    self._log.warning(
+                        "settlement_anomaly", task_id=task.task_id, reason=anomaly, settled_seconds=str(seconds)
+                    )
                 if self._on_terminal is not None:
                     self._on_terminal(task, raw)
             return
@@ -296,7 +326,11 @@ class Ledger:
             self._log.warning("unknown_task_status", task_id=task.task_id, status=status[:40])
             return
         raw_progress = status_body.get("progress")
-        progress = raw_progress if isinstance(raw_progress, int) and not isinstance(raw_progress, bool) else None
+        progress = (
+            raw_progress
+            if isinstance(raw_progress, int) and not isinstance(raw_progress, bool) and 0 <= raw_progress <= 100
+            else None
+        )
         last = self._written.get(task.task_id)
         if polled and last is not None and last[:2] == (status, progress) and now - last[2] < self._write_interval:
             return  # (the settler's own checks are always written: they are rate-limited already)

@@ -253,8 +253,9 @@ class Store(Protocol):
     async def resolve_intent(self, intent_id: str, task: TaskRecord) -> bool:
         """Insert ``task`` and delete the intent in one transaction; safe to retry.
 
-        Returns False if the task row already existed (a retried write that had in fact committed).
-        An unknown ``intent_id`` is fine: the task is inserted all the same.
+        Returns False if the task row already existed (a retried write that had in fact committed, or an upstream
+        answering with a task id it already gave another submission); the row is then left as it was and the
+        intent, if any, stays (outcome unknown). An unknown ``intent_id`` is fine: the task is inserted all the same.
         """
 
     async def drop_intent(self, intent_id: str) -> bool:

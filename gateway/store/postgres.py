@@ -293,7 +293,8 @@ _SQL_RESOLVE = (  # constant fragments only, values are bound parameters
     f"WITH ins AS ({_SQL_INSERT_TASK} RETURNING task_id), "  # noqa: S608
     "body AS (INSERT INTO task_bodies (task_id, body) SELECT task_id, $24::bytea FROM ins WHERE $24::bytea IS NOT NULL "
     "ON CONFLICT (task_id) DO UPDATE SET body = excluded.body), "
-    "gone AS (DELETE FROM intents WHERE intent_id = $25), "
+    # A task id already in the ledger is not this submission's: its intent stays, as outcome unknown.
+    "gone AS (DELETE FROM intents WHERE intent_id = $25 AND EXISTS (SELECT 1 FROM ins)), "
     f"roll AS ({_ROLLUP_INSERT}SELECT $26::integer, $27::text, $28::text, $29::text, "
     + ", ".join(f"${n}::bigint" for n in range(30, 30 + len(_MEASURES)))
     + f" FROM ins {_ROLLUP_UPSERT}) SELECT count(*) FROM ins"  # noqa: S608

@@ -890,7 +890,8 @@ class SQLiteStore:
                 conn.execute(_SQL_ROLLUP_ADD, insert_delta(task))
                 if task.terminal_body is not None:
                     conn.execute(_SQL_UPSERT_BODY, (task.task_id, task.terminal_body))
-            conn.execute("DELETE FROM intents WHERE intent_id = ?", (intent_id,))
+                # A task id already in the ledger is not this submission's: its intent stays, as outcome unknown.
+                conn.execute("DELETE FROM intents WHERE intent_id = ?", (intent_id,))
             return inserted
 
         return await self._tx(op)

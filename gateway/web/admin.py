@@ -16,7 +16,7 @@ from starlette.routing import BaseRoute, Route
 
 from gateway.auth import key_admin
 from gateway.auth.principal import Principal, bearer_token
-from gateway.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound
+from gateway.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound, TooManyRequests
 from gateway.keys import parse_model_globs
 from gateway.ledger.pricing import to_report
 from gateway.ledger.reports import parse_group_by, parse_period, rollup, usage_json
@@ -188,12 +188,25 @@ class AdminRoutes:
         return bool(token) and given is not None and hmac.compare_digest(given.encode(), token.encode())
 
     def require_admin(self, request: Request) -> None:
+        """The admin token (401), unless this address sent too many wrong ones lately (429, before comparing)."""
         if not self.g.s.settings.admin_token:
             raise NotFound(f"No route {request.url.path}.", code="not_found")
+        guard, address = self.g.s.admin_guard, request.client.host if request.client else ""
+        wait = guard.retry_after(address)
+        if wait is not None:
+            raise TooManyRequests(
+                f"Too many wrong admin tokens from this address; retry in {wait} s.",
+                code="too_many_auth_failures",
+                headers={"Retry-After": str(wait)},
+            )
         if not self.is_admin(request):
+            if guard.failed(address):
+                self.g.s.metrics.admin_auth_lockouts.inc()
+                self.g.s.log.warning("admin_auth_locked_out", client=address, path=request.url.path)
             raise AuthenticationFailed(
                 "The admin API needs 'Authorization: Bearer <admin token>'.", code="invalid_admin_token"
             )
+        guard.succeeded(address)
 
     def routes(self) -> list[BaseRoute]:
         return [

@@ -6,7 +6,6 @@ import hashlib
 import math
 import re
 from typing import Any
-from urllib.parse import unquote
 
 import orjson
 from starlette.requests import Request
@@ -28,10 +27,11 @@ from gateway.errors import (
 )
 from gateway.keys import model_allowed
 from gateway.ledger.pricing import Estimate
-from gateway.ledger.service import Submission
+from gateway.ledger.service import DuplicateTaskId, Submission
 from gateway.services import Services
 from gateway.store.base import IdemKind, StoreError, TaskRecord
 from gateway.upstream.client import UpstreamResponse, inbound_headers
+from gateway.upstream.hygiene import scoped_idempotency_key
 from gateway.validation.checks import ValidationResult, ValidRequest, validate
 from gateway.web.bodies import json_response, read_body, read_json_object, unread_coding
 from gateway.web.middleware import log_fields, request_id_of
@@ -104,6 +104,7 @@ class GatewayRoutes:
                 request_id=self.request_id(request),
                 client_headers=request.headers.items(),
                 body=orjson.dumps(valid.body),
+                idempotency_key=self.upstream_idempotency_key(request, principal),
             )
         except UpstreamUnavailable as exc:
             if not exc.request_sent:
@@ -130,7 +131,17 @@ class GatewayRoutes:
             # Accepted but unusable: the intent stays as outcome unknown for reconciliation.
             self.s.log.error("upstream_task_without_id", intent_id=submission.intent_id)
             raise self.s.upstream.invalid_response()
-        return await self.s.ledger.accepted(submission, task_id)
+        try:
+            return await self.s.ledger.accepted(submission, task_id)
+        except DuplicateTaskId as exc:
+            # An id the ledger already holds: its owner keeps it; this submission stays as outcome unknown.
+            self.s.log.error(
+                "upstream_task_id_reused",
+                task_id=task_id,
+                intent_id=submission.intent_id,
+                same_key=exc.owner == submission.principal.name,
+            )
+            raise self.s.upstream.invalid_response() from None
 
     async def status(self, request: Request) -> Response:
         """GET /v1/videos/{task_id}: auth → ownership → cache/coalesce → upstream response."""
@@ -165,12 +176,21 @@ class GatewayRoutes:
             raise NotFound(f"No route {request.url.path}.", code="not_found")
         principal = await self.authenticate(request)
         path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
-        segments = unquote(path).split("/")
-        if any(segment in (".", "..") for segment in segments) or "\\" in path:
-            # The team key must never reach a path the upstream would resolve outside /v1/.
-            raise NotFound(f"No route {request.url.path}.", code="not_found")
-        if len(segments) > 3 and segments[1:3] == ["v1", "videos"]:
-            await self.owned_task(principal, segments[3])  # task-scoped paths keep tenancy
+        query = request.scope.get("query_string", b"").decode("latin-1")
+        if not passthrough_path_ok(path) or not passthrough_query_ok(query):
+            # Only the normal form goes up: other spellings (//, case, ;params, %-escapes) could name another
+            # key's task in a way the ownership check below does not read, and the team key must never reach a
+            # path the upstream would resolve outside /v1/.
+            raise InvalidRequest(
+                "Pass-through paths must be /v1/ followed by plain segments (letters, digits, '.', '_', '-', '~'), "
+                "without empty, '.' or '..' segments, parameters or percent-escapes.",
+                code="invalid_path",
+                param="path",
+            )
+        for candidate in task_id_candidates(path, query):
+            task = await self.s.ledger.find(candidate)
+            if task is not None and task.key_name != principal.name:  # task-scoped paths keep tenancy
+                raise NotFound("No such task for this key.", code="task_not_found", param="task_id")
         if unread_coding(None, request.headers.get("transfer-encoding")) is not None:
             # Transfer codings are hop-by-hop: forwarding the still-coded bytes without the header would corrupt them.
             raise UnsupportedMediaType(
@@ -179,8 +199,8 @@ class GatewayRoutes:
                 param="transfer-encoding",
             )
         body = await read_body(request, self.s.settings.server.max_body_bytes)
-        if request.url.query:
-            path = f"{path}?{request.url.query}"
+        if query:
+            path = f"{path}?{query}"
         upstream = await self.s.upstream.request(
             request.method,
             path,
@@ -316,6 +336,13 @@ class GatewayRoutes:
         except StoreError as exc:  # the client still gets its answer; repeats see 409 until takeover
             self.s.log.error("idempotency_store_failed", error=str(exc))
 
+    def upstream_idempotency_key(self, request: Request, principal: Principal) -> str | None:
+        """The client's Idempotency-Key scoped to its key (an HMAC), so it never meets another key's upstream."""
+        client_key = request.headers.get("idempotency-key")
+        if client_key is None:
+            return None
+        return scoped_idempotency_key(self.s.settings.upstream_api_key, principal.name, client_key)
+
     def request_id(self, request: Request) -> str:
         return request_id_of(request.scope) or ""
 
@@ -356,6 +383,30 @@ class GatewayRoutes:
     def passthrough_routes(self) -> list[BaseRoute]:
         """Registered last so they never shadow the gateway's own routes."""
         return [Route(PASSTHROUGH_ROUTE, self.passthrough, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])]
+
+
+_PASSTHROUGH_PATH = re.compile(r"/v1(?:/[A-Za-z0-9_~\-][A-Za-z0-9._~\-]{0,199}){1,8}")
+_PASSTHROUGH_QUERY = re.compile(r"[A-Za-z0-9._~\-=&,+]{0,2048}")
+_CANDIDATE_SPLIT = re.compile(r"[/&=,+]")
+
+
+def passthrough_path_ok(path: str) -> bool:
+    """A path in normal form: ``/v1`` then 1-8 plain segments (none empty, none starting with a dot)."""
+    return _PASSTHROUGH_PATH.fullmatch(path) is not None
+
+
+def passthrough_query_ok(query: str) -> bool:
+    """A query of plain names and values only (no percent-escapes, so what is checked is what goes up)."""
+    return _PASSTHROUGH_QUERY.fullmatch(query) is not None
+
+
+def task_id_candidates(path: str, query: str) -> list[str]:
+    """Every path segment and query name or value shaped like a task id (after ``/v1``), once each."""
+    seen: dict[str, None] = {}
+    for part in [*_CANDIDATE_SPLIT.split(path[len("/v1/") :]), *_CANDIDATE_SPLIT.split(query)]:
+        if part and _TASK_ID.fullmatch(part):
+            seen[part] = None
+    return list(seen)
 
 
 def _encode(headers: Any) -> list[tuple[bytes, bytes]]:

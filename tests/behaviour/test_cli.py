@@ -392,14 +392,16 @@ class TestWorkers:
             KLING_GATEWAY_STORE_URL=postgres_schema_url,
             KLING_GATEWAY_CACHE_URL=redis_url,
             KLING_GATEWAY_CACHE_KEY_PREFIX=redis_prefix,
-            KLING_GATEWAY_ADMIN_TOKEN="adm-workers",
+            KLING_GATEWAY_ADMIN_TOKEN="adm-workers-0123456789abcdefghijklmn",
         )
         process = subprocess.Popen([*CLI, "serve", "--workers", "2"], env=env, stdout=subprocess.DEVNULL)
         base = f"http://127.0.0.1:{port}"
         try:
             wait_healthy(base)
             created = httpx.post(
-                f"{base}/gateway/keys", json={"name": "team", "rpm": 6}, headers={"Authorization": "Bearer adm-workers"}
+                f"{base}/gateway/keys",
+                json={"name": "team", "rpm": 6},
+                headers={"Authorization": "Bearer " + "adm-workers-0123456789abcdefghijklmn"},
             )
             headers = {"Authorization": f"Bearer {created.json()['key']}"}
             time.sleep(1.0)  # the other worker picks the key up from the store

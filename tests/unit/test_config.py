@@ -88,8 +88,10 @@ class TestOverrides:
 
     def test_secrets_from_env_and_never_in_repr(self) -> None:
         """Secrets come from the environment and never show in a repr (so never in a log line)."""
-        s = load_settings(env={"UNIALL_API_KEY": "sk-canary-1", "KLING_GATEWAY_ADMIN_TOKEN": "adm-canary"})
-        assert s.upstream_api_key == "sk-canary-1" and s.admin_token == "adm-canary"
+        s = load_settings(
+            env={"UNIALL_API_KEY": "sk-canary-1", "KLING_GATEWAY_ADMIN_TOKEN": "adm-canary-0123456789abcdefghijklmnop"}
+        )
+        assert s.upstream_api_key == "sk-canary-1" and s.admin_token == "adm-canary-0123456789abcdefghijklmnop"
         assert "canary" not in repr(s)
 
 
