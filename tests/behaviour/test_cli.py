@@ -95,6 +95,10 @@ class TestCheckConfig:
             ({}, "UNIALL_API_KEY: not set"),
             ({"UNIALL_API_KEY": "k", "KLING_GATEWAY_SERVER_PORT": "eighty"}, "server.port: expected an integer"),
             ({"UNIALL_API_KEY": "k", "UNIALL_BASE_URL": "gopher://x"}, "upstream.base_url: scheme must be"),
+            (
+                {"UNIALL_API_KEY": "k", "KLING_GATEWAY_ADMIN_TOKEN": "admin"},
+                "KLING_GATEWAY_ADMIN_TOKEN: must be at least 32",
+            ),
         ],
     )
     def test_bad_config_one_line(

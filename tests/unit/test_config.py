@@ -191,6 +191,28 @@ class TestErrors:
         with pytest.raises(ConfigError, match=r"^UNIALL_API_KEY: not set"):
             load_settings(env={}, require_upstream_key=True)
 
+    @pytest.mark.parametrize(
+        ("token", "message"),
+        [
+            ("a", "at least 32 characters"),
+            ("admin", "at least 32 characters"),
+            (" " * 40, "blanks"),
+            ("correct horse battery staple and more", "blanks"),
+            ("x" * 31, "at least 32 characters"),
+            ("ab" * 20, "repetition"),
+            ("token-with-a-tab\t-0123456789abcdefghij", "control characters"),
+        ],
+    )
+    def test_weak_admin_token_refused(self, token: str, message: str) -> None:
+        """A short, blank or repetitive admin token stops start-up with a line naming the variable."""
+        with pytest.raises(ConfigError, match=rf"^KLING_GATEWAY_ADMIN_TOKEN: .*{message}"):
+            load_settings(env={"KLING_GATEWAY_ADMIN_TOKEN": token})
+
+    @pytest.mark.parametrize("token", ["", "Zx8-q2Lr_0aBcDeFgHiJkLmNoPqRsTuVw", "0123456789abcdef0123456789abcdef"])
+    def test_strong_or_no_admin_token_accepted(self, token: str) -> None:
+        """32+ varied characters pass; no token at all turns the admin API off."""
+        assert load_settings(env={"KLING_GATEWAY_ADMIN_TOKEN": token}).admin_token == token
+
 
 #: One row per declared rule: a bad value and the message it gets (the setting's name is prepended).
 RULE_CASES: list[tuple[str, str, str]] = [
