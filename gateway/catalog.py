@@ -80,6 +80,11 @@ MULTI_PROMPT_MAX: Final = 6
 ELEMENT_LIST_MAX: Final = 3
 CFG_SCALE_MIN: Final = 0.0
 CFG_SCALE_MAX: Final = 1.0
+ELEMENT_ID_MAX: Final = 128
+MEDIA_URL_MAX: Final = 2048
+FIELD_NAME_MAX: Final = 64
+STRING_MAX: Final = 4096
+"""Any other string in a body (forwarded unknown fields, pass-through models' bodies) is bounded by this."""
 ASPECT_RATIOS: Final = ("16:9", "9:16", "1:1")
 SHOT_TYPES: Final = ("customize", "intelligent")
 SHOT_TYPE_ALIASES: Final[Mapping[str, str]] = MappingProxyType({"intelligence": "intelligent"})
@@ -187,6 +192,14 @@ _CODES: Final = (
     Code("negative_prompt_too_long", (400,), _P, f"negative_prompt over {NEGATIVE_PROMPT_MAX} characters"),
     Code("cfg_scale_out_of_range", (400,), _P, f"cfg_scale outside [{CFG_SCALE_MIN:g}, {CFG_SCALE_MAX:g}]"),
     Code("element_list_too_long", (400,), _P, f"more than {ELEMENT_LIST_MAX} elements"),
+    Code(
+        "string_too_long",
+        (400,),
+        _P,
+        f"a string over its bound: element_id {ELEMENT_ID_MAX}, image / last_image {MEDIA_URL_MAX}, "
+        f"a field name {FIELD_NAME_MAX}, any other {STRING_MAX} characters",
+    ),
+    Code("model_not_priced", (403,), _E, "a key with a budget asked for a pass-through model without a price"),
     # warnings: the request is accepted (200) and forwarded
     Code("aspect_ratio_not_guaranteed", (200,), _W, "aspect_ratio in an image mode may not be honoured"),
     Code("shot_type_normalized", (200,), _W, "shot_type 'intelligence' was forwarded as 'intelligent'"),

@@ -255,6 +255,13 @@ class GatewayRoutes:
                 code="model_not_allowed",
                 param="model",
             )
+        if principal.monthly_budget_usd is not None and not self.s.prices.priced(valid.model):
+            # A budget cannot hold a model that costs nothing in the ledger: price it in [pricing.prices] first.
+            raise PermissionDenied(
+                f"Key '{principal.name}' has a monthly budget, and model '{valid.model}' has no configured price.",
+                code="model_not_priced",
+                param="model",
+            )
 
     async def owned_task(self, principal: Principal, task_id: str) -> TaskRecord:
         """The caller's task; an unknown task and another key's task get the same 404."""

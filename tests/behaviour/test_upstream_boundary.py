@@ -9,6 +9,7 @@ spelled to slip past the ownership check. Everything that talks to the upstream 
 from __future__ import annotations
 
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -342,3 +343,45 @@ class TestPassthroughSpellings:
         assert gw.client.get("/v1/tasks?task_id=vt_2", headers=owner).status_code == 200
         (seen,) = fake_upstream.requests_to("GET", "/v1/tasks")
         assert seen.query == "task_id=vt_2"
+
+
+# -- 7. pass-through models: strict media, priced or refused for budgeted keys ------------------------------------
+
+
+def passthrough_config(tmp_path: Path, priced: bool) -> dict[str, str]:
+    config = tmp_path / "gateway.toml"
+    price = '\n[pricing.prices]\n"veo-3.1" = 0.2\n"kling-v3-std-silent" = 0.084\n' if priced else ""
+    config.write_text(f'[validation]\npassthrough_models = ["veo-3.1"]\n{price}')
+    return {**KEYS_MODE, "KLING_GATEWAY_CONFIG": str(config)}
+
+
+class TestPassthroughModels:
+    @pytest.mark.parametrize("url", ["http:/10.0.0.1/a.png", "http:\\\\10.0.0.1\\a.png", "http:///10.0.0.1/a.png"])
+    def test_unparseable_media_never_forwarded(
+        self, url: str, tmp_path: Path, fake_upstream: FakeUpstream, make_gateway: GatewayFactory
+    ) -> None:
+        """A pass-through model's media URL gets the strict parse: 400 invalid_url, nothing upstream."""
+        gw = make_gateway(fake_upstream.url, env=passthrough_config(tmp_path, priced=True))
+        key = gw.as_key(gw.create_key("team"))
+        response = gw.client.post(SUBMIT, json={"model": "veo-3.1", "prompt": "x", "image": url}, headers=key)
+        assert response.status_code == 400
+        assert [e["code"] for e in response.json()["error"]["errors"]] == ["invalid_url"]
+        assert fake_upstream.requests == []
+
+    @pytest.mark.parametrize(("priced", "status"), [(False, 403), (True, 200)])
+    def test_budgeted_key_needs_a_price(
+        self, priced: bool, status: int, tmp_path: Path, fake_upstream: FakeUpstream, make_gateway: GatewayFactory
+    ) -> None:
+        """A key with a budget may use a pass-through model only if it has a configured price (else 403
+        model_not_priced, nothing upstream); the priced one is estimated at its price."""
+        fake_upstream.always("POST", SUBMIT, fresh_task())
+        gw = make_gateway(fake_upstream.url, env=passthrough_config(tmp_path, priced))
+        key = gw.as_key(gw.create_key("team", monthly_budget_usd="10"))
+        response = gw.client.post(SUBMIT, json={"model": "veo-3.1", "prompt": "x", "duration": 5}, headers=key)
+        assert response.status_code == status
+        if status == 403:
+            assert response.json()["error"]["code"] == "model_not_priced"
+            assert fake_upstream.requests == []
+        else:
+            (task,) = gw.client.get("/gateway/tasks", headers=key).json()["data"]
+            assert task["estimate"]["usd"] == "1.0000"
