@@ -37,7 +37,6 @@ from gateway.ledger.pricing import (
     settlement_seconds,
     to_report,
 )
-from gateway.ledger.spend import SpendTracker
 from gateway.metrics import Metrics
 from gateway.store.base import Store, StoreError, TaskRecord
 from gateway.validation.checks import ValidRequest
@@ -101,7 +100,6 @@ class Ledger:
         on_terminal: Callable[[TaskRecord, bytes], None] | None = None,
         recent_tasks: int = 100_000,
         status_write_interval_s: float = 5.0,
-        spend_refresh_s: float = 1.0,
     ) -> None:
         self.store = store
         self._prices = prices
@@ -120,7 +118,6 @@ class Ledger:
         # busy poll loop does not turn into a database write per upstream answer.
         self._written: OrderedDict[str, tuple[str, int | None, float]] = OrderedDict()
         self._write_interval = status_write_interval_s
-        self._spend = SpendTracker(store.outstanding_and_settled_usd, refresh_s=spend_refresh_s)
 
     async def find(self, task_id: str) -> TaskRecord | None:
         """The ledger row of ``task_id`` (from memory when this process has seen it), or None."""
@@ -186,30 +183,37 @@ class Ledger:
     async def budget_reserved(self, principal: Principal, est: Estimate) -> AsyncIterator[None]:
         """Check the key's monthly budget for ``est`` and hold it while the submission is on its way upstream.
 
-        429 ``budget_exceeded`` when settled + outstanding + held + this estimate would pass the budget. The
-        figure comes from memory (``gateway.ledger.spend``), re-read from the store at most every second.
+        429 ``budget_exceeded`` when settled + outstanding + held + this estimate would pass the budget. The check
+        and the hold are one store operation (``Store.hold_budget``), serialised per key across workers and
+        replicas, so concurrent submissions never overshoot; the hold is released once the submission has its
+        answer (its task row, if any, is written by then).
         """
         budget = principal.monthly_budget_usd
         if budget is None:
             yield
             return
-        start, end = month_bounds(self._clock())
-        spent = await self._spend.spent(principal.name, start, end)
+        now = self._clock()
+        month = month_bounds(now)
+        hold_id = uuid.uuid4().hex
+        spent = await self.store.hold_budget(hold_id, principal.name, est.usd, budget, month, now)
         self._metrics.key_budget.labels(principal.name).set(float(budget))
-        self._metrics.key_spend.labels(principal.name).set(float(spent))
-        if spent + est.usd > budget:
-            retry_after = max(1, int(end - self._clock()))
+        if spent is not None:
+            self._metrics.key_spend.labels(principal.name).set(float(spent))
+            retry_after = max(1, int(month[1] - now))
             raise TooManyRequests(
                 f"Monthly budget of ${to_report(budget)} for key '{principal.name}' would be exceeded: "
-                f"${to_report(spent)} settled or outstanding this month + ${to_report(est.usd)} for this request.",
+                f"${to_report(spent)} settled, outstanding or in flight this month + ${to_report(est.usd)} "
+                "for this request.",
                 code="budget_exceeded",
                 headers={"Retry-After": str(retry_after)},
             )
-        self._spend.hold(principal.name, est.usd)
         try:
             yield
         finally:
-            self._spend.release(principal.name, est.usd)
+            try:
+                await self.store.release_hold(hold_id)
+            except StoreError as exc:  # it expires on its own; meanwhile it only makes the check stricter
+                self._log.error("budget_hold_release_failed", key=principal.name, error=str(exc))
 
     async def begin(self, principal: Principal, request: ValidRequest, est: Estimate, request_id: str) -> Submission:
         """Write the intent before anything goes upstream."""
@@ -264,8 +268,6 @@ class Ledger:
             owner = await self.store.get_task(task_id)
             raise DuplicateTaskId(task_id, owner.key_name if owner is not None else "")
         self._remember(task)
-        if sub.principal.monthly_budget_usd is not None:
-            self._spend.add(task.key_name, month_bounds(task.submitted_at)[0], task.estimate_usd)
         self._count_generation(task)
         return task
 
@@ -353,6 +355,4 @@ class Ledger:
         m = self._metrics
         m.tasks_settled.labels(task.model, outcome, task.key_name).inc()
         m.settled_cost.labels(task.model, task.mode, task.key_name).inc(float(usd))
-        if self._spend.tracks(task.key_name):  # a budgeted key: its month-to-date figure takes the real cost
-            self._spend.settled(task.key_name, month_bounds(task.submitted_at)[0], task.estimate_usd, usd)
         self._move_in_flight(task.model, -1)

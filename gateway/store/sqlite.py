@@ -61,6 +61,7 @@ from typing import Any, Final, TypeVar
 from gateway.catalog import TASK_STATUSES, TERMINAL
 from gateway.keys import KeyRecord
 from gateway.store.base import (
+    BUDGET_HOLD_TTL_S,
     FIXED_DIGITS,
     IDEMPOTENCY_IN_FLIGHT_TTL_S,
     IDEMPOTENCY_TTL_S,
@@ -218,6 +219,19 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
             "CREATE INDEX webhook_outbox_due ON webhook_outbox (state, next_attempt_at)",
             "CREATE INDEX webhook_outbox_key ON webhook_outbox (key_name, state)",
             "CREATE INDEX webhook_outbox_host ON webhook_outbox (host, state)",
+        ),
+    ),
+    (
+        3,
+        (
+            # Budget held by submissions on their way upstream (Store.hold_budget): the atomic budget check.
+            """CREATE TABLE budget_holds (
+                hold_id TEXT PRIMARY KEY,
+                key_name TEXT NOT NULL,
+                amount_nano INTEGER NOT NULL,
+                created_at REAL NOT NULL
+            )""",
+            "CREATE INDEX budget_holds_key ON budget_holds (key_name, created_at)",
         ),
     ),
 )
@@ -895,6 +909,52 @@ class SQLiteStore:
             return inserted
 
         return await self._tx(op)
+
+    async def hold_budget(
+        self,
+        hold_id: str,
+        key_name: str,
+        amount: Decimal,
+        budget: Decimal,
+        month: tuple[float, float],
+        now: float,
+        ttl_s: float = BUDGET_HOLD_TTL_S,
+    ) -> Decimal | None:
+        """Check and hold in one ``BEGIN IMMEDIATE`` write: every process on the file takes its turn."""
+        queries = usage_queries(
+            month[0],
+            month[1],
+            (),
+            key_name,
+            placeholder=_placeholder,
+            task_sums=_USAGE_AGGREGATES,
+            rollup_sums=_ROLLUP_SUMS,
+        )
+        amount_nano, budget_nano = to_fixed(amount), to_fixed(budget)
+
+        def op(conn: sqlite3.Connection) -> int | None:
+            conn.execute("DELETE FROM budget_holds WHERE key_name = ? AND created_at < ?", (key_name, now - ttl_s))
+            held = conn.execute(
+                "SELECT COALESCE(SUM(amount_nano), 0) FROM budget_holds WHERE key_name = ?", (key_name,)
+            ).fetchone()[0]
+            totals: dict[tuple[Any, ...], list[int]] = {}
+            for sql, params in queries:
+                for row in conn.execute(sql, params):
+                    add_usage(totals, row, 0)
+            spent = int(held) + totals.get((), [0] * len(_MEASURES))[_MEASURES.index("cost_nano")]
+            if spent + amount_nano > budget_nano:
+                return spent
+            conn.execute(
+                "INSERT INTO budget_holds (hold_id, key_name, amount_nano, created_at) VALUES (?, ?, ?, ?)",
+                (hold_id, key_name, amount_nano, now),
+            )
+            return None
+
+        spent = await self._tx(op)
+        return None if spent is None else from_fixed(spent)
+
+    async def release_hold(self, hold_id: str) -> None:
+        await self._tx(lambda conn: conn.execute("DELETE FROM budget_holds WHERE hold_id = ?", (hold_id,)))
 
     async def drop_intent(self, intent_id: str) -> bool:
         """Delete an intent whose submission the upstream refused; False if there was none."""
