@@ -27,6 +27,7 @@ from gateway.app import create_app
 from gateway.config import load_settings
 from gateway.upstream.client import HttpxTransport
 
+_ADMIN_TOKEN = "adm-bench-0123456789abcdefghijklmnopq"
 _BODY = orjson.dumps(
     {
         "model": "kling-v3-pro-audio",
@@ -101,7 +102,7 @@ async def _run(pending_ttl: str, n: int, rounds: int, upstream: str | None = Non
         "UNIALL_BASE_URL": upstream or "http://upstream.test",
         "UNIALL_API_KEY": "sk-bench",
         "KLING_GATEWAY_SERVER_DATA_DIR": data,
-        "KLING_GATEWAY_ADMIN_TOKEN": "adm-bench-0123456789abcdefghijklmnopq",
+        "KLING_GATEWAY_ADMIN_TOKEN": _ADMIN_TOKEN,
         "KLING_GATEWAY_CACHE_PENDING_TTL_S": pending_ttl,
         "KLING_GATEWAY_VALIDATION_RESOLVE_MEDIA_HOSTS": "false",
         "KLING_GATEWAY_SETTLER_ENABLED": "false",
@@ -127,7 +128,7 @@ async def _run(pending_ttl: str, n: int, rounds: int, upstream: str | None = Non
 
         life = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, lreceive, lsend))
         await started.wait()
-        admin = [(b"authorization", b"Bearer adm-bench"), (b"content-type", b"application/json")]
+        admin = [(b"authorization", b"Bearer " + _ADMIN_TOKEN.encode()), (b"content-type", b"application/json")]
         status, body = await _call(
             app,
             "POST",
