@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import statistics
 import tempfile
 import time
@@ -27,7 +28,7 @@ from gateway.app import create_app
 from gateway.config import load_settings
 from gateway.upstream.client import HttpxTransport
 
-_ADMIN_TOKEN = "adm-bench-0123456789abcdefghijklmnopq"
+_ADMIN_TOKEN = secrets.token_hex(24)  # the admin API wants 32+ characters
 _BODY = orjson.dumps(
     {
         "model": "kling-v3-pro-audio",

@@ -87,7 +87,8 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         ),
         admin_auth_lockouts=Counter(
             prefix + "admin_auth_lockouts_total",
-            "Addresses locked out of the admin API after repeated wrong tokens.",
+            "Addresses locked out after repeated wrong secrets, by where they were tried (admin_api).",
+            ("surface",),
             registry=registry,
         ),
         rejections=Counter(

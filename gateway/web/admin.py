@@ -201,7 +201,7 @@ class AdminRoutes:
             )
         if not self.is_admin(request):
             if guard.failed(address):
-                self.g.s.metrics.admin_auth_lockouts.inc()
+                self.g.s.metrics.admin_auth_lockouts.labels("admin_api").inc()
                 self.g.s.log.warning("admin_auth_locked_out", client=address, path=request.url.path)
             raise AuthenticationFailed(
                 "The admin API needs 'Authorization: Bearer <admin token>'.", code="invalid_admin_token"

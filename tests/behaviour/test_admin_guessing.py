@@ -22,7 +22,7 @@ class TestAdminGuessing:
             response = gw.client.get("/gateway/keys", headers=headers)
             assert (response.status_code, response.json()["error"]["code"]) == (429, "too_many_auth_failures")
             assert 1 <= int(response.headers["retry-after"]) <= 300
-        assert gw.metric("kling_gateway_admin_auth_lockouts_total") == 1
+        assert gw.metric("kling_gateway_admin_auth_lockouts_total", {"surface": "admin_api"}) == 1
         (logged,) = [line for line in gw.log_lines() if line.get("event") == "admin_auth_locked_out"]
         assert logged["level"] == "warning"
 
