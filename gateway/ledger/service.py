@@ -180,22 +180,24 @@ class Ledger:
         return estimate(self._prices, request.model, request.mode, request.duration)
 
     @contextlib.asynccontextmanager
-    async def budget_reserved(self, principal: Principal, est: Estimate) -> AsyncIterator[None]:
+    async def budget_reserved(self, principal: Principal, est: Estimate) -> AsyncIterator[str]:
         """Check the key's monthly budget for ``est`` and hold it while the submission is on its way upstream.
 
-        429 ``budget_exceeded`` when settled + outstanding + held + this estimate would pass the budget. The check
-        and the hold are one store operation (``Store.hold_budget``), serialised per key across workers and
-        replicas, so concurrent submissions never overshoot; the hold is released once the submission has its
-        answer (its task row, if any, is written by then).
+        Yields the id the submission's intent must take (``begin(intent_id=...)``). 429 ``budget_exceeded`` when
+        settled + outstanding + held + this estimate would pass the budget. The check and the hold are one store
+        operation (``Store.hold_budget``), serialised per key across workers and replicas, so concurrent
+        submissions never overshoot. The hold shares the intent's id, so the store drops it in the very
+        transaction that records the task or forgets the intent; a submission that ends otherwise (an error, no
+        answer) releases it here.
         """
+        intent_id = uuid.uuid4().hex
         budget = principal.monthly_budget_usd
         if budget is None:
-            yield
+            yield intent_id
             return
         now = self._clock()
         month = month_bounds(now)
-        hold_id = uuid.uuid4().hex
-        spent = await self.store.hold_budget(hold_id, principal.name, est.usd, budget, month, now)
+        spent = await self.store.hold_budget(intent_id, principal.name, est.usd, budget, month, now)
         self._metrics.key_budget.labels(principal.name).set(float(budget))
         if spent is not None:
             self._metrics.key_spend.labels(principal.name).set(float(spent))
@@ -208,16 +210,19 @@ class Ledger:
                 headers={"Retry-After": str(retry_after)},
             )
         try:
-            yield
-        finally:
+            yield intent_id
+        except BaseException:
             try:
-                await self.store.release_hold(hold_id)
+                await self.store.release_hold(intent_id)
             except StoreError as exc:  # it expires on its own; meanwhile it only makes the check stricter
                 self._log.error("budget_hold_release_failed", key=principal.name, error=str(exc))
+            raise
 
-    async def begin(self, principal: Principal, request: ValidRequest, est: Estimate, request_id: str) -> Submission:
-        """Write the intent before anything goes upstream."""
-        sub = Submission(uuid.uuid4().hex, principal, request, est, request_id, self._clock())
+    async def begin(
+        self, principal: Principal, request: ValidRequest, est: Estimate, request_id: str, intent_id: str | None = None
+    ) -> Submission:
+        """Write the intent before anything goes upstream (under the id ``budget_reserved`` gave, if any)."""
+        sub = Submission(intent_id or uuid.uuid4().hex, principal, request, est, request_id, self._clock())
         await self.store.record_intent(
             sub.intent_id, principal.name, request_id, request.model, request.mode, sub.submitted_at
         )

@@ -281,7 +281,8 @@ class Store(Protocol):
         """
 
     async def release_hold(self, hold_id: str) -> None:
-        """Drop a hold once its submission has an answer (its task row, if any, is already written)."""
+        """Drop a hold whose submission ended without a task or a refusal (``resolve_intent`` and ``drop_intent``
+        drop the hold sharing their intent's id in their own transaction)."""
 
     async def drop_intent(self, intent_id: str) -> bool:
         """Delete an intent whose submission the upstream refused; False if there was none."""

@@ -309,6 +309,7 @@ _SQL_RESOLVE = (  # constant fragments only, values are bound parameters
     "ON CONFLICT (task_id) DO UPDATE SET body = excluded.body), "
     # A task id already in the ledger is not this submission's: its intent stays, as outcome unknown.
     "gone AS (DELETE FROM intents WHERE intent_id = $25 AND EXISTS (SELECT 1 FROM ins)), "
+    "hold AS (DELETE FROM budget_holds WHERE hold_id = $25), "  # the task row now counts instead
     f"roll AS ({_ROLLUP_INSERT}SELECT $26::integer, $27::text, $28::text, $29::text, "
     + ", ".join(f"${n}::bigint" for n in range(30, 30 + len(_MEASURES)))
     + f" FROM ins {_ROLLUP_UPSERT}) SELECT count(*) FROM ins"  # noqa: S608
@@ -790,7 +791,7 @@ class PostgresStore:
 
     async def drop_intent(self, intent_id: str) -> bool:
         """Delete an intent whose submission the upstream refused; False if there was none."""
-        sql = "DELETE FROM intents WHERE intent_id = $1"
+        sql = "WITH hold AS (DELETE FROM budget_holds WHERE hold_id = $1) DELETE FROM intents WHERE intent_id = $1"
         return _count(await self._run(lambda conn: conn.execute(sql, intent_id), tx=False)) == 1
 
     async def list_intents(self) -> list[IntentRecord]:

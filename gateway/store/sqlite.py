@@ -906,6 +906,7 @@ class SQLiteStore:
                     conn.execute(_SQL_UPSERT_BODY, (task.task_id, task.terminal_body))
                 # A task id already in the ledger is not this submission's: its intent stays, as outcome unknown.
                 conn.execute("DELETE FROM intents WHERE intent_id = ?", (intent_id,))
+            conn.execute("DELETE FROM budget_holds WHERE hold_id = ?", (intent_id,))  # the task row now counts
             return inserted
 
         return await self._tx(op)
@@ -958,9 +959,12 @@ class SQLiteStore:
 
     async def drop_intent(self, intent_id: str) -> bool:
         """Delete an intent whose submission the upstream refused; False if there was none."""
-        return await self._tx(
-            lambda conn: conn.execute("DELETE FROM intents WHERE intent_id = ?", (intent_id,)).rowcount == 1
-        )
+
+        def op(conn: sqlite3.Connection) -> bool:
+            conn.execute("DELETE FROM budget_holds WHERE hold_id = ?", (intent_id,))
+            return conn.execute("DELETE FROM intents WHERE intent_id = ?", (intent_id,)).rowcount == 1
+
+        return await self._tx(op)
 
     async def list_intents(self) -> list[IntentRecord]:
         """Submissions whose outcome is unknown, oldest first."""

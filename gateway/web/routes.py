@@ -74,8 +74,10 @@ class GatewayRoutes:
             if replay is not None:
                 return replay  # a finished repeat answers as the first time did, budget or not
         try:
-            async with self.s.ledger.budget_reserved(principal, estimate):
-                response = await self.forward_submission(request, principal, valid, estimate, result.warnings)
+            async with self.s.ledger.budget_reserved(principal, estimate) as intent_id:
+                response = await self.forward_submission(
+                    request, principal, valid, estimate, result.warnings, intent_id
+                )
         except Exception:
             # Failed (not cancelled): the same key may be retried. A cancelled attempt keeps its in-flight record
             # (409 to repeats) until it is taken over, since the upstream may have the task.
@@ -93,9 +95,10 @@ class GatewayRoutes:
         valid: ValidRequest,
         estimate: Estimate,
         validation_warnings: tuple[Problem, ...],
+        intent_id: str | None = None,
     ) -> Response:
         """Intent → upstream → task row (before the client sees 200) → the upstream's answer."""
-        submission = await self.s.ledger.begin(principal, valid, estimate, self.request_id(request))
+        submission = await self.s.ledger.begin(principal, valid, estimate, self.request_id(request), intent_id)
         try:
             upstream = await self.s.upstream.request(
                 "POST",

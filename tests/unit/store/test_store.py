@@ -469,6 +469,18 @@ class TestBudgetHolds:
         await store.release_hold("h1")
         assert await store.hold_budget("h4", "team-a", Decimal("0.58"), Decimal(1), MONTH, T0) is None  # exactly
 
+    async def test_resolving_or_dropping_the_intent_drops_its_hold(self, store: Store) -> None:
+        """The hold shares the intent's id: recording the task (which then counts) or forgetting the intent
+        drops it in the same transaction."""
+        task = make_task("task-h", key="team-a")  # 0.42
+        assert await store.hold_budget("i1", "team-a", Decimal("0.42"), Decimal(1), MONTH, T0) is None
+        await store.record_intent("i1", "team-a", task.request_id, task.model, task.mode, T0)
+        assert await store.resolve_intent("i1", task)
+        assert await store.hold_budget("i2", "team-a", Decimal("0.5"), Decimal(1), MONTH, T0) is None  # 0.92
+        await store.record_intent("i2", "team-a", "req-2", task.model, task.mode, T0)
+        assert await store.drop_intent("i2")
+        assert await store.hold_budget("i3", "team-a", Decimal("0.58"), Decimal(1), MONTH, T0) is None  # 1.00
+
     async def test_expired_holds_stop_counting(self, store: Store) -> None:
         """A hold left by a dead process no longer counts after its time to live."""
         assert await store.hold_budget("h1", "team-a", Decimal("0.9"), Decimal(1), MONTH, T0, ttl_s=60) is None
