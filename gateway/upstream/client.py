@@ -36,7 +36,13 @@ from gateway.config import UpstreamSettings
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 from gateway.metrics import Metrics
 from gateway.upstream.breaker import BreakerOpen, BreakerState, CircuitBreaker, Permit, open_error
-from gateway.upstream.hygiene import mask_secrets, mask_text, request_headers, response_headers
+from gateway.upstream.hygiene import (
+    mask_secrets,
+    mask_text,
+    request_headers,
+    response_headers,
+    scoped_idempotency_key,
+)
 
 Headers = list[tuple[str, str]]
 
@@ -374,6 +380,11 @@ class UpstreamClient:
         """Set the state gauge: 1 for the current state, 0 for the others."""
         for state in BreakerState:
             self._metrics.upstream_breaker.labels(state.value).set(1 if state is self._breaker_state else 0)
+
+    def idempotency_key_for(self, key_name: str, client_key: str) -> str:
+        """The upstream ``Idempotency-Key`` for a client's own, scoped to its gateway key (an HMAC under the
+        upstream key, so it is stable per account and says nothing about the client's value)."""
+        return scoped_idempotency_key(self._api_key, key_name, client_key)
 
     def _masked(self, response: UpstreamResponse) -> UpstreamResponse:
         """The answer with every upstream key masked in its body and header values."""

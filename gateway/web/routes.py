@@ -31,7 +31,6 @@ from gateway.ledger.service import DuplicateTaskId, Submission
 from gateway.services import Services
 from gateway.store.base import IdemKind, StoreError, TaskRecord
 from gateway.upstream.client import UpstreamResponse, inbound_headers
-from gateway.upstream.hygiene import scoped_idempotency_key
 from gateway.validation.checks import ValidationResult, ValidRequest, validate
 from gateway.web.bodies import json_response, read_body, read_json_object, unread_coding
 from gateway.web.middleware import log_fields, request_id_of
@@ -351,7 +350,7 @@ class GatewayRoutes:
         client_key = request.headers.get("idempotency-key")
         if client_key is None:
             return None
-        return scoped_idempotency_key(self.s.settings.upstream_api_key, principal.name, client_key)
+        return self.s.upstream.idempotency_key_for(principal.name, client_key)
 
     def request_id(self, request: Request) -> str:
         return request_id_of(request.scope) or ""
