@@ -8,20 +8,23 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     KLING_GATEWAY_SERVER_DATA_DIR=/data
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY gateway ./gateway
 COPY config ./config
-# It installs this project itself, with the scale-out backends; dependency floors live in pyproject.toml.
+# This project itself, with the scale-out backends; every dependency pinned by constraints.txt
+# (regenerate: .venv/bin/python deploy/freeze_constraints.py > constraints.txt).
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir '.[scale]' \
+RUN pip install --no-cache-dir -c constraints.txt '.[scale]' \
     && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin gateway \
     && mkdir -p /data \
     && chown gateway /data
 
 USER 10001
-VOLUME ["/data"]
+# No VOLUME: replicas keep their state in PostgreSQL and Redis. A single SQLite instance mounts one on /data itself.
 EXPOSE 8080
-HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
-  CMD ["python", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2).status != 200)"]
+# Asks /healthz on the port the gateway is configured with (KLING_GATEWAY_SERVER_PORT or $KLING_GATEWAY_CONFIG);
+# a port given as `serve --port` on the command line is not seen here: set it in the environment instead.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+  CMD ["python", "-c", "import sys, urllib.request; from gateway.config import load_settings; s = load_settings().server; h = s.host if s.host not in ('0.0.0.0', '::', '') else '127.0.0.1'; h = f'[{h}]' if ':' in h else h; sys.exit(urllib.request.urlopen(f'http://{h}:{s.port}/healthz', timeout=2).status != 200)"]
 ENTRYPOINT ["kling-gateway"]
 CMD ["serve"]

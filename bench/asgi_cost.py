@@ -16,8 +16,10 @@ import asyncio
 import os
 import secrets
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,7 +28,9 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
 from gateway.config import load_settings
-from gateway.upstream.client import HttpxTransport
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from support.httpx_transport import HttpxTransport
 
 _ADMIN_TOKEN = secrets.token_hex(24)  # the admin API wants 32+ characters
 _BODY = orjson.dumps(

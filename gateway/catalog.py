@@ -127,6 +127,9 @@ _W: Final = frozenset({Where.WARNING})
 
 _CODES: Final = (
     # top-level error codes (error.code)
+    Code("invalid_http_request", (400,), _E, "the request is not valid HTTP/1.1"),
+    Code("invalid_host", (400,), _E, "an HTTP/1.1 request without Host, or with two"),
+    Code("invalid_upgrade", (400,), _E, "an Upgrade request with a body (the gateway upgrades nothing)"),
     Code("invalid_request", (400,), _E, "the body failed validation; every problem is listed in errors[]"),
     Code("invalid_json", (400,), _EP, "the body is not valid JSON"),
     Code("invalid_body", (400,), _EP, "the body is not a JSON object"),
@@ -152,7 +155,10 @@ _CODES: Final = (
     Code("unsupported_media_type", (415,), _E, "the body is not declared as JSON"),
     Code("unsupported_encoding", (415,), _E, "a Content-Encoding or transfer coding the gateway does not decode"),
     Code("idempotency_conflict", (422,), _E, "an Idempotency-Key reused with a different body"),
-    Code("headers_too_large", (431,), _E, "the header block is over [server] max_header_bytes"),
+    Code("request_timeout", (408,), _E, "the request's head did not arrive within [server] header_timeout_s"),
+    Code("uri_too_long", (414,), _E, "the request target alone is over [server] max_header_bytes"),
+    Code("headers_too_large", (431,), _E, "request target plus headers over [server] max_header_bytes"),
+    Code("http_version_not_supported", (505,), _E, "anything but HTTP/1.0 and HTTP/1.1"),
     Code("rate_limited", (429,), _E, "over the key's requests per minute (with Retry-After)"),
     Code("budget_exceeded", (429,), _E, "over the key's monthly budget (with Retry-After)"),
     Code("too_many_auth_failures", (429,), _E, "too many wrong admin tokens from this address (with Retry-After)"),

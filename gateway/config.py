@@ -121,6 +121,12 @@ class ServerSettings:
     shutdown_timeout_s: float = field(default=15.0, metadata=NOT_NEGATIVE)
     #: Largest request header block accepted, in bytes (uvicorn's httptools/h11 limit).
     max_header_bytes: int = 16 * 1024
+    #: Longest wait for a request's head (request line and headers); past it: 408, or a plain close if nothing came.
+    header_timeout_s: float = field(default=10.0, metadata=POSITIVE)
+    #: Connections allowed in the middle of a request head; past it the longest-waiting one is timed out.
+    max_connections_reading_headers: int = field(default=256, metadata=AT_LEAST_ONE)
+    #: An idle keep-alive connection is closed after this long.
+    keep_alive_timeout_s: float = field(default=5.0, metadata=POSITIVE)
     #: Requests handled at once; more wait in a bounded queue (health, readiness and metrics are exempt).
     max_in_flight: int = field(default=1024, metadata=AT_LEAST_ONE)
     #: Requests allowed to wait for a slot; past it: 503 overloaded at once.

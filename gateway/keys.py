@@ -24,11 +24,13 @@ import hmac
 import re
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol
+
+from gateway.bounded import LRUCache
+from gateway.catalog import KEY_NAME_SHAPE
 
 KEY_PREFIX = "gk_"
 """Every gateway key starts with this."""
@@ -47,7 +49,7 @@ _BODY_LEN = 43  # len(secrets.token_urlsafe(32)): 32 bytes in unpadded base64
 _CHECKSUM_LEN = 6
 _KEY_LEN = len(KEY_PREFIX) + _BODY_LEN + _CHECKSUM_LEN
 _URLSAFE = re.compile(r"[A-Za-z0-9_-]+")
-_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_KEY_NAME = re.compile(KEY_NAME_SHAPE)
 _MODEL_GLOB = re.compile(r"[A-Za-z0-9._:/*?!\[\]-]+")
 #: Bounds on a key's model allowlist: every request of the key matches against it.
 MAX_MODEL_PATTERNS = 64
@@ -253,8 +255,7 @@ class RateLimiter:
         if max_keys < 1:
             raise ValueError("max_keys must be at least 1")
         self._clock = clock
-        self._max_keys = max_keys
-        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._buckets: LRUCache[str, _Bucket] = LRUCache(max_keys)
 
     def check(self, key_name: str, rpm: int | None) -> float | None:
         """Take one token for ``key_name``: None if allowed, else seconds until a token is available."""
@@ -265,14 +266,12 @@ class RateLimiter:
         now = self._clock()
         capacity = float(rpm)
         rate = rpm / 60.0
-        bucket = self._buckets.get(key_name)
+        bucket = self._buckets.peek(key_name)
         if bucket is None:
-            if len(self._buckets) >= self._max_keys:
-                self._buckets.popitem(last=False)
             bucket = _Bucket(capacity, now)
-            self._buckets[key_name] = bucket
+            self._buckets.put(key_name, bucket)
         else:
-            self._buckets.move_to_end(key_name)
+            self._buckets.touch(key_name)
             elapsed = max(0.0, now - bucket.stamp)
             bucket.tokens = min(capacity, bucket.tokens + elapsed * rate)
             bucket.stamp = now
@@ -283,7 +282,7 @@ class RateLimiter:
 
     def forget(self, key_name: str) -> None:
         """Drop ``key_name``'s bucket (e.g. after revocation)."""
-        self._buckets.pop(key_name, None)
+        self._buckets.pop(key_name)
 
     def __len__(self) -> int:
         return len(self._buckets)

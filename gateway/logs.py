@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, TextIO
 
 import orjson
 import structlog
-from structlog.typing import EventDict, Processor, WrappedLogger
+from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 _KEY_PATTERN = re.compile(r"gk_[A-Za-z0-9_\-]{8,}|(?i:bearer)\s+[^\s\"',]+")
@@ -28,6 +28,9 @@ _REDACTED_BYTES = REDACTED.encode()
 _JSON_KEY_PATTERN = re.compile(rb"gk_[A-Za-z0-9_\-]{8,}|(?i:bearer)\s+[^\s\"',\\]+")
 #: The id of the request being handled in this context; every log line written on its behalf carries it.
 REQUEST_ID: ContextVar[str | None] = ContextVar("gateway_request_id", default=None)
+
+#: The structured logger every service is given (built once per app by ``make_logs``).
+Logger = FilteringBoundLogger
 
 
 class SecretScrubber:
@@ -170,7 +173,7 @@ class AccessLog:
 class Logs:
     """One app's logging: the structured logger for events and the fast access-line writer."""
 
-    log: Any
+    log: Logger
     access: AccessLog
 
 
@@ -184,7 +187,7 @@ def make_logs(*, level: str = "info", secrets: Iterable[str] = (), stream: TextI
         scrubber,
         _render,
     ]
-    logger: Any = structlog.wrap_logger(
+    logger: Logger = structlog.wrap_logger(
         writer,
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level.lower()]),
@@ -193,9 +196,6 @@ def make_logs(*, level: str = "info", secrets: Iterable[str] = (), stream: TextI
     return Logs(log=logger, access=AccessLog(writer, scrubber))
 
 
-def make_logger(
-    *, level: str = "info", secrets: Iterable[str] = (), stream: TextIO | None = None
-) -> structlog.typing.FilteringBoundLogger:
+def make_logger(*, level: str = "info", secrets: Iterable[str] = (), stream: TextIO | None = None) -> Logger:
     """Just the structured logger (for code that writes no access lines)."""
-    logger: structlog.typing.FilteringBoundLogger = make_logs(level=level, secrets=secrets, stream=stream).log
-    return logger
+    return make_logs(level=level, secrets=secrets, stream=stream).log

@@ -5,7 +5,8 @@ the way the real service does, closely enough for the gateway, its tests and loc
 
     POST /v1/video/generations     bearer auth, minimal checks → 200 {"id": "task_…", "status": "queued", …}
     GET  /v1/videos/{task_id}      bearer auth → the status body (404 for an unknown task)
-    GET  /sandbox/files/{id}.mp4   the finished "video" (a tiny MP4 header blob), no auth
+    GET  /sandbox/files/{id}.mp4   the finished "video" (a tiny MP4 header blob), no auth; HEAD and a single
+                                   byte Range (206, unsatisfiable 416) as a CDN answers them
     GET  /sandbox/health           200
 
 A task's status is a pure function of the time elapsed since it was submitted, read from an injected
@@ -35,7 +36,6 @@ import secrets
 import socket
 import struct
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -48,13 +48,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from gateway.web.server_protocol import HTTP_PROTOCOL
+from gateway.bounded import LRUCache
+from gateway.web.server_protocol import listener_protocol
 
 __all__ = [
     "EmbeddedServer",
     "RunningServer",
     "SandboxOptions",
     "bind_socket",
+    "byte_range",
     "create_sandbox_app",
     "mp4_bytes",
     "serve_app",
@@ -117,7 +119,7 @@ class _SandboxState:
         self.clock = clock
         self.wall_clock = wall_clock
         self.rng = rng
-        self.tasks: OrderedDict[str, _Task] = OrderedDict()
+        self.tasks: LRUCache[str, _Task] = LRUCache(options.max_tasks)  # only put touches: the oldest go first
 
     def submit(self, model: str, seconds: int, prompts: list[str]) -> _Task:
         opts = self.options
@@ -131,9 +133,7 @@ class _SandboxState:
             created_at=int(self.wall_clock()),
             fails=fails,
         )
-        self.tasks[task.id] = task
-        while len(self.tasks) > opts.max_tasks:
-            self.tasks.popitem(last=False)
+        self.tasks.put(task.id, task)
         return task
 
     def status_body(self, task: _Task, base_url: str) -> dict[str, Any]:
@@ -275,7 +275,7 @@ async def _status(request: Request) -> Response:
     state = _state(request)
     if (denied := _authenticate(request, state.options.api_key)) is not None:
         return denied
-    task = state.tasks.get(request.path_params["task_id"])
+    task = state.tasks.peek(request.path_params["task_id"])
     if task is None:
         return _error(404, "Task not found.", "invalid_request_error", "task_not_found", "task_id")
     base = state.options.public_base_url or str(request.base_url)
@@ -283,11 +283,51 @@ async def _status(request: Request) -> Response:
 
 
 async def _file(request: Request) -> Response:
+    """GET or HEAD a completed task's video; a single byte ``Range`` answers 206 (unsatisfiable: 416)."""
     state = _state(request)
-    task = state.tasks.get(request.path_params["name"])
+    task = state.tasks.peek(request.path_params["name"])
     if task is None or not state.is_completed(task):
         return _error(404, "File not found.", "invalid_request_error", "file_not_found")
-    return Response(mp4_bytes(task.seconds), media_type="video/mp4")
+    data = mp4_bytes(task.seconds)
+    headers = {"Accept-Ranges": "bytes"}
+    wanted = byte_range(request.headers.get("range"), len(data))
+    if wanted == "unsatisfiable":
+        headers["Content-Range"] = f"bytes */{len(data)}"
+        return Response(status_code=416, headers=headers)
+    if wanted is None:
+        return Response(data, media_type="video/mp4", headers=headers)
+    first, last = wanted
+    headers["Content-Range"] = f"bytes {first}-{last}/{len(data)}"
+    return Response(data[first : last + 1], status_code=206, media_type="video/mp4", headers=headers)
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | Literal["unsatisfiable"] | None:
+    """The inclusive ``(first, last)`` of a single ``bytes=`` range over ``size`` bytes (RFC 9110 section 14).
+
+    None means "send it all": no header, a malformed one, or several ranges (which a server may ignore).
+
+    >>> byte_range("bytes=0-9", 100), byte_range("bytes=-10", 100), byte_range("bytes=95-", 100)
+    ((0, 9), (90, 99), (95, 99))
+    >>> byte_range("bytes=100-", 100), byte_range("bytes=0-1,5-6", 100)
+    ('unsatisfiable', None)
+    """
+    unit, _, spec = (header or "").partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    start, dash, end = spec.strip().partition("-")
+    if not dash or not (start.isdigit() or end.isdigit()) or (start and not start.isdigit()):
+        return None
+    if end and not end.isdigit():
+        return None
+    if not start:  # the last `end` bytes
+        suffix = int(end)
+        return (max(0, size - suffix), size - 1) if suffix > 0 and size > 0 else "unsatisfiable"
+    first, last = int(start), int(end) if end else size - 1
+    if end and last < first:
+        return None  # invalid, so ignored
+    if first >= size:
+        return "unsatisfiable"
+    return first, min(last, size - 1)
 
 
 async def _health(request: Request) -> Response:
@@ -399,6 +439,8 @@ async def serve_app(
     port: int = 0,
     lifespan: Literal["auto", "on", "off"] = "auto",
     log_level: str = "warning",
+    http: Any = None,
+    timeout_keep_alive: float = 5,
 ) -> AsyncIterator[RunningServer]:
     """Serve ``app`` in the current event loop for the duration of the block (port 0: the OS picks one).
 
@@ -412,8 +454,10 @@ async def serve_app(
         log_config=None,
         access_log=False,
         ws="none",
-        http=HTTP_PROTOCOL,  # the gateway's own, so apps served here run exactly as under `kling-gateway serve`
+        # the gateway's own protocol (any factory works), so apps run here exactly as under `kling-gateway serve`
+        http=http or listener_protocol(),  # type: ignore[arg-type]
         timeout_graceful_shutdown=1,
+        timeout_keep_alive=timeout_keep_alive,  # type: ignore[arg-type]  # a float works; the hint says int
     )
     server = EmbeddedServer(config)
     serving = asyncio.create_task(server.serve(sockets=[sock]))

@@ -1,48 +1,41 @@
-"""The services one app runs on, built once at start-up by the app factory and handed to the handlers."""
+"""The services one app runs on, built once at start-up by the app factory's lifespan and closed at shutdown.
+
+Handlers are given the few services each needs when they are built; this record is what the lifespan itself
+keeps (background loops, shutdown, readiness) and what ``app.state.services`` shows tests.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from gateway.auth.guard import GuessLimiter
 from gateway.auth.keyring import KeyAuthenticator
 from gateway.auth.principal import Authenticator
+from gateway.auth.rate_limits import KeyRateLimits
 from gateway.config import Settings
-from gateway.keys import RateLimiter, SharedRateLimiter
-from gateway.ledger.pricing import PriceTable
 from gateway.ledger.service import Ledger
+from gateway.logs import Logger
 from gateway.metrics import Metrics
 from gateway.status.poller import StatusPoller
 from gateway.store.base import Store
 from gateway.upstream.client import UpstreamClient
-from gateway.validation.checks import ValidationOptions
-from gateway.validation.media_guard import MediaGuard
 
 
 @dataclass
 class Services:
     settings: Settings
     metrics: Metrics
-    log: Any
+    log: Logger
+    store: Store
     upstream: UpstreamClient
     auth: Authenticator
-    validation: ValidationOptions
-    media_guard: MediaGuard | None
-    prices: PriceTable
-    store: Store
+    rate_limits: KeyRateLimits
     ledger: Ledger
-    limiter: RateLimiter
     status: StatusPoller
     clock: Callable[[], float]
     #: Named readiness checks; each returns a problem string or None.
     ready_checks: list[Callable[[], Awaitable[str | None]]] = field(default_factory=list)
     shutting_down: bool = False
-    #: Per-key limits counted in Redis for every replica (``[cache] url = "redis://..."``); else ``limiter``.
-    shared_limiter: SharedRateLimiter | None = None
-    #: Wrong admin tokens per client address (429 ``too_many_auth_failures`` after repeated ones).
-    admin_guard: GuessLimiter = field(default_factory=GuessLimiter)
 
     async def readiness(self) -> list[str]:
         if self.shutting_down:

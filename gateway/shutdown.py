@@ -26,6 +26,8 @@ from collections.abc import AsyncIterator, Callable
 from types import FrameType
 from typing import Any
 
+from gateway.logs import Logger
+
 HOOKED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _POLL_S = 0.05
 
@@ -54,14 +56,13 @@ class _ShutdownSignal:
             self.chained = True
             self._previous[sig](sig, frame)
 
-    async def follow(self, grace_s: float, log: Any) -> None:
+    async def follow(self, grace_s: float, log: Logger) -> None:
         """On the loop: log the shutdown start, and chain the held signal once the grace period is over."""
         # Polled: a signal handler may only set plain attributes (an asyncio.Event is not safe to set from one).
         while self.signal is None:  # noqa: ASYNC110
             await asyncio.sleep(_POLL_S)
         sig = self.signal
-        if log is not None:
-            log.info("shutdown_started", signal=signal.Signals(sig).name, grace_s=grace_s)
+        log.info("shutdown_started", signal=signal.Signals(sig).name, grace_s=grace_s)
         await asyncio.sleep(max(0.0, self.received_at + grace_s - time.monotonic()))
         if not self.chained:
             self.chained = True
@@ -69,7 +70,7 @@ class _ShutdownSignal:
 
 
 @contextlib.asynccontextmanager
-async def shutdown_hook(mark: Callable[[], None], *, grace_s: float = 0.0, log: Any = None) -> AsyncIterator[None]:
+async def shutdown_hook(mark: Callable[[], None], *, log: Logger, grace_s: float = 0.0) -> AsyncIterator[None]:
     """While the block runs, SIGTERM/SIGINT call ``mark()`` first, then the server's own handler (after ``grace_s``).
 
     Enter it in the lifespan, after start-up; the previous handlers are back when the block ends.

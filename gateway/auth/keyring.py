@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
 
 from gateway.auth.principal import Principal, bearer_token, invalid_key
 from gateway.keys import KeyRecord, hash_secret, looks_like_key
+from gateway.logs import Logger
 from gateway.store.base import Store, StoreError
 
 _KNOWN_TOKENS_MAX = 10_000
@@ -32,7 +32,7 @@ class KeyAuthenticator:
         self,
         store: Store,
         *,
-        log: Any,
+        log: Logger,
         refresh_interval_s: float = 0.5,
         clock: Callable[[], float] = time.time,
     ) -> None:

@@ -18,7 +18,6 @@ import dataclasses
 import sys
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +25,7 @@ from decimal import Decimal
 from typing import Any
 
 from gateway.auth.principal import Principal
+from gateway.bounded import LRUCache
 from gateway.catalog import PENDING, TERMINAL
 from gateway.errors import TooManyRequests
 from gateway.ledger.pricing import (
@@ -37,6 +37,7 @@ from gateway.ledger.pricing import (
     settlement_seconds,
     to_report,
 )
+from gateway.logs import Logger
 from gateway.metrics import Metrics
 from gateway.store.base import Store, StoreError, TaskRecord
 from gateway.validation.checks import ValidRequest
@@ -93,7 +94,7 @@ class Ledger:
         store: Store,
         prices: PriceTable,
         metrics: Metrics,
-        log: Any,
+        log: Logger,
         *,
         clock: Callable[[], float] = time.time,
         retry_delays_s: tuple[float, ...] = (0.1, 0.5, 1, 2, 5, 10, 30, 60),
@@ -112,18 +113,17 @@ class Ledger:
         self._on_terminal = on_terminal
         # Task rows this process has seen, for ownership checks without a store read per poll. A row's owner and
         # terms never change; a settled row (with its final answer) never changes again either.
-        self._recent: OrderedDict[str, TaskRecord] = OrderedDict()
-        self._recent_max = recent_tasks
+        self._recent: LRUCache[str, TaskRecord] = LRUCache(recent_tasks)
         # Last pending status written per task: an unchanged status is written at most once per interval, so a
         # busy poll loop does not turn into a database write per upstream answer.
-        self._written: OrderedDict[str, tuple[str, int | None, float]] = OrderedDict()
+        self._written: LRUCache[str, tuple[str, int | None, float]] = LRUCache(recent_tasks)
         self._write_interval = status_write_interval_s
 
     async def find(self, task_id: str) -> TaskRecord | None:
         """The ledger row of ``task_id`` (from memory when this process has seen it), or None."""
-        task = self._recent.get(task_id)
+        task = self._recent.peek(task_id)
         if task is not None:
-            self._recent.move_to_end(task_id)
+            self._recent.touch(task_id)
             return task
         task = await self.store.get_task(task_id)
         if task is not None:
@@ -131,10 +131,7 @@ class Ledger:
         return task
 
     def _remember(self, task: TaskRecord) -> None:
-        self._recent[task.task_id] = task
-        self._recent.move_to_end(task.task_id)
-        while len(self._recent) > self._recent_max:
-            self._recent.popitem(last=False)
+        self._recent.put(task.task_id, task)
 
     async def load_in_flight(self) -> None:
         """Set the in-flight gauge from the ledger: the count across every process, not just this one's."""
@@ -338,14 +335,11 @@ class Ledger:
             if isinstance(raw_progress, int) and not isinstance(raw_progress, bool) and 0 <= raw_progress <= 100
             else None
         )
-        last = self._written.get(task.task_id)
+        last = self._written.peek(task.task_id)
         if polled and last is not None and last[:2] == (status, progress) and now - last[2] < self._write_interval:
             return  # (the settler's own checks are always written: they are rate-limited already)
         await self.store.update_status(task.task_id, status, progress, now, polled)
-        self._written[task.task_id] = (status, progress, now)
-        self._written.move_to_end(task.task_id)
-        while len(self._written) > self._recent_max:
-            self._written.popitem(last=False)
+        self._written.put(task.task_id, (status, progress, now))
 
     async def give_up(self, task: TaskRecord) -> bool:
         """Stop chasing ``task``: it stays ``unknown`` at its estimate."""

@@ -1,10 +1,10 @@
 """The background settler: polls tasks nobody polls any more, so every task reaches a terminal state in the ledger.
 
 Each sweep asks the store for unsettled tasks neither polled nor checked for ``idle_s`` (least recently checked
-first) and, with ``concurrency`` workers sharing one rate limiter (never more than ``max_rps`` polls a second):
+first) and, with ``concurrency`` workers sharing one pacer (never more than ``max_rps`` polls a second):
 
 * a task older than ``task_max_age_s`` is given up (``Ledger.give_up``: ``unknown`` at its estimate, a warning log
-  and ``settler_gave_up``), without an upstream call, at most ``max_give_ups_per_s`` a second (its own limiter:
+  and ``settler_gave_up``), without an upstream call, at most ``max_give_ups_per_s`` a second (its own pacer:
   a backlog of overdue tasks, say after an upgrade or a long outage, must not turn into a burst of ledger writes
   that slows client traffic);
 * any other task is polled through the status poller (cache, coalescing, and ``on_fresh`` → the ledger). A 200
@@ -27,21 +27,23 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from gateway.config import SettlerSettings
 from gateway.errors import GatewayError
 from gateway.ledger.service import Ledger
+from gateway.logs import Logger
 from gateway.status.poller import STALE_ON_STATUS, PollOutcome, parse_object
 from gateway.store.base import Store, StoreError, TaskRecord
 
 Sleep = Callable[[float], Awaitable[None]]
 
 
-class RateLimiter:
+class CallPacer:
     """Fixed spacing: grants at most ``rate`` slots a second, in order, to any number of concurrent callers.
 
-    >>> limiter = RateLimiter(5.0)  # slots 0.2 s apart; ``await limiter.acquire()`` before each call
+    A pacer, not a rate limiter: it delays callers, it never refuses one.
+
+    >>> pacer = CallPacer(5.0)  # slots 0.2 s apart; ``await pacer.acquire()`` before each call
     """
 
     def __init__(self, rate: float, *, clock: Callable[[], float] = time.monotonic, sleep: Sleep = asyncio.sleep):
@@ -84,7 +86,7 @@ class Settler:
         concurrency: int,
         max_give_ups_per_s: float = 50.0,
         task_max_age_s: float,
-        log: Any,
+        log: Logger,
         clock: Callable[[], float] = time.time,
         sleep: Sleep = asyncio.sleep,
         monotonic: Callable[[], float] = time.monotonic,
@@ -105,8 +107,8 @@ class Settler:
         self._log = log
         self._clock = clock
         self._sleep = sleep
-        self._limiter = RateLimiter(max_rps, clock=monotonic, sleep=sleep)
-        self._give_up_limiter = RateLimiter(max_give_ups_per_s, clock=monotonic, sleep=sleep)
+        self._pacer = CallPacer(max_rps, clock=monotonic, sleep=sleep)
+        self._give_up_pacer = CallPacer(max_give_ups_per_s, clock=monotonic, sleep=sleep)
         self._batch = batch_size
         self._idle_sleep_s = min(idle_s, 5.0) or 0.5
         self._backoff_base_s = backoff_base_s
@@ -121,7 +123,7 @@ class Settler:
         store: Store,
         ledger: Ledger,
         poll: Callable[[str], Awaitable[PollOutcome]],
-        log: Any,
+        log: Logger,
         *,
         clock: Callable[[], float] = time.time,
     ) -> Settler:
@@ -209,10 +211,10 @@ class Settler:
                 return  # the upstream or the store is failing: leave the rest to the next sweep
             try:
                 if self._clock() - task.submitted_at > self._max_age_s:
-                    await self._give_up_limiter.acquire()
+                    await self._give_up_pacer.acquire()
                     await self._ledger.give_up(task)
                 else:
-                    await self._limiter.acquire()
+                    await self._pacer.acquire()
                     if sweep.failed:
                         return
                     if await self._settle(task):

@@ -1,36 +1,20 @@
-"""What the replicas of one deployment share through Redis, and what a replica does when Redis fails.
+"""What the replicas of one deployment share through Redis, and what a replica does when Redis fails (fail open).
 
-With ``[cache] url = "redis://..."`` (or ``rediss://``) the app factory builds a ``SharedState``: the status cache
-every replica reads and writes (``StatusPoller``'s ``shared``), one upstream call per task across replicas, and the
-per-key request limits counted once for all of them (``Services.shared_limiter``). The Redis mechanics live in
-``gateway.shared.redis_ops``; this module adds the policy.
-
-Redis failing never fails a request (fail open):
-
-* a status poll reads a Redis error as a miss: the replica answers from its own cache or asks the upstream itself,
-  exactly as a single replica without Redis would;
-* a rate-limit check lets the request through (budgets live in the store, so spending stays bounded); limits
-  are taken from Redis in small leases (``SharedLimiter``), so most requests of a busy key ask Redis nothing;
-* after a failure, Redis is left alone for ``_REST_S`` (every shared operation short-circuits to its fallback),
-  so a hung or dead Redis costs at most one timeout per second instead of one per request;
-* each failure counts in ``kling_gateway_shared_state_failures_total{operation}``, and each failing operation
-  logs ``shared_state_unavailable`` (a warning) at most once per ``_WARN_EVERY_S``, and
-  ``shared_state_recovered`` when it works again. ``/readyz`` is not affected: it reports the store and the
-  configuration (SPEC section 3), and pulling every replica out of a load balancer because Redis is down would
-  turn a degraded deployment into an outage.
+The Redis mechanics live in ``gateway.shared.redis_ops``; this module adds the policy, described on
+:class:`SharedState`.
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 from prometheus_client import Counter
 from redis.asyncio import Redis
 
+from gateway.bounded import LRUCache
 from gateway.config import CacheSettings
+from gateway.logs import Logger
 from gateway.shared.redis_ops import (
     CacheUnavailable,
     RedisRateLimiter,
@@ -49,7 +33,9 @@ _LEASE_S = 1.0
 class Health:
     """Failure bookkeeping for the shared state: a short rest after a failure, throttled warnings, recovery lines."""
 
-    def __init__(self, log: Any, failures: Counter | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, log: Logger, failures: Counter | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._log = log
         self._failures = failures
         self._clock = clock
@@ -168,13 +154,12 @@ class SharedLimiter:
         self._limiter = limiter
         self._health = health
         self._clock = clock
-        self._max_keys = max_keys
-        self._leases: OrderedDict[str, list[float]] = OrderedDict()  # key name -> [tokens left, expires at]
+        self._leases: LRUCache[str, list[float]] = LRUCache(max_keys)  # key name -> [tokens left, expires at]
 
     async def check(self, key_name: str, rpm: int | None) -> float | None:
         if rpm is None:
             return None
-        lease = self._leases.get(key_name)
+        lease = self._leases.peek(key_name)
         if lease is not None and lease[0] >= 1 and self._clock() < lease[1]:
             lease[0] -= 1
             return None
@@ -192,20 +177,37 @@ class SharedLimiter:
 
     def _lease(self, key_name: str, tokens: int) -> None:
         expires = self._clock() + _LEASE_S
-        lease = self._leases.get(key_name)
+        lease = self._leases.peek(key_name)
         if lease is not None and self._clock() < lease[1]:
             lease[0] += tokens  # concurrent takes on this replica: keep them all
             lease[1] = expires
-            self._leases.move_to_end(key_name)
+            self._leases.touch(key_name)
             return
-        self._leases[key_name] = [float(tokens), expires]
-        self._leases.move_to_end(key_name)
-        while len(self._leases) > self._max_keys:
-            self._leases.popitem(last=False)
+        self._leases.put(key_name, [float(tokens), expires])
 
 
 class SharedState:
-    """The Redis client and everything built on it; ``close()`` at shutdown."""
+    """The Redis client and everything built on it; ``close()`` at shutdown.
+
+    With ``[cache] url = "redis://..."`` (or ``rediss://``) the app factory builds a ``SharedState``: the status cache
+    every replica reads and writes (``StatusPoller``'s ``shared``), one upstream call per task across replicas, and the
+    per-key request limits counted once for all of them (``Services.shared_limiter``). The Redis mechanics live in
+    ``gateway.shared.redis_ops``; this module adds the policy.
+
+    Redis failing never fails a request (fail open):
+
+    * a status poll reads a Redis error as a miss: the replica answers from its own cache or asks the upstream itself,
+      exactly as a single replica without Redis would;
+    * a rate-limit check lets the request through (budgets live in the store, so spending stays bounded); limits
+      are taken from Redis in small leases (``SharedLimiter``), so most requests of a busy key ask Redis nothing;
+    * after a failure, Redis is left alone for ``_REST_S`` (every shared operation short-circuits to its fallback),
+      so a hung or dead Redis costs at most one timeout per second instead of one per request;
+    * each failure counts in ``kling_gateway_shared_state_failures_total{operation}``, and each failing operation
+      logs ``shared_state_unavailable`` (a warning) at most once per ``_WARN_EVERY_S``, and
+      ``shared_state_recovered`` when it works again. ``/readyz`` is not affected: it reports the store and the
+      configuration (SPEC section 3), and pulling every replica out of a load balancer because Redis is down would
+      turn a degraded deployment into an outage.
+    """
 
     def __init__(self, client: Redis, status: SharedStatus, limiter: SharedLimiter) -> None:
         self.client = client
@@ -214,7 +216,7 @@ class SharedState:
 
     @classmethod
     async def connect(
-        cls, settings: CacheSettings, *, call_timeout_s: float, log: Any, failures: Counter | None = None
+        cls, settings: CacheSettings, *, call_timeout_s: float, log: Logger, failures: Counter | None = None
     ) -> SharedState:
         """Connect to ``settings.url`` (raises ``CacheUnavailable`` if Redis does not answer at start-up)."""
         client = await connect(settings.url)

@@ -8,15 +8,7 @@ per-process state. Every class takes a ``redis.asyncio.Redis`` client (from ``co
     {prefix}rate:<key name>       hash     RedisRateLimiter bucket: tokens, stamp (µs of Redis TIME)
     {prefix}flight:<key>          string   RedisSingleFlight lock: the holder's random token; PX = lock_ttl_s
 
-* ``RedisStatusCache`` is the async twin of ``status_cache.MemoryStatusCache``. Freshness is decided by Redis's
-  own clock: an entry is fresh while its key's remaining PTTL exceeds the stale-keep time written into it, and
-  ``GET`` + ``PTTL`` are read by one Lua script (one command), so replicas' clocks never have to agree.
-* ``RedisRateLimiter`` is the twin of ``keys.RateLimiter``: the same token bucket, taken atomically by a Lua
-  script that reads Redis ``TIME``.
-* ``RedisSingleFlight`` lets concurrent polls of one task on different replicas share one upstream call.
-
-Errors: every Redis failure in ``get``/``put``/``check``/``run`` surfaces as ``CacheUnavailable`` (chained to the
-redis-py exception), never as a raw redis exception; the app decides whether to fail open or closed.
+Each class's docstring says what it guarantees; the errors are described on :class:`CacheUnavailable`.
 """
 
 from __future__ import annotations
@@ -54,7 +46,11 @@ _SCHEMES: Final = ("redis", "rediss")
 
 
 class CacheUnavailable(Exception):
-    """Redis could not be reached or failed to answer; the message never contains a password."""
+    """Redis could not be reached or failed to answer; the message never contains a password.
+
+    Every Redis failure in ``get``/``put``/``check``/``run`` surfaces as ``CacheUnavailable`` (chained to the
+    redis-py exception), never as a raw redis exception; the app decides whether to fail open or closed.
+    """
 
 
 def _unavailable(operation: str, exc: BaseException) -> CacheUnavailable:

@@ -40,6 +40,7 @@ import orjson
 
 from gateway.catalog import TERMINAL
 from gateway.errors import GatewayError
+from gateway.logs import Logger
 from gateway.metrics import Metrics
 from gateway.upstream.client import UpstreamResponse, inbound_headers
 
@@ -324,7 +325,7 @@ class StatusPoller:
         fetch: Callable[[str], Awaitable[FetchResult]],
         on_fresh: Callable[[str, FetchResult], Awaitable[None]] | None = None,
         shared: SharedStatusCache | None = None,
-        log: Any = None,
+        log: Logger,
         clock: Callable[[], float] = time.monotonic,  # the clock of both caches' fresh_until
     ) -> None:
         self._cache = cache
@@ -409,6 +410,5 @@ class StatusPoller:
             try:
                 await self._on_fresh(task_id, result)
             except Exception as exc:  # the poll is answered all the same; the settler retries the observation
-                if self._log is not None:
-                    self._log.error("status_observe_failed", task_id=task_id, error=f"{type(exc).__name__}: {exc}")
+                self._log.error("status_observe_failed", task_id=task_id, error=f"{type(exc).__name__}: {exc}")
         return result

@@ -1,41 +1,6 @@
 """PostgreSQL backend of the store (``postgresql://user:pw@host/db``): one database shared by many gateways.
 
-Any number of gateway processes and replicas open :class:`PostgresStore` on the same database and share keys,
-intents, the ledger, idempotency records and usage (SPEC section 8). It keeps exactly the observable behaviour
-of :class:`gateway.store.sqlite.SQLiteStore` (same results, ordering, errors and edge cases); the row and record
-conversions, rollup deltas and page cursors are the SQLite backend's own functions, so both map records alike.
-
-Connections: a small asyncpg pool per process (1 to 10 connections). Every write is one ``READ COMMITTED``
-transaction (set explicitly, whatever the server default); a read spanning several statements (usage reports)
-runs in one ``REPEATABLE READ`` read-only transaction, so it sees a single snapshot.
-
-Across processes, the guarantees rest on row locks rather than on a single writer:
-
-* **Settlement once**: ``UPDATE tasks ... WHERE task_id = $n AND settled_at IS NULL RETURNING ...``. A second
-  settler blocks on the row lock, re-checks the condition once the first commits, and updates nothing; only the
-  caller whose UPDATE returned the row adds to the usage rollup and gets True.
-* **Tasks once**: ``INSERT ... ON CONFLICT (task_id) DO NOTHING``; :meth:`PostgresStore.resolve_intent` reports
-  False when the row existed.
-* **Idempotency claims**: expired record deleted, then ``INSERT ... ON CONFLICT DO NOTHING`` (a concurrent claim
-  waits for the first to commit and then finds its row); taking over a stale in-flight record is a compare-and-set
-  on its ``created_at``, so exactly one of several takers wins.
-* **Keys**: every change bumps the ``counters`` row in the same transaction; rotation reads the key
-  ``FOR UPDATE`` so two rotations serialise.
-
-Usage: ``usage_daily`` keeps per (UTC day, key, model, mode) totals in the same transactions as task inserts and
-settlements (upsert last, so its row lock is held only until COMMIT), exactly as in the SQLite backend.
-
-Schema: money and settled seconds are ``BIGINT`` units of 1e-9 (:func:`gateway.store.base.to_fixed`), times are
-``DOUBLE PRECISION`` epoch seconds, bodies ``BYTEA``. Ordered text columns are ``COLLATE "C"`` so ordering is
-by code point, as in SQLite and Python, whatever the database's locale. ``?schema=name`` in the URL (or
-``schema=``) puts every table in that PostgreSQL schema, created if missing.
-
-Migrations are ``(version, statements)`` pairs applied at open in one transaction holding
-``pg_advisory_xact_lock`` (per schema), recorded in ``schema_migrations``; processes starting together wait for
-the first, then find nothing to do. A database migrated by a newer gateway is refused. Append, never edit.
-
-Every driver or network failure surfaces as :class:`gateway.store.base.StoreError`, with the URL's password (if any)
-never in the message.
+Connections, the cross-process guarantees, schema and migrations are described on :class:`PostgresStore`.
 """
 
 from __future__ import annotations
@@ -560,7 +525,45 @@ async def _claim(
 
 
 class PostgresStore:
-    """:class:`gateway.store.base.Store` on a PostgreSQL database. Create with ``await PostgresStore.open(url)``."""
+    """:class:`gateway.store.base.Store` on a PostgreSQL database. Create with ``await PostgresStore.open(url)``.
+
+    Any number of gateway processes and replicas open :class:`PostgresStore` on the same database and share keys,
+    intents, the ledger, idempotency records and usage (SPEC section 8). It keeps exactly the observable behaviour
+    of :class:`gateway.store.sqlite.SQLiteStore` (same results, ordering, errors and edge cases); the row and record
+    conversions, rollup deltas and page cursors are the SQLite backend's own functions, so both map records alike.
+
+    Connections: a small asyncpg pool per process (1 to 10 connections). Every write is one ``READ COMMITTED``
+    transaction (set explicitly, whatever the server default); a read spanning several statements (usage reports)
+    runs in one ``REPEATABLE READ`` read-only transaction, so it sees a single snapshot.
+
+    Across processes, the guarantees rest on row locks rather than on a single writer:
+
+    * **Settlement once**: ``UPDATE tasks ... WHERE task_id = $n AND settled_at IS NULL RETURNING ...``. A second
+      settler blocks on the row lock, re-checks the condition once the first commits, and updates nothing; only the
+      caller whose UPDATE returned the row adds to the usage rollup and gets True.
+    * **Tasks once**: ``INSERT ... ON CONFLICT (task_id) DO NOTHING``; :meth:`PostgresStore.resolve_intent` reports
+      False when the row existed.
+    * **Idempotency claims**: expired record deleted, then ``INSERT ... ON CONFLICT DO NOTHING`` (a concurrent claim
+      waits for the first to commit and then finds its row); taking over a stale in-flight record is a compare-and-set
+      on its ``created_at``, so exactly one of several takers wins.
+    * **Keys**: every change bumps the ``counters`` row in the same transaction; rotation reads the key
+      ``FOR UPDATE`` so two rotations serialise.
+
+    Usage: ``usage_daily`` keeps per (UTC day, key, model, mode) totals in the same transactions as task inserts and
+    settlements (upsert last, so its row lock is held only until COMMIT), exactly as in the SQLite backend.
+
+    Schema: money and settled seconds are ``BIGINT`` units of 1e-9 (:func:`gateway.store.base.to_fixed`), times are
+    ``DOUBLE PRECISION`` epoch seconds, bodies ``BYTEA``. Ordered text columns are ``COLLATE "C"`` so ordering is
+    by code point, as in SQLite and Python, whatever the database's locale. ``?schema=name`` in the URL (or
+    ``schema=``) puts every table in that PostgreSQL schema, created if missing.
+
+    Migrations are ``(version, statements)`` pairs applied at open in one transaction holding
+    ``pg_advisory_xact_lock`` (per schema), recorded in ``schema_migrations``; processes starting together wait for
+    the first, then find nothing to do. A database migrated by a newer gateway is refused. Append, never edit.
+
+    Every driver or network failure surfaces as :class:`gateway.store.base.StoreError`, with the URL's password (if any)
+    never in the message.
+    """
 
     def __init__(self, pool: asyncpg.Pool, secrets: tuple[str, ...]) -> None:
         """Wrap an open pool; use :meth:`open`."""

@@ -1,49 +1,11 @@
-"""SQLite backend of the store (``sqlite:///path.db``): WAL, one writer thread, schema migrations in code.
+"""SQLite backend of the store (``sqlite:///path.db``): WAL, one writer thread with group commit, migrations in code.
 
-Threads: every write (and the migrations) runs on one dedicated worker thread with its own connection, the
-single writer path, so the event loop never waits on the database and writes never contend inside a process.
-For a file database, reads run on a second small pool of read-only connections (WAL lets readers proceed while
-the writer commits), so a month-long usage report never delays a submission's writes. ``:memory:`` databases
-(tests) do everything on the writer thread, since another connection would see another database.
-
-Connection setup is the only SQLite-specific part besides the DDL: ``journal_mode=WAL``,
-``synchronous=NORMAL``, ``busy_timeout=5000``, ``foreign_keys=ON``. In WAL mode with ``synchronous=NORMAL``
-a transaction is in the WAL file (the OS page cache) when COMMIT returns, so it survives the process being
-killed, ``kill -9`` included; only an OS crash or power loss can lose the last commits (``synchronous=FULL``
-would trade throughput for that). Writes run in ``BEGIN IMMEDIATE`` transactions: they take the write lock up
-front, so two processes on one file serialise instead of failing on lock upgrades.
-
-Group commit: write operations are queued, and the writer thread runs whatever is queued (at most
-``max_batch`` operations, and no new one once a batch has run ``_BATCH_BUDGET_S``) in one transaction with one
-COMMIT, which is most of a write's cost. Each operation still succeeds or fails alone: a failed operation is
-undone (with its whole transaction, the others being run again, or with a ``SAVEPOINT`` once the batch has seen a
-failure; see :meth:`SQLiteStore._commit_batch`) and leaves the others in the batch to commit; an error in COMMIT
-fails every operation of the batch. A caller's ``await`` returns only after the COMMIT that made its write durable
-("awaited = committed"), and the futures of a batch are resolved with one wake-up of the event loop. A lone write
-is not delayed: a batch never waits for company, it only takes what queued up while the writer was busy, so one
-write is exactly ``BEGIN IMMEDIATE`` / the write / ``COMMIT`` as before. Writes that are not plain transactional
-operations keep a transaction (or no transaction) of their own: the migrations at open, ``PRAGMA optimize`` at
-close, ``ping`` and :meth:`SQLiteStore.rebuild_usage_rollup`. ``:memory:`` databases group-commit too: their reads
-run on the writer thread as well, but always between batches, never inside one.
-
-The DML uses only portable SQL (``?`` placeholders, ``INSERT ... ON CONFLICT``, row values, ``CASE``,
-``COALESCE``, partial indexes), so a PostgreSQL backend can reuse the statements with ``%s`` placeholders.
-
-Usage: besides the ``tasks`` rows, ``usage_daily`` holds per (UTC day, key, model, mode) totals, updated in
-the same transaction as every task insert and settlement. A usage or budget query reads whole days from it
-and only the partial days at the ends of its window from ``tasks``, so a month over a million tasks answers
-in milliseconds rather than sorting every row (see ``bench/ledger_scale.py``).
-:meth:`SQLiteStore.rebuild_usage_rollup` recomputes it from the rows.
-
-Migrations are ``(version, statements)`` pairs applied in order at open inside one ``BEGIN IMMEDIATE``
-transaction and recorded in ``schema_migrations``; concurrent starts serialise on the lock, the second finds
-nothing to do. Never edit a released migration; append a new one.
+The threads, durability, usage rollup and migration rules are described on :class:`SQLiteStore`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import os
@@ -51,7 +13,6 @@ import random
 import sqlite3
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
@@ -96,6 +57,7 @@ from gateway.store.rows import (
     usage_queries,
     usage_rows,
 )
+from gateway.store.sqlite_writer import MAX_BATCH, GroupCommitWriter, connect, guarded, run_on, transaction
 
 T = TypeVar("T")
 
@@ -348,104 +310,11 @@ _IDEM_PURGE_EVERY_S = 60.0
 _READERS = 2
 _OPEN_DEADLINE_S: Final = 30.0
 """How long opening keeps retrying while other processes hold the new file busy."""
-MAX_BATCH: Final = 64
-"""Default bound on the write operations one group commit takes (``SQLiteStore(max_batch=...)``)."""
-_BATCH_BUDGET_S: Final = 0.004
-"""A batch takes no further operation once it has run this long, so a write's wait for its COMMIT stays short."""
-
-
-def _connect(path: str, *, readonly: bool) -> sqlite3.Connection:
-    """Open a connection in autocommit mode (transactions are explicit) with the gateway's pragmas."""
-    conn = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA busy_timeout = 5000")
-    conn.execute("PRAGMA foreign_keys = ON")
-    if readonly:
-        conn.execute("PRAGMA query_only = ON")
-    else:
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-    return conn
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
     message = str(exc).lower()
     return "locked" in message or "busy" in message
-
-
-def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
-    """Run ``fn`` inside ``BEGIN IMMEDIATE`` ... ``COMMIT``, rolling back on any error."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        result = fn(conn)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-        raise
-    return result
-
-
-def _in_transaction(conn: sqlite3.Connection) -> bool:
-    """``conn.in_transaction``, False for a connection that can no longer say (closed)."""
-    try:
-        return conn.in_transaction
-    except sqlite3.Error:
-        return False
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    if _in_transaction(conn):
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-
-
-def _rollback_to_savepoint(conn: sqlite3.Connection) -> bool:
-    """Undo the current operation's savepoint; False if that failed (the transaction is then in doubt)."""
-    try:
-        conn.execute("ROLLBACK TO op")
-        conn.execute("RELEASE op")
-    except sqlite3.Error:
-        return False
-    return True
-
-
-def _store_error(exc: BaseException) -> BaseException:
-    """What a caller sees for ``exc``: driver errors become :class:`StoreError`, anything else is passed on."""
-    if isinstance(exc, sqlite3.Error):
-        error = StoreError(f"sqlite: {exc}")
-        error.__cause__ = exc
-        return error
-    return exc
-
-
-class _Op:
-    """One queued write: ``fn(conn)`` to run in a transaction, and the future (on ``loop``) awaiting its result."""
-
-    __slots__ = ("fn", "future", "loop")
-
-    def __init__(
-        self, fn: Callable[[sqlite3.Connection], Any], loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]
-    ) -> None:
-        self.fn = fn
-        self.loop = loop
-        self.future = future
-
-
-_Outcome = tuple[_Op, Any, BaseException | None]
-"""An operation's result or error, resolved on its loop once the batch is over."""
-
-
-def _resolve(outcomes: list[_Outcome]) -> None:
-    """On the event loop: hand each operation its result or error (unless its caller gave up waiting)."""
-    for op, result, error in outcomes:
-        future = op.future
-        if future.done():  # cancelled
-            continue
-        if error is None:
-            future.set_result(result)
-        else:
-            future.set_exception(error)
 
 
 def _migrate(conn: sqlite3.Connection) -> tuple[int, ...]:
@@ -469,7 +338,7 @@ def _migrate(conn: sqlite3.Connection) -> tuple[int, ...]:
             applied.append(version)
         return tuple(applied)
 
-    return _transaction(conn, apply)
+    return transaction(conn, apply)
 
 
 def _placeholder(n: int, kind: str) -> str:
@@ -506,47 +375,69 @@ def _aggregate(
 
 
 class SQLiteStore:
-    """:class:`gateway.store.base.Store` on one SQLite file. Create with ``await SQLiteStore.open(path)``."""
+    """:class:`gateway.store.base.Store` on one SQLite file. Create with ``await SQLiteStore.open(path)``.
+
+    Threads: every write (and the migrations) runs on one dedicated worker thread with its own connection, the
+    single writer path, so the event loop never waits on the database and writes never contend inside a process.
+    For a file database, reads run on a second small pool of read-only connections (WAL lets readers proceed while
+    the writer commits), so a month-long usage report never delays a submission's writes. ``:memory:`` databases
+    (tests) do everything on the writer thread, since another connection would see another database.
+
+    Connection setup is the only SQLite-specific part besides the DDL: ``journal_mode=WAL``,
+    ``synchronous=NORMAL``, ``busy_timeout=5000``, ``foreign_keys=ON``. In WAL mode with ``synchronous=NORMAL``
+    a transaction is in the WAL file (the OS page cache) when COMMIT returns, so it survives the process being
+    killed, ``kill -9`` included; only an OS crash or power loss can lose the last commits (``synchronous=FULL``
+    would trade throughput for that). Writes run in ``BEGIN IMMEDIATE`` transactions: they take the write lock up
+    front, so two processes on one file serialise instead of failing on lock upgrades.
+
+    Group commit: writes are queued and committed together by :class:`gateway.store.sqlite_writer.GroupCommitWriter`
+    ("awaited = committed"; each operation still succeeds or fails alone).
+
+    The DML uses only portable SQL (``?`` placeholders, ``INSERT ... ON CONFLICT``, row values, ``CASE``,
+    ``COALESCE``, partial indexes), so a PostgreSQL backend can reuse the statements with ``%s`` placeholders.
+
+    Usage: besides the ``tasks`` rows, ``usage_daily`` holds per (UTC day, key, model, mode) totals, updated in
+    the same transaction as every task insert and settlement. A usage or budget query reads whole days from it
+    and only the partial days at the ends of its window from ``tasks``, so a month over a million tasks answers
+    in milliseconds rather than sorting every row (see ``bench/ledger_scale.py``).
+    :meth:`SQLiteStore.rebuild_usage_rollup` recomputes it from the rows.
+
+    Migrations are ``(version, statements)`` pairs applied in order at open inside one ``BEGIN IMMEDIATE``
+    transaction and recorded in ``schema_migrations``; concurrent starts serialise on the lock, the second finds
+    nothing to do. Never edit a released migration; append a new one.
+    """
 
     def __init__(self, path: str, *, max_batch: int = MAX_BATCH) -> None:
         """Prepare (not open) a store on ``path``; use :meth:`open`.
 
         ``max_batch`` bounds the write operations committed together (1: one transaction per operation).
         """
-        if max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
+        self._writer = GroupCommitWriter(path, max_batch=max_batch)
         self._path = path
-        self._max_batch = max_batch
         self._memory = path == ":memory:"
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
         self._readers = (
-            self._writer
+            self._writer.executor
             if self._memory
             else ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="store-reader")
         )
-        self._conn: sqlite3.Connection | None = None
         self._reader_local = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
         self._reader_lock = threading.Lock()
-        self._closed = False
         self._last_idem_purge = float("-inf")
-        # Group commit: operations waiting for the writer, and whether a drain job is queued on it (or running and
-        # bound to look at the queue again). Both, and the move to closed, only change under _queue_lock.
-        self._pending: deque[_Op] = deque()
-        self._drain_scheduled = False
-        self._queue_lock = threading.Lock()
         self.applied_migrations: tuple[int, ...] = ()
         """Migration versions this open applied (empty when the schema was already current)."""
-        self.commits = 0
-        """Write transactions committed by the writer thread since open (migrations not counted): a plain int,
-        only ever increased on the writer thread, for tests and benchmarks (operations / commits = batch size)."""
+
+    @property
+    def commits(self) -> int:
+        """Write transactions committed since open (migrations not counted), for tests and benchmarks."""
+        return self._writer.commits
 
     @classmethod
     async def open(cls, path: str, *, max_batch: int = MAX_BATCH) -> SQLiteStore:
         """Open ``path`` (creating its directory and the schema as needed) and apply pending migrations."""
         store = cls(path, max_batch=max_batch)
         try:
-            store.applied_migrations = await store._submit(store._writer, store._setup)
+            store.applied_migrations = await store._writer.call(store._setup)
         except BaseException:
             await store.close()
             raise
@@ -562,235 +453,52 @@ class SQLiteStore:
             try:
                 if not self._memory:
                     os.makedirs(os.path.dirname(os.path.abspath(self._path)), exist_ok=True)
-                return _migrate(self._writer_conn())
+                return _migrate(self._writer.conn())
             except sqlite3.OperationalError as exc:
                 if not _is_busy(exc) or time.monotonic() + delay > deadline:
                     raise StoreError(f"cannot open the SQLite store: {exc}") from exc
-                self._drop_writer_conn()
+                self._writer.drop_conn()
                 time.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter, not a secret
                 delay = min(delay * 2, 0.5)
             except (sqlite3.Error, OSError) as exc:
                 raise StoreError(f"cannot open the SQLite store: {exc}") from exc
 
-    def _drop_writer_conn(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.close()
-            self._conn = None
-
     # -- plumbing -------------------------------------------------------------------------------------------
-
-    def _writer_conn(self) -> sqlite3.Connection:
-        if self._conn is None:
-            self._conn = _connect(self._path, readonly=False)
-        return self._conn
 
     def _reader_conn(self) -> sqlite3.Connection:
         if self._memory:
-            return self._writer_conn()
+            return self._writer.conn()
         conn: sqlite3.Connection | None = getattr(self._reader_local, "conn", None)
         if conn is None:
-            conn = _connect(self._path, readonly=True)
+            conn = connect(self._path, readonly=True)
             self._reader_local.conn = conn
             with self._reader_lock:
                 self._reader_conns.append(conn)
         return conn
 
-    @staticmethod
-    def _guarded(conn_of: Callable[[], sqlite3.Connection], fn: Callable[[sqlite3.Connection], T]) -> T:
-        try:
-            return fn(conn_of())
-        except sqlite3.Error as exc:
-            raise StoreError(f"sqlite: {exc}") from exc
-
-    async def _submit(self, pool: ThreadPoolExecutor, call: Callable[[], T]) -> T:
-        if self._closed:
-            raise StoreError("store is closed")
-        loop = asyncio.get_running_loop()
-        try:
-            future = loop.run_in_executor(pool, call)
-        except RuntimeError as exc:  # executor shut down between the check and the submit
-            raise StoreError("store is closed") from exc
-        return await future
-
-    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(conn)`` on the writer thread (``fn`` opens its own transaction if it writes)."""
-        return await self._submit(self._writer, lambda: self._guarded(self._writer_conn, fn))
-
-    async def _tx_alone(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(conn)`` as a write transaction of its own on the writer thread (no group commit)."""
-
-        def run(conn: sqlite3.Connection) -> T:
-            result = _transaction(conn, fn)
-            self.commits += 1
-            return result
-
-        return await self._write(run)
-
     async def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(conn)`` as one atomic write, group-committed with whatever else is queued.
-
-        Returns (or raises) only once the transaction holding the write has committed (or failed). ``fn`` must
-        only touch the database through ``conn`` (plus writer-thread-only state, and nothing a rollback could not
-        undo), as it may be rolled back to a savepoint, or rolled back with its batch and run again (see
-        :meth:`_commit_batch`); every write method's is. Anything else goes through :meth:`_tx_alone`.
-        """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        op = _Op(fn, loop, future)
-        with self._queue_lock:
-            if self._closed:
-                raise StoreError("store is closed")
-            self._pending.append(op)
-            if not self._drain_scheduled:
-                try:
-                    self._writer.submit(self._drain)
-                except RuntimeError as exc:  # the executor is gone (interpreter shutting down)
-                    self._pending.pop()
-                    raise StoreError("store is closed") from exc
-                self._drain_scheduled = True
-        return await future
-
-    # -- group commit (writer thread) -----------------------------------------------------------------------
-
-    def _drain(self) -> None:
-        """Writer thread: commit one batch of queued operations, then requeue itself if more are waiting.
-
-        Requeueing rather than looping lets other writer jobs (ping, migrations, ``:memory:`` reads) take turns.
-        Once the store is closing the executor takes no new jobs, so the rest of the queue is drained here.
-        """
-        while True:
-            self._commit_batch()
-            with self._queue_lock:
-                if not self._pending:
-                    self._drain_scheduled = False
-                    return
-                if not self._closed:
-                    with contextlib.suppress(RuntimeError):
-                        self._writer.submit(self._drain)
-                        return
-
-    def _take(self) -> _Op | None:
-        with self._queue_lock:
-            while self._pending:
-                op = self._pending.popleft()
-                if not op.future.cancelled():  # nobody waits for it: skipped, as a queued executor job would be
-                    return op
-        return None
-
-    def _commit_batch(self) -> None:
-        """Run queued operations in one transaction and commit once; then resolve them all with one wake-up.
-
-        Operations run back to back without savepoints while none fails (a ``SAVEPOINT``/``RELEASE`` pair per
-        operation costs about a fifth of the CPU of a batched submission: see ``bench/ledger_write_bench.py``).
-        When one fails, the whole transaction is rolled back: the failed operation gets its error, and the ones
-        applied before it in that transaction are run again in a fresh one (their work was undone, not refused),
-        so no operation's failure fails another. From then on the batch runs every operation after the first of
-        its transaction inside ``SAVEPOINT op`` and undoes only that one on failure (``ROLLBACK TO op``), so
-        failures cost a batch at most one re-run per operation. A transaction that SQLite abandoned on its own
-        (some I/O, full-disk or out-of-memory errors) is handled as a failure without savepoint (each such failure
-        re-runs the operations of the transaction it took down; each takes one failed operation out, so a batch
-        always ends). A lone write is exactly ``BEGIN IMMEDIATE`` / the write / ``COMMIT`` (or ``ROLLBACK``), as
-        before group commit.
-        """
-        outcomes: list[_Outcome] = []
-        applied: list[tuple[_Op, Any]] = []  # run in the open transaction, waiting for its COMMIT
-        again: deque[_Op] = deque()  # applied, then undone by a rollback of the whole transaction: run again
-        savepoints = False
-        in_tx = False
-        conn: sqlite3.Connection | None = None
-        taken = 0
-        started = time.perf_counter()
-        while True:
-            if again:
-                op = again.popleft()
-            elif taken < self._max_batch and (taken == 0 or time.perf_counter() - started < _BATCH_BUDGET_S):
-                next_op = self._take()
-                if next_op is None:
-                    break
-                op = next_op
-                taken += 1
-            else:
-                break
-            try:
-                if conn is None:
-                    conn = self._writer_conn()
-                if not in_tx:
-                    conn.execute("BEGIN IMMEDIATE")
-                    in_tx = True
-            except sqlite3.Error as exc:
-                outcomes.append((op, None, _store_error(exc)))
-                continue
-            savepoint = savepoints and bool(applied)
-            try:
-                if savepoint:
-                    conn.execute("SAVEPOINT op")
-                result = op.fn(conn)
-                if savepoint:
-                    conn.execute("RELEASE op")
-            except BaseException as exc:  # the operation's own error, handed to its caller as before
-                outcomes.append((op, None, _store_error(exc)))
-                savepoints = True
-                if savepoint and _in_transaction(conn) and _rollback_to_savepoint(conn):
-                    continue  # the operations applied before it stand
-                _rollback(conn)  # alone in the transaction, no savepoint, or the transaction is lost
-                in_tx = False
-                again.extendleft(prev for prev, _ in reversed(applied))
-                applied = []
-                continue
-            applied.append((op, result))
-        if in_tx:
-            assert conn is not None
-            try:
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                _rollback(conn)
-                error = _store_error(exc)
-                outcomes.extend((op, None, error) for op, _ in applied)
-            else:
-                self.commits += 1
-                outcomes.extend((op, result, None) for op, result in applied)
-        self._hand_back(outcomes)
-
-    @staticmethod
-    def _hand_back(outcomes: list[_Outcome]) -> None:
-        """Resolve every outcome on its own event loop: one ``call_soon_threadsafe`` per loop per batch."""
-        if not outcomes:
-            return
-        by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
-        for outcome in outcomes:
-            by_loop.setdefault(outcome[0].loop, []).append(outcome)
-        for loop, mine in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting any more
-                loop.call_soon_threadsafe(_resolve, mine)
+        """Run ``fn(conn)`` as one atomic write, group-committed (see :meth:`GroupCommitWriter.transaction`)."""
+        return await self._writer.transaction(fn)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` on a reader connection (the writer's for ``:memory:``)."""
-        return await self._submit(self._readers, lambda: self._guarded(self._reader_conn, fn))
+        if self._writer.closed:
+            raise StoreError("store is closed")
+        return await run_on(self._readers, lambda: guarded(self._reader_conn, fn))
 
     async def close(self) -> None:
         """Wait for queued work (queued writes are committed), then close every connection and thread. Idempotent."""
-        with self._queue_lock:
-            if self._closed:
-                return
-            self._closed = True
-        await asyncio.to_thread(self._shutdown)
+        if self._writer.begin_close():
+            await asyncio.to_thread(self._shutdown)
 
     def _shutdown(self) -> None:
         self._readers.shutdown(wait=True)
-        self._writer.shutdown(wait=True)  # runs the drain jobs already queued, which empty the write queue
-        with self._queue_lock:
-            stranded, self._pending = list(self._pending), deque()
-        self._hand_back([(op, None, StoreError("store is closed")) for op in stranded])  # never happens; no hang
+        self._writer.stop()
         with self._reader_lock:
             readers, self._reader_conns = self._reader_conns, []
         for conn in readers:
             conn.close()
-        if self._conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.execute("PRAGMA optimize")
-            self._conn.close()
-            self._conn = None
+        self._writer.close_conn()
 
     async def __aenter__(self) -> SQLiteStore:
         return self
@@ -801,7 +509,7 @@ class SQLiteStore:
     async def ping(self) -> bool:
         """True if both the writer and a reader connection answer ``SELECT 1``."""
         try:
-            await self._write(lambda conn: conn.execute("SELECT 1").fetchone())
+            await self._writer.run(lambda conn: conn.execute("SELECT 1").fetchone())
             await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
         except StoreError:
             return False
@@ -1081,7 +789,7 @@ class SQLiteStore:
 
         # A maintenance scan of every task row, seconds on a big ledger: its own transaction, so it never holds
         # back the COMMIT of submissions that happened to be batched with it.
-        await self._tx_alone(op)
+        await self._writer.transaction_alone(op)
 
     # -- idempotency ----------------------------------------------------------------------------------------
 

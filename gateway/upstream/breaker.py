@@ -1,22 +1,6 @@
 """The upstream circuit breaker: a pure state machine on an injected clock, plus the error it answers with.
 
-After ``failure_threshold`` consecutive upstream failures (transport errors and 5xx answers; a 4xx is an answer,
-not a failure) the breaker opens: calls fail fast with 503 ``upstream_unavailable`` and ``Retry-After`` = the
-remaining open time, without touching the upstream. After ``open_s`` it is half-open: exactly one call (the probe)
-goes through while every other keeps failing fast; the probe's success closes the breaker, its failure opens it
-for another ``open_s``. A probe that ends without an outcome (cancelled) hands the probe to the next caller::
-
-              failures ≥ threshold                 open_s elapsed, next call = probe
-    CLOSED ─────────────────────────► OPEN ─────────────────────────────────────────► HALF_OPEN
-       ▲                                ▲                probe fails                      │
-       │                                └─────────────────────────────────────────────────┤
-       └──────────────────────────────────────────────────────────────────────────────────┘
-                                              probe succeeds
-
-Outcomes of calls admitted before the breaker opened (still in flight when it did) are ignored: only the probe
-decides when it is not closed. ``failure_threshold = 0`` turns the breaker off (every call is admitted).
-Status polls keep being answered from the status cache (``X-Cache: STALE``) while it is open, since the poller
-serves a stale entry on any ``GatewayError`` of 500 or more.
+The states and transitions are described on :class:`CircuitBreaker`.
 """
 
 from __future__ import annotations
@@ -75,7 +59,26 @@ def open_error(retry_after_s: float) -> CircuitOpen:
 
 
 class CircuitBreaker:
-    """Consecutive-failure breaker; not thread-safe (one per event loop, as the ``UpstreamClient`` is)."""
+    """Consecutive-failure breaker; not thread-safe (one per event loop, as the ``UpstreamClient`` is).
+
+    After ``failure_threshold`` consecutive upstream failures (transport errors and 5xx answers; a 4xx is an answer,
+    not a failure) the breaker opens: calls fail fast with 503 ``upstream_unavailable`` and ``Retry-After`` = the
+    remaining open time, without touching the upstream. After ``open_s`` it is half-open: exactly one call (the probe)
+    goes through while every other keeps failing fast; the probe's success closes the breaker, its failure opens it
+    for another ``open_s``. A probe that ends without an outcome (cancelled) hands the probe to the next caller::
+
+                  failures ≥ threshold                 open_s elapsed, next call = probe
+        CLOSED ─────────────────────────► OPEN ─────────────────────────────────────────► HALF_OPEN
+           ▲                                ▲                probe fails                      │
+           │                                └─────────────────────────────────────────────────┤
+           └──────────────────────────────────────────────────────────────────────────────────┘
+                                                  probe succeeds
+
+    Outcomes of calls admitted before the breaker opened (still in flight when it did) are ignored: only the probe
+    decides when it is not closed. ``failure_threshold = 0`` turns the breaker off (every call is admitted).
+    Status polls keep being answered from the status cache (``X-Cache: STALE``) while it is open, since the poller
+    serves a stale entry on any ``GatewayError`` of 500 or more.
+    """
 
     def __init__(self, failure_threshold: int, open_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
         if failure_threshold < 0:

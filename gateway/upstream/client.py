@@ -1,23 +1,9 @@
 """The one client to UniAll: header hygiene, key injection, timeouts, GET retries and error mapping.
 
 Only a ``Transport`` touches the network. ``AiohttpTransport`` is the production one (chosen by measurement, see
-BENCHMARKS.md: httpx's pool collapses under concurrency); ``HttpxTransport`` wraps any httpx transport, so unit
-tests plug in ``httpx.MockTransport`` exactly where the network would be. Transports raise the small tree below,
-and ``UpstreamClient`` maps it onto the proxy's answers::
-
-    TransportError
-     ├── ConnectFailed      could not open a connection (refused, DNS, connect timeout)  → 502 (GET retried)
-     ├── TimedOut           no complete answer within the read or total bound           → 504
-     └── BadResponse        reset mid-answer, truncated, garbage, or too large            → 502
-
-Every call goes through the circuit breaker (``gateway.upstream.breaker``) first: submissions, status polls and
-passthrough share it. Transport failures and 5xx answers count against it; while it is open, calls fail fast with 503
-``upstream_unavailable`` and ``Retry-After`` without touching the network.
-
-Concurrent upstream calls are bounded by the aiohttp connector (``[upstream] max_connections``): a call that finds
-every connection busy waits for one, and that wait counts against ``pool_timeout_s`` (part of aiohttp's ``connect``
-bound), after which it fails as a connect error (502). The in-flight bound on the gateway's own requests is
-``gateway.web.overload``.
+BENCHMARKS.md: httpx's pool collapses under concurrency); tests and benchmarks use ``HttpxTransport``
+(``tests/support/httpx_transport.py``) to plug ``httpx.MockTransport`` in exactly where the network would be.
+Their errors and how ``UpstreamClient`` maps them are described on :class:`TransportError`.
 """
 
 from __future__ import annotations
@@ -30,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
-import httpx
 
 from gateway.config import UpstreamSettings
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.logs import Logger
 from gateway.metrics import Metrics
 from gateway.upstream.breaker import BreakerOpen, BreakerState, CircuitBreaker, Permit, open_error
 from gateway.upstream.hygiene import (
@@ -63,7 +49,15 @@ HOP_BY_HOP = frozenset(
 
 
 class TransportError(Exception):
-    """A failed upstream exchange; the message never contains a secret."""
+    """A failed upstream exchange; the message never contains a secret.
+
+    A transport raises the small tree below, and ``UpstreamClient`` maps it onto the proxy's answers::
+
+        TransportError
+         ├── ConnectFailed      could not open a connection (refused, DNS, connect timeout)  → 502 (GET retried)
+         ├── TimedOut           no complete answer within the read or total bound           → 504
+         └── BadResponse        reset mid-answer, truncated, garbage, or too large            → 502
+    """
 
 
 class ConnectFailed(TransportError):
@@ -196,47 +190,18 @@ class AiohttpTransport:
             self._session = None
 
 
-class HttpxTransport:
-    """Adapter for any httpx transport (``httpx.MockTransport`` in unit tests, ``ASGITransport`` for an app)."""
-
-    def __init__(self, transport: httpx.AsyncBaseTransport, settings: UpstreamSettings | None = None) -> None:
-        settings = settings or UpstreamSettings()
-        self._client = httpx.AsyncClient(
-            transport=transport,
-            timeout=httpx.Timeout(
-                settings.timeout_s,
-                connect=settings.connect_timeout_s,
-                read=settings.read_timeout_s,
-                pool=settings.pool_timeout_s,
-            ),
-        )
-
-    async def send(self, method: str, url: str, headers: Headers, body: bytes | None) -> UpstreamResponse:
-        started = time.perf_counter()
-        try:
-            response = await self._client.request(method, url, headers=headers, content=body)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise ConnectFailed(type(exc).__name__) from None
-        except httpx.TimeoutException as exc:
-            raise TimedOut(type(exc).__name__) from None
-        except httpx.HTTPError as exc:
-            raise BadResponse(type(exc).__name__) from None
-        return UpstreamResponse(
-            status=response.status_code,
-            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw],
-            body=response.content,
-            elapsed_s=time.perf_counter() - started,
-        )
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
-
-
 class UpstreamClient:
     """Calls UniAll with the team's key; maps transport failures to 502/504 and records upstream metrics.
 
     Every call passes the circuit ``breaker`` (built from ``[upstream] breaker_*`` unless given): one outcome per
-    call, after any GET retries.
+    call, after any GET retries. Submissions, status polls and passthrough share it. Transport failures and 5xx
+    answers count against it; while it is open, calls fail fast with 503 ``upstream_unavailable`` and
+    ``Retry-After`` without touching the network.
+
+    Concurrent upstream calls are bounded by the aiohttp connector (``[upstream] max_connections``): a call that finds
+    every connection busy waits for one, and that wait counts against ``pool_timeout_s`` (part of aiohttp's ``connect``
+    bound), after which it fails as a connect error (502). The in-flight bound on the gateway's own requests is
+    ``gateway.web.overload``.
     """
 
     def __init__(
@@ -249,7 +214,7 @@ class UpstreamClient:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
         breaker: CircuitBreaker | None = None,
-        log: Any = None,
+        log: Logger,
         secrets: Iterable[str] = (),
     ) -> None:
         self._settings = settings
@@ -367,14 +332,13 @@ class UpstreamClient:
             return
         previous, self._breaker_state = self._breaker_state, state
         self._show_breaker_state()
-        if self._log is not None:
-            log = self._log.warning if state is BreakerState.OPEN else self._log.info
-            log(
-                "upstream_breaker",
-                state=state.value,
-                previous=previous.value,
-                consecutive_failures=self.breaker.consecutive_failures,
-            )
+        log = self._log.warning if state is BreakerState.OPEN else self._log.info
+        log(
+            "upstream_breaker",
+            state=state.value,
+            previous=previous.value,
+            consecutive_failures=self.breaker.consecutive_failures,
+        )
 
     def _show_breaker_state(self) -> None:
         """Set the state gauge: 1 for the current state, 0 for the others."""
@@ -399,8 +363,7 @@ class UpstreamClient:
     def _auth_failed(self, status: int, route: str) -> UpstreamUnavailable:
         """The upstream rejected the team's key: the client's key is fine, so never a 401 to the client."""
         self._metrics.upstream_auth_failures.labels(route).inc()
-        if self._log is not None:
-            self._log.error("upstream_auth_failed", upstream_status=status, route=route)
+        self._log.error("upstream_auth_failed", upstream_status=status, route=route)
         failed = UpstreamUnavailable(
             "The upstream rejected the gateway's upstream key; the operator has been alerted.",
             code="upstream_auth_failed",

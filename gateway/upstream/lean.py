@@ -1,33 +1,6 @@
 """``LeanTransport``: the gateway's upstream HTTP/1.1 keep-alive client on asyncio protocols and httptools.
 
-Why it exists: profiles of a forwarded request put ~35 % of the gateway's CPU inside aiohttp's client (request
-building, its stream reader, multidicts, the tracing and cookie machinery the gateway turns off), and a
-prototype on ``httptools`` (the parser uvicorn already uses) saved 60-90 µs per request. The gateway needs a
-small slice of HTTP: one upstream, pooled keep-alive connections, whole bodies buffered, explicit timeouts and
-the error tree of ``gateway.upstream.client``. This module does exactly that and nothing else (no proxies, redirects,
-cookies or streaming). Measured numbers are in ``bench/results-transport.md``.
-
-Semantics are those of ``AiohttpTransport`` (a drop-in ``Transport``):
-
-* one pool per (scheme, host, port) holding at most ``max_connections`` connections (busy or idle); a caller
-  that finds them all busy waits, first come first served, at most ``pool_timeout_s``;
-* ``ConnectFailed`` -- no connection could be had: refused, DNS, ``connect_timeout_s``, ``pool_timeout_s``, or
-  the whole ``timeout_s`` spent before the request was written. It always means *the request was not sent*;
-* ``TimedOut`` -- silence longer than ``read_timeout_s`` while reading, or the exchange exceeded ``timeout_s``;
-* ``BadResponse`` -- reset or EOF mid-answer, truncated or unparseable bytes, an answer (or its decompressed
-  body) over ``max_response_bytes``; also a request that cannot be sent safely (CR, LF or NUL in a header or
-  the target, a header that is not latin-1, an unsupported URL), as aiohttp's ``ValueError`` mapped to it;
-* a pooled connection is reused only after a complete, keep-alive answer, and is checked for a peer close
-  before reuse. If a *reused* connection dies before any answer byte arrives, GET and HEAD are retried once on
-  a new connection; any other method raises ``BadResponse`` (the upstream may have acted on it);
-* ``gzip`` and ``deflate`` bodies are decompressed (aiohttp's ``auto_decompress=True``), headers are returned
-  as received (the caller drops ``Content-Encoding``);
-* the transport always sets ``Host`` (from the URL) and ``Content-Length``; callers must not pass either
-  (``outbound_headers`` drops them).
-
-Hot path of a request on a warm pool: one dict lookup, pop an idle connection, one ``transport.write``, one
-timer handle (covering the read and the total bound), one future awaited until the parser has seen the whole
-answer. No task, no ``wait_for``, no stream reader.
+Why it exists, its semantics (those of ``AiohttpTransport``) and its hot path are described on the class.
 """
 
 from __future__ import annotations
@@ -533,7 +506,37 @@ def _inflate(data: bytes, wbits: int, limit: int) -> bytes:
 
 
 class LeanTransport:
-    """Pooled keep-alive HTTP/1.1 client on asyncio protocols and httptools; see the module docstring."""
+    """Pooled keep-alive HTTP/1.1 client on asyncio protocols and httptools.
+
+    Why it exists: profiles of a forwarded request put ~35 % of the gateway's CPU inside aiohttp's client (request
+    building, its stream reader, multidicts, the tracing and cookie machinery the gateway turns off), and a
+    prototype on ``httptools`` (the parser uvicorn already uses) saved 60-90 µs per request. The gateway needs a
+    small slice of HTTP: one upstream, pooled keep-alive connections, whole bodies buffered, explicit timeouts and
+    the error tree of ``gateway.upstream.client``. This class does exactly that and nothing else (no proxies,
+    redirects, cookies or streaming). Measured numbers are in ``bench/results-transport.md``.
+
+    Semantics are those of ``AiohttpTransport`` (a drop-in ``Transport``):
+
+    * one pool per (scheme, host, port) holding at most ``max_connections`` connections (busy or idle); a caller
+      that finds them all busy waits, first come first served, at most ``pool_timeout_s``;
+    * ``ConnectFailed`` -- no connection could be had: refused, DNS, ``connect_timeout_s``, ``pool_timeout_s``, or
+      the whole ``timeout_s`` spent before the request was written. It always means *the request was not sent*;
+    * ``TimedOut`` -- silence longer than ``read_timeout_s`` while reading, or the exchange exceeded ``timeout_s``;
+    * ``BadResponse`` -- reset or EOF mid-answer, truncated or unparseable bytes, an answer (or its decompressed
+      body) over ``max_response_bytes``; also a request that cannot be sent safely (CR, LF or NUL in a header or
+      the target, a header that is not latin-1, an unsupported URL), as aiohttp's ``ValueError`` mapped to it;
+    * a pooled connection is reused only after a complete, keep-alive answer, and is checked for a peer close
+      before reuse. If a *reused* connection dies before any answer byte arrives, GET and HEAD are retried once on
+      a new connection; any other method raises ``BadResponse`` (the upstream may have acted on it);
+    * ``gzip`` and ``deflate`` bodies are decompressed (aiohttp's ``auto_decompress=True``), headers are returned
+      as received (the caller drops ``Content-Encoding``);
+    * the transport always sets ``Host`` (from the URL) and ``Content-Length``; callers must not pass either
+      (``outbound_headers`` drops them).
+
+    Hot path of a request on a warm pool: one dict lookup, pop an idle connection, one ``transport.write``, one
+    timer handle (covering the read and the total bound), one future awaited until the parser has seen the whole
+    answer. No task, no ``wait_for``, no stream reader.
+    """
 
     def __init__(self, settings: UpstreamSettings) -> None:
         self.settings = settings

@@ -21,9 +21,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
+from gateway.bounded import LRUCache
 from gateway.errors import Problem
 from gateway.validation.checks import ValidRequest
 from gateway.validation.media_urls import is_private_address, media_host, parse_ip_literal
@@ -76,7 +76,7 @@ class MediaGuard:
         self._failure_ttl_s = min(failure_ttl_s, cache_ttl_s)
         self._size = cache_size
         self._clock = clock
-        self._cache: OrderedDict[str, tuple[float, bool]] = OrderedDict()  # host -> (expires, private only)
+        self._cache: LRUCache[str, tuple[float, bool]] = LRUCache(max(1, cache_size))  # host -> (expires, private)
         self._inflight: dict[str, asyncio.Task[bool]] = {}
 
     async def check(self, request: ValidRequest) -> tuple[Problem, ...]:
@@ -103,12 +103,12 @@ class MediaGuard:
 
     async def is_private(self, host: str) -> bool:
         """Whether ``host`` resolves only to private addresses; ``False`` when that cannot be found out."""
-        cached = self._cache.get(host)
+        cached = self._cache.peek(host)
         if cached is not None:
             if cached[0] > self._clock():
-                self._cache.move_to_end(host)
+                self._cache.touch(host)
                 return cached[1]
-            del self._cache[host]
+            self._cache.pop(host)
         task = self._inflight.get(host)
         if task is None:
             task = asyncio.create_task(self._lookup(host))
@@ -134,7 +134,4 @@ class MediaGuard:
     def _remember(self, host: str, verdict: bool, ttl_s: float) -> None:
         if self._size == 0 or ttl_s == 0:
             return
-        self._cache[host] = (self._clock() + ttl_s, verdict)
-        self._cache.move_to_end(host)
-        while len(self._cache) > self._size:
-            self._cache.popitem(last=False)
+        self._cache.put(host, (self._clock() + ttl_s, verdict))

@@ -6,7 +6,7 @@ The admin API exists only when ``KLING_GATEWAY_ADMIN_TOKEN`` is set; without it 
 
 from __future__ import annotations
 
-import hmac
+from collections.abc import Awaitable, Callable
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -15,14 +15,15 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from gateway.auth import key_admin
-from gateway.auth.principal import Principal, bearer_token
-from gateway.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound, TooManyRequests
+from gateway.auth.authenticate import AdminToken, ClientAuthentication
+from gateway.auth.principal import Principal
+from gateway.errors import Conflict, InvalidRequest, NotFound
 from gateway.keys import parse_model_globs
 from gateway.ledger.pricing import to_report
 from gateway.ledger.reports import parse_group_by, parse_period, rollup, usage_json
-from gateway.store.base import KeyExists, KeyNotFound, KeyRevoked, TaskRecord
+from gateway.store.base import KeyExists, KeyNotFound, KeyRevoked, Store, TaskRecord
 from gateway.web.bodies import json_response, read_json_object
-from gateway.web.routes import GatewayRoutes
+from gateway.web.middleware import log_fields
 
 _PERIOD = ("since", "until")
 _KEY_FIELDS = {"name", "models", "rpm", "monthly_budget_usd", "webhook_url"}
@@ -56,17 +57,40 @@ def task_view(task: TaskRecord) -> dict[str, Any]:
 
 
 class AdminRoutes:
-    def __init__(self, gateway: GatewayRoutes) -> None:
-        self.g = gateway
+    """The gateway's own API, given everything it uses when built.
+
+    ``keys_changed`` applies a key change made here to this process at once (others follow within a second).
+    """
+
+    def __init__(
+        self,
+        *,
+        clients: ClientAuthentication,
+        admin_token: AdminToken,
+        store: Store,
+        keys_changed: Callable[[], Awaitable[None]],
+        clock: Callable[[], float],
+        max_body_bytes: int,
+        rotation_grace_s: float,
+        allow_private_webhooks: bool,
+    ) -> None:
+        self._clients = clients
+        self._admin_token = admin_token
+        self._store = store
+        self._keys_changed = keys_changed
+        self._clock = clock
+        self._max_body_bytes = max_body_bytes
+        self._rotation_grace_s = rotation_grace_s
+        self._allow_private_webhooks = allow_private_webhooks
 
     # -- the caller's own ---------------------------------------------------------------------------------------
 
     async def tasks(self, request: Request) -> Response:
         """GET /gateway/tasks?limit=&cursor=: the caller's tasks, newest first (the admin token sees everyone's)."""
-        key_name = None if self.is_admin(request) else (await self.g.authenticate(request)).name
+        key_name = None if self.is_admin(request) else (await self.authenticate(request)).name
         limit = _int_param(request, "limit", 50, 1, 1000)
         try:
-            tasks, cursor = await self.g.s.store.tasks_for_key(key_name, limit, request.query_params.get("cursor"))
+            tasks, cursor = await self._store.tasks_for_key(key_name, limit, request.query_params.get("cursor"))
         except ValueError:
             raise InvalidRequest(
                 "The cursor is not one this gateway issued.", code="invalid_cursor", param="cursor"
@@ -76,17 +100,17 @@ class AdminRoutes:
     async def usage(self, request: Request) -> Response:
         """GET /gateway/usage?since=&until=&by=: the caller's usage (the admin token: everyone's)."""
         admin = self.is_admin(request)
-        principal: Principal | None = None if admin else await self.g.authenticate(request)
+        principal: Principal | None = None if admin else await self.authenticate(request)
         params = request.query_params
         try:
-            since, until = parse_period(params.get("since"), params.get("until"), self.g.s.clock(), names=_PERIOD)
+            since, until = parse_period(params.get("since"), params.get("until"), self._clock(), names=_PERIOD)
             group_by = parse_group_by(params.get("by", ""), name="by")
         except ValueError as exc:
             raise InvalidRequest(str(exc), code="invalid_parameter") from None
         if principal is None:
-            rows = await self.g.s.store.usage(since, until, group_by)
+            rows = await self._store.usage(since, until, group_by)
         else:
-            own = [r for r in await self.g.s.store.usage(since, until, ("key", *group_by)) if r.key == principal.name]
+            own = [r for r in await self._store.usage(since, until, ("key", *group_by)) if r.key == principal.name]
             rows = rollup(own, group_by)
         return json_response(usage_json(rows, group_by, since, until))
 
@@ -97,7 +121,7 @@ class AdminRoutes:
         (by request id, which the gateway sends upstream as X-Request-ID).
         """
         self.require_admin(request)
-        intents = await self.g.s.store.list_intents()
+        intents = await self._store.list_intents()
         return json_response(
             {
                 "data": [
@@ -118,19 +142,19 @@ class AdminRoutes:
 
     async def list_keys(self, request: Request) -> Response:
         self.require_admin(request)
-        now = self.g.s.clock()
-        return json_response({"data": [key_admin.describe(r, now) for r in await self.g.s.store.list_keys()]})
+        now = self._clock()
+        return json_response({"data": [key_admin.describe(r, now) for r in await self._store.list_keys()]})
 
     async def get_key(self, request: Request) -> Response:
         self.require_admin(request)
-        record = await self.g.s.store.get_key(request.path_params["name"])
+        record = await self._store.get_key(request.path_params["name"])
         if record is None:
             raise NotFound("No such key.", code="key_not_found", param="name")
-        return json_response(key_admin.describe(record, self.g.s.clock()))
+        return json_response(key_admin.describe(record, self._clock()))
 
     async def create_key(self, request: Request) -> Response:
         self.require_admin(request)
-        body = await read_json_object(request, self.g.s.settings.server.max_body_bytes)
+        body = await read_json_object(request, self._max_body_bytes)
         unknown = sorted(set(body) - _KEY_FIELDS)
         if unknown:
             raise InvalidRequest(f"Unknown field '{unknown[0]}'.", code="unknown_field", param=unknown[0])
@@ -139,74 +163,58 @@ class AdminRoutes:
             raise InvalidRequest("name is required (a string).", code="missing_field", param="name")
         try:
             issued = await key_admin.create(
-                self.g.s.store,
+                self._store,
                 name,
-                now=self.g.s.clock(),
+                now=self._clock(),
                 models=_models(body.get("models")),
                 rpm=_optional_int(body.get("rpm"), "rpm"),
                 monthly_budget_usd=_optional_money(body.get("monthly_budget_usd")),
                 webhook_url=_optional_str(body.get("webhook_url"), "webhook_url"),
-                allow_private_webhooks=self.g.s.settings.webhooks.allow_private_targets,
+                allow_private_webhooks=self._allow_private_webhooks,
             )
         except KeyExists:
             raise Conflict(f"A key named '{name}' exists already.", code="key_exists", param="name") from None
         except ValueError as exc:
             raise InvalidRequest(str(exc), code="invalid_key_request") from None
-        await self.g.s.keys_changed()
-        return json_response({**key_admin.describe(issued.record, self.g.s.clock()), "key": issued.secret}, 201)
+        await self._keys_changed()
+        return json_response({**key_admin.describe(issued.record, self._clock()), "key": issued.secret}, 201)
 
     async def revoke_key(self, request: Request) -> Response:
         self.require_admin(request)
         try:
-            record = await key_admin.revoke(self.g.s.store, request.path_params["name"], now=self.g.s.clock())
+            record = await key_admin.revoke(self._store, request.path_params["name"], now=self._clock())
         except KeyNotFound:
             raise NotFound("No such key.", code="key_not_found", param="name") from None
-        await self.g.s.keys_changed()
-        return json_response(key_admin.describe(record, self.g.s.clock()))
+        await self._keys_changed()
+        return json_response(key_admin.describe(record, self._clock()))
 
     async def rotate_key(self, request: Request) -> Response:
         self.require_admin(request)
-        grace = self.g.s.settings.auth.rotation_grace_s
+        grace = self._rotation_grace_s
         if "grace_s" in request.query_params:
             grace = float(_int_param(request, "grace_s", int(grace), 0, 30 * 86400))
         try:
-            issued = await key_admin.rotate(
-                self.g.s.store, request.path_params["name"], now=self.g.s.clock(), grace_s=grace
-            )
+            issued = await key_admin.rotate(self._store, request.path_params["name"], now=self._clock(), grace_s=grace)
         except KeyNotFound:
             raise NotFound("No such key.", code="key_not_found", param="name") from None
         except KeyRevoked:
             raise Conflict("A revoked key cannot be rotated.", code="key_revoked", param="name") from None
-        await self.g.s.keys_changed()
-        return json_response({**key_admin.describe(issued.record, self.g.s.clock()), "key": issued.secret})
+        await self._keys_changed()
+        return json_response({**key_admin.describe(issued.record, self._clock()), "key": issued.secret})
 
-    # -- admin token ---------------------------------------------------------------------------------------------
+    # -- authentication ------------------------------------------------------------------------------------------
+
+    async def authenticate(self, request: Request) -> Principal:
+        """The calling client (401 otherwise), within its rate limit (429)."""
+        return await self._clients.authenticate(request.headers.get("authorization"), log_fields(request.scope))
 
     def is_admin(self, request: Request) -> bool:
-        token = self.g.s.settings.admin_token
-        given = bearer_token(request.headers.get("authorization"))
-        return bool(token) and given is not None and hmac.compare_digest(given.encode(), token.encode())
+        return self._admin_token.matches(request.headers.get("authorization"))
 
     def require_admin(self, request: Request) -> None:
         """The admin token (401), unless this address sent too many wrong ones lately (429, before comparing)."""
-        if not self.g.s.settings.admin_token:
-            raise NotFound(f"No route {request.url.path}.", code="not_found")
-        guard, address = self.g.s.admin_guard, request.client.host if request.client else ""
-        wait = guard.retry_after(address)
-        if wait is not None:
-            raise TooManyRequests(
-                f"Too many wrong admin tokens from this address; retry in {wait} s.",
-                code="too_many_auth_failures",
-                headers={"Retry-After": str(wait)},
-            )
-        if not self.is_admin(request):
-            if guard.failed(address):
-                self.g.s.metrics.admin_auth_lockouts.labels("admin_api").inc()
-                self.g.s.log.warning("admin_auth_locked_out", client=address, path=request.url.path)
-            raise AuthenticationFailed(
-                "The admin API needs 'Authorization: Bearer <admin token>'.", code="invalid_admin_token"
-            )
-        guard.succeeded(address)
+        address = request.client.host if request.client else ""
+        self._admin_token.require(request.headers.get("authorization"), request.url.path, address)
 
     def routes(self) -> list[BaseRoute]:
         return [

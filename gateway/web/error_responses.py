@@ -7,14 +7,13 @@ deliberate 503); a ``StoreError`` becomes 503 ``store_unavailable`` (nothing was
 
 from __future__ import annotations
 
-from typing import Any
-
 import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.errors import GatewayError, ServiceUnavailable
+from gateway.logs import Logger
 from gateway.metrics import Metrics
 from gateway.store.base import StoreError
 from gateway.web.middleware import request_id_of
@@ -26,7 +25,7 @@ _JSON = "application/json"
 class ErrorResponder:
     """The app's exception handlers, bound to its metrics and logger."""
 
-    def __init__(self, metrics: Metrics, log: Any) -> None:
+    def __init__(self, metrics: Metrics, log: Logger) -> None:
         self._metrics = metrics
         self._log = log
 

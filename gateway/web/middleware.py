@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.catalog import REQUEST_ID_SHAPE
 from gateway.errors import GatewayError, HeadersTooLarge
-from gateway.logs import REQUEST_ID
+from gateway.logs import REQUEST_ID, Logger
 from gateway.metrics import Metrics
 
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
@@ -79,7 +79,7 @@ class RequestBook:
         self,
         *,
         metrics: Metrics,
-        logger: Any,
+        logger: Logger,
         access: Callable[[dict[str, Any]], None] | None = None,
         max_header_bytes: int = 16 * 1024,
     ) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import math
 import re
 from typing import Any
 
@@ -12,68 +10,88 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from gateway.auth.authenticate import ClientAuthentication
 from gateway.auth.principal import Principal
+from gateway.catalog import TASK_ID_SHAPE
 from gateway.errors import (
-    Conflict,
     GatewayError,
     InvalidRequest,
     NotFound,
     PermissionDenied,
     Problem,
-    TooManyRequests,
-    Unprocessable,
     UnsupportedMediaType,
     UpstreamUnavailable,
 )
 from gateway.keys import model_allowed
-from gateway.ledger.pricing import Estimate
-from gateway.ledger.service import DuplicateTaskId, Submission
-from gateway.services import Services
-from gateway.store.base import IdemKind, StoreError, TaskRecord
-from gateway.upstream.client import UpstreamResponse, inbound_headers
-from gateway.validation.checks import ValidationResult, ValidRequest, validate
-from gateway.web.bodies import json_response, read_body, read_json_object, unread_coding
+from gateway.ledger.pricing import Estimate, PriceTable
+from gateway.ledger.service import DuplicateTaskId, Ledger, Submission
+from gateway.logs import Logger
+from gateway.status.fetch import STATUS_ROUTE
+from gateway.status.poller import StatusPoller
+from gateway.store.base import TaskRecord
+from gateway.upstream.client import UpstreamClient, UpstreamResponse, inbound_headers
+from gateway.validation.checks import ValidRequest
+from gateway.validation.request_checks import RequestChecks
+from gateway.web.bodies import encode_headers, json_response, read_body, read_json_object, unread_coding
+from gateway.web.idempotency import IdempotencyRecords, idempotency_key
 from gateway.web.middleware import log_fields, request_id_of
 from gateway.web.verdict import verdict
 
+__all__ = ["PASSTHROUGH_ROUTE", "STATUS_ROUTE", "SUBMIT_ROUTE", "GatewayRoutes"]
+
 SUBMIT_ROUTE = "/v1/video/generations"
-STATUS_ROUTE = "/v1/videos/{task_id}"
 PASSTHROUGH_ROUTE = "/v1/{path:path}"
-_TASK_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:\-]{0,199}")  # never "." or ".."
-_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+_TASK_ID = re.compile(TASK_ID_SHAPE)  # never "." or ".."
 _ENCODED_HEADER_MEMO = 1024
-_REPLAY_HEADERS = frozenset({"content-type", "x-gateway-warning", "retry-after"})
 
 
 class GatewayRoutes:
-    """Handlers bound to the app's services (built at start-up by the app factory's lifespan)."""
+    """The upstream-compatible handlers and ``POST /gateway/validate``, given everything they use when built."""
 
-    s: Services
-
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        clients: ClientAuthentication,
+        checks: RequestChecks,
+        idempotency: IdempotencyRecords,
+        ledger: Ledger,
+        upstream: UpstreamClient,
+        statuses: StatusPoller,
+        prices: PriceTable,
+        log: Logger,
+        max_body_bytes: int,
+        passthrough_enabled: bool,
+    ) -> None:
+        self._clients = clients
+        self._checks = checks
+        self._idempotency = idempotency
+        self._ledger = ledger
+        self._upstream = upstream
+        self._statuses = statuses
+        self._prices = prices
+        self._log = log
+        self._max_body_bytes = max_body_bytes
+        self._passthrough_enabled = passthrough_enabled
         self._encoded_headers: dict[tuple[tuple[tuple[str, str], ...], str], list[tuple[bytes, bytes]]] = {}
-
-    def bind(self, services: Services) -> None:
-        self.s = services
 
     # -- upstream-compatible -------------------------------------------------------------------------------------
 
     async def submit(self, request: Request) -> Response:
         """POST /v1/video/generations: auth → validate → limits → idempotency → forward → record → respond."""
-        principal = await self.authenticate(request)
-        body = await read_json_object(request, self.s.settings.server.max_body_bytes)
-        result = await self.validated(body)
-        valid = self.require_valid(result)
+        principal = await self._clients.authenticate(request.headers.get("authorization"), log_fields(request.scope))
+        body = await read_json_object(request, self._max_body_bytes)
+        result = await self._checks.validated(body)
+        valid = self._checks.require_valid(result)
         log_fields(request.scope).update(model=valid.model, mode=valid.mode)
         self.authorize_model(principal, valid)
-        estimate = self.s.ledger.estimate(valid)
-        idem_key = self.idempotency_key(request)
+        estimate = self._ledger.estimate(valid)
+        idem_key = idempotency_key(request)
         if idem_key is not None:
-            replay = await self.claim_idempotency(principal, idem_key, body)
+            replay = await self._idempotency.claim(principal, idem_key, body)
             if replay is not None:
                 return replay  # a finished repeat answers as the first time did, budget or not
         try:
-            async with self.s.ledger.budget_reserved(principal, estimate) as intent_id:
+            async with self._ledger.budget_reserved(principal, estimate) as intent_id:
                 response = await self.forward_submission(
                     request, principal, valid, estimate, result.warnings, intent_id
                 )
@@ -81,10 +99,10 @@ class GatewayRoutes:
             # Failed (not cancelled): the same key may be retried. A cancelled attempt keeps its in-flight record
             # (409 to repeats) until it is taken over, since the upstream may have the task.
             if idem_key is not None:
-                await self.release_idempotency(principal, idem_key)
+                await self._idempotency.release(principal, idem_key)
             raise
         if idem_key is not None:
-            await self.finish_idempotency(principal, idem_key, response)
+            await self._idempotency.finish(principal, idem_key, response)
         return response
 
     async def forward_submission(
@@ -97,9 +115,9 @@ class GatewayRoutes:
         intent_id: str | None = None,
     ) -> Response:
         """Intent → upstream → task row (before the client sees 200) → the upstream's answer."""
-        submission = await self.s.ledger.begin(principal, valid, estimate, self.request_id(request), intent_id)
+        submission = await self._ledger.begin(principal, valid, estimate, self.request_id(request), intent_id)
         try:
-            upstream = await self.s.upstream.request(
+            upstream = await self._upstream.request(
                 "POST",
                 SUBMIT_ROUTE,
                 route=SUBMIT_ROUTE,
@@ -110,11 +128,11 @@ class GatewayRoutes:
             )
         except UpstreamUnavailable as exc:
             if not exc.request_sent:
-                await self.s.ledger.refused(submission)
+                await self._ledger.refused(submission)
             raise  # sent but unanswered: the intent stays, listed as outcome unknown
         self.note_upstream(request, upstream)
         if not 200 <= upstream.status < 300:
-            await self.s.ledger.refused(submission)
+            await self._ledger.refused(submission)
             return self.passthrough_response(upstream)
         task = await self.record_task(submission, upstream)
         log_fields(request.scope)["task_id"] = task.task_id
@@ -131,28 +149,28 @@ class GatewayRoutes:
         task_id = answer.get("task_id") or answer.get("id")
         if not isinstance(task_id, str) or not _TASK_ID.fullmatch(task_id):
             # Accepted but unusable: the intent stays as outcome unknown for reconciliation.
-            self.s.log.error("upstream_task_without_id", intent_id=submission.intent_id)
-            raise self.s.upstream.invalid_response()
+            self._log.error("upstream_task_without_id", intent_id=submission.intent_id)
+            raise self._upstream.invalid_response()
         try:
-            return await self.s.ledger.accepted(submission, task_id)
+            return await self._ledger.accepted(submission, task_id)
         except DuplicateTaskId as exc:
             # An id the ledger already holds: its owner keeps it; this submission stays as outcome unknown.
-            self.s.log.error(
+            self._log.error(
                 "upstream_task_id_reused",
                 task_id=task_id,
                 intent_id=submission.intent_id,
                 same_key=exc.owner == submission.principal.name,
             )
-            raise self.s.upstream.invalid_response() from None
+            raise self._upstream.invalid_response() from None
 
     async def status(self, request: Request) -> Response:
         """GET /v1/videos/{task_id}: auth → ownership → cache/coalesce → upstream response."""
-        principal = await self.authenticate(request)
+        principal = await self._clients.authenticate(request.headers.get("authorization"), log_fields(request.scope))
         task = await self.owned_task(principal, request.path_params["task_id"])
         log_fields(request.scope).update(model=task.model, task_id=task.task_id)
         # A settled task's final answer is in the ledger: served from there even after expiry or a restart.
         try:
-            outcome = await self.s.status.poll(task.task_id, terminal_body=task.terminal_body)
+            outcome = await self._statuses.poll(task.task_id, terminal_body=task.terminal_body)
         except GatewayError as exc:  # nothing cached to serve stale: still say where the answer came from
             exc.headers["X-Cache"] = "MISS"
             raise
@@ -166,7 +184,7 @@ class GatewayRoutes:
         memo_key = (headers, x_cache)
         encoded = self._encoded_headers.get(memo_key)
         if encoded is None:
-            encoded = [*_encode(inbound_headers(headers)), (b"x-cache", x_cache.encode())]
+            encoded = [*encode_headers(inbound_headers(headers)), (b"x-cache", x_cache.encode())]
             if len(self._encoded_headers) >= _ENCODED_HEADER_MEMO:
                 self._encoded_headers.clear()
             self._encoded_headers[memo_key] = encoded
@@ -174,7 +192,7 @@ class GatewayRoutes:
 
     async def passthrough(self, request: Request) -> Response:
         """Other /v1/... paths: forwarded with the key injected when ``[proxy] passthrough`` is on."""
-        if not self.s.settings.proxy.passthrough:
+        if not self._passthrough_enabled:
             raise NotFound(f"No route {request.url.path}.", code="not_found")
         principal = await self.authenticate(request)
         path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
@@ -190,7 +208,7 @@ class GatewayRoutes:
                 param="path",
             )
         for candidate in task_id_candidates(path, query):
-            task = await self.s.ledger.find(candidate)
+            task = await self._ledger.find(candidate)
             if task is not None and task.key_name != principal.name:  # task-scoped paths keep tenancy
                 raise NotFound("No such task for this key.", code="task_not_found", param="task_id")
         if unread_coding(None, request.headers.get("transfer-encoding")) is not None:
@@ -200,10 +218,10 @@ class GatewayRoutes:
                 code="unsupported_encoding",
                 param="transfer-encoding",
             )
-        body = await read_body(request, self.s.settings.server.max_body_bytes)
+        body = await read_body(request, self._max_body_bytes)
         if query:
             path = f"{path}?{query}"
-        upstream = await self.s.upstream.request(
+        upstream = await self._upstream.request(
             request.method,
             path,
             route=PASSTHROUGH_ROUTE,
@@ -217,38 +235,14 @@ class GatewayRoutes:
     async def validate(self, request: Request) -> Response:
         """POST /gateway/validate: the same checks as a submission, answered here, never forwarded."""
         await self.authenticate(request)
-        body = await read_json_object(request, self.s.settings.server.max_body_bytes)
-        return json_response(verdict(await self.validated(body), self.s.prices))
-
-    async def healthz(self, request: Request) -> Response:
-        return json_response({"status": "ok"})
-
-    async def readyz(self, request: Request) -> Response:
-        problems = await self.s.readiness()
-        if problems:
-            return json_response({"status": "unavailable", "problems": problems}, status=503)
-        return json_response({"status": "ready"})
+        body = await read_json_object(request, self._max_body_bytes)
+        return json_response(verdict(await self._checks.validated(body), self._prices))
 
     # -- pipeline steps ---------------------------------------------------------------------------------------------
 
     async def authenticate(self, request: Request) -> Principal:
-        """Who is calling (401 otherwise), then their requests-per-minute limit (429), shared by every replica
-        when ``[cache] url`` is Redis."""
-        principal = self.s.auth.authenticate(request.headers.get("authorization"))
-        log_fields(request.scope)["key"] = principal.name
-        shared = self.s.shared_limiter
-        if shared is not None:
-            wait = await shared.check(principal.name, principal.rpm)
-        else:
-            wait = self.s.limiter.check(principal.name, principal.rpm)
-        if wait is not None:
-            raise TooManyRequests(
-                f"Rate limit of {principal.rpm} requests per minute for key '{principal.name}' reached; "
-                f"retry in {math.ceil(wait)} s.",
-                code="rate_limited",
-                headers={"Retry-After": str(max(1, math.ceil(wait)))},
-            )
-        return principal
+        """Who is calling (401 otherwise), then their requests-per-minute limit (429)."""
+        return await self._clients.authenticate(request.headers.get("authorization"), log_fields(request.scope))
 
     def authorize_model(self, principal: Principal, valid: ValidRequest) -> None:
         if not model_allowed(principal.models, valid.model):
@@ -257,7 +251,7 @@ class GatewayRoutes:
                 code="model_not_allowed",
                 param="model",
             )
-        if principal.monthly_budget_usd is not None and not self.s.prices.priced(valid.model):
+        if principal.monthly_budget_usd is not None and not self._prices.priced(valid.model):
             # A budget cannot hold a model that costs nothing in the ledger: price it in [pricing.prices] first.
             raise PermissionDenied(
                 f"Key '{principal.name}' has a monthly budget, and model '{valid.model}' has no configured price.",
@@ -267,90 +261,17 @@ class GatewayRoutes:
 
     async def owned_task(self, principal: Principal, task_id: str) -> TaskRecord:
         """The caller's task; an unknown task and another key's task get the same 404."""
-        task = await self.s.ledger.find(task_id) if _TASK_ID.fullmatch(task_id) else None
+        task = await self._ledger.find(task_id) if _TASK_ID.fullmatch(task_id) else None
         if task is None or task.key_name != principal.name:
             raise NotFound("No such task for this key.", code="task_not_found", param="task_id")
         return task
-
-    async def validated(self, body: dict[str, Any]) -> ValidationResult:
-        """Pure validation, then (for names only) the bounded DNS check of media hosts."""
-        result = validate(body, self.s.validation)
-        if result.request is not None and result.request.media_hosts and self.s.media_guard is not None:
-            problems = await self.s.media_guard.check(result.request)
-            if problems:
-                return ValidationResult(request=None, problems=problems, warnings=result.warnings)
-        return result
-
-    def require_valid(self, result: ValidationResult) -> ValidRequest:
-        if result.request is None:
-            for problem in result.problems:
-                self.s.metrics.rejections.labels(problem.code).inc()
-            raise InvalidRequest.from_problems(result.problems)
-        return result.request
-
-    def idempotency_key(self, request: Request) -> str | None:
-        value = request.headers.get("idempotency-key")
-        if value is None:
-            return None
-        if not _IDEMPOTENCY_KEY.fullmatch(value):
-            raise InvalidRequest(
-                "Idempotency-Key must be 1-255 visible ASCII characters.",
-                code="invalid_idempotency_key",
-                param="Idempotency-Key",
-            )
-        return value
-
-    async def claim_idempotency(self, principal: Principal, idem_key: str, body: dict[str, Any]) -> Response | None:
-        """None to go ahead; the stored response for a finished repeat; 409 while in flight; 422 for another body."""
-        body_hash = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
-        state = await self.s.store.idempotency_begin(principal.name, idem_key, body_hash, self.s.clock())
-        if state.kind is IdemKind.NEW:
-            return None
-        if state.kind is IdemKind.IN_FLIGHT:
-            raise Conflict(
-                "A request with this Idempotency-Key is still in flight; retry when it has finished.",
-                code="idempotency_in_progress",
-                headers={"Retry-After": "1"},
-            )
-        if state.kind is IdemKind.CONFLICT:
-            raise Unprocessable(
-                "This Idempotency-Key was already used with a different request body.",
-                code="idempotency_conflict",
-                param="Idempotency-Key",
-            )
-        response = Response(state.body, status_code=state.status or 200)
-        response.raw_headers.extend(_encode(state.headers))
-        response.raw_headers.append((b"idempotent-replayed", b"true"))
-        return response
-
-    async def release_idempotency(self, principal: Principal, idem_key: str) -> None:
-        try:
-            await self.s.store.idempotency_abandon(principal.name, idem_key)
-        except StoreError as exc:  # the record expires into a takeover; never mask the real answer
-            self.s.log.error("idempotency_release_failed", error=str(exc))
-
-    async def finish_idempotency(self, principal: Principal, idem_key: str, response: Response) -> None:
-        if response.status_code >= 500:
-            await self.release_idempotency(principal, idem_key)
-            return
-        headers = [
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in response.raw_headers
-            if k.decode("latin-1") in _REPLAY_HEADERS
-        ]
-        try:
-            await self.s.store.idempotency_finish(
-                principal.name, idem_key, response.status_code, headers, bytes(response.body)
-            )
-        except StoreError as exc:  # the client still gets its answer; repeats see 409 until takeover
-            self.s.log.error("idempotency_store_failed", error=str(exc))
 
     def upstream_idempotency_key(self, request: Request, principal: Principal) -> str | None:
         """The client's Idempotency-Key scoped to its key (an HMAC), so it never meets another key's upstream."""
         client_key = request.headers.get("idempotency-key")
         if client_key is None:
             return None
-        return self.s.upstream.idempotency_key_for(principal.name, client_key)
+        return self._upstream.idempotency_key_for(principal.name, client_key)
 
     def request_id(self, request: Request) -> str:
         return request_id_of(request.scope) or ""
@@ -369,13 +290,13 @@ class GatewayRoutes:
         except orjson.JSONDecodeError:
             parsed = None
         if not isinstance(parsed, dict):
-            raise self.s.upstream.invalid_response()
+            raise self._upstream.invalid_response()
         return parsed
 
     def passthrough_response(self, upstream: UpstreamResponse, *, warnings: list[str] | None = None) -> Response:
         """The upstream's status and body unchanged, its end-to-end headers, plus gateway warnings."""
         response = Response(upstream.body, status_code=upstream.status)
-        response.raw_headers.extend(_encode(inbound_headers(upstream.headers)))
+        response.raw_headers.extend(encode_headers(inbound_headers(upstream.headers)))
         for warning in warnings or ():
             response.raw_headers.append((b"x-gateway-warning", _header_safe(warning)))
         return response
@@ -385,8 +306,6 @@ class GatewayRoutes:
             Route(SUBMIT_ROUTE, self.submit, methods=["POST"]),
             Route(STATUS_ROUTE, self.status, methods=["GET"]),
             Route("/gateway/validate", self.validate, methods=["POST"]),
-            Route("/healthz", self.healthz, methods=["GET"]),
-            Route("/readyz", self.readyz, methods=["GET"]),
         ]
 
     def passthrough_routes(self) -> list[BaseRoute]:
@@ -416,10 +335,6 @@ def task_id_candidates(path: str, query: str) -> list[str]:
         if part and _TASK_ID.fullmatch(part):
             seen[part] = None
     return list(seen)
-
-
-def _encode(headers: Any) -> list[tuple[bytes, bytes]]:
-    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
 
 
 def _header_safe(text: str) -> bytes:

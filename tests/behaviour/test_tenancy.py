@@ -176,7 +176,7 @@ class TestLimits:
         numbered_tasks(fake_upstream)
         now = [1_000_000.0]
         gw = make_gateway(fake_upstream.url, env=KEYS_MODE)
-        gw.client.app.state.services.limiter._clock = lambda: now[0]  # type: ignore[attr-defined]
+        gw.client.app.state.services.rate_limits.local._clock = lambda: now[0]  # type: ignore[attr-defined]
         secret = gw.create_key("team-a", rpm=3)
         statuses = [gw.client.get("/gateway/tasks", headers=gw.as_key(secret)).status_code for _ in range(4)]
         assert statuses == [200, 200, 200, 429]

@@ -656,10 +656,11 @@ class ServerThread(_LoopThread):
 
     _thread_name = "asgi-server"
 
-    def __init__(self, app: ASGIApp, *, lifespan: Literal["auto", "on", "off"] = "auto") -> None:
+    def __init__(self, app: ASGIApp, *, lifespan: Literal["auto", "on", "off"] = "auto", **options: Any) -> None:
         super().__init__()
         self.app = app
         self.lifespan: Literal["auto", "on", "off"] = lifespan
+        self.options = options  # more of serve_app's arguments (http, timeout_keep_alive)
         self._running: RunningServer | None = None
 
     def __enter__(self) -> ServerThread:
@@ -685,7 +686,7 @@ class ServerThread(_LoopThread):
 
     async def _serve(self) -> None:
         assert self._stop is not None
-        async with serve_app(self.app, lifespan=self.lifespan) as running:
+        async with serve_app(self.app, lifespan=self.lifespan, **self.options) as running:
             self._running = running
             self._ready.set()
             await self._stop.wait()

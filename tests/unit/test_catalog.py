@@ -152,7 +152,7 @@ class TestShapes:
         [
             ("gateway.web.middleware:_SANE_REQUEST_ID", REQUEST_ID_SHAPE),
             ("gateway.web.routes:_TASK_ID", TASK_ID_SHAPE),
-            ("gateway.web.routes:_IDEMPOTENCY_KEY", IDEMPOTENCY_KEY_SHAPE),
+            ("gateway.web.idempotency:_IDEMPOTENCY_KEY", IDEMPOTENCY_KEY_SHAPE),
             ("gateway.keys:_KEY_NAME", KEY_NAME_SHAPE),
         ],
     )

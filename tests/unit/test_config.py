@@ -138,6 +138,16 @@ class TestErrors:
                 "settler.max_give_ups_per_s: must be positive",
             ),
             ({"KLING_GATEWAY_CACHE_STALE_KEEP_S": "-1"}, "cache.stale_keep_s: must not be negative"),
+            ({"KLING_GATEWAY_SERVER_HEADER_TIMEOUT_S": "0"}, "server.header_timeout_s: must be positive"),
+            (
+                {"KLING_GATEWAY_SERVER_HEADER_TIMEOUT_S": "soon"},
+                "server.header_timeout_s: expected a number, got 'soon' (from KLING_GATEWAY_SERVER_HEADER_TIMEOUT_S)",
+            ),
+            (
+                {"KLING_GATEWAY_SERVER_MAX_CONNECTIONS_READING_HEADERS": "0"},
+                "server.max_connections_reading_headers: must be at least 1",
+            ),
+            ({"KLING_GATEWAY_SERVER_KEEP_ALIVE_TIMEOUT_S": "-1"}, "server.keep_alive_timeout_s: must be positive"),
             (
                 {"KLING_GATEWAY_CACHE_KEY_PREFIX": "team a:"},
                 "cache.key_prefix: 1-64 characters among letters, digits and . _ : -",
@@ -220,6 +230,9 @@ RULE_CASES: list[tuple[str, str, str]] = [
     ("server.max_body_bytes", "1023", "must be at least 1024"),
     ("server.workers", "0", "must be at least 1"),
     ("server.shutdown_timeout_s", "-1", "must not be negative"),
+    ("server.header_timeout_s", "0", "must be positive"),
+    ("server.max_connections_reading_headers", "0", "must be at least 1"),
+    ("server.keep_alive_timeout_s", "0", "must be positive"),
     ("upstream.timeout_s", "0", "must be positive"),
     ("upstream.connect_timeout_s", "0", "must be positive"),
     ("upstream.read_timeout_s", "0", "must be positive"),

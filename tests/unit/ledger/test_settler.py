@@ -19,7 +19,7 @@ from gateway.config import PricingSettings, SettlerSettings
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 from gateway.ledger.pricing import PriceTable
 from gateway.ledger.service import Ledger
-from gateway.ledger.settler import RateLimiter, Settler
+from gateway.ledger.settler import CallPacer, Settler
 from gateway.logs import make_logger
 from gateway.metrics import Metrics, create_metrics
 from gateway.status.poller import Coalescer, FetchResult, MemoryStatusCache, PollOutcome, StatusPoller
@@ -137,7 +137,9 @@ def real_poller(world: World, upstream: FakeUpstream) -> StatusPoller:
     cache = MemoryStatusCache(
         pending_ttl_s=2, terminal_ttl_s=3600, max_entries=1000, max_bytes=1 << 20, clock=world.clock
     )
-    return StatusPoller(cache, Coalescer(), world.metrics, fetch=upstream.fetch, on_fresh=on_fresh)
+    return StatusPoller(
+        cache, Coalescer(), world.metrics, fetch=upstream.fetch, on_fresh=on_fresh, log=make_logger(stream=world.logs)
+    )
 
 
 def outcome(status_code: int, body: dict[str, Any] | bytes, x_cache: str = "MISS") -> PollOutcome:
@@ -398,14 +400,14 @@ class TestRateLimit:
         async def sleep(seconds: float) -> None:
             wakes.append(clock.now + seconds)
 
-        limiter = RateLimiter(5.0, clock=clock, sleep=sleep)
+        limiter = CallPacer(5.0, clock=clock, sleep=sleep)
         await asyncio.gather(*(limiter.acquire() for _ in range(10)))
         assert sorted(wakes) == pytest.approx([0.2 * n for n in range(1, 10)])
 
     async def test_limiter_refills_after_idle(self) -> None:
         """After a quiet spell the next slot is immediate (no burst is saved up beyond one)."""
         clock = FakeClock(now=0.0)
-        limiter = RateLimiter(5.0, clock=clock, sleep=clock.sleep)
+        limiter = CallPacer(5.0, clock=clock, sleep=clock.sleep)
         await limiter.acquire()
         clock.now += 10
         await limiter.acquire()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import io
 import tracemalloc
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,6 +13,7 @@ import orjson
 import pytest
 
 from gateway.errors import NotFound, UpstreamTimeout, UpstreamUnavailable
+from gateway.logs import make_logger
 from gateway.metrics import Metrics, create_metrics
 from gateway.status.poller import (
     ENTRY_OVERHEAD_BYTES,
@@ -77,7 +79,13 @@ def make_poller(
     options = {"pending_ttl_s": 2, "terminal_ttl_s": 3600, "max_entries": 1000, "max_bytes": 1 << 20}
     options.update(cache_kwargs)
     cache = MemoryStatusCache(**options, clock=clock or FakeClock())
-    return StatusPoller(cache, Coalescer(), metrics, fetch=fetch, on_fresh=on_fresh), cache, metrics
+    return (
+        StatusPoller(
+            cache, Coalescer(), metrics, fetch=fetch, on_fresh=on_fresh, log=make_logger(stream=io.StringIO())
+        ),
+        cache,
+        metrics,
+    )
 
 
 def cache_count(metrics: Metrics, result: str) -> float:
@@ -543,7 +551,9 @@ class TestSharedStatusCache:
     def poller(self, fetch: FakeFetch, shared: FakeShared, clock: FakeClock) -> tuple[StatusPoller, Metrics]:
         metrics = create_metrics()
         cache = MemoryStatusCache(pending_ttl_s=2, terminal_ttl_s=3600, max_entries=100, max_bytes=1 << 20, clock=clock)
-        poller = StatusPoller(cache, Coalescer(), metrics, fetch=fetch, shared=shared, clock=clock)  # type: ignore[arg-type]
+        poller = StatusPoller(
+            cache, Coalescer(), metrics, fetch=fetch, shared=shared, clock=clock, log=make_logger(stream=io.StringIO())
+        )  # type: ignore[arg-type]
         return poller, metrics
 
     async def test_another_replicas_answer_is_a_hit_kept_here_for_the_freshness_it_has_left(self) -> None:

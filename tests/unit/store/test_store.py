@@ -268,7 +268,7 @@ class TestOpen:
         """ping reports False (not an exception) when the database misbehaves."""
         store = await SQLiteStore.open(str(tmp_path / "g.db"))
         try:
-            await store._write(lambda conn: conn.close())
+            await store._writer.run(lambda conn: conn.close())
             assert await store.ping() is False
         finally:
             await store.close()
@@ -1033,15 +1033,15 @@ class WriterGate:
     def __init__(self, store: SQLiteStore) -> None:
         self._store = store
         self._event = threading.Event()
-        self._job = store._writer.submit(self._event.wait)
+        self._job = store._writer.executor.submit(self._event.wait)
 
     async def queued(self, count: int) -> None:
         """Wait until ``count`` operations are queued behind the gate."""
         for _ in range(1000):
-            if len(self._store._pending) >= count:
+            if self._store._writer.queued >= count:
                 return
             await asyncio.sleep(0.001)
-        raise AssertionError(f"only {len(self._store._pending)} of {count} writes were queued")
+        raise AssertionError(f"only {self._store._writer.queued} of {count} writes were queued")
 
     def open(self) -> None:
         self._event.set()
@@ -1059,9 +1059,9 @@ def committed_intents(path: Path) -> set[str]:
 @pytest.fixture
 async def sqlite_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[SQLiteStore]:
     """A file store whose batches are bounded by max_batch only, so what forms one batch is deterministic."""
-    import gateway.store.sqlite as store_sqlite
+    import gateway.store.sqlite_writer as sqlite_writer
 
-    monkeypatch.setattr(store_sqlite, "_BATCH_BUDGET_S", 3600.0)
+    monkeypatch.setattr(sqlite_writer, "_BATCH_BUDGET_S", 3600.0)
     s = await SQLiteStore.open(str(tmp_path / "g.db"))
     yield s
     await s.close()
@@ -1105,9 +1105,9 @@ class TestGroupCommit:
         """A write with nothing else queued is BEGIN IMMEDIATE / its statement / COMMIT: no savepoint, no wait."""
         store = sqlite_store
         statements: list[str] = []
-        await store._write(lambda conn: conn.set_trace_callback(statements.append))
+        await store._writer.run(lambda conn: conn.set_trace_callback(statements.append))
         await store.record_intent("i1", "team-a", "r1", "m", "text", T0)
-        await store._write(lambda conn: conn.set_trace_callback(None))
+        await store._writer.run(lambda conn: conn.set_trace_callback(None))
         assert [s.split()[0] for s in statements] == ["BEGIN", "INSERT", "COMMIT"]
         assert store.commits == 1
         assert committed_intents(tmp_path / "g.db") == {"i1"}
@@ -1120,7 +1120,7 @@ class TestGroupCommit:
             if statement == "COMMIT":
                 time.sleep(0.02)
 
-        await store._write(lambda conn: conn.set_trace_callback(slow_commit))
+        await store._writer.run(lambda conn: conn.set_trace_callback(slow_commit))
         await store.record_intent("alone", "team-a", "r", "m", "text", T0)
         assert "alone" in committed_intents(path)
         unseen: list[str] = []
@@ -1288,9 +1288,9 @@ class TestGroupCommit:
 
     async def test_memory_store_batches_between_reads(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """:memory: (reads on the writer thread too) group-commits; a read runs between batches, never inside one."""
-        import gateway.store.sqlite as store_sqlite
+        import gateway.store.sqlite_writer as sqlite_writer
 
-        monkeypatch.setattr(store_sqlite, "_BATCH_BUDGET_S", 3600.0)
+        monkeypatch.setattr(sqlite_writer, "_BATCH_BUDGET_S", 3600.0)
         store = await SQLiteStore.open(":memory:")
         try:
             gate = WriterGate(store)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -10,13 +11,15 @@ from typing import Any
 import httpx
 import pytest
 from support.harness import ADMIN, GatewayFactory
+from support.httpx_transport import HttpxTransport
 from support.upstream_fake import FakeUpstream, fresh_task, json, refuse, slow
 
 from gateway.config import UpstreamSettings
 from gateway.errors import ServiceUnavailable, UpstreamUnavailable
+from gateway.logs import make_logger
 from gateway.metrics import create_metrics
 from gateway.upstream.breaker import BreakerOpen, BreakerState, CircuitBreaker, CircuitOpen, Permit, open_error
-from gateway.upstream.client import HttpxTransport, UpstreamClient
+from gateway.upstream.client import UpstreamClient
 
 SUBMIT = "/v1/video/generations"
 BODY: dict[str, Any] = {"model": "kling-v3-std-silent", "prompt": "rain on a tin roof", "duration": 5}
@@ -203,7 +206,12 @@ def client_for(handler: Any, clock: FakeClock, threshold: int = 2) -> UpstreamCl
     settings = UpstreamSettings(base_url="http://upstream.test", get_retries=0)
     breaker = CircuitBreaker(threshold, 5.0, clock=clock)
     return UpstreamClient(
-        settings, "sk-x", HttpxTransport(httpx.MockTransport(handler), settings), create_metrics(), breaker=breaker
+        settings,
+        "sk-x",
+        HttpxTransport(httpx.MockTransport(handler), settings),
+        create_metrics(),
+        breaker=breaker,
+        log=make_logger(stream=io.StringIO()),
     )
 
 

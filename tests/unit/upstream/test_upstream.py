@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
+
 import httpx
 import pytest
+from support.httpx_transport import HttpxTransport
 
 from gateway.config import UpstreamSettings
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.logs import make_logger
 from gateway.metrics import create_metrics
-from gateway.upstream.client import HttpxTransport, UpstreamClient, inbound_headers, outbound_headers
+from gateway.upstream.client import UpstreamClient, inbound_headers, outbound_headers
 
 KEY = "sk-upstream-canary"
 
@@ -26,7 +30,15 @@ def client_for(handler: httpx.MockTransport, **settings: object) -> tuple[Upstre
         sleeps.append(seconds)
 
     cfg = UpstreamSettings(base_url="http://upstream.test", **settings)  # type: ignore[arg-type]
-    client = UpstreamClient(cfg, KEY, HttpxTransport(handler, cfg), metrics, sleep=sleep, jitter=lambda: 1.0)
+    client = UpstreamClient(
+        cfg,
+        KEY,
+        HttpxTransport(handler, cfg),
+        metrics,
+        sleep=sleep,
+        jitter=lambda: 1.0,
+        log=make_logger(stream=io.StringIO()),
+    )
     return client, metrics, sleeps
 
 

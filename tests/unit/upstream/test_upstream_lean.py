@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import gzip
+import io
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,6 +22,7 @@ from support.upstream_fake import FakeUpstream, Respond, garbage, hang, huge, js
 
 from gateway.config import UpstreamSettings
 from gateway.errors import UpstreamUnavailable
+from gateway.logs import make_logger
 from gateway.metrics import create_metrics
 from gateway.upstream import lean as upstream_lean
 from gateway.upstream.client import BadResponse, ConnectFailed, TimedOut, UpstreamClient, UpstreamResponse
@@ -652,7 +654,15 @@ async def test_upstream_client_over_lean_transport(fake_upstream: FakeUpstream) 
     async def sleep(seconds: float) -> None:
         sleeps.append(seconds)
 
-    client = UpstreamClient(cfg, KEY, LeanTransport(cfg), create_metrics(), sleep=sleep, jitter=lambda: 1.0)
+    client = UpstreamClient(
+        cfg,
+        KEY,
+        LeanTransport(cfg),
+        create_metrics(),
+        sleep=sleep,
+        jitter=lambda: 1.0,
+        log=make_logger(stream=io.StringIO()),
+    )
     response = await client.request(
         "POST",
         "/v1/video/generations",
@@ -668,7 +678,15 @@ async def test_upstream_client_over_lean_transport(fake_upstream: FakeUpstream) 
     assert seen.header("x-request-id") == "rid-1" and seen.body == b'{"a":1}'
 
     closed = settings(base_url=FakeUpstream.closed_port())
-    client = UpstreamClient(closed, KEY, LeanTransport(closed), create_metrics(), sleep=sleep, jitter=lambda: 1.0)
+    client = UpstreamClient(
+        closed,
+        KEY,
+        LeanTransport(closed),
+        create_metrics(),
+        sleep=sleep,
+        jitter=lambda: 1.0,
+        log=make_logger(stream=io.StringIO()),
+    )
     with pytest.raises(UpstreamUnavailable):
         await client.request("GET", "/v1/videos/t", route="r", request_id="rid-2")
     assert len(sleeps) == closed.get_retries

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import pickle
 import socket
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
 from gateway.sandbox import serve_app
-from gateway.web.server_protocol import CoalescedWrites
+from gateway.web.listener import HeaderWatch, ListenerLimits
+from gateway.web.server_protocol import CoalescedWrites, ListenerProtocolFactory, listener_protocol
 
 
 class RecordingTransport:
@@ -147,3 +149,48 @@ class TestOnARealSocket:
         assert received.startswith(b"HTTP/1.1 200 OK\r\n")
         assert b"connection: close\r\n" in received.lower()
         assert received.endswith(b"\r\n\r\nGET /0")
+
+
+class Reader:
+    """A connection as ``HeaderWatch`` sees it, recording when it was timed out."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name = name
+        self.log = log
+
+    def head_timed_out(self) -> None:
+        self.log.append(self.name)
+
+
+class TestHeaderWatch:
+    async def test_heads_time_out_oldest_first(self) -> None:
+        loop = asyncio.get_running_loop()
+        log: list[str] = []
+        watch = HeaderWatch(ListenerLimits(header_timeout_s=0.05))
+        a, b, c = Reader("a", log), Reader("b", log), Reader("c", log)
+        watch.begin(a, loop)
+        await asyncio.sleep(0.02)
+        watch.begin(b, loop)
+        watch.begin(c, loop)
+        watch.done(c)  # finished its head in time
+        await asyncio.sleep(0.04)
+        assert log == ["a"]
+        await asyncio.sleep(0.04)
+        assert log == ["a", "b"] and len(watch) == 0
+
+    async def test_past_the_cap_the_oldest_makes_room(self) -> None:
+        loop = asyncio.get_running_loop()
+        log: list[str] = []
+        watch = HeaderWatch(ListenerLimits(header_timeout_s=60, max_connections_reading_headers=2))
+        readers = [Reader(str(n), log) for n in range(4)]
+        for reader in readers:
+            watch.begin(reader, loop)
+        assert log == ["0", "1"] and len(watch) == 2
+
+
+class TestProtocolFactory:
+    def test_pickles_with_its_limits_for_worker_processes(self) -> None:
+        """``--workers N`` pickles uvicorn's config into each worker: the limits travel, the watches do not."""
+        limits = ListenerLimits(header_timeout_s=3, max_connections_reading_headers=7, max_header_bytes=2048)
+        copy = pickle.loads(pickle.dumps(listener_protocol(limits)))  # noqa: S301  # our own bytes
+        assert isinstance(copy, ListenerProtocolFactory) and copy.limits == limits
