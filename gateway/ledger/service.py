@@ -194,10 +194,10 @@ class Ledger:
             return
         now = self._clock()
         month = month_bounds(now)
-        spent = await self.store.hold_budget(intent_id, principal.name, est.usd, budget, month, now)
+        held, spent = await self.store.hold_budget(intent_id, principal.name, est.usd, budget, month, now)
         self._metrics.key_budget.labels(principal.name).set(float(budget))
-        if spent is not None:
-            self._metrics.key_spend.labels(principal.name).set(float(spent))
+        self._metrics.key_spend.labels(principal.name).set(float(spent + est.usd if held else spent))
+        if not held:
             retry_after = max(1, int(month[1] - now))
             raise TooManyRequests(
                 f"Monthly budget of ${to_report(budget)} for key '{principal.name}' would be exceeded: "

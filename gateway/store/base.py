@@ -271,11 +271,11 @@ class Store(Protocol):
         month: tuple[float, float],
         now: float,
         ttl_s: float = BUDGET_HOLD_TTL_S,
-    ) -> Decimal | None:
+    ) -> tuple[bool, Decimal]:
         """Hold ``amount`` of ``key_name``'s budget for a submission on its way upstream, atomically with the check.
 
-        Returns None when held; else (nothing held) the key's spend: settled + outstanding estimates of tasks
-        submitted in ``month`` + other live holds, which with ``amount`` would pass ``budget``. Checks of one key
+        Returns whether it was held (False: ``amount`` would pass ``budget``, nothing is held) and the key's spend
+        before it: settled + outstanding estimates of tasks submitted in ``month`` + other live holds. Checks of one key
         are serialised across processes and replicas (SQLite's write lock; a PostgreSQL advisory lock), so
         concurrent submissions never overshoot. Holds older than ``ttl_s`` (a crashed process's) no longer count.
         """

@@ -752,7 +752,7 @@ class PostgresStore:
         month: tuple[float, float],
         now: float,
         ttl_s: float = BUDGET_HOLD_TTL_S,
-    ) -> Decimal | None:
+    ) -> tuple[bool, Decimal]:
         """Check and hold in one transaction under a per-key advisory lock: replicas take their turn per key.
 
         Holds are read before tasks: a submission's hold is released only after its task row committed, so each
@@ -761,7 +761,7 @@ class PostgresStore:
         queries = _usage_queries(month[0], month[1], (), key_name)
         amount_nano, budget_nano = to_fixed(amount), to_fixed(budget)
 
-        async def op(conn: asyncpg.Connection) -> int | None:
+        async def op(conn: asyncpg.Connection) -> tuple[bool, int]:
             await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", "budget:" + key_name)
             await conn.execute(
                 "DELETE FROM budget_holds WHERE key_name = $1 AND created_at < $2", key_name, now - ttl_s
@@ -775,7 +775,7 @@ class PostgresStore:
                     add_usage(totals, row, 0)
             spent = int(held) + totals.get((), [0] * len(_MEASURES))[_MEASURES.index("cost_nano")]
             if spent + amount_nano > budget_nano:
-                return spent
+                return False, spent
             await conn.execute(
                 "INSERT INTO budget_holds (hold_id, key_name, amount_nano, created_at) VALUES ($1, $2, $3, $4)",
                 hold_id,
@@ -783,10 +783,10 @@ class PostgresStore:
                 amount_nano,
                 now,
             )
-            return None
+            return True, spent
 
-        spent = await self._run(op)
-        return None if spent is None else from_fixed(spent)
+        held, spent = await self._run(op)
+        return held, from_fixed(spent)
 
     async def release_hold(self, hold_id: str) -> None:
         sql = "DELETE FROM budget_holds WHERE hold_id = $1"

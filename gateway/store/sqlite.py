@@ -628,7 +628,7 @@ class SQLiteStore:
         month: tuple[float, float],
         now: float,
         ttl_s: float = BUDGET_HOLD_TTL_S,
-    ) -> Decimal | None:
+    ) -> tuple[bool, Decimal]:
         """Check and hold in one ``BEGIN IMMEDIATE`` write: every process on the file takes its turn."""
         queries = usage_queries(
             month[0],
@@ -641,7 +641,7 @@ class SQLiteStore:
         )
         amount_nano, budget_nano = to_fixed(amount), to_fixed(budget)
 
-        def op(conn: sqlite3.Connection) -> int | None:
+        def op(conn: sqlite3.Connection) -> tuple[bool, int]:
             conn.execute("DELETE FROM budget_holds WHERE key_name = ? AND created_at < ?", (key_name, now - ttl_s))
             held = conn.execute(
                 "SELECT COALESCE(SUM(amount_nano), 0) FROM budget_holds WHERE key_name = ?", (key_name,)
@@ -652,15 +652,15 @@ class SQLiteStore:
                     add_usage(totals, row, 0)
             spent = int(held) + totals.get((), [0] * len(_MEASURES))[_MEASURES.index("cost_nano")]
             if spent + amount_nano > budget_nano:
-                return spent
+                return False, spent
             conn.execute(
                 "INSERT INTO budget_holds (hold_id, key_name, amount_nano, created_at) VALUES (?, ?, ?, ?)",
                 (hold_id, key_name, amount_nano, now),
             )
-            return None
+            return True, spent
 
-        spent = await self._tx(op)
-        return None if spent is None else from_fixed(spent)
+        held, spent = await self._tx(op)
+        return held, from_fixed(spent)
 
     async def release_hold(self, hold_id: str) -> None:
         await self._tx(lambda conn: conn.execute("DELETE FROM budget_holds WHERE hold_id = ?", (hold_id,)))

@@ -463,29 +463,37 @@ class TestBudgetHolds:
     async def test_hold_until_the_budget_then_refuse(self, store: Store) -> None:
         """Holds add up with outstanding tasks; the one that would pass the budget is refused with the spend."""
         await add_task(store, make_task("task-1", key="team-a"))  # 0.42 outstanding
-        assert await store.hold_budget("h1", "team-a", Decimal("0.42"), Decimal(1), MONTH, T0) is None
-        assert await store.hold_budget("h2", "team-a", Decimal("0.42"), Decimal(1), MONTH, T0) == Decimal("0.84")
-        assert await store.hold_budget("h3", "team-b", Decimal("0.42"), Decimal(1), MONTH, T0) is None  # per key
+        assert await store.hold_budget("h1", "team-a", Decimal("0.42"), Decimal(1), MONTH, T0) == (
+            True,
+            Decimal("0.42"),
+        )
+        refused = await store.hold_budget("h2", "team-a", Decimal("0.42"), Decimal(1), MONTH, T0)
+        assert refused == (False, Decimal("0.84"))
+        assert (await store.hold_budget("h3", "team-b", Decimal("0.42"), Decimal(1), MONTH, T0))[0] is True  # per key
         await store.release_hold("h1")
-        assert await store.hold_budget("h4", "team-a", Decimal("0.58"), Decimal(1), MONTH, T0) is None  # exactly
+        assert (await store.hold_budget("h4", "team-a", Decimal("0.58"), Decimal(1), MONTH, T0))[0] is True  # exactly
 
     async def test_resolving_or_dropping_the_intent_drops_its_hold(self, store: Store) -> None:
         """The hold shares the intent's id: recording the task (which then counts) or forgetting the intent
         drops it in the same transaction."""
         task = make_task("task-h", key="team-a")  # 0.42
-        assert await store.hold_budget("i1", "team-a", Decimal("0.42"), Decimal(1), MONTH, T0) is None
+        assert (await store.hold_budget("i1", "team-a", Decimal("0.42"), Decimal(1), MONTH, T0))[0] is True
         await store.record_intent("i1", "team-a", task.request_id, task.model, task.mode, T0)
         assert await store.resolve_intent("i1", task)
-        assert await store.hold_budget("i2", "team-a", Decimal("0.5"), Decimal(1), MONTH, T0) is None  # 0.92
+        assert (await store.hold_budget("i2", "team-a", Decimal("0.5"), Decimal(1), MONTH, T0))[0] is True  # 0.92
         await store.record_intent("i2", "team-a", "req-2", task.model, task.mode, T0)
         assert await store.drop_intent("i2")
-        assert await store.hold_budget("i3", "team-a", Decimal("0.58"), Decimal(1), MONTH, T0) is None  # 1.00
+        assert (await store.hold_budget("i3", "team-a", Decimal("0.58"), Decimal(1), MONTH, T0))[0] is True  # 1.00
 
     async def test_expired_holds_stop_counting(self, store: Store) -> None:
         """A hold left by a dead process no longer counts after its time to live."""
-        assert await store.hold_budget("h1", "team-a", Decimal("0.9"), Decimal(1), MONTH, T0, ttl_s=60) is None
-        assert await store.hold_budget("h2", "team-a", Decimal("0.9"), Decimal(1), MONTH, T0 + 30, ttl_s=60) is not None
-        assert await store.hold_budget("h3", "team-a", Decimal("0.9"), Decimal(1), MONTH, T0 + 61, ttl_s=60) is None
+        assert (await store.hold_budget("h1", "team-a", Decimal("0.9"), Decimal(1), MONTH, T0, ttl_s=60))[0] is True
+        assert (await store.hold_budget("h2", "team-a", Decimal("0.9"), Decimal(1), MONTH, T0 + 30, ttl_s=60))[
+            0
+        ] is False
+        assert (await store.hold_budget("h3", "team-a", Decimal("0.9"), Decimal(1), MONTH, T0 + 61, ttl_s=60))[
+            0
+        ] is True
 
     async def test_concurrent_holds_never_overshoot(self, backend_url: str) -> None:
         """Two stores on one database, 20 holds at once: exactly as many as fit are granted."""
@@ -500,7 +508,7 @@ class TestBudgetHolds:
         finally:
             await first.close()
             await second.close()
-        assert sum(result is None for result in results) == 3
+        assert sum(held for held, _ in results) == 3
 
 
 _KILL_SCRIPT = """
