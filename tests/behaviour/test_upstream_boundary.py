@@ -305,7 +305,7 @@ SPELLINGS = {
     "/v1/videos;x/vt_1": (400, "invalid_path"),
     "/v1/videos/vt_1;x": (404, "task_not_found"),  # the status route's own ownership check
     "/v1/%76ideos/vt_1": (404, "task_not_found"),  # decoded to the status route
-    "/v1/videos/%76t_1/content": (400, "invalid_path"),
+    "/v1/videos/%76t_1/content": (404, "task_not_found"),  # decoded to the content route's ownership check
     "/v1/videos/vt_1/": (400, "invalid_path"),
     "/v1/videos/./vt_1/content": (404, "task_not_found"),  # the client normalises the dot segment
     "/v1/tasks?task_id=vt_1": (404, "task_not_found"),

@@ -199,6 +199,7 @@ class TestMigrations:
                 "idempotency",
                 "usage_daily",
                 "webhook_outbox",
+                "archives",
                 "budget_holds",
             }
         finally:
