@@ -19,6 +19,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"configuration ok: upstream {settings.upstream.base_url}, auth {settings.auth.mode}, "
         f"store {settings.store_url.split('@')[-1]}, cache {settings.cache.url.split('@')[-1]}, "
-        f"listening on {settings.server.host}:{settings.server.port}"
+        f"listening on {settings.server.host}:{settings.server.port}, "
+        f"upstream accounts {', '.join(settings.upstream_keys)} (from {settings.upstream_keys_source})"
     )
     return EXIT_OK

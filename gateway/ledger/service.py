@@ -26,7 +26,7 @@ from typing import Any
 
 from gateway.auth.principal import Principal
 from gateway.bounded import LRUCache
-from gateway.catalog import PENDING, TERMINAL
+from gateway.catalog import DEFAULT_ACCOUNT, PENDING, TERMINAL
 from gateway.errors import TooManyRequests
 from gateway.ledger.pricing import (
     Estimate,
@@ -56,6 +56,7 @@ class Submission:
     estimate: Estimate
     request_id: str
     submitted_at: float
+    account: str = DEFAULT_ACCOUNT
 
 
 class DuplicateTaskId(Exception):
@@ -101,6 +102,7 @@ class Ledger:
         on_terminal: Callable[[TaskRecord, bytes], None] | None = None,
         recent_tasks: int = 100_000,
         status_write_interval_s: float = 5.0,
+        on_release: Callable[[str, bool], None] | None = None,
     ) -> None:
         self.store = store
         self._prices = prices
@@ -111,6 +113,9 @@ class Ledger:
         self._pending_writes: set[asyncio.Task[None]] = set()
         self._in_flight: dict[str, int] = {}
         self._on_terminal = on_terminal
+        # An account's slot is free again: (account, True) when a task ended, (account, False) when a submission
+        # was refused or failed before the upstream had it.
+        self._on_release = on_release
         # Task rows this process has seen, for ownership checks without a store read per poll. A row's owner and
         # terms never change; a settled row (with its final answer) never changes again either.
         self._recent: LRUCache[str, TaskRecord] = LRUCache(recent_tasks)
@@ -177,24 +182,23 @@ class Ledger:
         return estimate(self._prices, request.model, request.mode, request.duration)
 
     @contextlib.asynccontextmanager
-    async def budget_reserved(self, principal: Principal, est: Estimate) -> AsyncIterator[str]:
+    async def budget_reserved(self, principal: Principal, est: Estimate) -> AsyncIterator[None]:
         """Check the key's monthly budget for ``est`` and hold it while the submission is on its way upstream.
 
-        Yields the id the submission's intent must take (``begin(intent_id=...)``). 429 ``budget_exceeded`` when
-        settled + outstanding + held + this estimate would pass the budget. The check and the hold are one store
-        operation (``Store.hold_budget``), serialised per key across workers and replicas, so concurrent
-        submissions never overshoot. The hold shares the intent's id, so the store drops it in the very
-        transaction that records the task or forgets the intent; a submission that ends otherwise (an error, no
-        answer) releases it here.
+        429 ``budget_exceeded`` when settled + outstanding + held + this estimate would pass the budget. The check
+        and the hold are one store operation (``Store.hold_budget``), serialised per key across workers and
+        replicas, so concurrent submissions never overshoot. The hold is released when the block ends: by then the
+        submission's task row, if any, is written (a submission may be tried on several upstream accounts, so the
+        hold belongs to the submission, not to one intent).
         """
-        intent_id = uuid.uuid4().hex
         budget = principal.monthly_budget_usd
         if budget is None:
-            yield intent_id
+            yield
             return
         now = self._clock()
         month = month_bounds(now)
-        held, spent = await self.store.hold_budget(intent_id, principal.name, est.usd, budget, month, now)
+        hold_id = uuid.uuid4().hex
+        held, spent = await self.store.hold_budget(hold_id, principal.name, est.usd, budget, month, now)
         self._metrics.key_budget.labels(principal.name).set(float(budget))
         self._metrics.key_spend.labels(principal.name).set(float(spent + est.usd if held else spent))
         if not held:
@@ -207,30 +211,46 @@ class Ledger:
                 headers={"Retry-After": str(retry_after)},
             )
         try:
-            yield intent_id
-        except BaseException:
+            yield
+        finally:
             try:
-                await self.store.release_hold(intent_id)
+                await self.store.release_hold(hold_id)
             except StoreError as exc:  # it expires on its own; meanwhile it only makes the check stricter
                 self._log.error("budget_hold_release_failed", key=principal.name, error=str(exc))
-            raise
 
     async def begin(
-        self, principal: Principal, request: ValidRequest, est: Estimate, request_id: str, intent_id: str | None = None
-    ) -> Submission:
-        """Write the intent before anything goes upstream (under the id ``budget_reserved`` gave, if any)."""
-        sub = Submission(intent_id or uuid.uuid4().hex, principal, request, est, request_id, self._clock())
-        await self.store.record_intent(
-            sub.intent_id, principal.name, request_id, request.model, request.mode, sub.submitted_at
+        self,
+        principal: Principal,
+        request: ValidRequest,
+        est: Estimate,
+        request_id: str,
+        account: str = DEFAULT_ACCOUNT,
+        max_in_flight: int = 0,
+        hold_since: float = 0.0,
+    ) -> Submission | None:
+        """Write the intent on ``account`` before anything goes upstream; None when the account has no room."""
+        sub = Submission(uuid.uuid4().hex, principal, request, est, request_id, self._clock(), account)
+        admitted = await self.store.record_intent(
+            sub.intent_id,
+            principal.name,
+            request_id,
+            request.model,
+            request.mode,
+            sub.submitted_at,
+            account,
+            max_in_flight,
+            hold_since,
         )
-        return sub
+        return sub if admitted else None
 
     async def refused(self, sub: Submission) -> None:
-        """The upstream answered without creating a task: forget the intent."""
+        """The upstream answered without creating a task: forget the intent (its account's slot is free)."""
         try:
             await self.store.drop_intent(sub.intent_id)
         except StoreError as exc:
             self._log.error("intent_drop_failed", intent_id=sub.intent_id, error=str(exc))
+        if self._on_release is not None:
+            self._on_release(sub.account, False)
 
     async def accepted(self, sub: Submission, task_id: str) -> TaskRecord:
         """Record the task (retrying in the background if the store fails) and count it.
@@ -257,6 +277,7 @@ class Ledger:
             mode_multiplier=est.mode_multiplier,
             request_id=sub.request_id,
             submitted_at=sub.submitted_at,
+            account=sub.account,
         )
         try:
             inserted = await self.store.resolve_intent(sub.intent_id, task)
@@ -355,3 +376,5 @@ class Ledger:
         m.tasks_settled.labels(task.model, outcome, task.key_name).inc()
         m.settled_cost.labels(task.model, task.mode, task.key_name).inc(float(usd))
         self._move_in_flight(task.model, -1)
+        if self._on_release is not None:
+            self._on_release(task.account, True)

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Final, Protocol
 
-from gateway.catalog import TaskStatus
+from gateway.catalog import DEFAULT_ACCOUNT, TaskStatus
 from gateway.keys import KeyRecord
 
-USAGE_GROUPS: Final = ("key", "model", "mode", "day")
+USAGE_GROUPS: Final = ("key", "model", "mode", "day", "account")
 """Dimensions :meth:`Store.usage` can group by."""
 
 FIXED_DIGITS: Final = 9
@@ -121,6 +121,8 @@ class TaskRecord:
     settled_usd: Decimal | None = None
     settled_at: float | None = None
     terminal_body: bytes | None = None
+    #: The upstream account that created the task: every later upstream call for it uses that account's key.
+    account: str = DEFAULT_ACCOUNT
 
     @property
     def settled(self) -> bool:
@@ -143,6 +145,7 @@ class IntentRecord:
     model: str
     mode: str
     submitted_at: float
+    account: str = DEFAULT_ACCOUNT
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +172,7 @@ class UsageRow:
     unknown: int
     pending: int
     defaulted: int
+    account: str | None = None
 
 
 class IdemKind(enum.Enum):
@@ -265,9 +269,26 @@ class Store(Protocol):
 
     # intents
     async def record_intent(
-        self, intent_id: str, key_name: str, request_id: str, model: str, mode: str, submitted_at: float
-    ) -> None:
-        """Write the intent to submit, before forwarding."""
+        self,
+        intent_id: str,
+        key_name: str,
+        request_id: str,
+        model: str,
+        mode: str,
+        submitted_at: float,
+        account: str = DEFAULT_ACCOUNT,
+        max_in_flight: int = 0,
+        hold_since: float = 0.0,
+    ) -> bool:
+        """Write the intent to submit on ``account``, before forwarding; the admission of its capacity.
+
+        With ``max_in_flight`` > 0 the intent is written only if the account's unsettled tasks plus its intents
+        submitted since ``hold_since`` are fewer, atomically across processes; else nothing is written and the
+        answer is False. With 0 (no limit) it is one plain insert and always True.
+        """
+
+    async def account_in_flight(self, hold_since: float) -> dict[str, int]:
+        """Per account: unsettled tasks plus intents submitted since ``hold_since`` (accounts with none left out)."""
 
     async def resolve_intent(self, intent_id: str, task: TaskRecord) -> bool:
         """Insert ``task`` and delete the intent in one transaction; safe to retry.
@@ -296,8 +317,7 @@ class Store(Protocol):
         """
 
     async def release_hold(self, hold_id: str) -> None:
-        """Drop a hold whose submission ended without a task or a refusal (``resolve_intent`` and ``drop_intent``
-        drop the hold sharing their intent's id in their own transaction)."""
+        """Drop a hold once its submission has ended (its task row, if any, is written by then)."""
 
     async def drop_intent(self, intent_id: str) -> bool:
         """Delete an intent whose submission the upstream refused; False if there was none."""

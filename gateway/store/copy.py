@@ -13,8 +13,8 @@ through the ``Store`` protocol only, so it works between any two backends (also 
 * the archive rows (which task's video is archived where, with its size and SHA-256), so archived videos stay served.
 
 Idempotency records (replays of answers, kept 24 h) are not copied. Stop the gateways writing to the source first:
-tasks recorded during the copy would be missed. The copy ends by comparing usage by key, model, mode and day on
-both stores: ``CopyReport.verified`` says they agree.
+tasks recorded during the copy would be missed. The copy ends by comparing usage by key, model, mode and day, and by
+upstream account, on both stores: ``CopyReport.verified`` says they agree.
 """
 
 from __future__ import annotations
@@ -64,7 +64,13 @@ async def copy_store(source: Store, destination: Store, *, progress: Callable[[i
     intents = await source.list_intents()
     for intent in intents:
         await destination.record_intent(
-            intent.intent_id, intent.key_name, intent.request_id, intent.model, intent.mode, intent.submitted_at
+            intent.intent_id,
+            intent.key_name,
+            intent.request_id,
+            intent.model,
+            intent.mode,
+            intent.submitted_at,
+            account=intent.account,
         )
     await _copy_archive_rows(source, destination)
     webhooks = 0
@@ -73,6 +79,8 @@ async def copy_store(source: Store, destination: Store, *, progress: Callable[[i
             webhooks += await destination.outbox_add(row, _ALL_ROWS, _ALL_ROWS)
     by = ("key", "model", "mode", "day")
     verified = await source.usage(None, None, by) == await destination.usage(None, None, by)
+    accounts = ("account",)
+    verified = verified and await source.usage(None, None, accounts) == await destination.usage(None, None, accounts)
     return CopyReport(keys=len(keys), tasks=tasks, intents=len(intents), verified=verified, webhooks=webhooks)
 
 

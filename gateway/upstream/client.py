@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from gateway.catalog import DEFAULT_ACCOUNT
 from gateway.config import UpstreamSettings
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 from gateway.logs import Logger
@@ -191,7 +192,10 @@ class AiohttpTransport:
 
 
 class UpstreamClient:
-    """Calls UniAll with the team's key; maps transport failures to 502/504 and records upstream metrics.
+    """Calls UniAll with an upstream account's key; maps transport failures to 502/504 and records upstream metrics.
+
+    ``api_key`` is one key for every account, or ``key_for(account)`` giving each account's key now (None for an
+    account no longer configured: the call is refused as ``upstream_unavailable`` without being sent).
 
     Every call passes the circuit ``breaker`` (built from ``[upstream] breaker_*`` unless given): one outcome per
     call, after any GET retries. Submissions, status polls and passthrough share it. Transport failures and 5xx
@@ -207,7 +211,7 @@ class UpstreamClient:
     def __init__(
         self,
         settings: UpstreamSettings,
-        api_key: str,
+        api_key: str | Callable[[str], str | None],
         transport: Transport,
         metrics: Metrics,
         *,
@@ -218,9 +222,11 @@ class UpstreamClient:
         secrets: Iterable[str] = (),
     ) -> None:
         self._settings = settings
-        self._api_key = api_key
-        #: Every upstream key the gateway knows: masked wherever the upstream echoes one.
-        self.secrets = tuple(sorted({api_key, *secrets} - {""}, key=len, reverse=True))
+        self._key_for: Callable[[str], str | None] = api_key if callable(api_key) else (lambda _account: api_key)
+        #: Upstream keys the gateway knows at start-up: masked wherever the upstream echoes one (each request also
+        #: masks the key it was sent with, so a key rotated in later is masked too).
+        known = ({api_key} if isinstance(api_key, str) else set()) | set(secrets)
+        self.secrets = tuple(sorted(known - {""}, key=len, reverse=True))
         self._transport = transport
         self._metrics = metrics
         self._base = settings.base_url.rstrip("/")
@@ -245,14 +251,22 @@ class UpstreamClient:
         request_id: str,
         client_headers: Iterable[tuple[str, str]] = (),
         body: bytes | None = None,
+        account: str = DEFAULT_ACCOUNT,
         idempotency_key: str | None = None,
+        auth_refusal_to_caller: bool = False,
     ) -> UpstreamResponse:
-        """Send ``method path`` upstream; ``path`` starts with ``/v1/`` and may carry a query string.
+        """Send ``method path`` upstream with ``account``'s key; ``path`` starts with ``/v1/`` (query allowed).
 
         ``idempotency_key`` is sent as the upstream's ``Idempotency-Key`` (already scoped to the client's key).
-        The answer comes back with every upstream key masked in its body and headers; a 401 or 403 (the team's
-        key rejected) raises 502 ``upstream_auth_failed``.
+        The answer comes back with every upstream key masked in its body and headers. A 401 or 403 (the account's
+        key rejected) raises 502 ``upstream_auth_failed`` (``auth_failed``), unless ``auth_refusal_to_caller``:
+        then the caller (a submission, which may try another account) gets the answer and decides.
         """
+        api_key = self._key_for(account)
+        if api_key is None:
+            unknown = UpstreamUnavailable(f"the upstream account '{account}' is no longer configured")
+            unknown.request_sent = False
+            raise unknown
         try:
             permit = self.breaker.admit()
         except BreakerOpen as exc:
@@ -260,7 +274,7 @@ class UpstreamClient:
             raise open_error(exc.retry_after_s) from None
         self._note_breaker()
         try:
-            response = await self._send(method, path, route, request_id, client_headers, body, idempotency_key)
+            response = await self._send(method, path, route, request_id, client_headers, body, api_key, idempotency_key)
         except Exception:
             self._settle(permit, failed=True)
             raise
@@ -268,8 +282,8 @@ class UpstreamClient:
             self.breaker.abandon(permit)
             raise
         self._settle(permit, failed=response.status >= 500)
-        if response.status in (401, 403):
-            raise self._auth_failed(response.status, route)
+        if response.status in (401, 403) and not auth_refusal_to_caller:
+            raise self.auth_failed(response.status, route)
         return response
 
     def _settle(self, permit: Permit, failed: bool) -> None:
@@ -288,10 +302,11 @@ class UpstreamClient:
         request_id: str,
         client_headers: Iterable[tuple[str, str]],
         body: bytes | None,
+        api_key: str,
         idempotency_key: str | None = None,
     ) -> UpstreamResponse:
         """The exchange itself: headers, GET retries on connect errors, error mapping and metrics."""
-        headers = outbound_headers(client_headers, self._api_key, request_id, idempotency_key)
+        headers = outbound_headers(client_headers, api_key, request_id, idempotency_key)
         url = self._base + path
         attempts = 1 + (self._settings.get_retries if method == "GET" else 0)
         for attempt in range(attempts):
@@ -314,7 +329,7 @@ class UpstreamClient:
             self._duration_child(route, response.status).observe(response.elapsed_s)
             if response.status >= 500:
                 self._metrics.upstream_errors.labels("status_5xx").inc()
-            return self._masked(response)
+            return self._masked(response, api_key)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _duration_child(self, route: str, status: int) -> Any:
@@ -345,22 +360,23 @@ class UpstreamClient:
         for state in BreakerState:
             self._metrics.upstream_breaker.labels(state.value).set(1 if state is self._breaker_state else 0)
 
-    def idempotency_key_for(self, key_name: str, client_key: str) -> str:
+    def idempotency_key_for(self, key_name: str, client_key: str, account: str = DEFAULT_ACCOUNT) -> str:
         """The upstream ``Idempotency-Key`` for a client's own, scoped to its gateway key (an HMAC under the
-        upstream key, so it is stable per account and says nothing about the client's value)."""
-        return scoped_idempotency_key(self._api_key, key_name, client_key)
+        account's upstream key, so it says nothing about the client's value)."""
+        return scoped_idempotency_key(self._key_for(account) or account, key_name, client_key)
 
-    def _masked(self, response: UpstreamResponse) -> UpstreamResponse:
-        """The answer with every upstream key masked in its body and header values."""
-        body = mask_secrets(response.body, self.secrets)
+    def _masked(self, response: UpstreamResponse, api_key: str) -> UpstreamResponse:
+        """The answer with every upstream key (the one sent, and every one known) masked in body and headers."""
+        secrets = self.secrets if api_key in self.secrets else (api_key, *self.secrets)
+        body = mask_secrets(response.body, secrets)
         headers = response.headers
-        if any(secret in value for _, value in headers for secret in self.secrets):
-            headers = [(k, mask_text(v, self.secrets)) for k, v in headers]
+        if any(secret in value for _, value in headers for secret in secrets):
+            headers = [(k, mask_text(v, secrets)) for k, v in headers]
         if body is response.body and headers is response.headers:
             return response
         return UpstreamResponse(response.status, headers, body, response.elapsed_s)
 
-    def _auth_failed(self, status: int, route: str) -> UpstreamUnavailable:
+    def auth_failed(self, status: int, route: str) -> UpstreamUnavailable:
         """The upstream rejected the team's key: the client's key is fine, so never a 401 to the client."""
         self._metrics.upstream_auth_failures.labels(route).inc()
         self._log.error("upstream_auth_failed", upstream_status=status, route=route)

@@ -10,9 +10,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from gateway.accounts.pool import AccountPool
 from gateway.auth.authenticate import ClientAuthentication
 from gateway.auth.principal import Principal
-from gateway.catalog import TASK_ID_SHAPE
+from gateway.catalog import DEFAULT_ACCOUNT, TASK_ID_SHAPE
 from gateway.content.answer import rewrite_video_url
 from gateway.content.service import ContentService
 from gateway.errors import (
@@ -66,6 +67,7 @@ class GatewayRoutes:
         passthrough_enabled: bool,
         content: ContentService | None = None,
         video_url_base: str | None = None,
+        accounts: AccountPool,
     ) -> None:
         """``content`` serves ``/v1/videos/{id}/content``; with ``video_url_base`` (``[archive] rewrite_video_url``),
         completed status answers point ``video_url`` at ``<video_url_base>/v1/videos/{id}/content``."""
@@ -81,6 +83,7 @@ class GatewayRoutes:
         self._passthrough_enabled = passthrough_enabled
         self._content = content
         self._video_url_base = video_url_base
+        self._accounts = accounts
         self._encoded_headers: dict[tuple[tuple[tuple[str, str], ...], str], list[tuple[bytes, bytes]]] = {}
 
     # -- upstream-compatible -------------------------------------------------------------------------------------
@@ -100,10 +103,8 @@ class GatewayRoutes:
             if replay is not None:
                 return replay  # a finished repeat answers as the first time did, budget or not
         try:
-            async with self._ledger.budget_reserved(principal, estimate) as intent_id:
-                response = await self.forward_submission(
-                    request, principal, valid, estimate, result.warnings, intent_id
-                )
+            async with self._ledger.budget_reserved(principal, estimate):
+                response = await self.forward_submission(request, principal, valid, estimate, result.warnings)
         except Exception:
             # Failed (not cancelled): the same key may be retried. A cancelled attempt keeps its in-flight record
             # (409 to repeats) until it is taken over, since the upstream may have the task.
@@ -121,28 +122,52 @@ class GatewayRoutes:
         valid: ValidRequest,
         estimate: Estimate,
         validation_warnings: tuple[Problem, ...],
-        intent_id: str | None = None,
     ) -> Response:
-        """Intent → upstream → task row (before the client sees 200) → the upstream's answer."""
-        submission = await self._ledger.begin(principal, valid, estimate, self.request_id(request), intent_id)
-        try:
-            upstream = await self._upstream.request(
-                "POST",
-                SUBMIT_ROUTE,
-                route=SUBMIT_ROUTE,
-                request_id=self.request_id(request),
-                client_headers=request.headers.items(),
-                body=orjson.dumps(valid.body),
-                idempotency_key=self.upstream_idempotency_key(request, principal),
-            )
-        except UpstreamUnavailable as exc:
-            if not exc.request_sent:
-                await self._ledger.refused(submission)
-            raise  # sent but unanswered: the intent stays, listed as outcome unknown
-        self.note_upstream(request, upstream)
-        if not 200 <= upstream.status < 300:
-            await self._ledger.refused(submission)
-            return self.passthrough_response(upstream)
+        """Account → intent → upstream → task row (before the client sees 200) → the upstream's answer.
+
+        The intent is the admission of the account's capacity. An account the upstream refuses (capacity, rate,
+        key) is set aside and the submission tried on the next one with room; only a refused submission moves
+        (the upstream did not accept it), never one that timed out or was cut off. When no account is left, the
+        client gets the last refusal as the upstream sent it (a rejected key as 502 ``upstream_auth_failed``), or
+        429 ``upstream_capacity`` if none was tried.
+        """
+        accounts, ledger, request_id = self._accounts, self._ledger, self.request_id(request)
+        body = orjson.dumps(valid.body)
+        tried: set[str] = set()
+        last_refusal: UpstreamResponse | None = None
+        while True:
+            placed = await self.place(principal, valid, estimate, request_id, tried, wait=last_refusal is None)
+            if placed is None:
+                if last_refusal is not None:
+                    return self.refusal_response(last_refusal)
+                raise accounts.capacity_error(valid.model)
+            account, submission = placed
+            try:
+                upstream = await self._upstream.request(
+                    "POST",
+                    SUBMIT_ROUTE,
+                    route=SUBMIT_ROUTE,
+                    request_id=request_id,
+                    client_headers=request.headers.items(),
+                    body=body,
+                    account=account,
+                    idempotency_key=self.upstream_idempotency_key(request, principal, account),
+                    auth_refusal_to_caller=True,
+                )
+            except UpstreamUnavailable as exc:
+                if not exc.request_sent:
+                    await ledger.refused(submission)
+                raise  # sent but unanswered: the intent stays, listed as outcome unknown
+            self.note_upstream(request, upstream)
+            if 200 <= upstream.status < 300:
+                break
+            await ledger.refused(submission)
+            reason = accounts.refused(account, upstream.status, upstream.body, upstream.header("retry-after"))
+            if reason is None or accounts.simple:
+                return self.refusal_response(upstream)
+            tried.add(account)
+            last_refusal = upstream
+        log_fields(request.scope)["account"] = account
         task = await self.record_task(submission, upstream)
         log_fields(request.scope)["task_id"] = task.task_id
         warnings = [f"{w.code}: {w.message}" for w in validation_warnings]
@@ -152,6 +177,29 @@ class GatewayRoutes:
                 "(settled at the seconds the upstream reports)"
             )
         return self.passthrough_response(upstream, warnings=warnings)
+
+    async def place(
+        self,
+        principal: Principal,
+        valid: ValidRequest,
+        estimate: Estimate,
+        request_id: str,
+        tried: set[str],
+        *,
+        wait: bool,
+    ) -> tuple[str, Submission] | None:
+        """The account for this submission and its intent (capacity admitted), or None when none can take it."""
+        accounts, ledger = self._accounts, self._ledger
+        if accounts.simple:  # one account without a limit: the plain intent write, no choice, no count
+            if tried:
+                return None
+            submission = await ledger.begin(principal, valid, estimate, request_id, accounts.names[0])
+            return None if submission is None else (accounts.names[0], submission)
+
+        async def admit(account: str, limit: int) -> Submission | None:
+            return await ledger.begin(principal, valid, estimate, request_id, account, limit, accounts.hold_since())
+
+        return await accounts.place(valid.model, admit, exclude=tried, wait=wait)
 
     async def record_task(self, submission: Submission, upstream: UpstreamResponse) -> TaskRecord:
         answer = self.parsed_object(upstream) or {}
@@ -228,10 +276,17 @@ class GatewayRoutes:
                 code="invalid_path",
                 param="path",
             )
+        account = self._accounts.names[0] if self._accounts.names else DEFAULT_ACCOUNT
+        segments = path.split("/")
+        if len(segments) > 3 and segments[1:3] == ["v1", "videos"]:
+            account = (await self.owned_task(principal, segments[3])).account  # tenancy, and the task's account
         for candidate in task_id_candidates(path, query):
             task = await self._ledger.find(candidate)
-            if task is not None and task.key_name != principal.name:  # task-scoped paths keep tenancy
+            if task is None:
+                continue
+            if task.key_name != principal.name:  # whatever names another key's task, however spelled
                 raise NotFound("No such task for this key.", code="task_not_found", param="task_id")
+            account = task.account
         if unread_coding(None, request.headers.get("transfer-encoding")) is not None:
             # Transfer codings are hop-by-hop: forwarding the still-coded bytes without the header would corrupt them.
             raise UnsupportedMediaType(
@@ -249,6 +304,7 @@ class GatewayRoutes:
             request_id=self.request_id(request),
             client_headers=request.headers.items(),
             body=body or None,
+            account=account,
         )
         self.note_upstream(request, upstream)
         return self.passthrough_response(upstream)
@@ -287,12 +343,18 @@ class GatewayRoutes:
             raise NotFound("No such task for this key.", code="task_not_found", param="task_id")
         return task
 
-    def upstream_idempotency_key(self, request: Request, principal: Principal) -> str | None:
+    def upstream_idempotency_key(self, request: Request, principal: Principal, account: str) -> str | None:
         """The client's Idempotency-Key scoped to its key (an HMAC), so it never meets another key's upstream."""
         client_key = request.headers.get("idempotency-key")
         if client_key is None:
             return None
-        return self._upstream.idempotency_key_for(principal.name, client_key)
+        return self._upstream.idempotency_key_for(principal.name, client_key, account)
+
+    def refusal_response(self, upstream: UpstreamResponse) -> Response:
+        """A submission the upstream refused, passed on; a rejected key (401/403) is the operator's problem, 502."""
+        if upstream.status in (401, 403):
+            raise self._upstream.auth_failed(upstream.status, SUBMIT_ROUTE)
+        return self.passthrough_response(upstream)
 
     def request_id(self, request: Request) -> str:
         return request_id_of(request.scope) or ""

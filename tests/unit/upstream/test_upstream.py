@@ -207,3 +207,64 @@ class TestRequests:
             == 1
         )
         await client.aclose()
+
+
+class TestAccountKeys:
+    async def test_each_call_carries_its_accounts_key(self) -> None:
+        """With a key per account, every call sends the named account's key; an unknown account sends nothing."""
+        seen: list[str] = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            seen.append(request.headers["authorization"])
+            return httpx.Response(200, json={})
+
+        cfg = UpstreamSettings(base_url="http://upstream.test")
+        keys = {"a": "sk-a", "b": "sk-b"}
+        client = UpstreamClient(
+            cfg,
+            keys.get,
+            HttpxTransport(httpx.MockTransport(handler), cfg),
+            create_metrics(),
+            log=make_logger(stream=io.StringIO()),
+        )
+        for account in ("a", "b", "a"):
+            await client.request("GET", "/v1/videos/t", route="status", request_id="r", account=account)
+        assert seen == ["Bearer sk-a", "Bearer sk-b", "Bearer sk-a"]
+        with pytest.raises(UpstreamUnavailable) as info:
+            await client.request("GET", "/v1/videos/t", route="status", request_id="r", account="gone")
+        assert info.value.request_sent is False and "gone" in str(info.value)
+        assert len(seen) == 3
+        await client.aclose()
+
+
+class TestSeveralAccounts:
+    async def test_every_accounts_key_is_masked_and_401_is_502(self) -> None:
+        """With several accounts, an answer echoing any account's key (the one sent or another) is masked; a 401
+        is 502 upstream_auth_failed, unless the caller takes refusals itself (a submission trying accounts)."""
+        keys = {"a": "sk-account-a-0123456789", "b": "sk-account-b-9876543210"}
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            if request.url.path.endswith("/denied"):
+                return httpx.Response(401, json={"error": request.headers["authorization"]})
+            echo = f"{request.headers['authorization']} and {keys['b']}"
+            return httpx.Response(200, json={"echo": echo}, headers={"X-RateLimit-Key": keys["a"]})
+
+        cfg = UpstreamSettings(base_url="http://upstream.test")
+        client = UpstreamClient(
+            cfg,
+            keys.get,
+            HttpxTransport(httpx.MockTransport(handler), cfg),
+            create_metrics(),
+            log=make_logger(stream=io.StringIO()),
+            secrets=keys.values(),
+        )
+        response = await client.request("GET", "/v1/models", route="r", request_id="rid", account="a")
+        assert response.body == b'{"echo":"Bearer sk-*** and sk-***"}'
+        assert response.header("x-ratelimit-key") == "sk-***"
+        with pytest.raises(UpstreamUnavailable) as caught:
+            await client.request("GET", "/v1/denied", route="r", request_id="rid", account="b")
+        assert (caught.value.status, caught.value.code) == (502, "upstream_auth_failed")
+        refused = await client.request(
+            "GET", "/v1/denied", route="r", request_id="rid", account="b", auth_refusal_to_caller=True
+        )
+        assert refused.status == 401 and keys["b"].encode() not in refused.body
