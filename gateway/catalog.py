@@ -167,6 +167,7 @@ _CODES: Final = (
     Code("invalid_admin_token", (401,), _E, "missing or wrong admin token"),
     Code("invalid_metrics_token", (401,), _E, "missing or wrong metrics token"),
     Code("model_not_allowed", (403,), _E, "the key may not use this model"),
+    Code("csrf_failed", (403,), _E, "an admin UI form post without its session's CSRF token, or from another origin"),
     Code("task_not_found", (404,), _E, "unknown task, or another key's task (they look the same)"),
     Code("key_not_found", (404,), _E, "no key with this name"),
     Code("not_found", (404,), _E, "no such route (or the admin API is off)"),
