@@ -25,6 +25,7 @@ class Metrics:
     settlement_anomalies: Counter
     admin_auth_lockouts: Counter
     rejections: Counter
+    validation_problems: Counter
     generations: Counter
     generation_seconds: Counter
     estimated_cost: Counter
@@ -97,7 +98,13 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         ),
         rejections=Counter(
             prefix + "rejections_total",
-            "Requests the gateway refused, by error code.",
+            "Requests the gateway refused, by the error's top-level code (one per request).",
+            ("code",),
+            registry=registry,
+        ),
+        validation_problems=Counter(
+            prefix + "validation_problems_total",
+            "Problems found in refused request bodies (each 400 invalid_request can have several), by problem code.",
             ("code",),
             registry=registry,
         ),
