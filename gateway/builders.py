@@ -124,6 +124,7 @@ def upstream_client(
         transport if transport is not None else upstream_transport(settings.upstream),
         metrics,
         log=log,
+        secrets=[key for name in accounts.names if (key := accounts.key(name))],
     )
     stack.push_async_callback(upstream.aclose)
     return upstream

@@ -200,6 +200,7 @@ class TestMigrations:
                 "usage_daily",
                 "webhook_outbox",
                 "archives",
+                "budget_holds",
             }
         finally:
             await query(postgres_url, "public", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
