@@ -32,7 +32,7 @@ from gateway.auth.authenticate import AdminToken
 from gateway.auth.key_admin import IssuedKey
 from gateway.catalog import MODELS, TASK_STATUSES
 from gateway.content.service import ContentService
-from gateway.errors import NotFound, PermissionDenied, TooManyRequests
+from gateway.errors import AuthenticationFailed, NotFound, PermissionDenied
 from gateway.keys import parse_model_globs
 from gateway.ledger.pricing import to_cents
 from gateway.ledger.reports import parse_group_by, parse_period, table_cells
@@ -41,7 +41,6 @@ from gateway.services import Services
 from gateway.store.base import USAGE_GROUPS, KeyExists, KeyNotFound, KeyRevoked, Store, TaskRecord
 from gateway.store.rows import encode_cursor
 from gateway.ui import chart
-from gateway.ui.guard import SignInGuard
 from gateway.ui.session import COOKIE, Session, SessionSigner
 from gateway.web.bodies import read_body
 
@@ -152,11 +151,10 @@ def _money(amount: Decimal | None) -> str:
 class UiRoutes:
     """The UI's routes, given the admin API's collaborators when built."""
 
-    def __init__(self, deps: UiDeps, *, guard: SignInGuard | None = None, session_ttl_s: int = SESSION_TTL_S) -> None:
+    def __init__(self, deps: UiDeps, admin: AdminToken, *, session_ttl_s: int = SESSION_TTL_S) -> None:
         self._deps = deps
-        self._admin = AdminToken(deps.admin_token)
+        self._admin = admin
         self._signer = SessionSigner(deps.admin_token, ttl_s=session_ttl_s)
-        self._guard = guard or SignInGuard()
         env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(_HERE / "templates"), autoescape=True, auto_reload=False
         )  # templates are part of the package: read once, never re-checked per request
@@ -165,8 +163,8 @@ class UiRoutes:
         self._static = {p.name: p.read_bytes() for p in (_HERE / "static").iterdir() if p.suffix in _STATIC_TYPES}
 
     @classmethod
-    def build(cls, services: Services) -> UiRoutes:
-        """The UI over the same store, clock and key-change hook as the admin API."""
+    def build(cls, services: Services, admin: AdminToken) -> UiRoutes:
+        """The UI over the admin API's token check (and its guessing limiter), store, clock and key-change hook."""
         settings = services.settings
         return cls(
             UiDeps(
@@ -179,7 +177,8 @@ class UiRoutes:
                 content=services.content,
                 accounts=services.accounts,
                 known_models=frozenset(MODELS) | frozenset(settings.validation.passthrough_models),
-            )
+            ),
+            admin,
         )
 
     # -- plumbing ---------------------------------------------------------------------------------------------
@@ -226,20 +225,14 @@ class UiRoutes:
         foreign_origin = origin not in (None, "null") and origin != f"{request.url.scheme}://{request.url.netloc}"
         if foreign_origin or request.headers.get("sec-fetch-site") in ("cross-site", "same-site"):
             raise PermissionDenied("Sign in from this gateway's own sign-in page.", code="csrf_failed")
-        address = request.client.host if request.client else "unknown"
-        wait = self._guard.retry_after(address)
-        if wait is not None:
-            raise TooManyRequests(
-                f"Too many wrong admin tokens from this address; try again in {wait} s.",
-                code="too_many_auth_failures",
-                headers={"Retry-After": str(wait)},
-            )
+        address = request.client.host if request.client else ""
         fields = await self._form(request)
         given = fields.get("token", "")
-        if not given or not self._admin.matches(f"Bearer {given}"):
-            self._guard.failed(address)
+        try:
+            # The admin API's own check: 429 too_many_auth_failures while the address is locked out.
+            self._admin.require(f"Bearer {given}" if given else None, request.url.path, address)
+        except AuthenticationFailed:
             return self._render(request, "signin.html", 401, error="That is not the admin token.")
-        self._guard.succeeded(address)
         response = RedirectResponse(f"{PREFIX}/keys", status_code=303)
         response.set_cookie(
             COOKIE,

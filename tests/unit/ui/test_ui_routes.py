@@ -138,6 +138,8 @@ def test_a_wrong_token_is_refused_then_locked_out(ui: GatewayHarness) -> None:
     assert locked.status_code == 429
     assert locked.json()["error"]["code"] == "too_many_auth_failures"
     assert int(locked.headers["retry-after"]) > 0
+    # One limiter with the admin API: the address is locked out of both.
+    assert ui.client.get("/gateway/keys", headers=ADMIN).json()["error"]["code"] == "too_many_auth_failures"
 
 
 def test_an_empty_token_is_refused(ui: GatewayHarness) -> None:
