@@ -25,6 +25,7 @@ from gateway.auth.authenticate import AdminToken, ClientAuthentication
 from gateway.auth.keyring import KeyAuthenticator
 from gateway.builders import Injected, build_services, request_checks
 from gateway.config import Settings
+from gateway.content.metrics import create_content_metrics
 from gateway.errors import GatewayError
 from gateway.ledger.pricing import PriceTable
 from gateway.ledger.settler import Settler
@@ -62,6 +63,7 @@ def create_app(
     """Build the gateway. Tests inject a transport, registry, log sink, resolver, store and clock; production none."""
     injected = Injected(transport, resolver, store, clock, webhook_transport)
     metrics = create_metrics(registry)
+    content_metrics = create_content_metrics(metrics.registry)
     logs = make_logs(
         level=settings.logging.level,
         secrets=(
@@ -91,7 +93,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: GatewayApp) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            services = await build_services(settings, metrics, log, stack, injected)
+            services = await build_services(settings, metrics, log, stack, injected, content_metrics=content_metrics)
             app.state.services = services
             stack.enter_context(_mounted(app, _handlers(services, injected.resolver), book, overload, errors))
             await stack.enter_async_context(
@@ -139,6 +141,8 @@ def _loops(services: Services) -> dict[str, Callable[[], Coroutine[None, None, N
     }
     if isinstance(services.auth, KeyAuthenticator):
         loops["key-refresh"] = services.auth.run
+    if services.archiver is not None:
+        loops["archiver"] = services.archiver.run
     settler = services.settings.settler
     if settler.enabled:
         loops["settler"] = Settler.from_settings(
@@ -178,6 +182,8 @@ def _handlers(services: Services, resolver: Resolver | None) -> _Handlers:
         log=services.log,
         max_body_bytes=settings.server.max_body_bytes,
         passthrough_enabled=settings.proxy.passthrough,
+        content=services.content,
+        video_url_base=settings.server.public_url if settings.archive.rewrite_video_url else None,
         accounts=services.accounts,
     )
     admin = AdminRoutes(

@@ -9,7 +9,8 @@ through the ``Store`` protocol only, so it works between any two backends (also 
 * submissions whose outcome is unknown (intents), for reconciliation;
 * the webhook outbox: pending deliveries (with their attempt counts and next attempt times, so the destination's
   workers go on delivering them under the same ``webhook-id``) and failed ones (kept for inspection). Leases are
-  not copied: the source's gateways are stopped, so nothing is mid-attempt.
+  not copied: the source's gateways are stopped, so nothing is mid-attempt;
+* the archive rows (which task's video is archived where, with its size and SHA-256), so archived videos stay served.
 
 Idempotency records (replays of answers, kept 24 h) are not copied. Stop the gateways writing to the source first:
 tasks recorded during the copy would be missed. The copy ends by comparing usage by key, model, mode and day, and by
@@ -71,6 +72,7 @@ async def copy_store(source: Store, destination: Store, *, progress: Callable[[i
             intent.submitted_at,
             account=intent.account,
         )
+    await _copy_archive_rows(source, destination)
     webhooks = 0
     for state in ("pending", "failed"):
         for row in await source.outbox_list(state, limit=_ALL_ROWS):
@@ -80,6 +82,14 @@ async def copy_store(source: Store, destination: Store, *, progress: Callable[[i
     accounts = ("account",)
     verified = verified and await source.usage(None, None, accounts) == await destination.usage(None, None, accounts)
     return CopyReport(keys=len(keys), tasks=tasks, intents=len(intents), verified=verified, webhooks=webhooks)
+
+
+async def _copy_archive_rows(source: Store, destination: Store) -> None:
+    after = ""
+    while page := await source.archive_records(after, MAX_PAGE):
+        for record in page:
+            await destination.restore_archive(record)
+        after = page[-1].task_id
 
 
 async def _require_empty(destination: Store) -> None:

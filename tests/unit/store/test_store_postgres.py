@@ -199,6 +199,7 @@ class TestMigrations:
                 "idempotency",
                 "usage_daily",
                 "webhook_outbox",
+                "archives",
             }
         finally:
             await query(postgres_url, "public", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
