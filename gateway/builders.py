@@ -18,6 +18,7 @@ from gateway.catalog import DEFAULT_ACCOUNT
 from gateway.config import Settings, UpstreamSettings, missing_scale_extra
 from gateway.content.archiver import Archiver
 from gateway.content.metrics import ContentMetrics
+from gateway.content.origin import account_key
 from gateway.content.service import ContentService
 from gateway.content.wiring import build_content
 from gateway.keys import RateLimiter
@@ -74,7 +75,7 @@ async def build_services(
     await accounts.check_removed(store)
     shared = await shared_state(settings, metrics, log, stack)
     status = status_poller(settings, upstream, ledger, metrics, log, shared)
-    content, archiver = content_services(settings, content_metrics, store, status, log, stack, injected)
+    content, archiver = content_services(settings, content_metrics, store, status, log, stack, injected, accounts)
     return Services(
         settings=settings,
         metrics=metrics,
@@ -254,6 +255,7 @@ def content_services(
     log: Logger,
     stack: contextlib.AsyncExitStack,
     injected: Injected,
+    accounts: AccountPool,
 ) -> tuple[ContentService, Archiver | None]:
     """``/v1/videos/{id}/content`` (answers through the status cache) and, with ``[archive] url``, the copier."""
 
@@ -270,6 +272,7 @@ def content_services(
         clock=injected.clock,
         stack=stack,
         resolver=injected.resolver,
+        key_for=account_key(accounts.key),
     )
 
 

@@ -30,10 +30,20 @@ KeyForTask = Callable[[TaskRecord], str]
 
 
 def team_key(api_key: str) -> KeyForTask:
-    """One upstream key for every task (``UNIALL_API_KEY``); the place to swap in per-task accounts."""
+    """One upstream key for every task (``UNIALL_API_KEY``)."""
 
     def key_for(task: TaskRecord) -> str:
         return api_key
+
+    return key_for
+
+
+def account_key(key: Callable[[str], str | None]) -> KeyForTask:
+    """The key of the upstream account that created the task (SPEC section 9); "" (no credentials at all) for an
+    account no longer configured."""
+
+    def key_for(task: TaskRecord) -> str:
+        return key(task.account) or ""
 
     return key_for
 
