@@ -23,7 +23,9 @@ from starlette.routing import BaseRoute, Route
 
 from gateway.auth.authenticate import AdminToken, ClientAuthentication
 from gateway.auth.keyring import KeyAuthenticator
+from gateway.auth.rate_limits import RateLimitHeaders
 from gateway.builders import Injected, build_services, request_checks
+from gateway.catalog import MODELS
 from gateway.config import Settings
 from gateway.content.metrics import create_content_metrics
 from gateway.errors import GatewayError
@@ -96,6 +98,7 @@ def create_app(
         async with contextlib.AsyncExitStack() as stack:
             services = await build_services(settings, metrics, log, stack, injected, content_metrics=content_metrics)
             app.state.services = services
+            book.rate_headers = RateLimitHeaders(services.rate_limits).for_key
             stack.enter_context(_mounted(app, _handlers(services, injected.resolver), book, overload, errors))
             await stack.enter_async_context(
                 shutdown_hook(
@@ -198,6 +201,7 @@ def _handlers(services: Services, resolver: Resolver | None) -> _Handlers:
         rotation_grace_s=settings.auth.rotation_grace_s,
         allow_private_webhooks=settings.webhooks.allow_private_targets,
         accounts=services.accounts,
+        known_models=frozenset(MODELS) | frozenset(settings.validation.passthrough_models),
     )
     return _Handlers(gateway=gateway, admin=admin, health=HealthRoutes(services.readiness), ui=UiRoutes.build(services))
 

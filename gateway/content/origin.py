@@ -38,12 +38,12 @@ def team_key(api_key: str) -> KeyForTask:
     return key_for
 
 
-def account_key(key: Callable[[str], str | None]) -> KeyForTask:
-    """The key of the upstream account that created the task (SPEC section 9); "" (no credentials at all) for an
-    account no longer configured."""
+def account_keys(key_of: Callable[[str], str | None]) -> KeyForTask:
+    """The key of the account that created the task (SPEC section 9), e.g. ``account_keys(pool.key)``; a task whose
+    account is no longer configured gets no key (its video is then fetched without one)."""
 
     def key_for(task: TaskRecord) -> str:
-        return key(task.account) or ""
+        return key_of(task.account) or ""
 
     return key_for
 
