@@ -1,4 +1,8 @@
-"""Key management shared by the CLI (``kling-gateway keys ...``) and the admin API (``/gateway/keys``)."""
+"""Key management shared by the CLI (``kling-gateway keys ...``) and the admin API (``/gateway/keys``).
+
+Every change is recorded in the audit trail (``gateway.audit``) here, with the ``actor`` the caller names, so each
+front end records the same way.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,11 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from gateway.audit.trail import KEY_CREATED, KEY_REVOKED, KEY_ROTATED, Actor
+from gateway.audit.trail import record as audit
 from gateway.keys import KeyRecord, issue_key, new_secret
 from gateway.store.base import KeyNotFound, Store
+from gateway.url_secrets import redact_url
 from gateway.webhooks.targets import check_webhook_url
 
 
@@ -40,6 +47,7 @@ async def create(
     store: Store,
     name: str,
     *,
+    actor: Actor,
     now: float,
     models: tuple[str, ...] = (),
     rpm: int | None = None,
@@ -59,23 +67,36 @@ async def create(
         name, now=now, models=models, rpm=rpm, monthly_budget_usd=monthly_budget_usd, webhook_url=webhook_url
     )
     await store.create_key(record)
+    await audit(store, actor, KEY_CREATED, name, settings_of(record), now=now)
     return IssuedKey(secret, record)
 
 
-async def rotate(store: Store, name: str, *, now: float, grace_s: float) -> IssuedKey:
+async def rotate(store: Store, name: str, *, actor: Actor, now: float, grace_s: float) -> IssuedKey:
     """A new secret for ``name``; the old one keeps working for ``grace_s`` seconds."""
     fresh = new_secret()
     record = await store.rotate_key(name, fresh.key_hash, fresh.prefix, now + grace_s)
+    await audit(store, actor, KEY_ROTATED, name, {"previous_secret_valid_until": now + grace_s}, now=now)
     return IssuedKey(fresh.secret, record)
 
 
-async def revoke(store: Store, name: str, *, now: float) -> KeyRecord:
-    """Revoke ``name`` at once (KeyNotFound if there is no such key)."""
+async def revoke(store: Store, name: str, *, actor: Actor, now: float) -> KeyRecord:
+    """Revoke ``name`` at once (KeyNotFound if there is no such key); revoking a revoked key changes nothing."""
     if not await store.revoke_key(name, now):
         record = await store.get_key(name)
         if record is None:
             raise KeyNotFound(name)
         return record
+    await audit(store, actor, KEY_REVOKED, name, {"revoked_at": now}, now=now)
     record = await store.get_key(name)
     assert record is not None
     return record
+
+
+def settings_of(record: KeyRecord) -> dict[str, Any]:
+    """A key's settings as the audit trail keeps them (a webhook URL without its password; never the secret)."""
+    return {
+        "models": list(record.models),
+        "rpm": record.rpm,
+        "monthly_budget_usd": str(record.monthly_budget_usd) if record.monthly_budget_usd is not None else None,
+        "webhook_url": redact_url(record.webhook_url) if record.webhook_url is not None else None,
+    }

@@ -176,15 +176,16 @@ def _serve_with_sandbox(settings: Settings, host: str, port: int) -> int:
 
 async def _dev_key(settings: Settings) -> str:
     """A ready key named 'dev' for the sandbox: created the first time, rotated (no grace) on later runs."""
+    from gateway.audit.trail import Actor
     from gateway.auth import key_admin
     from gateway.store.base import KeyRevoked
 
     store = await open_store(settings.store_url)
     try:
         if await store.get_key("dev") is None:
-            return (await key_admin.create(store, "dev", now=time.time())).secret
+            return (await key_admin.create(store, "dev", actor=Actor.cli(), now=time.time())).secret
         try:
-            return (await key_admin.rotate(store, "dev", now=time.time(), grace_s=0)).secret
+            return (await key_admin.rotate(store, "dev", actor=Actor.cli(), now=time.time(), grace_s=0)).secret
         except KeyRevoked:
             raise ConfigError("the sandbox's 'dev' key was revoked; create another key with 'keys create'") from None
     finally:
