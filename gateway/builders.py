@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gateway.auth.keyring import KeyAuthenticator
 from gateway.auth.principal import Authenticator, OpenAuthenticator
@@ -36,6 +36,7 @@ from gateway.webhooks.transport import WebhookTransport
 
 if TYPE_CHECKING:
     from gateway.shared.fail_open import SharedState
+    from gateway.tracing.spans import Tracing
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,20 @@ class Injected:
 
 
 async def build_services(
-    settings: Settings, metrics: Metrics, log: Logger, stack: contextlib.AsyncExitStack, injected: Injected
+    settings: Settings,
+    metrics: Metrics,
+    log: Logger,
+    stack: contextlib.AsyncExitStack,
+    injected: Injected,
+    tracing: Tracing | None = None,
 ) -> Services:
-    """Every service the app runs on, each built by its family's builder in dependency order."""
-    upstream = upstream_client(settings, metrics, log, stack, injected.transport)
+    """Every service the app runs on, each built by its family's builder in dependency order (traced variants of the
+    upstream transport and the ledger when ``tracing`` is on)."""
+    upstream = upstream_client(settings, metrics, log, stack, injected.transport, tracing)
     store = await open_or_injected_store(settings, stack, injected.store)
     auth = await authenticator(settings, store, log, injected.clock)
     webhooks = webhook_outbox(settings, store, metrics, log, stack, injected)
-    ledger = await build_ledger(settings, store, metrics, log, injected.clock, auth, webhooks)
+    ledger = await build_ledger(settings, store, metrics, log, injected.clock, auth, webhooks, tracing)
     shared = await shared_state(settings, metrics, log, stack)
     return Services(
         settings=settings,
@@ -75,13 +82,23 @@ async def build_services(
 
 
 def upstream_client(
-    settings: Settings, metrics: Metrics, log: Logger, stack: contextlib.AsyncExitStack, transport: Transport | None
+    settings: Settings,
+    metrics: Metrics,
+    log: Logger,
+    stack: contextlib.AsyncExitStack,
+    transport: Transport | None,
+    tracing: Tracing | None = None,
 ) -> UpstreamClient:
     """The client for UniAll (the transport chosen by ``[upstream] transport`` unless one is injected)."""
+    chosen = transport if transport is not None else upstream_transport(settings.upstream)
+    if tracing is not None:
+        from gateway.tracing.instrument import TracedTransport
+
+        chosen = TracedTransport(chosen, tracing)
     upstream = UpstreamClient(
         settings.upstream,
         settings.upstream_api_key,
-        transport if transport is not None else upstream_transport(settings.upstream),
+        chosen,
         metrics,
         log=log,
     )
@@ -143,21 +160,25 @@ async def build_ledger(
     clock: Callable[[], float],
     auth: Authenticator,
     webhooks: WebhookOutbox | None,
+    tracing: Tracing | None = None,
 ) -> Ledger:
     """The ledger, with the tasks still in flight loaded (and webhooks on terminal statuses, when configured)."""
-    ledger = Ledger(
-        store,
-        PriceTable.from_settings(settings.pricing),
-        metrics,
-        log,
-        clock=clock,
-        on_terminal=(
+    options: dict[str, Any] = {
+        "clock": clock,
+        "on_terminal": (
             webhooks.terminal_hook(auth.webhook_url)
             if webhooks is not None and isinstance(auth, KeyAuthenticator)
             else None
         ),
-        recent_tasks=min(settings.cache.max_entries, 20_000),
-    )
+        "recent_tasks": min(settings.cache.max_entries, 20_000),
+    }
+    prices = PriceTable.from_settings(settings.pricing)
+    if tracing is None:
+        ledger = Ledger(store, prices, metrics, log, **options)
+    else:
+        from gateway.tracing.instrument import TracedLedger
+
+        ledger = TracedLedger(store, prices, metrics, log, tracing=tracing, **options)
     await ledger.load_in_flight()
     return ledger
 
@@ -205,7 +226,9 @@ def status_poller(
     )
 
 
-def request_checks(settings: Settings, metrics: Metrics, resolver: Resolver | None) -> RequestChecks:
+def request_checks(
+    settings: Settings, metrics: Metrics, resolver: Resolver | None, tracing: Tracing | None = None
+) -> RequestChecks:
     """Validation with ``[validation]``'s options, and the media-host DNS check when it asks for one."""
     validation = settings.validation
     media_guard = None
@@ -216,4 +239,8 @@ def request_checks(settings: Settings, metrics: Metrics, resolver: Resolver | No
         block_private_media=validation.block_private_media,
         passthrough_models=frozenset(validation.passthrough_models),
     )
+    if tracing is not None:
+        from gateway.tracing.instrument import TracedRequestChecks
+
+        return TracedRequestChecks(options, media_guard, metrics, tracing=tracing)
     return RequestChecks(options, media_guard, metrics)
