@@ -11,10 +11,11 @@ WORKDIR /app
 COPY pyproject.toml README.md constraints.txt ./
 COPY gateway ./gateway
 COPY config ./config
-# This project itself, with the scale-out backends; every dependency pinned by constraints.txt
+# This project itself, with the scale-out backends and OpenTelemetry tracing (on only when OTEL_EXPORTER_OTLP_ENDPOINT
+# is set); every dependency pinned by constraints.txt
 # (regenerate: .venv/bin/python deploy/freeze_constraints.py > constraints.txt).
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir -c constraints.txt '.[scale]' \
+RUN pip install --no-cache-dir -c constraints.txt '.[scale,otel]' \
     && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin gateway \
     && mkdir -p /data \
     && chown gateway /data
