@@ -26,6 +26,7 @@ from gateway.auth.authenticate import AdminToken, ClientAuthentication
 from gateway.auth.keyring import KeyAuthenticator
 from gateway.builders import Injected, build_services, request_checks
 from gateway.config import Settings
+from gateway.content.metrics import create_content_metrics
 from gateway.errors import GatewayError
 from gateway.ledger.pricing import PriceTable
 from gateway.ledger.settler import Settler
@@ -72,6 +73,7 @@ def create_app(
     injected = Injected(transport, resolver, store, clock, webhook_transport)
     tracing = tracing_from_env(os.environ)
     metrics = create_metrics(registry)
+    content_metrics = create_content_metrics(metrics.registry)
     logs = make_logs(
         level=settings.logging.level,
         secrets=(settings.upstream_api_key, settings.admin_token, settings.metrics.token, settings.webhook_secret),
@@ -97,7 +99,9 @@ def create_app(
         async with contextlib.AsyncExitStack() as stack:
             if tracing is not None:
                 stack.push_async_callback(tracing.shutdown)  # last out: exports the spans of the shutdown too
-            services = await build_services(settings, metrics, log, stack, injected, tracing)
+            services = await build_services(
+                settings, metrics, log, stack, injected, content_metrics=content_metrics, tracing=tracing
+            )
             app.state.services = services
             handlers = _handlers(services, injected.resolver, tracing)
             stack.enter_context(_mounted(app, handlers, book, overload, errors))
@@ -150,6 +154,8 @@ def _loops(services: Services) -> dict[str, Callable[[], Coroutine[None, None, N
     }
     if isinstance(services.auth, KeyAuthenticator):
         loops["key-refresh"] = services.auth.run
+    if services.archiver is not None:
+        loops["archiver"] = services.archiver.run
     settler = services.settings.settler
     if settler.enabled:
         loops["settler"] = Settler.from_settings(
@@ -183,6 +189,8 @@ def _handlers(services: Services, resolver: Resolver | None, tracing: Tracing | 
         log=services.log,
         max_body_bytes=settings.server.max_body_bytes,
         passthrough_enabled=settings.proxy.passthrough,
+        content=services.content,
+        video_url_base=settings.server.public_url if settings.archive.rewrite_video_url else None,
     )
     admin = AdminRoutes(
         clients=clients,

@@ -14,6 +14,10 @@ from gateway.auth.keyring import KeyAuthenticator
 from gateway.auth.principal import Authenticator, OpenAuthenticator
 from gateway.auth.rate_limits import KeyRateLimits
 from gateway.config import Settings, UpstreamSettings, missing_scale_extra
+from gateway.content.archiver import Archiver
+from gateway.content.metrics import ContentMetrics
+from gateway.content.service import ContentService
+from gateway.content.wiring import build_content
 from gateway.keys import RateLimiter
 from gateway.ledger.pricing import PriceTable
 from gateway.ledger.service import Ledger
@@ -24,7 +28,7 @@ from gateway.status.fetch import upstream_status_fetch
 from gateway.status.ledger_link import record_in_ledger
 from gateway.status.poller import Coalescer, MemoryStatusCache, StatusPoller
 from gateway.store import open_store
-from gateway.store.base import Store
+from gateway.store.base import Store, TaskRecord
 from gateway.upstream.client import AiohttpTransport, Transport, UpstreamClient
 from gateway.upstream.lean import LeanTransport
 from gateway.validation.checks import ValidationOptions
@@ -56,6 +60,8 @@ async def build_services(
     log: Logger,
     stack: contextlib.AsyncExitStack,
     injected: Injected,
+    *,
+    content_metrics: ContentMetrics,
     tracing: Tracing | None = None,
 ) -> Services:
     """Every service the app runs on, each built by its family's builder in dependency order (traced variants of the
@@ -66,6 +72,8 @@ async def build_services(
     webhooks = webhook_outbox(settings, store, metrics, log, stack, injected)
     ledger = await build_ledger(settings, store, metrics, log, injected.clock, auth, webhooks, tracing)
     shared = await shared_state(settings, metrics, log, stack)
+    status = status_poller(settings, upstream, ledger, metrics, log, shared)
+    content, archiver = content_services(settings, content_metrics, store, status, log, stack, injected)
     return Services(
         settings=settings,
         metrics=metrics,
@@ -75,9 +83,11 @@ async def build_services(
         auth=auth,
         rate_limits=KeyRateLimits(RateLimiter(), shared.limiter if shared is not None else None),
         ledger=ledger,
-        status=status_poller(settings, upstream, ledger, metrics, log, shared),
+        status=status,
         clock=injected.clock,
         ready_checks=[store_ready(store)],
+        content=content,
+        archiver=archiver,
     )
 
 
@@ -223,6 +233,33 @@ def status_poller(
         on_fresh=record_in_ledger(ledger),
         shared=shared.status if shared is not None else None,
         log=log,
+    )
+
+
+def content_services(
+    settings: Settings,
+    metrics: ContentMetrics,
+    store: Store,
+    status: StatusPoller,
+    log: Logger,
+    stack: contextlib.AsyncExitStack,
+    injected: Injected,
+) -> tuple[ContentService, Archiver | None]:
+    """``/v1/videos/{id}/content`` (answers through the status cache) and, with ``[archive] url``, the copier."""
+
+    async def poll(task: TaskRecord) -> tuple[int, bytes]:
+        outcome = await status.poll(task.task_id, terminal_body=task.terminal_body)
+        return outcome.status_code, outcome.body
+
+    return build_content(
+        settings,
+        metrics=metrics,
+        store=store,
+        poll=poll,
+        log=log,
+        clock=injected.clock,
+        stack=stack,
+        resolver=injected.resolver,
     )
 
 

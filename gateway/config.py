@@ -135,6 +135,8 @@ class ServerSettings:
     queue_timeout_s: float = field(default=0.1, metadata=NOT_NEGATIVE)
     #: On SIGTERM, /readyz fails at once and the gateway keeps serving this long before it stops accepting.
     shutdown_grace_s: float = field(default=0.0, metadata=NOT_NEGATIVE)
+    #: The gateway's own base URL as clients reach it (``[archive] rewrite_video_url`` points clients there).
+    public_url: str = ""
 
 
 UPSTREAM_TRANSPORTS = ("lean", "aiohttp")
@@ -234,6 +236,40 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class ContentSettings:
+    """``GET /v1/videos/{id}/content`` (SPEC section 10)."""
+
+    #: Largest video served or archived; a bigger one is 502 video_unavailable.
+    max_bytes: int = field(default=2 * 1024**3, metadata=AT_LEAST_ONE)
+    connect_timeout_s: float = field(default=5.0, metadata=POSITIVE)
+    #: Longest wait for the next bytes from the video's origin.
+    read_timeout_s: float = field(default=30.0, metadata=POSITIVE)
+
+
+@dataclass(frozen=True)
+class ArchiveSettings:
+    """Copies of completed tasks' videos (SPEC section 10); off while ``url`` is empty."""
+
+    url: str = ""
+    #: S3-compatible endpoint (``s3://`` only); empty: AWS itself.
+    endpoint_url: str = ""
+    region: str = ""
+    #: Copies made at once by one process.
+    concurrency: int = field(default=2, metadata=AT_LEAST_ONE)
+    max_attempts: int = field(default=5, metadata=AT_LEAST_ONE)
+    #: First retry delay; doubled per attempt up to an hour.
+    retry_base_s: float = field(default=30.0, metadata=NOT_NEGATIVE)
+    #: How often each process looks for completed tasks to copy.
+    scan_s: float = field(default=5.0, metadata=POSITIVE)
+    #: Completed tasks this recent are copied by the running gateway; older ones by ``archive backfill``.
+    lookback_s: float = field(default=86400.0, metadata=NOT_NEGATIVE)
+    #: Copies older than this are deleted; 0 keeps them forever.
+    keep_days: float = field(default=0.0, metadata=NOT_NEGATIVE)
+    #: Status answers carry the gateway's content URL (``[server] public_url``) instead of the upstream's.
+    rewrite_video_url: bool = False
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     level: str = field(default="info", metadata=one_of("debug", "info", "warning", "error", fold_case=True))
     access_log: bool = True
@@ -268,6 +304,8 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     webhooks: WebhooksSettings = field(default_factory=WebhooksSettings)
+    content: ContentSettings = field(default_factory=ContentSettings)
+    archive: ArchiveSettings = field(default_factory=ArchiveSettings)
     #: Secrets, from the environment only; excluded from repr so they never reach a log line.
     upstream_api_key: str = field(default="", repr=False)
     admin_token: str = field(default="", repr=False)
@@ -449,6 +487,7 @@ def _check(settings: Settings) -> None:
     _check_url("upstream.base_url", settings.upstream.base_url, ("http", "https"))
     _check_url("cache.url", settings.cache.url, ("memory", "redis", "rediss"))
     _check_url("store.url", settings.store_url, ("sqlite", "postgresql", "postgres"))
+    _check_content(settings)
     if not _PREFIX.fullmatch(settings.cache.key_prefix):
         raise ConfigError("cache.key_prefix: 1-64 characters among letters, digits and . _ : -")
     for model, price in settings.pricing.prices.items():
@@ -459,6 +498,27 @@ def _check(settings: Settings) -> None:
             raise ConfigError(f"pricing.mode_multipliers.{mode}: unknown mode{did_you_mean(mode, MODES)}")
         if multiplier < 0:
             raise ConfigError(f"pricing.mode_multipliers.{mode}: must not be negative")
+
+
+def _check_content(settings: Settings) -> None:
+    """The archive URL's shape and the settings that depend on each other (ranges are declared on the fields)."""
+    archive = settings.archive
+    if archive.url:
+        parts = urlsplit(archive.url)
+        if parts.scheme == "file":
+            if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+                raise ConfigError(f"archive.url: a file URL needs an absolute local path, got {archive.url!r}")
+        elif parts.scheme == "s3":
+            if not parts.netloc:
+                raise ConfigError(f"archive.url: no bucket in {archive.url!r}")
+        else:
+            raise ConfigError(f"archive.url: scheme must be file or s3, got {parts.scheme or 'none'!r}")
+    if archive.endpoint_url:
+        _check_url("archive.endpoint_url", archive.endpoint_url, ("http", "https"))
+    if settings.server.public_url:
+        _check_url("server.public_url", settings.server.public_url, ("http", "https"))
+    if archive.rewrite_video_url and not settings.server.public_url:
+        raise ConfigError("archive.rewrite_video_url: needs server.public_url (the gateway's URL as clients reach it)")
 
 
 def missing_scale_extra(setting: str, exc: ImportError) -> ConfigError:

@@ -13,6 +13,8 @@ from gateway.auth.keyring import KeyAuthenticator
 from gateway.auth.principal import Authenticator
 from gateway.auth.rate_limits import KeyRateLimits
 from gateway.config import Settings
+from gateway.content.archiver import Archiver
+from gateway.content.service import ContentService
 from gateway.ledger.service import Ledger
 from gateway.logs import Logger
 from gateway.metrics import Metrics
@@ -36,6 +38,9 @@ class Services:
     #: Named readiness checks; each returns a problem string or None.
     ready_checks: list[Callable[[], Awaitable[str | None]]] = field(default_factory=list)
     shutting_down: bool = False
+    #: ``GET|HEAD /v1/videos/{id}/content`` and, when ``[archive] url`` is set, the background copier.
+    content: ContentService | None = None
+    archiver: Archiver | None = None
 
     async def readiness(self) -> list[str]:
         if self.shutting_down:

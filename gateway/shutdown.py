@@ -1,19 +1,4 @@
-"""Graceful shutdown, readiness first: on SIGTERM (or SIGINT) ``/readyz`` fails at once, before anything stops.
-
-uvicorn installs ``Server.handle_exit`` for SIGTERM/SIGINT with ``signal.signal`` before it runs the app's
-lifespan, and calls the lifespan's shutdown only after in-flight requests have drained. To make readiness fail
-*first*, the lifespan wraps that handler for as long as the app runs (``shutdown_hook``): the wrapper sets
-``services.shutting_down`` (``/readyz`` answers 503 from then on) and chains to the server's handler, which stops
-accepting, lets in-flight requests finish within ``[server] shutdown_timeout_s`` and then runs the lifespan
-shutdown. With ``[server] shutdown_grace_s`` > 0 the chaining waits that long, so a load balancer sees the failed
-readiness check and stops sending traffic while the gateway still accepts and serves everything; a second signal
-during the grace period stops at once.
-
-This works the same with one process or ``--workers N`` (each worker's lifespan hooks its own server). It does
-nothing outside the main thread (``TestClient`` runs the lifespan in a helper thread) or when the current handler
-is not a Python callable (then whoever handles the signal is not uvicorn, and the default must stay in force).
-The signal handler itself only sets attributes; logging and the delayed chaining run on the event loop.
-"""
+"""Graceful shutdown, readiness first: on SIGTERM (or SIGINT) ``/readyz`` fails at once, before anything stops."""
 
 from __future__ import annotations
 
@@ -74,6 +59,20 @@ async def shutdown_hook(mark: Callable[[], None], *, log: Logger, grace_s: float
     """While the block runs, SIGTERM/SIGINT call ``mark()`` first, then the server's own handler (after ``grace_s``).
 
     Enter it in the lifespan, after start-up; the previous handlers are back when the block ends.
+
+    uvicorn installs ``Server.handle_exit`` for SIGTERM/SIGINT with ``signal.signal`` before it runs the app's
+    lifespan, and calls the lifespan's shutdown only after in-flight requests have drained. To make readiness fail
+    *first*, the lifespan wraps that handler for as long as the app runs (``shutdown_hook``): the wrapper sets
+    ``services.shutting_down`` (``/readyz`` answers 503 from then on) and chains to the server's handler, which stops
+    accepting, lets in-flight requests finish within ``[server] shutdown_timeout_s`` and then runs the lifespan
+    shutdown. With ``[server] shutdown_grace_s`` > 0 the chaining waits that long, so a load balancer sees the failed
+    readiness check and stops sending traffic while the gateway still accepts and serves everything; a second signal
+    during the grace period stops at once.
+
+    This works the same with one process or ``--workers N`` (each worker's lifespan hooks its own server). It does
+    nothing outside the main thread (``TestClient`` runs the lifespan in a helper thread) or when the current handler
+    is not a Python callable (then whoever handles the signal is not uvicorn, and the default must stay in force).
+    The signal handler itself only sets attributes; logging and the delayed chaining run on the event loop.
     """
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -180,3 +180,29 @@ def postgres_schema_url(postgres_url: str) -> Iterator[str]:
     schema = f"test_{uuid.uuid4().hex[:16]}"
     yield with_schema(postgres_url, schema)
     run_in_own_loop(lambda: drop_schema(postgres_url, schema))
+
+
+# -- S3 (the video archive) ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 (an ephemeral port) for the session; skips if moto is not installed."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (test extra)")
+    from support.s3_server import s3_server
+
+    with s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket on the test S3 server, with test credentials in the standard AWS environment variables."""
+    from support.s3_server import make_bucket
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-access")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    name = f"videos-{uuid.uuid4().hex[:12]}"
+    make_bucket(s3_endpoint, name)
+    return name

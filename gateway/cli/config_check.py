@@ -5,7 +5,7 @@ reason, never a secret), and exits 1 if any failed:
 
 * the store: opened (schema migrations applied) and pinged;
 * the cache: Redis answers PING (an in-process ``memory://`` cache has nothing to reach);
-* the archive: reached when ``[archive] url`` is configured (a check joins ``_CHECKS`` with that setting);
+* the archive, when ``[archive] url`` is set: a probe object written, read back and deleted;
 * the upstream: ``GET /v1/videos/<an id that cannot exist>`` with the configured key, which costs nothing: 404
   proves the upstream answers and accepts the key, 401/403 that it refuses the key.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -32,7 +33,9 @@ def add_parser(subcommands: argparse._SubParsersAction[argparse.ArgumentParser])
     config = subcommands.add_parser("check-config", help="load and check the configuration")
     config.add_argument("--config", help="TOML settings file")
     config.add_argument(
-        "--connect", action="store_true", help="also reach the store, the cache and the upstream (one line each)"
+        "--connect",
+        action="store_true",
+        help="also reach the store, the cache, the archive and the upstream (one line each)",
     )
     config.set_defaults(handler=run)
 
@@ -115,10 +118,23 @@ async def _upstream(settings: Settings) -> str:
     raise CheckFailed(f"{base} answered HTTP {response.status} to GET {path}")
 
 
+async def _archive(settings: Settings) -> str:
+    from gateway.content.archive_store import open_archive
+
+    archive = open_archive(settings.archive)  # ArchiveError for an s3:// URL without the [archive] extra
+    if archive is None:
+        return "off ([archive] url is not set; nothing to reach)"
+    try:
+        await archive.check()  # ArchiveError saying what failed
+    finally:
+        await archive.aclose()
+    return f"{archive.description}: a probe object written, read back and deleted"
+
+
 _CHECKS: tuple[tuple[str, Callable[[Settings], Awaitable[str]]], ...] = (
     ("store", _store),
     ("cache", _cache),
-    # ("archive", _archive): reach [archive] url here once the video archive (SPEC section 10) has that setting.
+    ("archive", _archive),
     ("upstream", _upstream),
 )
 
@@ -126,4 +142,5 @@ _CHECKS: tuple[tuple[str, Callable[[Settings], Awaitable[str]]], ...] = (
 def _secrets(settings: Settings) -> tuple[str, ...]:
     found = [settings.upstream_api_key, settings.admin_token, settings.metrics.token, settings.webhook_secret]
     found += url_secrets(settings.store_url) + url_secrets(settings.cache.url)
+    found.append(os.environ.get("AWS_SECRET_ACCESS_KEY", ""))  # the S3 archive's credentials
     return tuple(secret for secret in found if secret)

@@ -212,6 +212,21 @@ class OutboxRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ArchiveRecord:
+    """A completed task's archived video (``gateway.store.archive_rows`` has the states), or the attempt to make it."""
+
+    task_id: str
+    state: str
+    attempts: int = 0
+    claim_until: float | None = None
+    key: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+    archived_at: float | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class AuditRecord:
     """One admin action (``gateway.audit``): who (``actor``, ``address``), what (``action`` on ``target``, the
     ``changes`` as JSON-able values, never a secret) and when (``at``)."""
@@ -378,6 +393,41 @@ class Store(Protocol):
 
     async def outbox_list(self, state: str, limit: int = 1000) -> list[OutboxRecord]:
         """Rows in ``state`` (``pending`` or ``failed``), oldest first."""
+
+    # archive (SPEC section 10): one row per completed task whose video is copied; see gateway.store.archive_rows
+    async def archive_candidates(self, completed_since: float, now: float, limit: int = 100) -> list[tuple[str, float]]:
+        """(task id, settled at) of completed tasks settled since ``completed_since`` never claimed, or whose claim
+        ran out by ``now``; oldest first."""
+
+    async def archive_claim(self, task_id: str, now: float, until: float) -> bool:
+        """Claim copying ``task_id`` until ``until``; True only for one process while the claim holds."""
+
+    async def archive_stored(self, task_id: str, key: str, size: int, sha256: str, at: float) -> None:
+        """Record the verified copy."""
+
+    async def archive_retry(self, task_id: str, retry_at: float | None, error: str) -> None:
+        """Count a failed attempt: claimable again after ``retry_at``, or given up (``failed``) when None."""
+
+    async def get_archive(self, task_id: str) -> ArchiveRecord | None:
+        """The archive row of ``task_id``, or None."""
+
+    async def archives_stored_before(self, before: float, limit: int = 100) -> list[ArchiveRecord]:
+        """Stored copies archived before ``before``, oldest first (for ``[archive] keep_days``)."""
+
+    async def archive_removed(self, task_id: str) -> None:
+        """Mark a stored copy as deleted."""
+
+    async def archive_summary(self) -> dict[str, tuple[int, int]]:
+        """``{state: (tasks, bytes)}`` for every state, plus ``unarchived`` completed tasks."""
+
+    async def archive_records(self, after: str = "", limit: int = 1000) -> list[ArchiveRecord]:
+        """A page of archive rows ordered by task id, after ``after`` (for copy-store)."""
+
+    async def restore_archive(self, record: ArchiveRecord) -> None:
+        """Insert an archive row as it is (copy-store); an existing row is left alone."""
+
+    async def archive_retry_failed(self) -> int:
+        """Make every given-up copy claimable again (``archive backfill``); how many."""
 
     # -- audit trail (gateway.audit) ------------------------------------------------------------------------------
 

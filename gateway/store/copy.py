@@ -10,6 +10,7 @@ through the ``Store`` protocol only, so it works between any two backends (also 
 * the webhook outbox: pending deliveries (with their attempt counts and next attempt times, so the destination's
   workers go on delivering them under the same ``webhook-id``) and failed ones (kept for inspection). Leases are
   not copied: the source's gateways are stopped, so nothing is mid-attempt;
+* the archive rows (which task's video is archived where, with its size and SHA-256), so archived videos stay served.
 * the audit trail of admin actions, every entry as it is.
 
 Idempotency records (replays of answers, kept 24 h) are not copied. Stop the gateways writing to the source first:
@@ -67,6 +68,7 @@ async def copy_store(source: Store, destination: Store, *, progress: Callable[[i
         await destination.record_intent(
             intent.intent_id, intent.key_name, intent.request_id, intent.model, intent.mode, intent.submitted_at
         )
+    await _copy_archive_rows(source, destination)
     webhooks = 0
     for state in ("pending", "failed"):
         for row in await source.outbox_list(state, limit=_ALL_ROWS):
@@ -90,6 +92,14 @@ async def copy_store(source: Store, destination: Store, *, progress: Callable[[i
         webhooks=webhooks,
         audit=audit,
     )
+
+
+async def _copy_archive_rows(source: Store, destination: Store) -> None:
+    after = ""
+    while page := await source.archive_records(after, MAX_PAGE):
+        for record in page:
+            await destination.restore_archive(record)
+        after = page[-1].task_id
 
 
 async def _require_empty(destination: Store) -> None:

@@ -21,9 +21,12 @@ import asyncpg
 
 from gateway.catalog import TASK_STATUSES, TERMINAL
 from gateway.keys import KeyRecord
+from gateway.store import archive_rows as arch
+from gateway.store.archive_rows import archive_schema, numbered
 from gateway.store.base import (
     IDEMPOTENCY_IN_FLIGHT_TTL_S,
     IDEMPOTENCY_TTL_S,
+    ArchiveRecord,
     AuditRecord,
     IdemKind,
     IdemState,
@@ -188,8 +191,9 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
             "CREATE INDEX webhook_outbox_host ON webhook_outbox (host, state)",
         ),
     ),
+    (3, archive_schema("DOUBLE PRECISION", "BIGINT", 'TEXT COLLATE "C"')),
     (
-        3,
+        4,
         (
             # The audit trail of admin actions: gateway.audit.
             """CREATE TABLE audit_log (
@@ -953,6 +957,71 @@ class PostgresStore:
         )
         rows = await self._run(lambda conn: conn.fetch(sql, state, limit), tx=False)
         return [outbox_record(row) for row in rows]
+
+    # -- archive --------------------------------------------------------------------------------------------
+
+    async def archive_candidates(self, completed_since: float, now: float, limit: int = 100) -> list[tuple[str, float]]:
+        """Completed tasks never claimed, or whose claim ran out by ``now``."""
+        sql = numbered(arch.SQL_CANDIDATES)
+        rows = await self._run(lambda conn: conn.fetch(sql, completed_since, now, limit), tx=False)
+        return [(str(row[0]), float(row[1])) for row in rows]
+
+    async def archive_claim(self, task_id: str, now: float, until: float) -> bool:
+        """Claim copying ``task_id`` until ``until``; True only for one process while the claim holds."""
+        sql = numbered(arch.SQL_CLAIM)
+        return _count(await self._run(lambda conn: conn.execute(sql, task_id, until, now), tx=False)) == 1
+
+    async def archive_stored(self, task_id: str, key: str, size: int, sha256: str, at: float) -> None:
+        """Record the verified copy."""
+        sql = numbered(arch.SQL_STORED)
+        await self._run(lambda conn: conn.execute(sql, key, size, sha256, at, task_id), tx=False)
+
+    async def archive_retry(self, task_id: str, retry_at: float | None, error: str) -> None:
+        """Count a failed attempt: claimable again after ``retry_at``, or given up when None."""
+        sql = numbered(arch.SQL_RETRY)
+        state = "failed" if retry_at is None else "claimed"
+        await self._run(lambda conn: conn.execute(sql, state, retry_at, error[:500], task_id), tx=False)
+
+    async def get_archive(self, task_id: str) -> ArchiveRecord | None:
+        """The archive row of ``task_id``, or None."""
+        sql = numbered(arch.SQL_GET)
+        row = await self._run(lambda conn: conn.fetchrow(sql, task_id), tx=False)
+        return None if row is None else arch.archive_record(row)
+
+    async def archives_stored_before(self, before: float, limit: int = 100) -> list[ArchiveRecord]:
+        """Stored copies archived before ``before``, oldest first."""
+        sql = numbered(arch.SQL_STORED_BEFORE)
+        rows = await self._run(lambda conn: conn.fetch(sql, before, limit), tx=False)
+        return [arch.archive_record(row) for row in rows]
+
+    async def archive_removed(self, task_id: str) -> None:
+        """Mark a stored copy as deleted."""
+        sql = numbered(arch.SQL_REMOVED)
+        await self._run(lambda conn: conn.execute(sql, task_id), tx=False)
+
+    async def archive_summary(self) -> dict[str, tuple[int, int]]:
+        """``{state: (tasks, bytes)}`` plus ``unarchived`` completed tasks."""
+
+        async def read(conn: asyncpg.Connection) -> dict[str, tuple[int, int]]:
+            rows = await conn.fetch(arch.SQL_SUMMARY)
+            return arch.summary(rows, int(await conn.fetchval(arch.SQL_UNARCHIVED)))
+
+        return await self._run(read)
+
+    async def archive_records(self, after: str = "", limit: int = 1000) -> list[ArchiveRecord]:
+        """A page of archive rows ordered by task id."""
+        sql = numbered(arch.SQL_PAGE)
+        rows = await self._run(lambda conn: conn.fetch(sql, after, limit), tx=False)
+        return [arch.archive_record(row) for row in rows]
+
+    async def restore_archive(self, record: ArchiveRecord) -> None:
+        """Insert an archive row as it is; an existing row is left alone."""
+        sql = numbered(arch.SQL_RESTORE)
+        await self._run(lambda conn: conn.execute(sql, *arch.record_row(record)), tx=False)
+
+    async def archive_retry_failed(self) -> int:
+        """Make every given-up copy claimable again; how many."""
+        return _count(await self._run(lambda conn: conn.execute(arch.SQL_RETRY_FAILED), tx=False))
 
     # -- audit trail --------------------------------------------------------------------------------------------
 

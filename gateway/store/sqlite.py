@@ -21,10 +21,13 @@ from typing import Any, Final, TypeVar
 
 from gateway.catalog import TASK_STATUSES, TERMINAL
 from gateway.keys import KeyRecord
+from gateway.store import archive_rows as arch
+from gateway.store.archive_rows import archive_schema
 from gateway.store.base import (
     FIXED_DIGITS,
     IDEMPOTENCY_IN_FLIGHT_TTL_S,
     IDEMPOTENCY_TTL_S,
+    ArchiveRecord,
     AuditRecord,
     IdemKind,
     IdemState,
@@ -187,8 +190,9 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
             "CREATE INDEX webhook_outbox_host ON webhook_outbox (host, state)",
         ),
     ),
+    (3, archive_schema("REAL", "INTEGER", "TEXT")),
     (
-        3,
+        4,
         (
             # The audit trail of admin actions: gateway.audit.
             """CREATE TABLE audit_log (
@@ -890,6 +894,65 @@ class SQLiteStore:
         sql = f"SELECT {OUTBOX_COLUMNS} FROM webhook_outbox WHERE state = ? ORDER BY created_at, delivery_id LIMIT ?"  # noqa: S608
         rows = await self._read(lambda conn: conn.execute(sql, (state, limit)).fetchall())
         return [outbox_record(row) for row in rows]
+
+    # -- archive --------------------------------------------------------------------------------------------
+
+    async def archive_candidates(self, completed_since: float, now: float, limit: int = 100) -> list[tuple[str, float]]:
+        """Completed tasks never claimed, or whose claim ran out by ``now``."""
+        params = (completed_since, now, limit)
+        rows = await self._read(lambda conn: conn.execute(arch.SQL_CANDIDATES, params).fetchall())
+        return [(str(row[0]), float(row[1])) for row in rows]
+
+    async def archive_claim(self, task_id: str, now: float, until: float) -> bool:
+        """Claim copying ``task_id`` until ``until``; True only for one process while the claim holds."""
+        params = (task_id, until, now)
+        return await self._tx(lambda conn: conn.execute(arch.SQL_CLAIM, params).rowcount == 1)
+
+    async def archive_stored(self, task_id: str, key: str, size: int, sha256: str, at: float) -> None:
+        """Record the verified copy."""
+        params = (key, size, sha256, at, task_id)
+        await self._tx(lambda conn: conn.execute(arch.SQL_STORED, params))
+
+    async def archive_retry(self, task_id: str, retry_at: float | None, error: str) -> None:
+        """Count a failed attempt: claimable again after ``retry_at``, or given up when None."""
+        params = ("failed" if retry_at is None else "claimed", retry_at, error[:500], task_id)
+        await self._tx(lambda conn: conn.execute(arch.SQL_RETRY, params))
+
+    async def get_archive(self, task_id: str) -> ArchiveRecord | None:
+        """The archive row of ``task_id``, or None."""
+        row = await self._read(lambda conn: conn.execute(arch.SQL_GET, (task_id,)).fetchone())
+        return None if row is None else arch.archive_record(row)
+
+    async def archives_stored_before(self, before: float, limit: int = 100) -> list[ArchiveRecord]:
+        """Stored copies archived before ``before``, oldest first."""
+        rows = await self._read(lambda conn: conn.execute(arch.SQL_STORED_BEFORE, (before, limit)).fetchall())
+        return [arch.archive_record(row) for row in rows]
+
+    async def archive_removed(self, task_id: str) -> None:
+        """Mark a stored copy as deleted."""
+        await self._tx(lambda conn: conn.execute(arch.SQL_REMOVED, (task_id,)))
+
+    async def archive_summary(self) -> dict[str, tuple[int, int]]:
+        """``{state: (tasks, bytes)}`` plus ``unarchived`` completed tasks."""
+
+        def read(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:
+            rows = conn.execute(arch.SQL_SUMMARY).fetchall()
+            return arch.summary(rows, int(conn.execute(arch.SQL_UNARCHIVED).fetchone()[0]))
+
+        return await self._read(read)
+
+    async def archive_records(self, after: str = "", limit: int = 1000) -> list[ArchiveRecord]:
+        """A page of archive rows ordered by task id."""
+        rows = await self._read(lambda conn: conn.execute(arch.SQL_PAGE, (after, limit)).fetchall())
+        return [arch.archive_record(row) for row in rows]
+
+    async def restore_archive(self, record: ArchiveRecord) -> None:
+        """Insert an archive row as it is; an existing row is left alone."""
+        await self._tx(lambda conn: conn.execute(arch.SQL_RESTORE, arch.record_row(record)))
+
+    async def archive_retry_failed(self) -> int:
+        """Make every given-up copy claimable again; how many."""
+        return await self._tx(lambda conn: conn.execute(arch.SQL_RETRY_FAILED).rowcount)
 
     # -- audit trail --------------------------------------------------------------------------------------------
 

@@ -1,23 +1,4 @@
-"""The listener's own limits: how long a request head may take, how many may be in progress, and what is refused.
-
-uvicorn's httptools protocol reads a request head for as long as the client takes and counts nothing of it, so
-the gateway's protocol (``gateway.web.server_protocol``) enforces, before any request reaches the app:
-
-- ``[server] header_timeout_s``: a head (request line and header fields) not complete in time gets 408
-  ``request_timeout`` if any byte of it arrived; a connection that sent nothing is closed.
-- ``[server] max_connections_reading_headers``: past that many connections in the middle of a head, the one that
-  has waited longest is timed out as above, so slow senders cannot hold every descriptor and newcomers (a
-  ``/healthz`` probe) still get in.
-- ``[server] max_header_bytes``: a request target longer than it gets 414 ``uri_too_long``; request target plus
-  header fields longer than it get 431 ``headers_too_large``.
-- RFC 9112: an HTTP/1.1 request without ``Host``, or any request with two, gets 400 ``invalid_host``; any version
-  but 1.0 and 1.1 gets 505 ``http_version_not_supported``; a malformed request 400 ``invalid_http_request``.
-
-Refusals use the gateway's JSON error body, carry ``X-Request-ID`` and close the connection; requests read before
-the refused one are answered first, in order. ``HeaderWatch`` keeps, in arrival order, the connections that have
-sent nothing yet or whose head spans more than one read (a head that arrives whole never enters it), so one timer
-(for the oldest) serves them all.
-"""
+"""The listener's own limits: how long a request head may take, how many may be in progress, and what is refused."""
 
 from __future__ import annotations
 
@@ -37,7 +18,26 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ListenerLimits:
-    """The listener's bounds (``[server]`` settings); picklable, so ``--workers N`` processes get them too."""
+    """The listener's bounds (``[server]`` settings); picklable, so ``--workers N`` processes get them too.
+
+    uvicorn's httptools protocol reads a request head for as long as the client takes and counts nothing of it, so
+    the gateway's protocol (``gateway.web.server_protocol``) enforces, before any request reaches the app:
+
+    - ``[server] header_timeout_s``: a head (request line and header fields) not complete in time gets 408
+      ``request_timeout`` if any byte of it arrived; a connection that sent nothing is closed.
+    - ``[server] max_connections_reading_headers``: past that many connections in the middle of a head, the one that
+      has waited longest is timed out as above, so slow senders cannot hold every descriptor and newcomers (a
+      ``/healthz`` probe) still get in.
+    - ``[server] max_header_bytes``: a request target longer than it gets 414 ``uri_too_long``; request target plus
+      header fields longer than it get 431 ``headers_too_large``.
+    - RFC 9112: an HTTP/1.1 request without ``Host``, or any request with two, gets 400 ``invalid_host``; any version
+      but 1.0 and 1.1 gets 505 ``http_version_not_supported``; a malformed request 400 ``invalid_http_request``.
+
+    Refusals use the gateway's JSON error body, carry ``X-Request-ID`` and close the connection; requests read before
+    the refused one are answered first, in order. ``HeaderWatch`` keeps, in arrival order, the connections that have
+    sent nothing yet or whose head spans more than one read (a head that arrives whole never enters it), so one timer
+    (for the oldest) serves them all.
+    """
 
     header_timeout_s: float = 10.0
     max_connections_reading_headers: int = 256

@@ -84,6 +84,7 @@ _STATUS_TEXT: Final = {
     409: "Conflict",
     413: "Body too large",
     415: "Body is not JSON",
+    416: "Range not satisfiable",
     422: "Unprocessable",
     429: "Too many requests",
     502: "Upstream unreachable or invalid",
@@ -551,6 +552,7 @@ class _Doc:
         paths: dict[str, Any] = {
             "/v1/video/generations": {"post": self.submit()},
             "/v1/videos/{task_id}": {"get": self.status()},
+            "/v1/videos/{task_id}/content": {"get": self.content()},
             "/gateway/validate": {"post": self.validate()},
             "/gateway/tasks": {"get": self.tasks()},
             "/gateway/usage": {"get": self.usage()},
@@ -622,6 +624,67 @@ class _Doc:
             _responses(ok, errors),
             security=self.client_security,
             parameters=[task_id],
+        )
+
+    def content(self) -> dict[str, Any]:
+        errors = _merge(
+            self.client_errors,
+            {
+                404: ("task_not_found", "not_found"),
+                409: ("video_not_ready",),
+                416: ("range_not_satisfiable",),
+                502: ("video_unavailable",),
+            },
+            _UPSTREAM,
+            _STORE,
+            _OVERLOAD,
+        )
+        video = {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}
+        plain = {"schema": {"type": "string"}}
+        headers = {
+            **_headers(),
+            "ETag": {"description": "The archived copy's SHA-256, or the origin's validator.", **plain},
+            "Accept-Ranges": {"description": "bytes", **plain},
+        }
+        ok = {
+            "200": {"description": "The whole video (HEAD: its headers only).", "headers": headers, "content": video},
+            "206": {
+                "description": "One byte range of it.",
+                "headers": {**headers, "Content-Range": {"description": "bytes a-b/size", **plain}},
+                "content": video,
+            },
+            "304": {
+                "description": "If-None-Match named the video's ETag: the client's copy is current.",
+                "headers": headers,
+            },
+        }
+        if_none_match = {
+            "name": "If-None-Match",
+            "in": "header",
+            "required": False,
+            "description": "Entity tags the client holds; one matching the video's ETag (or *) gets 304.",
+            "schema": {"type": "string"},
+        }
+        rng = {
+            "name": "Range",
+            "in": "header",
+            "required": False,
+            "description": "One byte range (bytes=a-b, a- or -n); several ranges are answered with the whole video.",
+            "schema": {"type": "string"},
+        }
+        task_id = {
+            "name": "task_id",
+            "in": "path",
+            "required": True,
+            "schema": {"type": "string", "pattern": _TASK_ID_PATTERN},
+        }
+        return self.operation(
+            "getVideoContent",
+            "The task's video: from the archive, else its video_url (credentials only to the upstream's origin)",
+            "upstream",
+            _responses(ok, errors),
+            security=self.client_security,
+            parameters=[task_id, rng, if_none_match],
         )
 
     def passthrough(self) -> dict[str, Any]:

@@ -1,17 +1,4 @@
-"""Overload protection: a bound on requests handled at once and on requests waiting, then a fast 503.
-
-``OverloadMiddleware`` is plain ASGI, placed inside ``RequestContextMiddleware`` (so a refusal still carries its
-request id, access-log line and request metrics) and before routing. At most ``[server] max_in_flight`` requests are
-handled at once; up to ``max_queued`` more wait, first come first served, at most ``queue_timeout_s`` for a slot.
-Anything beyond, or a wait that times out, is answered at once with 503 ``overloaded`` (``Retry-After: 1``) in the
-gateway's error shape and counted in ``kling_gateway_rejections_total{code="overloaded"}``, so latency under
-overload stays bounded instead of growing with the backlog. ``/healthz``, ``/readyz`` and ``/metrics`` are never
-held back, so probes and scrapes still see a saturated gateway.
-
-Upstream calls have their own bound: the aiohttp connector's ``[upstream] max_connections``. A call that finds every
-connection busy waits for one, and that wait counts against ``pool_timeout_s`` (it is part of aiohttp's ``connect``
-bound), after which it fails as a connect error (502 ``upstream_unavailable``).
-"""
+"""Overload protection: a bound on requests handled at once and on requests waiting, then a fast 503."""
 
 from __future__ import annotations
 
@@ -130,7 +117,20 @@ class Overload:
 
 
 class OverloadMiddleware:
-    """Bounds in-flight and queued HTTP requests; past the bounds, 503 ``overloaded`` within a few milliseconds."""
+    """Bounds in-flight and queued HTTP requests; past the bounds, 503 ``overloaded`` within a few milliseconds.
+
+    ``OverloadMiddleware`` is plain ASGI, placed inside ``RequestContextMiddleware`` (so a refusal still carries its
+    request id, access-log line and request metrics) and before routing. At most ``[server] max_in_flight`` requests are
+    handled at once; up to ``max_queued`` more wait, first come first served, at most ``queue_timeout_s`` for a slot.
+    Anything beyond, or a wait that times out, is answered at once with 503 ``overloaded`` (``Retry-After: 1``) in the
+    gateway's error shape and counted in ``kling_gateway_rejections_total{code="overloaded"}``, so latency under
+    overload stays bounded instead of growing with the backlog. ``/healthz``, ``/readyz`` and ``/metrics`` are never
+    held back, so probes and scrapes still see a saturated gateway.
+
+    Upstream calls have their own bound: the aiohttp connector's ``[upstream] max_connections``. A call that finds every
+    connection busy waits for one, and that wait counts against ``pool_timeout_s`` (it is part of aiohttp's ``connect``
+    bound), after which it fails as a connect error (502 ``upstream_unavailable``).
+    """
 
     def __init__(self, app: ASGIApp, *, overload: Overload, exempt: frozenset[str] = EXEMPT_PATHS) -> None:
         self.app = app

@@ -14,6 +14,8 @@ from starlette.routing import BaseRoute, Route
 from gateway.auth.authenticate import ClientAuthentication
 from gateway.auth.principal import Principal
 from gateway.catalog import TASK_ID_SHAPE
+from gateway.content.answer import rewrite_video_url
+from gateway.content.service import ContentService
 from gateway.errors import GatewayError, NotFound, PermissionDenied, Problem, UnsupportedMediaType, UpstreamUnavailable
 from gateway.keys import model_allowed
 from gateway.ledger.pricing import Estimate, PriceTable
@@ -30,9 +32,10 @@ from gateway.web.idempotency import IdempotencyRecords, idempotency_key
 from gateway.web.middleware import log_fields, request_id_of
 from gateway.web.verdict import verdict
 
-__all__ = ["PASSTHROUGH_ROUTE", "STATUS_ROUTE", "SUBMIT_ROUTE", "GatewayRoutes"]
+__all__ = ["CONTENT_ROUTE", "PASSTHROUGH_ROUTE", "STATUS_ROUTE", "SUBMIT_ROUTE", "GatewayRoutes"]
 
 SUBMIT_ROUTE = "/v1/video/generations"
+CONTENT_ROUTE = "/v1/videos/{task_id}/content"
 PASSTHROUGH_ROUTE = "/v1/{path:path}"
 _TASK_ID = re.compile(TASK_ID_SHAPE)  # never "." or ".."
 _ENCODED_HEADER_MEMO = 1024
@@ -54,7 +57,11 @@ class GatewayRoutes:
         log: Logger,
         max_body_bytes: int,
         passthrough_enabled: bool,
+        content: ContentService | None = None,
+        video_url_base: str | None = None,
     ) -> None:
+        """``content`` serves ``/v1/videos/{id}/content``; with ``video_url_base`` (``[archive] rewrite_video_url``),
+        completed status answers point ``video_url`` at ``<video_url_base>/v1/videos/{id}/content``."""
         self._clients = clients
         self._checks = checks
         self._idempotency = idempotency
@@ -65,6 +72,8 @@ class GatewayRoutes:
         self._log = log
         self._max_body_bytes = max_body_bytes
         self._passthrough_enabled = passthrough_enabled
+        self._content = content
+        self._video_url_base = video_url_base
         self._encoded_headers: dict[tuple[tuple[tuple[str, str], ...], str], list[tuple[bytes, bytes]]] = {}
 
     # -- upstream-compatible -------------------------------------------------------------------------------------
@@ -154,9 +163,21 @@ class GatewayRoutes:
             exc.headers["X-Cache"] = "MISS"
             raise
         log_fields(request.scope)["cache"] = outcome.x_cache
-        response = Response(outcome.body, status_code=outcome.status_code)
+        body = outcome.body
+        if self._video_url_base is not None:  # clients keep a URL that outlives the upstream's
+            body = rewrite_video_url(body, self._video_url_base, task.task_id)
+        response = Response(body, status_code=outcome.status_code)
         response.raw_headers.extend(self.encoded_status_headers(outcome.headers, outcome.x_cache))
         return response
+
+    async def content(self, request: Request) -> Response:
+        """GET|HEAD /v1/videos/{task_id}/content: auth → ownership → the video's bytes (gateway.content)."""
+        principal = await self._clients.authenticate(request.headers.get("authorization"), log_fields(request.scope))
+        task = await self.owned_task(principal, request.path_params["task_id"])
+        log_fields(request.scope).update(model=task.model, task_id=task.task_id)
+        if self._content is None:
+            raise NotFound(f"No route {request.url.path}.", code="not_found")
+        return await self._content.serve(request, task)
 
     def encoded_status_headers(self, headers: tuple[tuple[str, str], ...], x_cache: str) -> list[tuple[bytes, bytes]]:
         """A poll answer's end-to-end headers plus ``X-Cache``, encoded once per distinct header set."""
@@ -261,6 +282,7 @@ class GatewayRoutes:
         return [
             Route(SUBMIT_ROUTE, self.submit, methods=["POST"]),
             Route(STATUS_ROUTE, self.status, methods=["GET"]),
+            Route(CONTENT_ROUTE, self.content, methods=["GET", "HEAD"]),
             Route("/gateway/validate", self.validate, methods=["POST"]),
         ]
 

@@ -1,18 +1,4 @@
-"""uvicorn's httptools protocol with one change: a response's writes leave in one system call.
-
-uvicorn writes a response's status line and headers, then its body, with two ``transport.write`` calls, and on
-uvloop each is its own ``send``: profiles of a cached status poll put 29% of the gateway's CPU on those two
-lines (``bench/profiles/poll-cached-top.txt``). ``CoalescingHttpToolsProtocol`` hands the protocol a transport
-wrapper that gathers the writes made during one event-loop turn and sends them together at the end of that turn
-(``loop.call_soon``): the head and body of a response become one ``send``, with no added wait. ``close`` sends
-anything gathered first; every other transport method is the real transport's. It is passed to uvicorn as its
-``http`` protocol class (``kling-gateway serve`` does this).
-
-``GatewayHttpProtocol`` adds the listener's limits (``gateway.web.listener``): a deadline and a cap for request
-heads, the request target counted in the header limit, ``Host`` and version checks, refusals answered in order
-after the requests read before them, and requests pipelined after an ``Upgrade`` request answered (upgrades are
-ignored, as RFC 9110 allows). ``listener_protocol(limits)`` is what uvicorn's ``http`` option gets.
-"""
+"""uvicorn's httptools protocol for the gateway: one system call per response, bounded request heads."""
 
 from __future__ import annotations
 
@@ -94,7 +80,21 @@ class CoalescedWrites:
 
 
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
-    """``HttpToolsProtocol`` on a ``CoalescedWrites`` transport."""
+    """``HttpToolsProtocol`` on a ``CoalescedWrites`` transport.
+
+    uvicorn writes a response's status line and headers, then its body, with two ``transport.write`` calls, and on
+    uvloop each is its own ``send``: profiles of a cached status poll put 29% of the gateway's CPU on those two
+    lines (``bench/profiles/poll-cached-top.txt``). ``CoalescingHttpToolsProtocol`` hands the protocol a transport
+    wrapper that gathers the writes made during one event-loop turn and sends them together at the end of that turn
+    (``loop.call_soon``): the head and body of a response become one ``send``, with no added wait. ``close`` sends
+    anything gathered first; every other transport method is the real transport's. It is passed to uvicorn as its
+    ``http`` protocol class (``kling-gateway serve`` does this).
+
+    ``GatewayHttpProtocol`` adds the listener's limits (``gateway.web.listener``): a deadline and a cap for request
+    heads, the request target counted in the header limit, ``Host`` and version checks, refusals answered in order
+    after the requests read before them, and requests pipelined after an ``Upgrade`` request answered (upgrades are
+    ignored, as RFC 9110 allows). ``listener_protocol(limits)`` is what uvicorn's ``http`` option gets.
+    """
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescedWrites(transport, self.loop))  # type: ignore[arg-type]

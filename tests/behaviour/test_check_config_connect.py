@@ -53,6 +53,7 @@ def test_all_reachable(
     assert status == 0
     assert found["store"].startswith("ok: sqlite:///")
     assert found["cache"] == "ok: memory:// (in-process, nothing to reach)"
+    assert found["archive"] == "ok: off ([archive] url is not set; nothing to reach)"
     assert found["upstream"].startswith("ok: ") and "HTTP 404" in found["upstream"]
     [probe] = fake_upstream.requests
     assert probe.path.startswith("/v1/videos/kling-gateway-check-")
@@ -154,6 +155,33 @@ def test_postgres_unreachable(
     assert code == 1
     assert found["store"].startswith("FAILED: ")
     assert found["upstream"].startswith("ok: ")
+
+
+def test_file_archive(
+    env: pytest.MonkeyPatch, fake_upstream: FakeUpstream, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_upstream.always("GET", "/v1/videos/", json(404, {}))
+    env.setenv("UNIALL_BASE_URL", fake_upstream.url)
+    (tmp_path / "videos").mkdir()
+    env.setenv("KLING_GATEWAY_ARCHIVE_URL", f"file://{tmp_path / 'videos'}")
+    code, found, _ = run(capsys)
+    assert code == 0
+    assert found["archive"] == f"ok: file://{tmp_path / 'videos'}: a probe object written, read back and deleted"
+    assert list((tmp_path / "videos").iterdir()) == []
+
+
+def test_archive_unwritable(
+    env: pytest.MonkeyPatch, fake_upstream: FakeUpstream, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An archive path under a regular file cannot be written: one FAILED line, exit 1, the rest still checked."""
+    fake_upstream.always("GET", "/v1/videos/", json(404, {}))
+    env.setenv("UNIALL_BASE_URL", fake_upstream.url)
+    (tmp_path / "a-file").write_text("not a folder")
+    env.setenv("KLING_GATEWAY_ARCHIVE_URL", f"file://{tmp_path / 'a-file' / 'videos'}")
+    code, found, _ = run(capsys)
+    assert code == 1
+    assert found["archive"].startswith("FAILED: ")
+    assert found["store"].startswith("ok: ") and found["upstream"].startswith("ok: ")
 
 
 def test_without_connect_nothing_is_reached(

@@ -273,7 +273,8 @@ def sandbox_gateway(tmp_path: Path) -> Iterator[tuple[str, str, subprocess.Popen
             process.stdout.close()
 
 
-def wait_healthy(base: str, within_s: float = 15.0) -> None:
+def wait_healthy(base: str, within_s: float = 15.0, stderr_log: Path | None = None) -> None:
+    """Wait for /healthz; on a time-out, say what the server wrote on stderr (if it was sent to ``stderr_log``)."""
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         try:
@@ -282,7 +283,8 @@ def wait_healthy(base: str, within_s: float = 15.0) -> None:
         except httpx.TransportError:
             pass
         time.sleep(0.1)
-    raise AssertionError(f"{base} never became healthy")
+    said = stderr_log.read_text(errors="replace")[-4000:] if stderr_log is not None and stderr_log.exists() else ""
+    raise AssertionError(f"{base} never became healthy; its stderr ends:\n{said}")
 
 
 class TestQuickStart:
@@ -332,10 +334,14 @@ class TestWorkers:
         """serve --workers 2 runs in Prometheus multiprocess mode: /metrics counts every worker's requests."""
         port = free_port()
         env = _serve_env(tmp_path, port, sandbox_server)
-        process = subprocess.Popen([*CLI, "serve", "--workers", "2"], env=env, stdout=subprocess.DEVNULL)
+        stderr_log = tmp_path / "serve.err"
+        with stderr_log.open("wb") as stderr:
+            process = subprocess.Popen(
+                [*CLI, "serve", "--workers", "2"], env=env, stdout=subprocess.DEVNULL, stderr=stderr
+            )
         base = f"http://127.0.0.1:{port}"
         try:
-            wait_healthy(base)
+            wait_healthy(base, within_s=45.0, stderr_log=stderr_log)
             for _ in range(40):
                 with httpx.Client() as client:  # a new connection each time, so both workers get some
                     assert client.get(f"{base}/healthz").status_code == 200
@@ -364,10 +370,14 @@ class TestWorkers:
             KLING_GATEWAY_CACHE_KEY_PREFIX=redis_prefix,
             KLING_GATEWAY_ADMIN_TOKEN="adm-workers",
         )
-        process = subprocess.Popen([*CLI, "serve", "--workers", "2"], env=env, stdout=subprocess.DEVNULL)
+        stderr_log = tmp_path / "serve.err"
+        with stderr_log.open("wb") as stderr:
+            process = subprocess.Popen(
+                [*CLI, "serve", "--workers", "2"], env=env, stdout=subprocess.DEVNULL, stderr=stderr
+            )
         base = f"http://127.0.0.1:{port}"
         try:
-            wait_healthy(base)
+            wait_healthy(base, within_s=45.0, stderr_log=stderr_log)
             created = httpx.post(
                 f"{base}/gateway/keys", json={"name": "team", "rpm": 6}, headers={"Authorization": "Bearer adm-workers"}
             )

@@ -152,15 +152,15 @@ class TestPassthrough:
     def test_task_scoped_paths_keep_tenancy(self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory) -> None:
         """/v1/videos/{id}/... through passthrough needs the task to be the caller's."""
         fake_upstream.script("POST", SUBMIT, json(200, ACCEPTED))
-        fake_upstream.always("GET", "/v1/videos/task_1/content", json(200, {"url": "u"}))
+        fake_upstream.always("GET", "/v1/videos/task_1/remix", json(200, {"url": "u"}))
         gw = make_gateway(
             fake_upstream.url, env={"KLING_GATEWAY_PROXY_PASSTHROUGH": "true", "KLING_GATEWAY_AUTH_MODE": "keys"}
         )
         owner, other = gw.create_key("team-a"), gw.create_key("team-b")
         assert gw.client.post(SUBMIT, json=TEXT_BODY, headers=gw.as_key(owner)).status_code == 200
-        assert gw.client.get("/v1/videos/task_1/content", headers=gw.as_key(other)).status_code == 404
-        assert fake_upstream.calls("GET", "/v1/videos/task_1/content") == 0
-        assert gw.client.get("/v1/videos/task_1/content", headers=gw.as_key(owner)).status_code == 200
+        assert gw.client.get("/v1/videos/task_1/remix", headers=gw.as_key(other)).status_code == 404
+        assert fake_upstream.calls("GET", "/v1/videos/task_1/remix") == 0
+        assert gw.client.get("/v1/videos/task_1/remix", headers=gw.as_key(owner)).status_code == 200
 
 
 class TestUpstreamFailures:

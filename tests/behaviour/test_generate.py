@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.harness import SANDBOX_API_KEY
 from support.loopback import Stack, serve_stack
 from support.upstream_fake import FakeUpstream, dynamic, hang, text
 from support.upstream_fake import json as json_answer
@@ -176,7 +177,7 @@ class TestThroughTheGateway:
         assert len(stack.upstream.to("POST", "/v1/video/generations")) == 1
 
     def test_out_downloads_the_video(self, stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-        """--out waits, then saves the video's exact bytes (here through the task's video_url: no content route)."""
+        """--out waits, then saves the video's exact bytes through the gateway's content route."""
         target = tmp_path / "fox.mp4"
         code, out, err = generate(capsys, *FOX, "--out", str(target), *FAST)
         result = fields(out)
@@ -184,9 +185,12 @@ class TestThroughTheGateway:
         assert target.read_bytes() == mp4_bytes(5)
         assert result["file"] == str(target) and result["bytes"] == str(len(mp4_bytes(5)))
         assert not (tmp_path / "fox.mp4.part").exists()
-        assert stack.gateway.to("GET", f"/v1/videos/{result['task_id']}/content")  # asked the gateway first
+        assert stack.gateway.to("GET", f"/v1/videos/{result['task_id']}/content")
+        # The gateway fetched the file from the upstream's own origin with the account's key; the client's gateway
+        # key never left the gateway.
         (fetch,) = stack.upstream.to("GET", f"/sandbox/files/{result['task_id']}.mp4")
-        assert "authorization" not in fetch.headers  # the gateway key goes to the gateway only
+        assert fetch.headers["authorization"] == f"Bearer {SANDBOX_API_KEY}"
+        assert stack.key not in str(fetch.headers)
 
     def test_resume_follows_without_submitting(self, stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
         """A task submitted without --wait is followed later by --resume; nothing is submitted again."""

@@ -4,7 +4,8 @@ Prometheus (Debian's ``prometheus`` package; .ci/run installs it) runs with its 
 config/prometheus.yml (1 s scrapes of this gateway, config/alerts.yml loaded), its own data directory and an
 ephemeral loopback port. The gateway is ``kling-gateway serve`` on a loopback port, in front of the sandbox upstream.
 The traffic covers every panel: two waves of submissions (a key with a monthly budget, two models), their status
-polls to completion (cache misses, hits, settlements), a rejected body, then the upstream stops while a task is
+polls to completion (cache misses, hits, settlements) and video downloads (copied to a ``file://`` archive meanwhile),
+a rejected body, then the upstream stops while a task is
 still running, so its next poll fails (upstream errors) and is answered from the cache (STALE).
 
 Each panel query, template variables substituted as Grafana would ($key and $model -> ``.*`` (All),
@@ -136,6 +137,8 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         KLING_GATEWAY_SERVER_DATA_DIR=str(tmp_path / "data"),
         KLING_GATEWAY_CACHE_PENDING_TTL_S="0.2",
         KLING_GATEWAY_VALIDATION_RESOLVE_MEDIA_HOSTS="false",
+        KLING_GATEWAY_ARCHIVE_URL=(tmp_path / "archive").as_uri(),
+        KLING_GATEWAY_ARCHIVE_SCAN_S="0.2",
         UNIALL_API_KEY=SANDBOX_API_KEY,
         UNIALL_BASE_URL=upstream.url,
     )
@@ -196,6 +199,8 @@ def poll_until_done(client: httpx.Client, task_id: str, within_s: float = 10.0) 
         assert response.status_code == 200, response.text
         if response.json()["status"] in ("completed", "failed"):
             client.get(f"/v1/videos/{task_id}")  # a cache hit on the final status
+            if response.json()["status"] == "completed":  # its video, from the upstream or the archive
+                assert client.get(f"/v1/videos/{task_id}/content").status_code == 200
             return
         time.sleep(0.1)
     raise AssertionError(f"{task_id} did not finish")

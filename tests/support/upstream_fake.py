@@ -13,7 +13,8 @@ an optional default used once the queue is empty; anything unscripted answers 40
         assert fake.requests[0].header("authorization") == "Bearer sk-upstream"
 
 Behaviours (module-level constructors): ``json``, ``text``, ``invalid_json``, ``huge`` (well-behaved: the
-connection is kept alive), and the misbehaving ``raw``, ``garbage``, ``truncate``, ``reset`` (RST, before or
+connection is kept alive), ``video`` (a file of deterministic bytes with ranges and HEAD that can be expired),
+``redirect``, and the misbehaving ``raw``, ``garbage``, ``truncate``, ``reset`` (RST, before or
 mid-response), ``refuse`` (close without answering), ``hang``, ``slow`` (delay, then another behaviour) and
 ``dynamic`` (a function of the request). ``FakeUpstream.closed_port()`` is a URL nobody listens on;
 ``stop_listening()`` / ``start_listening()`` take a running fake's port down and back up.
@@ -370,6 +371,81 @@ def slow(delay_s: float, then: Behaviour) -> Slow:
 def dynamic(fn: Callable[[RecordedRequest], Behaviour]) -> Dynamic:
     """Pick the behaviour from the request (e.g. echo the task id of the path)."""
     return Dynamic(fn)
+
+
+_PATTERN = bytes(range(251)) * 263  # a cycle of 251 bytes, longer than any offset plus one chunk
+
+
+def video_bytes(start: int, end: int) -> bytes:
+    """Bytes ``start``..``end`` (exclusive) of ``video(size)``'s deterministic content (offset o holds o % 251)."""
+    out = bytearray()
+    while start < end:
+        step = min(end - start, _CHUNK)
+        offset = start % 251
+        out += _PATTERN[offset : offset + step]
+        start += step
+    return bytes(out)
+
+
+@dataclass
+class Video(Behaviour):
+    """A video file of ``size`` deterministic bytes, streamed, with HEAD and single byte ranges (206/416).
+
+    ``expired`` (settable while running) turns every answer into 403, as an expired signed URL does;
+    ``ranges=False`` ignores Range headers (200 with everything); ``etag`` is sent when set.
+    """
+
+    size: int
+    ranges: bool = True
+    expired: bool = False
+    etag: str | None = None
+    content_type: str = "video/mp4"
+
+    async def run(self, conn: _Conn, request: RecordedRequest) -> bool:
+        if self.expired:
+            body = b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
+            head = _response_head(403, [("Content-Type", "application/xml")], len(body), conn.keep_alive)
+            conn.writer.write(head + (b"" if request.method == "HEAD" else body))
+            await conn.writer.drain()
+            return conn.keep_alive
+        headers = [("Content-Type", self.content_type), ("Accept-Ranges", "bytes" if self.ranges else "none")]
+        if self.etag:
+            headers.append(("ETag", self.etag))
+        status, start, end = 200, 0, self.size
+        wanted = request.header("range") if self.ranges else None
+        if wanted:
+            first, _, last = wanted.removeprefix("bytes=").partition("-")
+            if first:
+                start, end = int(first), min(self.size, int(last) + 1 if last else self.size)
+            else:
+                start, end = max(0, self.size - int(last)), self.size
+            if start >= self.size:
+                headers.append(("Content-Range", f"bytes */{self.size}"))
+                conn.writer.write(_response_head(416, headers, 0, conn.keep_alive))
+                await conn.writer.drain()
+                return conn.keep_alive
+            status = 206
+            headers.append(("Content-Range", f"bytes {start}-{end - 1}/{self.size}"))
+        conn.writer.write(_response_head(status, headers, end - start, conn.keep_alive))
+        if request.method != "HEAD":
+            position = start
+            while position < end:
+                step = min(end - position, _CHUNK)
+                conn.writer.write(video_bytes(position, position + step))
+                position += step
+                await conn.writer.drain()
+        await conn.writer.drain()
+        return conn.keep_alive
+
+
+def video(size: int, **options: Any) -> Video:
+    """A video of ``size`` deterministic bytes with ranges and HEAD (see ``Video``); keep it to expire it later."""
+    return Video(size, **options)
+
+
+def redirect(location: str, status: int = 302) -> Respond:
+    """A redirect to ``location``."""
+    return Respond(status, b"", (("Location", location),))
 
 
 def _not_scripted(request: RecordedRequest) -> Respond:

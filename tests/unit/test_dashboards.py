@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.parser import text_string_to_metric_families
 from support.paths import REPO_ROOT
 
+from gateway.content.metrics import ContentMetrics, create_content_metrics
 from gateway.metrics import Metrics, create_metrics
 
 CONFIG = REPO_ROOT / "config"
@@ -35,8 +36,11 @@ COUNTER_LIKE = ("_total", "_bucket", "_count", "_sum")
 def exported() -> dict[str, frozenset[str]]:
     """Sample name -> label names, for every sample a fresh gateway registry exposes."""
     metrics = create_metrics(CollectorRegistry())
-    for field in dataclasses.fields(Metrics):
-        metric = getattr(metrics, field.name)
+    content = create_content_metrics(metrics.registry)
+    every = [(metrics, field) for field in dataclasses.fields(Metrics)]
+    every += [(content, field) for field in dataclasses.fields(ContentMetrics)]
+    for owner, field in every:
+        metric = getattr(owner, field.name)
         if not isinstance(metric, Counter | Gauge | Histogram):
             continue
         # prometheus_client has no public accessor for a metric's label names; _labelnames is stable since 0.1.

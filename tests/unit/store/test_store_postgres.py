@@ -199,6 +199,8 @@ class TestMigrations:
                 "idempotency",
                 "usage_daily",
                 "webhook_outbox",
+                "archives",
+                "audit_log",
             }
         finally:
             await query(postgres_url, "public", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

@@ -83,7 +83,8 @@ class TestFastLane:
         ("method", "path", "status", "code"),
         [
             ("GET", "/v1/videos/task_1/", 404, "not_found"),  # trailing slash: not the status route
-            ("GET", "/v1/videos/task_1/content", 404, "not_found"),  # deeper: passthrough (off)
+            ("GET", "/v1/videos/task_1/content", 404, "task_not_found"),  # deeper: the content route
+            ("GET", "/v1/videos/task_1/content/x", 404, "not_found"),  # deeper still: passthrough (off)
             ("PUT", "/v1/videos/task_1", 404, "not_found"),  # another method: passthrough (off)
             ("GET", SUBMIT, 404, "not_found"),  # passthrough (off)
             ("GET", "/gateway/validate", 405, "method_not_allowed"),
