@@ -144,7 +144,7 @@ class TestOn:
             receiver.wait_for(lambda got: any(s.name == "upstream GET" for s in in_trace(got, server.trace_id))),
             "upstream GET",
         )
-        assert upstream_span.trace_id == server.trace_id
+        assert (upstream_span.trace_id, upstream_span.parent_id) == (server.trace_id, server.span_id)
         [poll] = [r for r in fake_upstream.requests if r.method == "GET"]
         assert traceparent_parts(poll.header("traceparent")) == (server.trace_id, upstream_span.span_id)
 
