@@ -99,7 +99,9 @@ async def _measure(app: Any, requests: list[tuple[str, str, list[tuple[bytes, by
     return (time.process_time() - started) / len(requests) * 1e6
 
 
-async def _run(pending_ttl: str, n: int, rounds: int, upstream: str | None = None) -> dict[str, float]:
+async def _run(
+    pending_ttl: str, n: int, rounds: int, upstream: str | None = None, accounts: int = 1
+) -> dict[str, float]:
     data = tempfile.mkdtemp(prefix="asgi-cost-")
     env = {
         "UNIALL_BASE_URL": upstream or "http://upstream.test",
@@ -110,6 +112,11 @@ async def _run(pending_ttl: str, n: int, rounds: int, upstream: str | None = Non
         "KLING_GATEWAY_VALIDATION_RESOLVE_MEDIA_HOSTS": "false",
         "KLING_GATEWAY_SETTLER_ENABLED": "false",
     }
+    if accounts > 1:  # several accounts, each with a limit well above what the run submits (the admission path)
+        del env["UNIALL_API_KEY"]
+        env["UNIALL_API_KEYS"] = ",".join(f"acct{i}=sk-bench-{i}" for i in range(accounts))
+        limits = {f"acct{i}": {"max_in_flight": 10**6} for i in range(accounts)}
+        env["KLING_GATEWAY_UPSTREAM_ACCOUNTS"] = orjson.dumps(limits).decode()
     settings = load_settings(env=env)
     with open(os.devnull, "w") as sink:  # noqa: ASYNC230 - set-up before any measurement
         app = create_app(
@@ -169,9 +176,12 @@ def main() -> None:
         help="a real upstream (e.g. `kling-gateway sandbox --port 18200` in another shell: any key) reached "
         "with the production client instead of httpx.MockTransport; its CPU is not counted",
     )
+    parser.add_argument(
+        "--accounts", type=int, default=1, help="upstream accounts (more than 1: each with a max_in_flight)"
+    )
     args = parser.parse_args()
-    cached = asyncio.run(_run("3600", args.requests, args.rounds, args.upstream))
-    forwarded = asyncio.run(_run("0", args.requests, args.rounds, args.upstream))
+    cached = asyncio.run(_run("3600", args.requests, args.rounds, args.upstream, args.accounts))
+    forwarded = asyncio.run(_run("0", args.requests, args.rounds, args.upstream, args.accounts))
     through = f"production client to {args.upstream}" if args.upstream else "httpx MockTransport upstream"
     print(f"cached poll     {cached['poll']:8.1f} µs CPU/request (in-app, no server)")
     print(f"forwarded poll  {forwarded['poll']:8.1f} µs CPU/request (in-app, {through})")

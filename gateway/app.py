@@ -76,7 +76,13 @@ def create_app(
     content_metrics = create_content_metrics(metrics.registry)
     logs = make_logs(
         level=settings.logging.level,
-        secrets=(settings.upstream_api_key, settings.admin_token, settings.metrics.token, settings.webhook_secret),
+        secrets=(
+            settings.upstream_api_key,
+            *settings.upstream_keys.values(),
+            settings.admin_token,
+            settings.metrics.token,
+            settings.webhook_secret,
+        ),
         stream=log_stream,
     )
     log = logs.log
@@ -151,6 +157,7 @@ def _loops(services: Services) -> dict[str, Callable[[], Coroutine[None, None, N
     loops: dict[str, Callable[[], Coroutine[None, None, None]]] = {
         "in-flight-gauge": services.ledger.follow_in_flight,
         "budget-gauges": services.ledger.follow_budgets,
+        "accounts": lambda: services.accounts.follow(services.store),
     }
     if isinstance(services.auth, KeyAuthenticator):
         loops["key-refresh"] = services.auth.run
@@ -159,7 +166,13 @@ def _loops(services: Services) -> dict[str, Callable[[], Coroutine[None, None, N
     settler = services.settings.settler
     if settler.enabled:
         loops["settler"] = Settler.from_settings(
-            settler, services.store, services.ledger, services.status.poll, services.log, clock=services.clock
+            settler,
+            services.store,
+            services.ledger,
+            services.status.poll,
+            services.log,
+            clock=services.clock,
+            has_account=lambda account: services.accounts.key(account) is not None,
         ).run
     return loops
 
@@ -191,6 +204,7 @@ def _handlers(services: Services, resolver: Resolver | None, tracing: Tracing | 
         passthrough_enabled=settings.proxy.passthrough,
         content=services.content,
         video_url_base=settings.server.public_url if settings.archive.rewrite_video_url else None,
+        accounts=services.accounts,
     )
     admin = AdminRoutes(
         clients=clients,
@@ -201,6 +215,7 @@ def _handlers(services: Services, resolver: Resolver | None, tracing: Tracing | 
         max_body_bytes=settings.server.max_body_bytes,
         rotation_grace_s=settings.auth.rotation_grace_s,
         allow_private_webhooks=settings.webhooks.allow_private_targets,
+        accounts=services.accounts,
     )
     return _Handlers(gateway=gateway, admin=admin, health=HealthRoutes(services.readiness))
 

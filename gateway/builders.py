@@ -10,9 +10,11 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from gateway.accounts.pool import AccountPool
 from gateway.auth.keyring import KeyAuthenticator
 from gateway.auth.principal import Authenticator, OpenAuthenticator
 from gateway.auth.rate_limits import KeyRateLimits
+from gateway.catalog import DEFAULT_ACCOUNT
 from gateway.config import Settings, UpstreamSettings, missing_scale_extra
 from gateway.content.archiver import Archiver
 from gateway.content.metrics import ContentMetrics
@@ -66,11 +68,13 @@ async def build_services(
 ) -> Services:
     """Every service the app runs on, each built by its family's builder in dependency order (traced variants of the
     upstream transport and the ledger when ``tracing`` is on)."""
-    upstream = upstream_client(settings, metrics, log, stack, injected.transport, tracing)
+    accounts = account_pool(settings, metrics, log, injected.clock)
+    upstream = upstream_client(settings, metrics, log, stack, injected.transport, accounts, tracing)
     store = await open_or_injected_store(settings, stack, injected.store)
     auth = await authenticator(settings, store, log, injected.clock)
     webhooks = webhook_outbox(settings, store, metrics, log, stack, injected)
-    ledger = await build_ledger(settings, store, metrics, log, injected.clock, auth, webhooks, tracing)
+    ledger = await build_ledger(settings, store, metrics, log, injected.clock, auth, webhooks, accounts, tracing)
+    await accounts.check_removed(store)
     shared = await shared_state(settings, metrics, log, stack)
     status = status_poller(settings, upstream, ledger, metrics, log, shared)
     content, archiver = content_services(settings, content_metrics, store, status, log, stack, injected)
@@ -85,9 +89,24 @@ async def build_services(
         ledger=ledger,
         status=status,
         clock=injected.clock,
+        accounts=accounts,
         ready_checks=[store_ready(store)],
         content=content,
         archiver=archiver,
+    )
+
+
+def account_pool(settings: Settings, metrics: Metrics, log: Logger, clock: Callable[[], float]) -> AccountPool:
+    """The upstream accounts (SPEC section 9): their keys from the environment, settings from ``[upstream]``."""
+    return AccountPool(
+        settings.upstream_keys or {DEFAULT_ACCOUNT: settings.upstream_api_key},
+        settings.accounts,
+        metrics,
+        log,
+        keys_file=settings.upstream_keys_file,
+        capacity_wait_s=settings.upstream.capacity_wait_s,
+        capacity_retry_after_s=settings.upstream.capacity_retry_after_s,
+        clock=clock,
     )
 
 
@@ -97,9 +116,11 @@ def upstream_client(
     log: Logger,
     stack: contextlib.AsyncExitStack,
     transport: Transport | None,
+    accounts: AccountPool,
     tracing: Tracing | None = None,
 ) -> UpstreamClient:
-    """The client for UniAll (the transport chosen by ``[upstream] transport`` unless one is injected)."""
+    """The client for UniAll with each account's key (the transport chosen by ``[upstream] transport`` unless one
+    is injected)."""
     chosen = transport if transport is not None else upstream_transport(settings.upstream)
     if tracing is not None:
         from gateway.tracing.instrument import TracedTransport
@@ -107,7 +128,7 @@ def upstream_client(
         chosen = TracedTransport(chosen, tracing)
     upstream = UpstreamClient(
         settings.upstream,
-        settings.upstream_api_key,
+        accounts.key,
         chosen,
         metrics,
         log=log,
@@ -170,6 +191,7 @@ async def build_ledger(
     clock: Callable[[], float],
     auth: Authenticator,
     webhooks: WebhookOutbox | None,
+    accounts: AccountPool,
     tracing: Tracing | None = None,
 ) -> Ledger:
     """The ledger, with the tasks still in flight loaded (and webhooks on terminal statuses, when configured)."""
@@ -181,6 +203,7 @@ async def build_ledger(
             else None
         ),
         "recent_tasks": min(settings.cache.max_entries, 20_000),
+        "on_release": accounts.released,
     }
     prices = PriceTable.from_settings(settings.pricing)
     if tracing is None:
@@ -229,7 +252,7 @@ def status_poller(
         cache,
         Coalescer(),
         metrics,
-        fetch=upstream_status_fetch(upstream),
+        fetch=upstream_status_fetch(upstream, ledger),
         on_fresh=record_in_ledger(ledger),
         shared=shared.status if shared is not None else None,
         log=log,

@@ -14,6 +14,29 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Final
 
+# -- upstream accounts ----------------------------------------------------------------------------------------
+
+DEFAULT_ACCOUNT: Final = "default"
+"""The account of ``UNIALL_API_KEY`` alone, and of every task recorded before accounts existed."""
+
+
+class AccountState(StrEnum):
+    """What ``GET /gateway/accounts`` says of an upstream account (SPEC section 9)."""
+
+    OK = "ok"
+    FULL = "full"
+    UNAUTHORIZED = "unauthorized"
+    REMOVED = "removed"
+
+
+class RefusalReason(StrEnum):
+    """Why the upstream refused a submission on an account (``kling_gateway_upstream_account_refusals_total``)."""
+
+    CAPACITY = "capacity"
+    RATE_LIMITED = "rate_limited"
+    UNAUTHORIZED = "unauthorized"
+
+
 # -- task statuses -------------------------------------------------------------------------------------------
 
 
@@ -156,6 +179,7 @@ _CODES: Final = (
     Code("http_version_not_supported", (505,), _E, "anything but HTTP/1.0 and HTTP/1.1"),
     Code("rate_limited", (429,), _E, "over the key's requests per minute (with Retry-After)"),
     Code("budget_exceeded", (429,), _E, "over the key's monthly budget (with Retry-After)"),
+    Code("upstream_capacity", (429,), _E, "no upstream account serving the model has room (with Retry-After)"),
     Code("internal_error", (500,), _E, "the gateway failed to handle the request"),
     Code("range_not_satisfiable", (416,), _E, "the Range asked for lies outside the video (Content-Range: */size)"),
     Code("upstream_unavailable", (502, 503), _E, "the upstream cannot be reached (503: circuit breaker open)"),

@@ -28,11 +28,24 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from gateway.accounts.parse import SETTINGS_ENV as ACCOUNTS_ENV
+from gateway.accounts.parse import (
+    AccountsError,
+    AccountSettings,
+    account_settings,
+    check_settings_have_keys,
+    keys_from_env,
+)
 from gateway.catalog import DURATION_MAX, DURATION_MIN, MODELS, MODES
 from gateway.suggest import did_you_mean
 
 ENV_PREFIX = "KLING_GATEWAY_"
-SECRET_ENV = ("UNIALL_API_KEY", "KLING_GATEWAY_ADMIN_TOKEN", "KLING_GATEWAY_WEBHOOK_SECRET")
+SECRET_ENV = (
+    "UNIALL_API_KEY",
+    "UNIALL_API_KEYS",
+    "KLING_GATEWAY_ADMIN_TOKEN",
+    "KLING_GATEWAY_WEBHOOK_SECRET",
+)
 DEFAULT_BASE_URL = "https://api.uniall.ai"
 _PREFIX = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
@@ -166,6 +179,11 @@ class UpstreamSettings:
     breaker_failure_threshold: int = field(default=5, metadata=NOT_NEGATIVE)
     #: Seconds the breaker stays open (fast 503s) before one probe call is let through.
     breaker_open_s: float = field(default=10.0, metadata=POSITIVE)
+    #: How long a submission waits, first come first served, for an upstream account with room before
+    #: 429 upstream_capacity (0: answer at once).
+    capacity_wait_s: float = field(default=0.0, metadata=bounds(at_least=0, at_most=60))
+    #: Retry-After of a 429 upstream_capacity when no account's set-aside time says better.
+    capacity_retry_after_s: int = field(default=5, metadata=bounds(at_least=1, at_most=3600))
 
 
 @dataclass(frozen=True)
@@ -311,6 +329,14 @@ class Settings:
     admin_token: str = field(default="", repr=False)
     #: Signs completion webhooks (Standard Webhooks, ``whsec_`` + base64); webhooks are off while it is unset.
     webhook_secret: str = field(default="", repr=False)
+    #: Upstream accounts' keys by name (section 9), from the one key variable that is set; never logged.
+    upstream_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
+    #: Which variable the keys came from (``UNIALL_API_KEY``, ``UNIALL_API_KEYS``, ``UNIALL_API_KEYS_FILE``), or "".
+    upstream_keys_source: str = ""
+    #: The key file to re-read when it changes (``UNIALL_API_KEYS_FILE``), or "".
+    upstream_keys_file: str = ""
+    #: Per-account settings (``[upstream.accounts.NAME]`` and ``KLING_GATEWAY_UPSTREAM_ACCOUNTS``).
+    accounts: Mapping[str, AccountSettings] = field(default_factory=dict)
 
     @property
     def store_url(self) -> str:
@@ -326,7 +352,16 @@ class Settings:
 _SECTIONS: dict[str, type[Any]] = {
     name: hint
     for name, hint in get_type_hints(Settings).items()
-    if name not in ("upstream_api_key", "admin_token", "webhook_secret")
+    if name
+    not in (
+        "upstream_api_key",
+        "admin_token",
+        "webhook_secret",
+        "upstream_keys",
+        "upstream_keys_source",
+        "upstream_keys_file",
+        "accounts",
+    )
 }
 _SECRET_KEYS = {
     ("upstream", "api_key"),
@@ -355,10 +390,14 @@ def load_settings(
     if path is not None:
         raw = _read_toml(Path(path))
     sections: dict[str, Any] = {}
+    accounts_raw: Any = None
     for section_name, section_type in _SECTIONS.items():
         values = raw.pop(section_name, {})
         if not isinstance(values, dict):
             raise ConfigError(f"[{section_name}]: expected a table, got {type(values).__name__}")
+        if section_name == "upstream":
+            values = dict(values)
+            accounts_raw = values.pop("accounts", None)
         sections[section_name] = _build_section(section_name, section_type, values, environ)
     if raw:
         name = sorted(raw)[0]
@@ -367,16 +406,48 @@ def load_settings(
     if environ.get("UNIALL_BASE_URL"):
         upstream = dataclasses.replace(upstream, base_url=environ["UNIALL_BASE_URL"])
         sections["upstream"] = upstream
+    source, keys, accounts = _accounts(accounts_raw, environ)
     settings = Settings(
         **sections,
-        upstream_api_key=environ.get("UNIALL_API_KEY", ""),
+        upstream_api_key=next(iter(keys.values()), ""),
         admin_token=environ.get("KLING_GATEWAY_ADMIN_TOKEN", ""),
         webhook_secret=environ.get("KLING_GATEWAY_WEBHOOK_SECRET", ""),
+        upstream_keys=keys,
+        upstream_keys_source=source or "",
+        upstream_keys_file=environ.get("UNIALL_API_KEYS_FILE", "").strip() if source == "UNIALL_API_KEYS_FILE" else "",
+        accounts=accounts,
     )
     _check(settings)
-    if require_upstream_key and not settings.upstream_api_key:
-        raise ConfigError("UNIALL_API_KEY: not set (the upstream key comes only from the environment)")
+    if require_upstream_key and not settings.upstream_keys:
+        raise ConfigError(
+            "UNIALL_API_KEY: not set (the upstream key comes only from the environment: "
+            "UNIALL_API_KEY, UNIALL_API_KEYS or UNIALL_API_KEYS_FILE)"
+        )
     return settings
+
+
+def _read_text(path: str) -> str:
+    return Path(path).read_text(encoding="utf-8")
+
+
+def _accounts(
+    file_raw: Any, environ: Mapping[str, str]
+) -> tuple[str | None, dict[str, str], dict[str, AccountSettings]]:
+    """The upstream accounts' keys (from the one key variable set) and their settings, checked against each other."""
+    try:
+        source, keys = keys_from_env(environ, _read_text)
+        env_raw: Any = None
+        if environ.get(ACCOUNTS_ENV, "").strip():
+            try:
+                env_raw = orjson.loads(environ[ACCOUNTS_ENV])
+            except orjson.JSONDecodeError:
+                raise AccountsError(f"{ACCOUNTS_ENV}: expected a JSON object of accounts") from None
+        accounts = account_settings(file_raw, env_raw)
+        if keys:
+            check_settings_have_keys(accounts, keys, source or "")
+    except AccountsError as exc:
+        raise ConfigError(str(exc)) from None
+    return source, keys, accounts
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -34,6 +34,10 @@ class Metrics:
     key_spend: Gauge
     upstream_breaker: Gauge
     shared_state_failures: Counter
+    account_in_flight: Gauge
+    account_refusals: Counter
+    account_unauthorized: Gauge
+    account_max_in_flight: Gauge
     webhook_deliveries: Counter
     webhook_attempts: Counter
 
@@ -152,6 +156,33 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "Redis operations that failed (the request went on without Redis), by operation.",
             ("operation",),
             registry=registry,
+        ),
+        account_in_flight=Gauge(
+            prefix + "upstream_account_in_flight",
+            "Tasks submitted on each upstream account and not yet terminal, from the ledger (every process's).",
+            ("account",),
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        ),
+        account_refusals=Counter(
+            prefix + "upstream_account_refusals_total",
+            "Submissions an upstream account refused, by reason: capacity, rate_limited, unauthorized.",
+            ("account", "reason"),
+            registry=registry,
+        ),
+        account_unauthorized=Gauge(
+            prefix + "upstream_account_unauthorized",
+            "1 while the upstream rejects an account's key (set aside until the key changes), else 0.",
+            ("account",),
+            registry=registry,
+            multiprocess_mode="livemax",
+        ),
+        account_max_in_flight=Gauge(
+            prefix + "upstream_account_max_in_flight",
+            "Each upstream account's max_in_flight (0: no limit), for alerting on every account being full.",
+            ("account",),
+            registry=registry,
+            multiprocess_mode="mostrecent",
         ),
         webhook_deliveries=Counter(
             prefix + "webhook_deliveries_total",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from gateway.accounts.pool import AccountPool
 from gateway.auth.keyring import KeyAuthenticator
 from gateway.auth.principal import Authenticator
 from gateway.auth.rate_limits import KeyRateLimits
@@ -35,6 +36,8 @@ class Services:
     ledger: Ledger
     status: StatusPoller
     clock: Callable[[], float]
+    #: The upstream accounts: keys, states, capacity bookkeeping (SPEC section 9).
+    accounts: AccountPool
     #: Named readiness checks; each returns a problem string or None.
     ready_checks: list[Callable[[], Awaitable[str | None]]] = field(default_factory=list)
     shutting_down: bool = False

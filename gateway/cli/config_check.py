@@ -6,14 +6,16 @@ reason, never a secret), and exits 1 if any failed:
 * the store: opened (schema migrations applied) and pinged;
 * the cache: Redis answers PING (an in-process ``memory://`` cache has nothing to reach);
 * the archive, when ``[archive] url`` is set: a probe object written, read back and deleted;
-* the upstream: ``GET /v1/videos/<an id that cannot exist>`` with the configured key, which costs nothing: 404
-  proves the upstream answers and accepts the key, 401/403 that it refuses the key.
+* the upstream, once per upstream account (section 9; the line says which): ``GET /v1/videos/<an id that cannot
+  exist>`` with that account's key, which costs nothing: 404 proves the upstream answers and accepts the key,
+  401/403 that it refuses the key.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import uuid
 from collections.abc import Awaitable, Callable
@@ -45,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"configuration ok: upstream {settings.upstream.base_url}, auth {settings.auth.mode}, "
         f"store {settings.store_url.split('@')[-1]}, cache {settings.cache.url.split('@')[-1]}, "
-        f"listening on {settings.server.host}:{settings.server.port}"
+        f"listening on {settings.server.host}:{settings.server.port}, "
+        f"upstream accounts {', '.join(settings.upstream_keys)} (from {settings.upstream_keys_source})"
     )
     if not args.connect:
         return EXIT_OK
@@ -56,7 +59,12 @@ async def connect_all(settings: Settings) -> bool:
     """Run every check, print one line each; True if all passed."""
     secrets = _secrets(settings)
     passed = True
-    for name, check in _CHECKS:
+    checks = list(_CHECKS)
+    keys = settings.upstream_keys or {"default": settings.upstream_api_key}
+    for account, key in keys.items():
+        label = "upstream" if len(keys) == 1 else f"upstream {account}"
+        checks.append((label, functools.partial(_upstream, key=key, account=account)))
+    for name, check in checks:
         try:
             async with asyncio.timeout(_PROBE_TIMEOUT_S):
                 detail = await check(settings)
@@ -98,21 +106,24 @@ async def _cache(settings: Settings) -> str:
     return f"Redis at {redact_url(url)} answers PING"
 
 
-async def _upstream(settings: Settings) -> str:
+async def _upstream(settings: Settings, *, key: str, account: str) -> str:
     from gateway.builders import upstream_transport
     from gateway.upstream.client import outbound_headers
 
     transport = upstream_transport(settings.upstream)
     path = f"/v1/videos/kling-gateway-check-{uuid.uuid4().hex}"
     url = settings.upstream.base_url.rstrip("/") + path
-    headers = outbound_headers((), settings.upstream_api_key, f"check-config-{uuid.uuid4().hex[:12]}")
+    headers = outbound_headers((), key, f"check-config-{uuid.uuid4().hex[:12]}")
     try:
         response = await transport.send("GET", url, headers, None)
     finally:
         await transport.aclose()
     base = settings.upstream.base_url
     if response.status in (401, 403):
-        raise CheckFailed(f"{base} refuses the upstream key (HTTP {response.status}): check UNIALL_API_KEY")
+        raise CheckFailed(
+            f"{base} refuses the upstream key of account '{account}' (HTTP {response.status}): "
+            f"check {settings.upstream_keys_source or 'UNIALL_API_KEY'}"
+        )
     if response.status == 404 or 200 <= response.status < 300:
         return f"{base} answers and accepts the key (GET of an unknown task: HTTP {response.status})"
     raise CheckFailed(f"{base} answered HTTP {response.status} to GET {path}")
@@ -135,12 +146,13 @@ _CHECKS: tuple[tuple[str, Callable[[Settings], Awaitable[str]]], ...] = (
     ("store", _store),
     ("cache", _cache),
     ("archive", _archive),
-    ("upstream", _upstream),
 )
+"""The checks every configuration gets; ``connect_all`` adds one upstream check per account."""
 
 
 def _secrets(settings: Settings) -> tuple[str, ...]:
     found = [settings.upstream_api_key, settings.admin_token, settings.metrics.token, settings.webhook_secret]
+    found += settings.upstream_keys.values()
     found += url_secrets(settings.store_url) + url_secrets(settings.cache.url)
     found.append(os.environ.get("AWS_SECRET_ACCESS_KEY", ""))  # the S3 archive's credentials
     return tuple(secret for secret in found if secret)

@@ -150,8 +150,12 @@ def _serve_with_sandbox(settings: Settings, host: str, port: int) -> int:
     # Its own thread and loop: only the gateway's server handles signals, and it stops the sandbox after itself.
     thread = threading.Thread(target=lambda: asyncio.run(sandbox.serve(sockets=[sock])), name="sandbox", daemon=True)
     thread.start()
-    settings = settings.replace(
-        upstream=dataclasses.replace(settings.upstream, base_url=sandbox_url), upstream_api_key=upstream_key
+    settings = settings.replace(  # the sandbox is one account, whatever upstream keys the environment holds
+        upstream=dataclasses.replace(settings.upstream, base_url=sandbox_url),
+        upstream_api_key=upstream_key,
+        upstream_keys={},
+        upstream_keys_file="",
+        accounts={},
     )
     dev_key = asyncio.run(_dev_key(settings)) if settings.auth.mode == "keys" else None
     base_url = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"

@@ -16,7 +16,7 @@ def add_parser(subcommands: argparse._SubParsersAction[argparse.ArgumentParser])
     usage.add_argument("--config", help="TOML settings file")
     usage.add_argument("--since", help="YYYY-MM-DD, ISO date-time, or relative like 7d / 24h")
     usage.add_argument("--until", help="YYYY-MM-DD (inclusive) or ISO date-time")
-    usage.add_argument("--by", default="", help="group by any of key,model,mode,day")
+    usage.add_argument("--by", default="", help="group by any of key,model,mode,day,account")
     usage.add_argument("--format", default="table", choices=("table", "csv", "json"))
     usage.set_defaults(handler=run)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from gateway.auth.principal import Principal
 from gateway.bounded import LRUCache
-from gateway.catalog import PENDING, TERMINAL
+from gateway.catalog import DEFAULT_ACCOUNT, PENDING, TERMINAL
 from gateway.errors import TooManyRequests
 from gateway.ledger.pricing import Estimate, PriceTable, cost, estimate, settlement_seconds, to_report
 from gateway.ledger.spend import SpendTracker
@@ -49,6 +49,7 @@ class Submission:
     estimate: Estimate
     request_id: str
     submitted_at: float
+    account: str = DEFAULT_ACCOUNT
 
 
 def reported_seconds(body: dict[str, Any]) -> Decimal | None:
@@ -92,6 +93,7 @@ class Ledger:
         recent_tasks: int = 100_000,
         status_write_interval_s: float = 5.0,
         spend_refresh_s: float = 1.0,
+        on_release: Callable[[str, bool], None] | None = None,
     ) -> None:
         self.store = store
         self._prices = prices
@@ -102,6 +104,9 @@ class Ledger:
         self._pending_writes: set[asyncio.Task[None]] = set()
         self._in_flight: dict[str, int] = {}
         self._on_terminal = on_terminal
+        # An account's slot is free again: (account, True) when a task ended, (account, False) when a submission
+        # was refused or failed before the upstream had it.
+        self._on_release = on_release
         # Task rows this process has seen, for ownership checks without a store read per poll. A row's owner and
         # terms never change; a settled row (with its final answer) never changes again either.
         self._recent: LRUCache[str, TaskRecord] = LRUCache(recent_tasks)
@@ -197,20 +202,39 @@ class Ledger:
         finally:
             self._spend.release(principal.name, est.usd)
 
-    async def begin(self, principal: Principal, request: ValidRequest, est: Estimate, request_id: str) -> Submission:
-        """Write the intent before anything goes upstream."""
-        sub = Submission(uuid.uuid4().hex, principal, request, est, request_id, self._clock())
-        await self.store.record_intent(
-            sub.intent_id, principal.name, request_id, request.model, request.mode, sub.submitted_at
+    async def begin(
+        self,
+        principal: Principal,
+        request: ValidRequest,
+        est: Estimate,
+        request_id: str,
+        account: str = DEFAULT_ACCOUNT,
+        max_in_flight: int = 0,
+        hold_since: float = 0.0,
+    ) -> Submission | None:
+        """Write the intent on ``account`` before anything goes upstream; None when the account has no room."""
+        sub = Submission(uuid.uuid4().hex, principal, request, est, request_id, self._clock(), account)
+        admitted = await self.store.record_intent(
+            sub.intent_id,
+            principal.name,
+            request_id,
+            request.model,
+            request.mode,
+            sub.submitted_at,
+            account,
+            max_in_flight,
+            hold_since,
         )
-        return sub
+        return sub if admitted else None
 
     async def refused(self, sub: Submission) -> None:
-        """The upstream answered without creating a task: forget the intent."""
+        """The upstream answered without creating a task: forget the intent (its account's slot is free)."""
         try:
             await self.store.drop_intent(sub.intent_id)
         except StoreError as exc:
             self._log.error("intent_drop_failed", intent_id=sub.intent_id, error=str(exc))
+        if self._on_release is not None:
+            self._on_release(sub.account, False)
 
     async def accepted(self, sub: Submission, task_id: str) -> TaskRecord:
         """Record the task (retrying in the background if the store fails) and count it."""
@@ -230,6 +254,7 @@ class Ledger:
             mode_multiplier=est.mode_multiplier,
             request_id=sub.request_id,
             submitted_at=sub.submitted_at,
+            account=sub.account,
         )
         try:
             await self.store.resolve_intent(sub.intent_id, task)
@@ -316,3 +341,5 @@ class Ledger:
         if self._spend.tracks(task.key_name):  # a budgeted key: its month-to-date figure takes the real cost
             self._spend.settled(task.key_name, month_bounds(task.submitted_at)[0], task.estimate_usd, usd)
         self._move_in_flight(task.model, -1)
+        if self._on_release is not None:
+            self._on_release(task.account, True)

@@ -7,6 +7,8 @@ first) and, with ``concurrency`` workers sharing one pacer (never more than ``ma
   and ``settler_gave_up``), without an upstream call, at most ``max_give_ups_per_s`` a second (its own pacer:
   a backlog of overdue tasks, say after an upgrade or a long outage, must not turn into a burst of ledger writes
   that slows client traffic);
+* a task whose upstream account is no longer configured cannot be polled (no key): it is stamped checked and
+  given up at ``task_max_age_s`` like any other (SPEC section 9, removed accounts);
 * any other task is polled through the status poller (cache, coalescing, and ``on_fresh`` → the ledger). A 200
   status answer is also observed here (``polled=False``: it stamps ``last_checked_at``, so the task leaves the
   queue for ``idle_s``); settlement stays exactly once because the store settles a task only the first time.
@@ -93,6 +95,7 @@ class Settler:
         batch_size: int = 100,
         backoff_base_s: float = 1.0,
         backoff_max_s: float = 60.0,
+        has_account: Callable[[str], bool] = lambda _account: True,
     ) -> None:
         if idle_s < 0 or task_max_age_s <= 0 or concurrency < 1 or batch_size < 1:
             raise ValueError("idle_s >= 0, task_max_age_s > 0, concurrency >= 1 and batch_size >= 1 required")
@@ -115,6 +118,7 @@ class Settler:
         self._backoff_max_s = backoff_max_s
         self._failures = 0
         self._task: asyncio.Task[None] | None = None
+        self._has_account = has_account
 
     @classmethod
     def from_settings(
@@ -126,6 +130,7 @@ class Settler:
         log: Logger,
         *,
         clock: Callable[[], float] = time.time,
+        has_account: Callable[[str], bool] = lambda _account: True,
     ) -> Settler:
         """A settler configured by ``[settler]`` (``clock`` is wall time: it is compared with ``submitted_at``)."""
         return cls(
@@ -139,6 +144,7 @@ class Settler:
             task_max_age_s=settings.task_max_age_s,
             log=log,
             clock=clock,
+            has_account=has_account,
         )
 
     # -- running -------------------------------------------------------------------------------------------------
@@ -213,6 +219,9 @@ class Settler:
                 if self._clock() - task.submitted_at > self._max_age_s:
                     await self._give_up_pacer.acquire()
                     await self._ledger.give_up(task)
+                elif not self._has_account(task.account):
+                    # Its account was removed from the configuration: no key to ask with; given up at max age.
+                    await self._touch(task)
                 else:
                     await self._pacer.acquire()
                     if sweep.failed:

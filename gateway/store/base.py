@@ -36,10 +36,10 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any, Final, Protocol
 
-from gateway.catalog import TaskStatus
+from gateway.catalog import DEFAULT_ACCOUNT, TaskStatus
 from gateway.keys import KeyRecord
 
-USAGE_GROUPS: Final = ("key", "model", "mode", "day")
+USAGE_GROUPS: Final = ("key", "model", "mode", "day", "account")
 """Dimensions :meth:`Store.usage` can group by."""
 
 FIXED_DIGITS: Final = 9
@@ -118,6 +118,8 @@ class TaskRecord:
     settled_usd: Decimal | None = None
     settled_at: float | None = None
     terminal_body: bytes | None = None
+    #: The upstream account that created the task: every later upstream call for it uses that account's key.
+    account: str = DEFAULT_ACCOUNT
 
     @property
     def settled(self) -> bool:
@@ -140,6 +142,7 @@ class IntentRecord:
     model: str
     mode: str
     submitted_at: float
+    account: str = DEFAULT_ACCOUNT
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +169,7 @@ class UsageRow:
     unknown: int
     pending: int
     defaulted: int
+    account: str | None = None
 
 
 class IdemKind(enum.Enum):
@@ -276,9 +280,26 @@ class Store(Protocol):
 
     # intents
     async def record_intent(
-        self, intent_id: str, key_name: str, request_id: str, model: str, mode: str, submitted_at: float
-    ) -> None:
-        """Write the intent to submit, before forwarding."""
+        self,
+        intent_id: str,
+        key_name: str,
+        request_id: str,
+        model: str,
+        mode: str,
+        submitted_at: float,
+        account: str = DEFAULT_ACCOUNT,
+        max_in_flight: int = 0,
+        hold_since: float = 0.0,
+    ) -> bool:
+        """Write the intent to submit on ``account``, before forwarding; the admission of its capacity.
+
+        With ``max_in_flight`` > 0 the intent is written only if the account's unsettled tasks plus its intents
+        submitted since ``hold_since`` are fewer, atomically across processes; else nothing is written and the
+        answer is False. With 0 (no limit) it is one plain insert and always True.
+        """
+
+    async def account_in_flight(self, hold_since: float) -> dict[str, int]:
+        """Per account: unsettled tasks plus intents submitted since ``hold_since`` (accounts with none left out)."""
 
     async def resolve_intent(self, intent_id: str, task: TaskRecord) -> bool:
         """Insert ``task`` and delete the intent in one transaction; safe to retry.

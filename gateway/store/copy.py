@@ -14,8 +14,8 @@ through the ``Store`` protocol only, so it works between any two backends (also 
 * the audit trail of admin actions, every entry as it is.
 
 Idempotency records (replays of answers, kept 24 h) are not copied. Stop the gateways writing to the source first:
-tasks recorded during the copy would be missed. The copy ends by comparing usage by key, model, mode and day on
-both stores: ``CopyReport.verified`` says they agree.
+tasks recorded during the copy would be missed. The copy ends by comparing usage by key, model, mode and day, and by
+upstream account, on both stores: ``CopyReport.verified`` says they agree.
 """
 
 from __future__ import annotations
@@ -66,7 +66,13 @@ async def copy_store(source: Store, destination: Store, *, progress: Callable[[i
     intents = await source.list_intents()
     for intent in intents:
         await destination.record_intent(
-            intent.intent_id, intent.key_name, intent.request_id, intent.model, intent.mode, intent.submitted_at
+            intent.intent_id,
+            intent.key_name,
+            intent.request_id,
+            intent.model,
+            intent.mode,
+            intent.submitted_at,
+            account=intent.account,
         )
     await _copy_archive_rows(source, destination)
     webhooks = 0
@@ -84,6 +90,8 @@ async def copy_store(source: Store, destination: Store, *, progress: Callable[[i
             break
     by = ("key", "model", "mode", "day")
     verified = await source.usage(None, None, by) == await destination.usage(None, None, by)
+    accounts = ("account",)
+    verified = verified and await source.usage(None, None, accounts) == await destination.usage(None, None, accounts)
     return CopyReport(
         keys=len(keys),
         tasks=tasks,

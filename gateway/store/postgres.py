@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
-from gateway.catalog import TASK_STATUSES, TERMINAL
+from gateway.catalog import DEFAULT_ACCOUNT, TASK_STATUSES, TERMINAL
 from gateway.keys import KeyRecord
 from gateway.store import archive_rows as arch
 from gateway.store.archive_rows import archive_schema, numbered
@@ -195,6 +195,17 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
     (
         4,
         (
+            # Upstream accounts (SPEC section 9): tasks and intents recorded before them belong to 'default'.
+            "ALTER TABLE intents ADD COLUMN account TEXT COLLATE \"C\" NOT NULL DEFAULT 'default'",
+            "ALTER TABLE tasks ADD COLUMN account TEXT COLLATE \"C\" NOT NULL DEFAULT 'default'",
+            # Capacity admission counts an account's unsettled tasks (and its intents: a small table, only the
+            # submissions on their way, so it needs no index of its own).
+            "CREATE INDEX tasks_account_unsettled ON tasks (account) WHERE settled_at IS NULL",
+        ),
+    ),
+    (
+        5,
+        (
             # The audit trail of admin actions: gateway.audit.
             """CREATE TABLE audit_log (
                 audit_id TEXT COLLATE "C" PRIMARY KEY,
@@ -233,7 +244,7 @@ _KEY_COLUMNS = (
 _TASK_COLUMNS = (
     "task_id, key_name, model, mode, tier, audio, duration, duration_defaulted, estimate_seconds, "
     "estimate_nano, price_per_second_usd, mode_multiplier, request_id, submitted_at, submitted_day, status, "
-    "progress, last_polled_at, last_checked_at, outcome, settled_seconds_nano, settled_nano, settled_at"
+    "progress, last_polled_at, last_checked_at, outcome, settled_seconds_nano, settled_nano, settled_at, account"
 )
 _MEASURES = (
     "tasks",
@@ -259,7 +270,7 @@ _SELECT_TASK = (
     "SELECT t.task_id, t.key_name, t.model, t.mode, t.tier, t.audio, t.duration, t.duration_defaulted, "
     "t.estimate_seconds, t.estimate_nano, t.price_per_second_usd, t.mode_multiplier, t.request_id, "
     "t.submitted_at, t.status, t.progress, t.last_polled_at, t.last_checked_at, t.outcome, "
-    "t.settled_seconds_nano, t.settled_nano, t.settled_at, b.body "
+    "t.settled_seconds_nano, t.settled_nano, t.settled_at, b.body, t.account "
     "FROM tasks t LEFT JOIN task_bodies b ON b.task_id = t.task_id"
 )
 _SQL_SELECT_KEYS = f"SELECT {_KEY_COLUMNS} FROM client_keys"  # noqa: S608 - constant column list
@@ -273,7 +284,7 @@ _ROLLUP_UPSERT = "ON CONFLICT (day, key_name, model, mode) DO UPDATE SET " + ", 
     f"{m} = usage_daily.{m} + excluded.{m}" for m in _MEASURES
 )
 _SQL_INSERT_TASK = (  # constant fragments only, values are bound parameters
-    f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES ({_placeholders(23)}) "  # noqa: S608
+    f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES ({_placeholders(24)}) "  # noqa: S608
     "ON CONFLICT (task_id) DO NOTHING"
 )
 # resolve_intent as one statement (one round trip, its own transaction): insert the task, its terminal body if it
@@ -281,11 +292,11 @@ _SQL_INSERT_TASK = (  # constant fragments only, values are bound parameters
 # end of the statement, so the body's reference to the task inserted beside it holds.
 _SQL_RESOLVE = (  # constant fragments only, values are bound parameters
     f"WITH ins AS ({_SQL_INSERT_TASK} RETURNING task_id), "  # noqa: S608
-    "body AS (INSERT INTO task_bodies (task_id, body) SELECT task_id, $24::bytea FROM ins WHERE $24::bytea IS NOT NULL "
+    "body AS (INSERT INTO task_bodies (task_id, body) SELECT task_id, $25::bytea FROM ins WHERE $25::bytea IS NOT NULL "
     "ON CONFLICT (task_id) DO UPDATE SET body = excluded.body), "
-    "gone AS (DELETE FROM intents WHERE intent_id = $25), "
-    f"roll AS ({_ROLLUP_INSERT}SELECT $26::integer, $27::text, $28::text, $29::text, "
-    + ", ".join(f"${n}::bigint" for n in range(30, 30 + len(_MEASURES)))
+    "gone AS (DELETE FROM intents WHERE intent_id = $26), "
+    f"roll AS ({_ROLLUP_INSERT}SELECT $27::integer, $28::text, $29::text, $30::text, "
+    + ", ".join(f"${n}::bigint" for n in range(31, 31 + len(_MEASURES)))
     + f" FROM ins {_ROLLUP_UPSERT}) SELECT count(*) FROM ins"  # noqa: S608
 )
 _SQL_STATUS = MappingProxyType(
@@ -344,6 +355,28 @@ _SQL_REBUILD_ROLLUP = (  # the rollup recomputed from the ledger rows (repair, b
     f"SELECT submitted_day, key_name, model, mode, {_USAGE_AGGREGATES} FROM tasks "
     "GROUP BY submitted_day, key_name, model, mode"
 )
+_SQL_INTENT = (
+    "INSERT INTO intents (intent_id, key_name, request_id, model, mode, submitted_at, account) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7)"
+)
+# The admission of an account's capacity. The account's advisory lock (held to COMMIT) serialises admissions to
+# one account across every process; the count is read by the INSERT's own statement, after the lock is taken, so
+# no two processes can both see the last free slot.
+_SQL_ACCOUNT_LOCK = "SELECT pg_advisory_xact_lock($1, $2)"
+_SQL_INTENT_IF_ROOM = (
+    "INSERT INTO intents (intent_id, key_name, request_id, model, mode, submitted_at, account) "
+    "SELECT $1, $2, $3, $4, $5, $6, $7 WHERE "
+    "(SELECT COUNT(*) FROM tasks WHERE account = $7 AND settled_at IS NULL) + "
+    "(SELECT COUNT(*) FROM intents WHERE account = $7 AND submitted_at >= $8) < $9"
+)
+_SQL_ACCOUNT_IN_FLIGHT = (
+    "SELECT account, SUM(n) FROM ("
+    "SELECT account, COUNT(*) AS n FROM tasks WHERE settled_at IS NULL GROUP BY account "
+    "UNION ALL SELECT account, COUNT(*) AS n FROM intents WHERE submitted_at >= $1 GROUP BY account"
+    ") AS counts GROUP BY account"
+)
+_ACCOUNT_LOCK: Final = 0x6B616363
+"""First key of an account's admission advisory lock (``kacc``); the second is derived from the account name."""
 _SQL_IDEM_EXPIRE = "DELETE FROM idempotency WHERE key_name = $1 AND idem_key = $2 AND created_at <= $3"
 _SQL_IDEM_CLAIM = (
     "INSERT INTO idempotency (key_name, idem_key, body_hash, state, created_at) VALUES ($1, $2, $3, 'in_flight', $4) "
@@ -736,15 +769,34 @@ class PostgresStore:
     # -- intents --------------------------------------------------------------------------------------------
 
     async def record_intent(
-        self, intent_id: str, key_name: str, request_id: str, model: str, mode: str, submitted_at: float
-    ) -> None:
-        """Write the intent to submit, before forwarding."""
-        sql = (
-            "INSERT INTO intents (intent_id, key_name, request_id, model, mode, submitted_at) "
-            "VALUES ($1, $2, $3, $4, $5, $6)"
-        )
-        params = (intent_id, key_name, request_id, model, mode, submitted_at)
-        await self._run(lambda conn: conn.execute(sql, *params), tx=False)
+        self,
+        intent_id: str,
+        key_name: str,
+        request_id: str,
+        model: str,
+        mode: str,
+        submitted_at: float,
+        account: str = DEFAULT_ACCOUNT,
+        max_in_flight: int = 0,
+        hold_since: float = 0.0,
+    ) -> bool:
+        """Write the intent to submit, before forwarding; with a limit, only while ``account`` has room."""
+        params = (intent_id, key_name, request_id, model, mode, submitted_at, account)
+        if max_in_flight <= 0:
+            await self._run(lambda conn: conn.execute(_SQL_INTENT, *params), tx=False)
+            return True
+        lock = _lock_key(account)
+
+        async def op(conn: asyncpg.Connection) -> bool:
+            await conn.execute(_SQL_ACCOUNT_LOCK, _ACCOUNT_LOCK, lock)
+            return _count(await conn.execute(_SQL_INTENT_IF_ROOM, *params, hold_since, max_in_flight)) == 1
+
+        return await self._run(op)
+
+    async def account_in_flight(self, hold_since: float) -> dict[str, int]:
+        """Per account: unsettled tasks plus intents submitted since ``hold_since``."""
+        rows = await self._run(lambda conn: conn.fetch(_SQL_ACCOUNT_IN_FLIGHT, hold_since), tx=False)
+        return {str(row[0]): int(row[1]) for row in rows if row[1]}
 
     async def resolve_intent(self, intent_id: str, task: TaskRecord) -> bool:
         """Insert ``task`` and delete the intent in one transaction; False if the task row already existed."""
@@ -760,7 +812,7 @@ class PostgresStore:
     async def list_intents(self) -> list[IntentRecord]:
         """Submissions whose outcome is unknown, oldest first."""
         sql = (
-            "SELECT intent_id, key_name, request_id, model, mode, submitted_at FROM intents "
+            "SELECT intent_id, key_name, request_id, model, mode, submitted_at, account FROM intents "
             "ORDER BY submitted_at, intent_id"
         )
         rows = await self._run(lambda conn: conn.fetch(sql), tx=False)

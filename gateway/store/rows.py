@@ -94,6 +94,7 @@ def task_row(task: TaskRecord) -> tuple[Any, ...]:
         _opt_fixed(task.settled_seconds),
         _opt_fixed(task.settled_usd),
         task.settled_at,
+        task.account,
     )
 
 
@@ -124,6 +125,7 @@ def task_record(row: Sequence[Any]) -> TaskRecord:
         settled_usd=_opt_decimal(row[20]),
         settled_at=row[21],
         terminal_body=None if row[22] is None else bytes(row[22]),
+        account=sys.intern(row[23]),
     )
 
 
@@ -209,7 +211,7 @@ def day_iso(day: int) -> str:
 
 #: Report groups as columns of the tasks table and of the per-day rollup.
 TASK_GROUP_COLUMNS: Final = MappingProxyType(
-    {"key": "key_name", "model": "model", "mode": "mode", "day": "submitted_day"}
+    {"key": "key_name", "model": "model", "mode": "mode", "day": "submitted_day", "account": "account"}
 )
 ROLLUP_GROUP_COLUMNS: Final = MappingProxyType({"key": "key_name", "model": "model", "mode": "mode", "day": "day"})
 #: Template of a bound parameter's place in a backend's SQL: ``?`` for SQLite, ``$n`` (and a cast) for PostgreSQL.
@@ -258,6 +260,13 @@ def usage_queries(
         conditions = [("submitted_at >= ", "float", start), ("submitted_at < ", "float", end)]
         return query("tasks", TASK_GROUP_COLUMNS, task_sums, conditions)
 
+    if "account" in group_by:  # the per-day rollup has no account: read the task rows themselves (admin reports)
+        window: list[tuple[str, str, Any]] = []
+        if since is not None:
+            window.append(("submitted_at >= ", "float", since))
+        if until is not None:
+            window.append(("submitted_at < ", "float", until))
+        return [query("tasks", TASK_GROUP_COLUMNS, task_sums, window)]
     lo_day = None if since is None else math.ceil(since / 86400)
     hi_day = None if until is None else math.floor(until / 86400)
     if since is not None and until is not None and lo_day is not None and hi_day is not None and lo_day >= hi_day:
@@ -311,6 +320,7 @@ def usage_rows(group_by: tuple[str, ...], totals: Mapping[tuple[Any, ...], list[
                 unknown=unknown,
                 pending=pending,
                 defaulted=defaulted,
+                account=groups.get("account"),
             )
         )
     return rows

@@ -19,7 +19,7 @@ from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
 
-from gateway.catalog import TASK_STATUSES, TERMINAL
+from gateway.catalog import DEFAULT_ACCOUNT, TASK_STATUSES, TERMINAL
 from gateway.keys import KeyRecord
 from gateway.store import archive_rows as arch
 from gateway.store.archive_rows import archive_schema
@@ -194,6 +194,17 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
     (
         4,
         (
+            # Upstream accounts (SPEC section 9): tasks and intents recorded before them belong to 'default'.
+            "ALTER TABLE intents ADD COLUMN account TEXT NOT NULL DEFAULT 'default'",
+            "ALTER TABLE tasks ADD COLUMN account TEXT NOT NULL DEFAULT 'default'",
+            # Capacity admission counts an account's unsettled tasks (and its intents: a small table, only the
+            # submissions on their way, so it needs no index of its own).
+            "CREATE INDEX tasks_account_unsettled ON tasks (account) WHERE settled_at IS NULL",
+        ),
+    ),
+    (
+        5,
+        (
             # The audit trail of admin actions: gateway.audit.
             """CREATE TABLE audit_log (
                 audit_id TEXT PRIMARY KEY,
@@ -217,13 +228,13 @@ _KEY_COLUMNS = (
 _TASK_COLUMNS = (
     "task_id, key_name, model, mode, tier, audio, duration, duration_defaulted, estimate_seconds, "
     "estimate_nano, price_per_second_usd, mode_multiplier, request_id, submitted_at, submitted_day, status, "
-    "progress, last_polled_at, last_checked_at, outcome, settled_seconds_nano, settled_nano, settled_at"
+    "progress, last_polled_at, last_checked_at, outcome, settled_seconds_nano, settled_nano, settled_at, account"
 )
 _SELECT_TASK = (
     "SELECT t.task_id, t.key_name, t.model, t.mode, t.tier, t.audio, t.duration, t.duration_defaulted, "
     "t.estimate_seconds, t.estimate_nano, t.price_per_second_usd, t.mode_multiplier, t.request_id, "
     "t.submitted_at, t.status, t.progress, t.last_polled_at, t.last_checked_at, t.outcome, "
-    "t.settled_seconds_nano, t.settled_nano, t.settled_at, b.body "
+    "t.settled_seconds_nano, t.settled_nano, t.settled_at, b.body, t.account "
     "FROM tasks t LEFT JOIN task_bodies b ON b.task_id = t.task_id"
 )
 _SQL_INSERT_KEY = (  # constant fragments only, values are bound parameters
@@ -234,7 +245,7 @@ _SQL_SELECT_KEYS = f"SELECT {_KEY_COLUMNS} FROM client_keys"  # noqa: S608 - con
 _SQL_BUMP_KEYS = "UPDATE counters SET value = value + 1 WHERE name = 'keys_version'"
 _SQL_INSERT_TASK = (  # constant fragments only, values are bound parameters
     f"INSERT INTO tasks ({_TASK_COLUMNS}) "  # noqa: S608
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (task_id) DO NOTHING"
 )
 _SQL_UPSERT_BODY = (
@@ -316,6 +327,24 @@ _SQL_REBUILD_ROLLUP = (  # the rollup recomputed from the ledger rows (repair, b
     f"INSERT INTO usage_daily (day, key_name, model, mode, {', '.join(_MEASURES)}) "  # noqa: S608
     f"SELECT submitted_day, key_name, model, mode, {_USAGE_AGGREGATES} FROM tasks "
     "GROUP BY submitted_day, key_name, model, mode"
+)
+_SQL_INTENT = (
+    "INSERT INTO intents (intent_id, key_name, request_id, model, mode, submitted_at, account) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+# The admission of an account's capacity: the intent is written only while the account has room, in the same
+# statement that counts (writes are serialised by the file's write lock, across processes too).
+_SQL_INTENT_IF_ROOM = (
+    "INSERT INTO intents (intent_id, key_name, request_id, model, mode, submitted_at, account) "
+    "SELECT ?, ?, ?, ?, ?, ?, ? WHERE "
+    "(SELECT COUNT(*) FROM tasks WHERE account = ? AND settled_at IS NULL) + "
+    "(SELECT COUNT(*) FROM intents WHERE account = ? AND submitted_at >= ?) < ?"
+)
+_SQL_ACCOUNT_IN_FLIGHT = (
+    "SELECT account, SUM(n) FROM ("
+    "SELECT account, COUNT(*) AS n FROM tasks WHERE settled_at IS NULL GROUP BY account "
+    "UNION ALL SELECT account, COUNT(*) AS n FROM intents WHERE submitted_at >= ? GROUP BY account"
+    ") GROUP BY account"
 )
 _IDEM_PURGE_EVERY_S = 60.0
 _READERS = 2
@@ -601,17 +630,29 @@ class SQLiteStore:
     # -- intents --------------------------------------------------------------------------------------------
 
     async def record_intent(
-        self, intent_id: str, key_name: str, request_id: str, model: str, mode: str, submitted_at: float
-    ) -> None:
-        """Write the intent to submit, before forwarding."""
-        params = (intent_id, key_name, request_id, model, mode, submitted_at)
-        await self._tx(
-            lambda conn: conn.execute(
-                "INSERT INTO intents (intent_id, key_name, request_id, model, mode, submitted_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                params,
-            )
-        )
+        self,
+        intent_id: str,
+        key_name: str,
+        request_id: str,
+        model: str,
+        mode: str,
+        submitted_at: float,
+        account: str = DEFAULT_ACCOUNT,
+        max_in_flight: int = 0,
+        hold_since: float = 0.0,
+    ) -> bool:
+        """Write the intent to submit, before forwarding; with a limit, only while ``account`` has room."""
+        params = (intent_id, key_name, request_id, model, mode, submitted_at, account)
+        if max_in_flight <= 0:
+            await self._tx(lambda conn: conn.execute(_SQL_INTENT, params))
+            return True
+        guarded = (*params, account, account, hold_since, max_in_flight)
+        return await self._tx(lambda conn: conn.execute(_SQL_INTENT_IF_ROOM, guarded).rowcount == 1)
+
+    async def account_in_flight(self, hold_since: float) -> dict[str, int]:
+        """Per account: unsettled tasks plus intents submitted since ``hold_since``."""
+        rows = await self._read(lambda conn: conn.execute(_SQL_ACCOUNT_IN_FLIGHT, (hold_since,)).fetchall())
+        return {str(account): int(count) for account, count in rows if count}
 
     async def resolve_intent(self, intent_id: str, task: TaskRecord) -> bool:
         """Insert ``task`` and delete the intent in one transaction; False if the task row already existed."""
@@ -638,7 +679,7 @@ class SQLiteStore:
         """Submissions whose outcome is unknown, oldest first."""
         rows = await self._read(
             lambda conn: conn.execute(
-                "SELECT intent_id, key_name, request_id, model, mode, submitted_at FROM intents "
+                "SELECT intent_id, key_name, request_id, model, mode, submitted_at, account FROM intents "
                 "ORDER BY submitted_at, intent_id"
             ).fetchall()
         )

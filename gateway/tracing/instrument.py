@@ -20,6 +20,7 @@ from opentelemetry.trace import Status, StatusCode
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.auth.principal import Principal
+from gateway.catalog import DEFAULT_ACCOUNT
 from gateway.ledger.pricing import Estimate
 from gateway.ledger.service import Ledger, Submission
 from gateway.store.base import TaskRecord
@@ -79,12 +80,26 @@ class TracedLedger(Ledger):
         super().__init__(*args, **kwargs)
         self._tracing = tracing
 
-    async def begin(self, principal: Principal, request: ValidRequest, est: Estimate, request_id: str) -> Submission:
-        with self._tracing.span("ledger.intent", {"gateway.key": principal.name}):
-            return await super().begin(principal, request, est, request_id)
+    async def begin(
+        self,
+        principal: Principal,
+        request: ValidRequest,
+        est: Estimate,
+        request_id: str,
+        account: str = DEFAULT_ACCOUNT,
+        max_in_flight: int = 0,
+        hold_since: float = 0.0,
+    ) -> Submission | None:
+        with self._tracing.span("ledger.intent", {"gateway.key": principal.name, "gateway.account": account}) as span:
+            submission = await super().begin(principal, request, est, request_id, account, max_in_flight, hold_since)
+            span.set_attribute("gateway.admitted", submission is not None)
+            return submission
 
     async def accepted(self, sub: Submission, task_id: str) -> TaskRecord:
-        with self._tracing.span("ledger.task", {"gateway.key": sub.principal.name, "gateway.task_id": task_id}):
+        with self._tracing.span(
+            "ledger.task",
+            {"gateway.key": sub.principal.name, "gateway.task_id": task_id, "gateway.account": sub.account},
+        ):
             return await super().accepted(sub, task_id)
 
     async def refused(self, sub: Submission) -> None:

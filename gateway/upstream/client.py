@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from gateway.catalog import DEFAULT_ACCOUNT
 from gateway.config import UpstreamSettings
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 from gateway.logs import Logger
@@ -208,7 +209,10 @@ class AiohttpTransport:
 
 
 class UpstreamClient:
-    """Calls UniAll with the team's key; maps transport failures to 502/504 and records upstream metrics.
+    """Calls UniAll with an upstream account's key; maps transport failures to 502/504 and records upstream metrics.
+
+    ``api_key`` is one key for every account, or ``key_for(account)`` giving each account's key now (None for an
+    account no longer configured: the call is refused as ``upstream_unavailable`` without being sent).
 
     Every call passes the circuit ``breaker`` (built from ``[upstream] breaker_*`` unless given): one outcome per
     call, after any GET retries. Submissions, status polls and passthrough share it. Transport failures and 5xx
@@ -224,7 +228,7 @@ class UpstreamClient:
     def __init__(
         self,
         settings: UpstreamSettings,
-        api_key: str,
+        api_key: str | Callable[[str], str | None],
         transport: Transport,
         metrics: Metrics,
         *,
@@ -234,7 +238,7 @@ class UpstreamClient:
         log: Logger,
     ) -> None:
         self._settings = settings
-        self._api_key = api_key
+        self._key_for: Callable[[str], str | None] = api_key if callable(api_key) else (lambda _account: api_key)
         self._transport = transport
         self._metrics = metrics
         self._base = settings.base_url.rstrip("/")
@@ -259,8 +263,14 @@ class UpstreamClient:
         request_id: str,
         client_headers: Iterable[tuple[str, str]] = (),
         body: bytes | None = None,
+        account: str = DEFAULT_ACCOUNT,
     ) -> UpstreamResponse:
-        """Send ``method path`` upstream; ``path`` starts with ``/v1/`` and may carry a query string."""
+        """Send ``method path`` upstream with ``account``'s key; ``path`` starts with ``/v1/`` (query allowed)."""
+        api_key = self._key_for(account)
+        if api_key is None:
+            unknown = UpstreamUnavailable(f"the upstream account '{account}' is no longer configured")
+            unknown.request_sent = False
+            raise unknown
         try:
             permit = self.breaker.admit()
         except BreakerOpen as exc:
@@ -268,7 +278,7 @@ class UpstreamClient:
             raise open_error(exc.retry_after_s) from None
         self._note_breaker()
         try:
-            response = await self._send(method, path, route, request_id, client_headers, body)
+            response = await self._send(method, path, route, request_id, client_headers, body, api_key)
         except Exception:
             self._settle(permit, failed=True)
             raise
@@ -294,9 +304,10 @@ class UpstreamClient:
         request_id: str,
         client_headers: Iterable[tuple[str, str]],
         body: bytes | None,
+        api_key: str,
     ) -> UpstreamResponse:
         """The exchange itself: headers, GET retries on connect errors, error mapping and metrics."""
-        headers = outbound_headers(client_headers, self._api_key, request_id)
+        headers = outbound_headers(client_headers, api_key, request_id)
         url = self._base + path
         attempts = 1 + (self._settings.get_retries if method == "GET" else 0)
         for attempt in range(attempts):

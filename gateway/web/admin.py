@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from gateway.accounts.pool import AccountPool
 from gateway.audit.trail import Actor, audit_view
 from gateway.auth import key_admin
 from gateway.auth.authenticate import AdminToken, ClientAuthentication
@@ -74,6 +75,7 @@ class AdminRoutes:
         max_body_bytes: int,
         rotation_grace_s: float,
         allow_private_webhooks: bool,
+        accounts: AccountPool,
     ) -> None:
         self._clients = clients
         self._admin_token = admin_token
@@ -83,6 +85,7 @@ class AdminRoutes:
         self._max_body_bytes = max_body_bytes
         self._rotation_grace_s = rotation_grace_s
         self._allow_private_webhooks = allow_private_webhooks
+        self._accounts = accounts
 
     # -- the caller's own ---------------------------------------------------------------------------------------
 
@@ -106,6 +109,8 @@ class AdminRoutes:
         try:
             since, until = parse_period(params.get("since"), params.get("until"), self._clock(), names=_PERIOD)
             group_by = parse_group_by(params.get("by", ""), name="by")
+            if "account" in group_by and not admin:
+                raise ValueError("by: 'account' needs the admin token")
         except ValueError as exc:
             raise InvalidRequest(str(exc), code="invalid_parameter") from None
         if principal is None:
@@ -133,11 +138,21 @@ class AdminRoutes:
                         "model": i.model,
                         "mode": i.mode,
                         "submitted_at": i.submitted_at,
+                        "account": i.account,
                     }
                     for i in intents
                 ]
             }
         )
+
+    # -- admin: upstream accounts ---------------------------------------------------------------------------------
+
+    async def accounts(self, request: Request) -> Response:
+        """GET /gateway/accounts: each upstream account's state, tasks in flight (every process's), limit, weight,
+        models and key fingerprint; never key material."""
+        self.require_admin(request)
+        await self._accounts.refresh(self._store)
+        return json_response({"data": self._accounts.describe()})
 
     # -- admin: keys ---------------------------------------------------------------------------------------------
 
@@ -243,6 +258,7 @@ class AdminRoutes:
             Route("/gateway/tasks", self.tasks, methods=["GET"]),
             Route("/gateway/usage", self.usage, methods=["GET"]),
             Route("/gateway/submissions/unknown", self.unknown_outcomes, methods=["GET"]),
+            Route("/gateway/accounts", self.accounts, methods=["GET"]),
             Route("/gateway/keys", self.list_keys, methods=["GET"]),
             Route("/gateway/keys", self.create_key, methods=["POST"]),
             Route("/gateway/keys/{name}", self.get_key, methods=["GET"]),

@@ -51,6 +51,7 @@ from gateway.catalog import (
     SHOT_TYPE_ALIASES,
     SHOT_TYPES,
     TASK_ID_SHAPE,
+    AccountState,
     Mode,
 )
 from gateway.config import Settings
@@ -360,6 +361,7 @@ def _gateway_schemas() -> dict[str, Any]:
             "model": {"type": "string"},
             "mode": {"type": "string"},
             "submitted_at": {"type": "number"},
+            "account": {"type": "string", "description": "The upstream account it was sent on (check with its key)."},
         },
     }
     return {
@@ -403,6 +405,40 @@ def _gateway_schemas() -> dict[str, Any]:
             "type": "object",
             "required": ["data"],
             "properties": {"data": {"type": "array", "items": _ref("Key")}},
+        },
+        "AccountList": {
+            "type": "object",
+            "required": ["data"],
+            "properties": {
+                "data": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": [
+                            "name",
+                            "state",
+                            "in_flight",
+                            "max_in_flight",
+                            "weight",
+                            "models",
+                            "key_fingerprint",
+                        ],
+                        "properties": {
+                            "name": {"type": "string", "pattern": "^[a-z0-9_-]{1,32}$"},
+                            "state": {"type": "string", "enum": [s.value for s in AccountState]},
+                            "in_flight": {"type": "integer", "minimum": 0},
+                            "max_in_flight": {"type": "integer", "minimum": 0, "description": "0: no limit"},
+                            "weight": {"type": "number"},
+                            "models": _string_array(),
+                            "key_fingerprint": {
+                                "type": "string",
+                                "nullable": True,
+                                "description": "First 8 hex digits of the key's SHA-256 (null for a removed account).",
+                            },
+                        },
+                    },
+                }
+            },
         },
         "UnknownSubmissions": {
             "type": "object",
@@ -557,6 +593,7 @@ class _Doc:
             "/gateway/tasks": {"get": self.tasks()},
             "/gateway/usage": {"get": self.usage()},
             "/gateway/submissions/unknown": {"get": self.unknown_submissions()},
+            "/gateway/accounts": {"get": self.accounts()},
             "/gateway/keys": {"get": self.list_keys(), "post": self.create_key()},
             "/gateway/keys/{name}": {"get": self.get_key(), "delete": self.revoke_key()},
             "/gateway/keys/{name}/rotate": {"post": self.rotate_key()},
@@ -577,7 +614,13 @@ class _Doc:
             _JSON_BODY,
             _codes("invalid_request", "invalid_idempotency_key"),
             self.client_errors,
-            _codes("model_not_allowed", "idempotency_in_progress", "idempotency_conflict", "budget_exceeded"),
+            _codes(
+                "model_not_allowed",
+                "idempotency_in_progress",
+                "idempotency_conflict",
+                "budget_exceeded",
+                "upstream_capacity",
+            ),
             _UPSTREAM,
             _STORE,
             _OVERLOAD,
@@ -791,6 +834,10 @@ class _Doc:
             )
         }
         return self.admin("listUnknownSubmissions", "Submissions to reconcile with the upstream", ok)
+
+    def accounts(self) -> dict[str, Any]:
+        ok = {"200": _json_response("The upstream accounts (never key material).", _ref("AccountList"))}
+        return self.admin("listAccounts", "Upstream accounts: state, tasks in flight, limit", ok)
 
     def list_keys(self) -> dict[str, Any]:
         return self.admin("listKeys", "Every client key", {"200": _json_response("The keys.", _ref("KeyList"))})

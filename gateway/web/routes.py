@@ -11,9 +11,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from gateway.accounts.pool import AccountPool
 from gateway.auth.authenticate import ClientAuthentication
 from gateway.auth.principal import Principal
-from gateway.catalog import TASK_ID_SHAPE
+from gateway.catalog import DEFAULT_ACCOUNT, TASK_ID_SHAPE
 from gateway.content.answer import rewrite_video_url
 from gateway.content.service import ContentService
 from gateway.errors import GatewayError, NotFound, PermissionDenied, Problem, UnsupportedMediaType, UpstreamUnavailable
@@ -59,6 +60,7 @@ class GatewayRoutes:
         passthrough_enabled: bool,
         content: ContentService | None = None,
         video_url_base: str | None = None,
+        accounts: AccountPool,
     ) -> None:
         """``content`` serves ``/v1/videos/{id}/content``; with ``video_url_base`` (``[archive] rewrite_video_url``),
         completed status answers point ``video_url`` at ``<video_url_base>/v1/videos/{id}/content``."""
@@ -74,6 +76,7 @@ class GatewayRoutes:
         self._passthrough_enabled = passthrough_enabled
         self._content = content
         self._video_url_base = video_url_base
+        self._accounts = accounts
         self._encoded_headers: dict[tuple[tuple[tuple[str, str], ...], str], list[tuple[bytes, bytes]]] = {}
 
     # -- upstream-compatible -------------------------------------------------------------------------------------
@@ -113,25 +116,48 @@ class GatewayRoutes:
         estimate: Estimate,
         validation_warnings: tuple[Problem, ...],
     ) -> Response:
-        """Intent → upstream → task row (before the client sees 200) → the upstream's answer."""
-        submission = await self._ledger.begin(principal, valid, estimate, self.request_id(request))
-        try:
-            upstream = await self._upstream.request(
-                "POST",
-                SUBMIT_ROUTE,
-                route=SUBMIT_ROUTE,
-                request_id=self.request_id(request),
-                client_headers=request.headers.items(),
-                body=orjson.dumps(valid.body),
-            )
-        except UpstreamUnavailable as exc:
-            if not exc.request_sent:
-                await self._ledger.refused(submission)
-            raise  # sent but unanswered: the intent stays, listed as outcome unknown
-        self.note_upstream(request, upstream)
-        if not 200 <= upstream.status < 300:
-            await self._ledger.refused(submission)
-            return self.passthrough_response(upstream)
+        """Account → intent → upstream → task row (before the client sees 200) → the upstream's answer.
+
+        The intent is the admission of the account's capacity. An account the upstream refuses (capacity, rate,
+        key) is set aside and the submission tried on the next one with room; only a refused submission moves
+        (the upstream did not accept it), never one that timed out or was cut off. When no account is left, the
+        client gets the last refusal as the upstream sent it, or 429 ``upstream_capacity`` if none was tried.
+        """
+        accounts, ledger, request_id = self._accounts, self._ledger, self.request_id(request)
+        body = orjson.dumps(valid.body)
+        tried: set[str] = set()
+        last_refusal: UpstreamResponse | None = None
+        while True:
+            placed = await self.place(principal, valid, estimate, request_id, tried, wait=last_refusal is None)
+            if placed is None:
+                if last_refusal is not None:
+                    return self.passthrough_response(last_refusal)
+                raise accounts.capacity_error(valid.model)
+            account, submission = placed
+            try:
+                upstream = await self._upstream.request(
+                    "POST",
+                    SUBMIT_ROUTE,
+                    route=SUBMIT_ROUTE,
+                    request_id=request_id,
+                    client_headers=request.headers.items(),
+                    body=body,
+                    account=account,
+                )
+            except UpstreamUnavailable as exc:
+                if not exc.request_sent:
+                    await ledger.refused(submission)
+                raise  # sent but unanswered: the intent stays, listed as outcome unknown
+            self.note_upstream(request, upstream)
+            if 200 <= upstream.status < 300:
+                break
+            await ledger.refused(submission)
+            reason = accounts.refused(account, upstream.status, upstream.body, upstream.header("retry-after"))
+            if reason is None or accounts.simple:
+                return self.passthrough_response(upstream)
+            tried.add(account)
+            last_refusal = upstream
+        log_fields(request.scope)["account"] = account
         task = await self.record_task(submission, upstream)
         log_fields(request.scope)["task_id"] = task.task_id
         warnings = [f"{w.code}: {w.message}" for w in validation_warnings]
@@ -141,6 +167,29 @@ class GatewayRoutes:
                 "(settled at the seconds the upstream reports)"
             )
         return self.passthrough_response(upstream, warnings=warnings)
+
+    async def place(
+        self,
+        principal: Principal,
+        valid: ValidRequest,
+        estimate: Estimate,
+        request_id: str,
+        tried: set[str],
+        *,
+        wait: bool,
+    ) -> tuple[str, Submission] | None:
+        """The account for this submission and its intent (capacity admitted), or None when none can take it."""
+        accounts, ledger = self._accounts, self._ledger
+        if accounts.simple:  # one account without a limit: the plain intent write, no choice, no count
+            if tried:
+                return None
+            submission = await ledger.begin(principal, valid, estimate, request_id, accounts.names[0])
+            return None if submission is None else (accounts.names[0], submission)
+
+        async def admit(account: str, limit: int) -> Submission | None:
+            return await ledger.begin(principal, valid, estimate, request_id, account, limit, accounts.hold_since())
+
+        return await accounts.place(valid.model, admit, exclude=tried, wait=wait)
 
     async def record_task(self, submission: Submission, upstream: UpstreamResponse) -> TaskRecord:
         answer = self.parsed_object(upstream) or {}
@@ -200,8 +249,9 @@ class GatewayRoutes:
         if any(segment in (".", "..") for segment in segments) or "\\" in path:
             # The team key must never reach a path the upstream would resolve outside /v1/.
             raise NotFound(f"No route {request.url.path}.", code="not_found")
+        account = self._accounts.names[0] if self._accounts.names else DEFAULT_ACCOUNT
         if len(segments) > 3 and segments[1:3] == ["v1", "videos"]:
-            await self.owned_task(principal, segments[3])  # task-scoped paths keep tenancy
+            account = (await self.owned_task(principal, segments[3])).account  # tenancy, and the task's account
         if unread_coding(None, request.headers.get("transfer-encoding")) is not None:
             # Transfer codings are hop-by-hop: forwarding the still-coded bytes without the header would corrupt them.
             raise UnsupportedMediaType(
@@ -219,6 +269,7 @@ class GatewayRoutes:
             request_id=self.request_id(request),
             client_headers=request.headers.items(),
             body=body or None,
+            account=account,
         )
         self.note_upstream(request, upstream)
         return self.passthrough_response(upstream)

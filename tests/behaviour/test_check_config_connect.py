@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
-from support.upstream_fake import FakeUpstream, SandboxServer, json, slow
+from support.upstream_fake import FakeUpstream, SandboxServer, dynamic, json, slow
 
 from gateway.cli.main import main
 
@@ -30,7 +31,7 @@ def lines(out: str) -> dict[str, str]:
     found = {}
     for line in out.splitlines():
         name, sep, rest = line.partition(": ")
-        if sep and name in ("store", "cache", "archive", "upstream"):
+        if sep and (name in ("store", "cache", "archive", "upstream") or name.startswith("upstream ")):
             found[name] = rest
     return found
 
@@ -71,12 +72,15 @@ def test_the_real_sandbox(
     env.setenv("UNIALL_API_KEY", UPSTREAM_KEY)
     status, found, _ = run(capsys)
     assert status == 1
-    assert found["upstream"].startswith("FAILED: ") and "refuses the upstream key (HTTP 401)" in found["upstream"]
+    assert (
+        found["upstream"].startswith("FAILED: ")
+        and "refuses the upstream key of account 'default' (HTTP 401)" in found["upstream"]
+    )
 
 
 @pytest.mark.parametrize(
     ("status", "reason"),
-    [(401, "refuses the upstream key (HTTP 401)"), (403, "refuses the upstream key (HTTP 403)"), (500, "HTTP 500")],
+    [(401, "(HTTP 401): check UNIALL_API_KEY"), (403, "(HTTP 403): check UNIALL_API_KEY"), (500, "HTTP 500")],
 )
 def test_upstream_answers_wrongly(
     env: pytest.MonkeyPatch, fake_upstream: FakeUpstream, capsys: pytest.CaptureFixture[str], status: int, reason: str
@@ -155,6 +159,28 @@ def test_postgres_unreachable(
     assert code == 1
     assert found["store"].startswith("FAILED: ")
     assert found["upstream"].startswith("ok: ")
+
+
+def test_each_account_key_is_tried(
+    env: pytest.MonkeyPatch, fake_upstream: FakeUpstream, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Several upstream accounts: one line each, and a refused key names its account (never the key)."""
+
+    def by_key(request: Any) -> Any:
+        accepted = request.header("authorization") == f"Bearer {UPSTREAM_KEY}"
+        return json(404 if accepted else 401, {"error": {"code": "task_not_found" if accepted else "invalid_api_key"}})
+
+    fake_upstream.always("GET", "/v1/videos/", dynamic(by_key))
+    env.setenv("UNIALL_BASE_URL", fake_upstream.url)
+    env.delenv("UNIALL_API_KEY")
+    env.setenv("UNIALL_API_KEYS", f"main={UPSTREAM_KEY},spare=sk-spare-canary-99")
+    status = main(["check-config", "--connect"])
+    out = capsys.readouterr().out
+    assert status == 1 and "sk-spare-canary-99" not in out and UPSTREAM_KEY not in out
+    found = lines(out)
+    assert found["upstream main"].startswith("ok: ")
+    assert found["upstream spare"].startswith("FAILED: ")
+    assert "refuses the upstream key of account 'spare' (HTTP 401): check UNIALL_API_KEYS" in found["upstream spare"]
 
 
 def test_file_archive(

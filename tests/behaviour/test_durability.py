@@ -43,10 +43,10 @@ class FlakyStore:
         self.failures = failures
         self.intents_fail = intents_fail
 
-    async def record_intent(self, *args: Any) -> None:
+    async def record_intent(self, *args: Any) -> bool:
         if self.intents_fail:
             raise StoreError("database is locked (injected)")
-        await self._inner.record_intent(*args)
+        return await self._inner.record_intent(*args)
 
     async def resolve_intent(self, intent_id: str, task: TaskRecord) -> bool:
         if self.failures > 0:
@@ -110,7 +110,11 @@ class TestStoreFailure:
         response = gw.client.post(SUBMIT, json=BODY, headers={"X-Request-ID": "rid-unknown"})
         assert response.status_code == 504
         (unknown,) = gw.client.get("/gateway/submissions/unknown", headers=ADMIN).json()["data"]
-        assert (unknown["request_id"], unknown["model"]) == ("rid-unknown", "kling-v3-std-silent")
+        assert (unknown["request_id"], unknown["model"], unknown["account"]) == (
+            "rid-unknown",
+            "kling-v3-std-silent",
+            "default",
+        )
 
     def test_refused_connection_leaves_nothing(self, make_gateway: GatewayFactory) -> None:
         """A submission that never reached the upstream leaves no intent behind."""

@@ -107,11 +107,17 @@ class TestOn:
             "gateway.model": "kling-v3-std-silent",
             "gateway.mode": "text",
             "gateway.task_id": task_id,
+            "gateway.account": "default",
             "gateway.upstream_status": 200,
         }
         assert upstream_span.attributes["url.path"] == SUBMIT
         assert upstream_span.attributes["http.response.status_code"] == 200
         assert one(spans, "ledger.task").attributes["gateway.task_id"] == task_id
+        assert one(spans, "ledger.intent").attributes == {
+            "gateway.key": "team-a",
+            "gateway.account": "default",
+            "gateway.admitted": True,
+        }
         assert server.resource["service.name"] == "kling-gateway"
 
         [forwarded] = fake_upstream.requests_to("POST", SUBMIT)

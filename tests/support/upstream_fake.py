@@ -763,3 +763,80 @@ class SandboxServer:
     url: str
     api_key: str
     options: SandboxOptions
+
+
+# --- accounts
+
+
+class KlingAccounts:
+    """UniAll's per-key behaviour, for a ``FakeUpstream``: each key is an account with its own tasks and limit.
+
+    * a submission with an unknown or revoked key is 401; over the key's concurrency limit it is 429 with Kling's
+      code 1303 and ``Retry-After``; otherwise a task owned by that key is created (``queued``);
+    * a status poll with another key than the task's is 404 (as UniAll answers), with the owner's key the status;
+    * ``finish(task_id)`` completes a task (it stops counting against its key's limit).
+
+        accounts = KlingAccounts({"sk-a": 1, "sk-b": 0}).install(fake)   # limit 0: none
+    """
+
+    def __init__(self, limits: dict[str, int], *, retry_after_s: int = 7) -> None:
+        self._lock = threading.Lock()
+        self.limits = dict(limits)
+        self.revoked: set[str] = set()
+        self.retry_after_s = retry_after_s
+        self.owner: dict[str, str] = {}
+        self.status: dict[str, str] = {}
+        self.refusals: list[tuple[str, int]] = []
+        self._next = 0
+
+    def install(self, fake: FakeUpstream) -> KlingAccounts:
+        fake.always("POST", "/v1/video/generations", dynamic(self._submit))
+        fake.always("GET", "/v1/videos/", dynamic(self._poll))
+        return self
+
+    @staticmethod
+    def _key(request: RecordedRequest) -> str:
+        auth = request.header("authorization") or ""
+        return auth.removeprefix("Bearer ")
+
+    def running(self, key: str) -> int:
+        with self._lock:
+            return sum(1 for task, owner in self.owner.items() if owner == key and self.status[task] != "completed")
+
+    def _submit(self, request: RecordedRequest) -> Behaviour:
+        key = self._key(request)
+        with self._lock:
+            if key not in self.limits or key in self.revoked:
+                self.refusals.append((key, 401))
+                return json(401, {"error": {"message": "invalid api key", "code": "invalid_api_key"}})
+            limit = self.limits[key]
+            running = sum(1 for t, owner in self.owner.items() if owner == key and self.status[t] != "completed")
+            if limit and running >= limit:
+                self.refusals.append((key, 429))
+                return json(
+                    429,
+                    {"code": 1303, "message": "parallel task over resource pack limit"},
+                    {"Retry-After": str(self.retry_after_s)},
+                )
+            self._next += 1
+            task_id = f"task_{self._next}"
+            self.owner[task_id] = key
+            self.status[task_id] = "queued"
+        return json(200, {"id": task_id, "task_id": task_id, "status": "queued", "progress": 0})
+
+    def _poll(self, request: RecordedRequest) -> Behaviour:
+        task_id = request.path.rsplit("/", 1)[-1]
+        key = self._key(request)
+        with self._lock:
+            if self.owner.get(task_id) != key or key in self.revoked:
+                return json(404, {"error": {"message": "task not found", "code": "task_not_found"}})
+            status = self.status[task_id]
+        body: dict[str, Any] = {"id": task_id, "task_id": task_id, "status": status, "progress": 100}
+        if status == "completed":
+            body["video_url"] = f"https://cdn.example.com/{task_id}.mp4"
+            body["seconds"] = 5
+        return json(200, body)
+
+    def finish(self, task_id: str) -> None:
+        with self._lock:
+            self.status[task_id] = "completed"

@@ -195,10 +195,13 @@ class TestParseGroupBy:
     @pytest.mark.parametrize(
         ("text", "message"),
         [
-            ("modle", "--by: unknown dimension 'modle' (choose from key,model,mode,day); did you mean 'model'?"),
-            ("key,keys", "unknown dimension 'keys' (choose from key,model,mode,day); did you mean 'key'?"),
+            (
+                "modle",
+                "--by: unknown dimension 'modle' (choose from key,model,mode,day,account); did you mean 'model'?",
+            ),
+            ("key,keys", "unknown dimension 'keys' (choose from key,model,mode,day,account); did you mean 'key'?"),
             ("days", "did you mean 'day'?"),
-            ("tier", "--by: unknown dimension 'tier' (choose from key,model,mode,day)"),
+            ("tier", "--by: unknown dimension 'tier' (choose from key,model,mode,day,account)"),
         ],
     )
     def test_unknown_dimension(self, text: str, message: str) -> None:
@@ -211,7 +214,7 @@ class TestParseGroupBy:
         """No misleading hint for a word unlike every dimension."""
         with pytest.raises(ValueError) as info:
             parse_group_by("status", name="by")
-        assert str(info.value) == "by: unknown dimension 'status' (choose from key,model,mode,day)"
+        assert str(info.value) == "by: unknown dimension 'status' (choose from key,model,mode,day,account)"
 
 
 class TestApportion:

@@ -372,6 +372,26 @@ class TestGivesUp:
         assert gave_up == 1
         assert "task_unknown" in world.log_events()
 
+    async def test_removed_account_tasks_are_not_polled_and_end_unknown(self, world: World) -> None:
+        """A task whose account is no longer configured: never polled (no key), given up at max age."""
+        task = await world.submit("orphan")
+        calls: list[str] = []
+
+        async def poll(task_id: str) -> PollOutcome:
+            calls.append(task_id)
+            return outcome(200, {"status": "in_progress"})
+
+        settler = world.settler(poll, task_max_age_s=7200.0, has_account=lambda account: account != "default")
+        world.clock.now = task.submitted_at + IDLE_S + 1
+        assert await settler.run_once() == 1
+        checked = await world.store.get_task("orphan")
+        assert checked is not None and checked.settled_at is None and checked.last_checked_at is not None
+        world.clock.now = task.submitted_at + 7200 + 1
+        assert await settler.run_once() == 1
+        gone = await world.store.get_task("orphan")
+        assert gone is not None and gone.outcome == "unknown"
+        assert calls == []
+
     async def test_give_ups_are_paced(self, world: World) -> None:
         """A backlog of overdue tasks is given up at most max_give_ups_per_s, apart from the poll limit."""
         for n in range(10):

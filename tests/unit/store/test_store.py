@@ -1086,7 +1086,10 @@ class TestGroupCommit:
         commits = store.commits
 
         def half_done(conn: sqlite3.Connection) -> None:
-            conn.execute("INSERT INTO intents VALUES ('half', 'team-a', 'r', 'm', 'text', 0)")
+            conn.execute(
+                "INSERT INTO intents (intent_id, key_name, request_id, model, mode, submitted_at) "
+                "VALUES ('half', 'team-a', 'r', 'm', 'text', 0)"
+            )
             raise RuntimeError("op failed after writing")
 
         gate = WriterGate(store)
@@ -1101,7 +1104,7 @@ class TestGroupCommit:
         await gate.queued(len(calls))
         gate.open()
         i0, dup_key, i1, dup_intent, half, fresh, i2 = await results
-        assert (i0, i1, fresh, i2) == (None, None, None, None)
+        assert (i0, i1, fresh, i2) == (True, True, None, True)
         assert isinstance(dup_key, KeyExists)
         assert isinstance(dup_intent, StoreError) and str(dup_intent).startswith("sqlite: UNIQUE constraint failed")
         assert isinstance(dup_intent.__cause__, sqlite3.IntegrityError)
@@ -1120,7 +1123,11 @@ class TestGroupCommit:
         def op(name: str, fail: bool) -> Callable[[sqlite3.Connection], str]:
             def fn(conn: sqlite3.Connection) -> str:
                 runs[name] = runs.get(name, 0) + 1
-                conn.execute("INSERT INTO intents VALUES (?, 'team-a', 'r', 'm', 'text', 0)", (name,))
+                conn.execute(
+                    "INSERT INTO intents (intent_id, key_name, request_id, model, mode, submitted_at) "
+                    "VALUES (?, 'team-a', 'r', 'm', 'text', 0)",
+                    (name,),
+                )
                 if fail:
                     raise ValueError(name)
                 return name
@@ -1161,7 +1168,7 @@ class TestGroupCommit:
         await gate.queued(len(calls))
         gate.open()
         i0, fail, i1, lost, i2 = await results
-        assert (i0, i1, i2) == (None, None, None)
+        assert (i0, i1, i2) == (True, True, True)
         assert isinstance(fail, StoreError) and str(fail) == "sqlite: no such table: nowhere"
         assert isinstance(lost, StoreError) and str(lost) == "sqlite: disk I/O error"
         assert {i.intent_id for i in await store.list_intents()} == {"i0", "i1", "i2"}
@@ -1209,11 +1216,11 @@ class TestGroupCommit:
         await asyncio.wait_for(closing, timeout=30)
         committed = committed_intents(path)
         for n, result in enumerate(results):
-            assert result is None or isinstance(result, StoreError), result
-            if result is None:
+            assert result is True or isinstance(result, StoreError), result
+            if result is True:
                 assert f"i{n}" in committed
         assert "late" not in committed
-        assert results.count(None) == 100  # in fact every queued write is committed before close returns
+        assert results.count(True) == 100  # in fact every queued write is committed before close returns
 
     async def test_cancelled_before_running_is_skipped(self, sqlite_store: SQLiteStore, tmp_path: Path) -> None:
         """A write whose caller gave up before the writer reached it is not run (as a queued executor job)."""
@@ -1245,7 +1252,7 @@ class TestGroupCommit:
             results = asyncio.gather(*calls)
             await gate.queued(100)
             gate.open()
-            reads = [result for result in await results if result is not None]
+            reads = [result for result in await results if isinstance(result, list)]
             # The reads were queued after the first batch's job and before it requeued itself for the rest.
             assert [len(read) for read in reads] == [64] * 10
             assert len(await store.list_intents()) == 100

@@ -207,3 +207,31 @@ class TestRequests:
             == 1
         )
         await client.aclose()
+
+
+class TestAccountKeys:
+    async def test_each_call_carries_its_accounts_key(self) -> None:
+        """With a key per account, every call sends the named account's key; an unknown account sends nothing."""
+        seen: list[str] = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            seen.append(request.headers["authorization"])
+            return httpx.Response(200, json={})
+
+        cfg = UpstreamSettings(base_url="http://upstream.test")
+        keys = {"a": "sk-a", "b": "sk-b"}
+        client = UpstreamClient(
+            cfg,
+            keys.get,
+            HttpxTransport(httpx.MockTransport(handler), cfg),
+            create_metrics(),
+            log=make_logger(stream=io.StringIO()),
+        )
+        for account in ("a", "b", "a"):
+            await client.request("GET", "/v1/videos/t", route="status", request_id="r", account=account)
+        assert seen == ["Bearer sk-a", "Bearer sk-b", "Bearer sk-a"]
+        with pytest.raises(UpstreamUnavailable) as info:
+            await client.request("GET", "/v1/videos/t", route="status", request_id="r", account="gone")
+        assert info.value.request_sent is False and "gone" in str(info.value)
+        assert len(seen) == 3
+        await client.aclose()

@@ -1,0 +1,73 @@
+"""``kling-gateway accounts``: the upstream accounts as configured here, with every process's tasks in flight.
+
+States come from this command's own view: ``ok``, ``full`` (at ``max_in_flight``) or ``removed`` (tasks in the
+ledger on an account no longer configured). Whether the upstream rejects a key is known only to running gateways:
+``GET /gateway/accounts`` on one of them shows ``unauthorized``. Never prints key material, only fingerprints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from typing import Any
+
+from gateway.catalog import DEFAULT_ACCOUNT
+from gateway.config import Settings, load_settings
+
+COLUMNS = ("name", "state", "in_flight", "max_in_flight", "weight", "models", "key_fingerprint")
+
+
+def add_parser(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    accounts = subcommands.add_parser("accounts", help="the upstream accounts: state, tasks in flight, limit")
+    accounts.add_argument("--config", help="TOML settings file")
+    accounts.add_argument("--format", default="table", choices=("table", "json"))
+    accounts.set_defaults(handler=cmd_accounts)
+
+
+def cmd_accounts(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    rows = asyncio.run(describe(settings))
+    if args.format == "json":
+        print(json.dumps({"data": rows}, indent=2))
+    else:
+        print(render(rows))
+    return 0
+
+
+async def describe(settings: Settings) -> list[dict[str, Any]]:
+    """The ``GET /gateway/accounts`` rows, from the settings and the store."""
+    from gateway.accounts.pool import AccountPool
+    from gateway.logs import make_logs
+    from gateway.metrics import create_metrics
+    from gateway.store import open_store
+
+    keys = settings.upstream_keys or ({DEFAULT_ACCOUNT: settings.upstream_api_key} if settings.upstream_api_key else {})
+    pool = AccountPool(keys, settings.accounts, create_metrics(), make_logs(level="error").log)
+    store = await open_store(settings.store_url)
+    try:
+        await pool.refresh(store)
+    finally:
+        await store.close()
+    return pool.describe()
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    """A plain table; ``max_in_flight`` 0 reads "none", models [] reads "*"."""
+    if not rows:
+        return "no upstream accounts (set UNIALL_API_KEY, UNIALL_API_KEYS or UNIALL_API_KEYS_FILE)"
+
+    def cell(column: str, value: Any) -> str:
+        if column == "models":
+            return ",".join(value) or "*"
+        if column == "max_in_flight" and value == 0:
+            return "none"
+        if column == "weight":
+            return f"{value:g}"
+        return "-" if value is None else str(value)
+
+    cells = [[cell(c, row[c]) for c in COLUMNS] for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(COLUMNS)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths, strict=True)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    return "\n".join(lines)

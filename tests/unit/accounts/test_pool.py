@@ -1,0 +1,119 @@
+"""The account pool of one process: admission order, set-aside rules, key changes and the waiting line."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+from gateway.accounts.parse import AccountSettings, fingerprint
+from gateway.accounts.pool import AccountPool
+from gateway.catalog import RefusalReason
+from gateway.logs import make_logs
+from gateway.metrics import create_metrics
+
+STD = "kling-v3-std-silent"
+CAPACITY = b'{"code": 1303, "message": "parallel task over resource pack limit"}'
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def pool(limits: dict[str, int], clock: Clock | None = None, wait_s: float = 0.0) -> AccountPool:
+    keys = {name: f"sk-{name}" for name in limits}
+    settings = {name: AccountSettings(max_in_flight=limit) for name, limit in limits.items()}
+    return AccountPool(
+        keys,
+        settings,
+        create_metrics(),
+        make_logs(stream=io.StringIO()).log,
+        capacity_wait_s=wait_s,
+        clock=clock or Clock(),
+    )
+
+
+def states(p: AccountPool) -> dict[str, str]:
+    return {row["name"]: row["state"] for row in p.describe()}
+
+
+async def test_place_tries_the_next_account_when_the_store_says_full() -> None:
+    """The store's refusal marks the account full here and the next candidate is asked."""
+    p = pool({"a": 2, "b": 2})
+    asked: list[str] = []
+
+    async def admit(account: str, limit: int) -> str | None:
+        asked.append(account)
+        return None if account == "a" else f"intent-{account}"
+
+    assert await p.place(STD, admit, wait=False) == ("b", "intent-b")
+    assert asked == ["a", "b"]
+    assert states(p) == {"a": "full", "b": "ok"}
+    assert await p.place(STD, admit, exclude={"b"}, wait=False) is None
+
+
+async def test_capacity_refusal_sets_aside_until_retry_after_or_a_task_ends() -> None:
+    """A refused submission's own release keeps the set-aside; a task ending or the time passing ends it."""
+    clock = Clock()
+    p = pool({"a": 0}, clock)
+    assert p.refused("a", 429, CAPACITY, "30") is RefusalReason.CAPACITY
+    p.released("a", task_ended=False)
+    assert states(p) == {"a": "full"}
+    p.released("a", task_ended=True)
+    assert states(p) == {"a": "ok"}
+    assert p.refused("a", 429, b"{}", None) is RefusalReason.RATE_LIMITED
+    clock.now += 4.9
+    assert states(p) == {"a": "full"}
+    clock.now += 0.2  # capacity_retry_after_s (5) without a Retry-After
+    assert states(p) == {"a": "ok"}
+    assert p.refused("a", 400, b'{"error": {"code": "bad"}}', None) is None
+
+
+async def test_unauthorized_until_the_key_changes() -> None:
+    """401: unauthorized; the same key again keeps it so, a new key clears it."""
+    p = pool({"a": 0, "b": 0})
+    assert p.refused("a", 401, b"", None) is RefusalReason.UNAUTHORIZED
+    p.replace_keys({"a": "sk-a", "b": "sk-b"})
+    assert states(p)["a"] == "unauthorized"
+    p.replace_keys({"a": "sk-a2", "b": "sk-b"})
+    assert states(p)["a"] == "ok"
+    assert p.describe()[0]["key_fingerprint"] == fingerprint("sk-a2")
+
+
+async def test_simple_only_for_one_unlimited_account() -> None:
+    """The fast submit path is taken for one account without a limit only."""
+    assert pool({"default": 0}).simple
+    assert not pool({"default": 1}).simple
+    assert not pool({"a": 0, "b": 0}).simple
+
+
+async def test_waiters_are_served_first_come_first_served() -> None:
+    """With capacity_wait_s, submissions wait in order and a release lets the first one in."""
+    p = pool({"a": 1}, wait_s=5.0)
+    room = {"free": 0}
+    order: list[str] = []
+
+    def admit_as(name: str) -> object:
+        async def admit(account: str, limit: int) -> str | None:
+            if room["free"] <= 0:
+                return None
+            room["free"] -= 1
+            order.append(name)
+            return name
+
+        return admit
+
+    first = asyncio.create_task(p.place(STD, admit_as("first"), wait=True))  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(p.place(STD, admit_as("second"), wait=True))  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    room["free"] = 1
+    p.released("a", task_ended=True)
+    assert await asyncio.wait_for(first, 2) == ("a", "first")
+    room["free"] = 1
+    p.released("a", task_ended=True)
+    assert await asyncio.wait_for(second, 2) == ("a", "second")
+    assert order == ["first", "second"]
