@@ -36,6 +36,7 @@ from gateway.services import Services
 from gateway.shutdown import shutdown_hook
 from gateway.store.base import Store, StoreError
 from gateway.tracing.setup import tracing_from_env
+from gateway.ui.routes import UiRoutes
 from gateway.upstream.client import Transport
 from gateway.validation.media_guard import Resolver
 from gateway.web.admin import AdminRoutes
@@ -185,6 +186,7 @@ class _Handlers:
     gateway: GatewayRoutes
     admin: AdminRoutes
     health: HealthRoutes
+    ui: UiRoutes
 
 
 def _handlers(services: Services, resolver: Resolver | None, tracing: Tracing | None) -> _Handlers:
@@ -217,7 +219,7 @@ def _handlers(services: Services, resolver: Resolver | None, tracing: Tracing | 
         allow_private_webhooks=settings.webhooks.allow_private_targets,
         accounts=services.accounts,
     )
-    return _Handlers(gateway=gateway, admin=admin, health=HealthRoutes(services.readiness))
+    return _Handlers(gateway=gateway, admin=admin, health=HealthRoutes(services.readiness), ui=UiRoutes.build(services))
 
 
 @contextlib.contextmanager
@@ -225,7 +227,12 @@ def _mounted(
     app: GatewayApp, handlers: _Handlers, book: RequestBook, overload: Overload, errors: ErrorResponder
 ) -> Iterator[None]:
     """The handlers' routes and the fast lane in the app while the block runs (the routes built without them stay)."""
-    own: list[BaseRoute] = [*handlers.gateway.routes(), *handlers.admin.routes(), *handlers.health.routes()]
+    own: list[BaseRoute] = [
+        *handlers.gateway.routes(),
+        *handlers.admin.routes(),
+        *handlers.health.routes(),
+        *handlers.ui.routes(),
+    ]
     by_path = {route.path: route for route in own if isinstance(route, Route)}
     built = list(app.router.routes)
     # Passthrough last, so it never shadows the gateway's own routes.

@@ -22,7 +22,8 @@ _SECRET_FIELDS: Final = frozenset({"key", "secret", "key_hash", "previous_hash",
 
 @dataclass(frozen=True, slots=True)
 class Actor:
-    """Who acts: ``name`` is ``admin-token`` (the admin API, with the client's ``address``) or ``cli:<OS user>``."""
+    """Who acts: ``admin-token`` (the admin API) or ``admin-ui`` (the web UI, signed in with the admin token), each
+    with the client's ``address``, or ``cli:<OS user>``."""
 
     name: str
     address: str | None = None
@@ -30,6 +31,10 @@ class Actor:
     @classmethod
     def admin_api(cls, address: str | None) -> Actor:
         return cls("admin-token", address)
+
+    @classmethod
+    def admin_ui(cls, address: str | None) -> Actor:
+        return cls("admin-ui", address)
 
     @classmethod
     def cli(cls) -> Actor:

@@ -246,6 +246,15 @@ def _cells(rows: Sequence[UsageRow], money: Callable[[Decimal], str], money_quan
     return _Cells(out_rows, out_totals)
 
 
+def table_cells(rows: Sequence[UsageRow]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Each row's measures and the totals as the table shows them (money to cents, rows adding up to the total).
+
+    What ``kling-gateway usage`` prints, for other views of the same report (the admin UI's usage page).
+    """
+    cells = _cells(rows, to_cents, CENTS)
+    return cells.rows, cells.totals
+
+
 def _seconds(value: Decimal) -> str:
     return str(value.quantize(MILLIS, rounding=ROUND_HALF_UP))
 

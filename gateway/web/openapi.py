@@ -390,8 +390,8 @@ def _gateway_schemas() -> dict[str, Any]:
             "properties": {
                 "id": {"type": "string"},
                 "at": {"type": "number", "description": "Unix time of the action."},
-                "actor": {"type": "string", "description": "admin-token, or cli:<OS user>."},
-                "address": _nullable({"type": "string", "description": "The admin API client's address."}),
+                "actor": {"type": "string", "description": "admin-token, admin-ui, or cli:<OS user>."},
+                "address": _nullable({"type": "string", "description": "The admin API or UI client's address."}),
                 "action": {"type": "string", "description": "key.created, key.updated, key.revoked or key.rotated."},
                 "target": {"type": "string", "description": "The key (or account) acted on."},
                 "changes": {"type": "object", "description": "The settings set or changed; never a secret."},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,28 @@ class TestAdminApi:
         gw = make_gateway(fake_upstream.url, env={"KLING_GATEWAY_ADMIN_TOKEN": ""})
         response = gw.client.get("/gateway/audit", headers=ADMIN)
         assert (response.status_code, response.json()["error"]["code"]) == (404, "not_found")
+
+
+class TestAdminUi:
+    def test_ui_actions_are_recorded_as_the_ui(self, gw: GatewayHarness) -> None:
+        """The web UI goes through key_admin too: its actions are recorded as admin-ui, once each."""
+        signed_in = gw.client.post("/gateway/ui/signin", data={"token": ADMIN_TOKEN}, follow_redirects=False)
+        assert signed_in.status_code == 303, signed_in.text
+        match = re.search(r'name="csrf" value="([^"]+)"', gw.client.get("/gateway/ui/keys").text)
+        assert match is not None
+        csrf = match.group(1)
+        created = gw.client.post("/gateway/ui/keys", data={"csrf": csrf, "name": "team-ui", "rpm": "30"})
+        assert created.status_code < 300 and "Key created" in created.text
+        assert gw.client.post("/gateway/ui/keys/team-ui/rotate", data={"csrf": csrf}).status_code == 200
+        assert gw.client.post("/gateway/ui/keys/team-ui/revoke", data={"csrf": csrf}).status_code == 200
+        entries = audit(gw)["data"]
+        assert [(e["action"], e["actor"], e["address"], e["target"]) for e in entries] == [
+            ("key.revoked", "admin-ui", "testclient", "team-ui"),
+            ("key.rotated", "admin-ui", "testclient", "team-ui"),
+            ("key.created", "admin-ui", "testclient", "team-ui"),
+        ]
+        assert entries[2]["changes"]["rpm"] == 30
+        assert ADMIN_TOKEN not in json.dumps(entries) and csrf not in json.dumps(entries)
 
 
 @pytest.fixture
