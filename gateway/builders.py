@@ -18,6 +18,7 @@ from gateway.catalog import DEFAULT_ACCOUNT
 from gateway.config import Settings, UpstreamSettings, missing_scale_extra
 from gateway.content.archiver import Archiver
 from gateway.content.metrics import ContentMetrics
+from gateway.content.origin import account_keys
 from gateway.content.service import ContentService
 from gateway.content.wiring import build_content
 from gateway.keys import RateLimiter
@@ -77,7 +78,7 @@ async def build_services(
     await accounts.check_removed(store)
     shared = await shared_state(settings, metrics, log, stack)
     status = status_poller(settings, upstream, ledger, metrics, log, shared)
-    content, archiver = content_services(settings, content_metrics, store, status, log, stack, injected)
+    content, archiver = content_services(settings, content_metrics, store, status, accounts, log, stack, injected)
     return Services(
         settings=settings,
         metrics=metrics,
@@ -264,11 +265,13 @@ def content_services(
     metrics: ContentMetrics,
     store: Store,
     status: StatusPoller,
+    accounts: AccountPool,
     log: Logger,
     stack: contextlib.AsyncExitStack,
     injected: Injected,
 ) -> tuple[ContentService, Archiver | None]:
-    """``/v1/videos/{id}/content`` (answers through the status cache) and, with ``[archive] url``, the copier."""
+    """``/v1/videos/{id}/content`` (answers through the status cache, videos fetched with the key of the task's
+    account) and, with ``[archive] url``, the copier."""
 
     async def poll(task: TaskRecord) -> tuple[int, bytes]:
         outcome = await status.poll(task.task_id, terminal_body=task.terminal_body)
@@ -283,6 +286,7 @@ def content_services(
         clock=injected.clock,
         stack=stack,
         resolver=injected.resolver,
+        key_for=account_keys(accounts.key),
     )
 
 

@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"configuration ok: upstream {settings.upstream.base_url}, auth {settings.auth.mode}, "
         f"store {settings.store_url.split('@')[-1]}, cache {settings.cache.url.split('@')[-1]}, "
+        f"archive {settings.archive.url.split('@')[-1] or 'off'}, "
         f"listening on {settings.server.host}:{settings.server.port}, "
         f"upstream accounts {', '.join(settings.upstream_keys)} (from {settings.upstream_keys_source})"
     )

@@ -30,10 +30,20 @@ KeyForTask = Callable[[TaskRecord], str]
 
 
 def team_key(api_key: str) -> KeyForTask:
-    """One upstream key for every task (``UNIALL_API_KEY``); the place to swap in per-task accounts."""
+    """One upstream key for every task (``UNIALL_API_KEY``)."""
 
     def key_for(task: TaskRecord) -> str:
         return api_key
+
+    return key_for
+
+
+def account_keys(key_of: Callable[[str], str | None]) -> KeyForTask:
+    """The key of the account that created the task (SPEC section 9), e.g. ``account_keys(pool.key)``; a task whose
+    account is no longer configured gets no key (its video is then fetched without one)."""
+
+    def key_for(task: TaskRecord) -> str:
+        return key_of(task.account) or ""
 
     return key_for
 

@@ -134,6 +134,16 @@ class TestCheckConfig:
         assert main(["check-config"]) == 2
         assert message in capsys.readouterr().err
 
+    def test_summary_names_the_archive(
+        self, data_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """check-config's one line says where videos are archived, or that the archive is off."""
+        assert main(["check-config"]) == 0
+        assert ", archive off, " in capsys.readouterr().out
+        monkeypatch.setenv("KLING_GATEWAY_ARCHIVE_URL", "s3://videos/kling")
+        assert main(["check-config"]) == 0
+        assert ", archive s3://videos/kling, " in capsys.readouterr().out
+
     def test_archive_reachability(self, data_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         """The reachability check check-config --connect runs: a writable folder passes, a file in the way not."""
         assert asyncio.run(archive_reachable(load_settings())) is None  # off

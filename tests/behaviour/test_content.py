@@ -427,3 +427,23 @@ class TestArchiveFallback:
         assert gw.metric("kling_gateway_content_bytes_total", {"source": "upstream"}) == SIZE
         assert any(line.get("event") == "archive_read_failed" for line in gw.log_lines())
         assert "sk-test-upstream" not in gw.logs.getvalue()
+
+
+class TestAccounts:
+    def test_video_fetched_with_the_key_of_the_tasks_account(
+        self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory, served: Video
+    ) -> None:
+        """With several upstream accounts, the video is fetched with the key of the account that created the task."""
+        env = {
+            "UNIALL_API_KEY": "",
+            "UNIALL_API_KEYS": "first=sk-first-account,second=sk-second-account",
+            # Only "second" serves the std models, so the task is bound to it.
+            "KLING_GATEWAY_UPSTREAM_ACCOUNTS": '{"first": {"models": ["kling-v3-pro-*"]}}',
+        }
+        gw = make_gateway(fake_upstream.url, env=env)
+        script_task(fake_upstream, "task_1", f"{fake_upstream.url}/files/task_1.mp4")
+        submit(gw)
+        assert fake_upstream.requests_to("POST", SUBMIT)[0].header("authorization") == "Bearer sk-second-account"
+        assert gw.client.get(content("task_1")).status_code == 200
+        (fetch,) = fake_upstream.requests_to("GET", "/files/task_1.mp4")
+        assert fetch.header("authorization") == "Bearer sk-second-account"
