@@ -24,7 +24,9 @@ from starlette.routing import BaseRoute, Route
 
 from gateway.auth.authenticate import AdminToken, ClientAuthentication
 from gateway.auth.keyring import KeyAuthenticator
+from gateway.auth.rate_limits import RateLimitHeaders
 from gateway.builders import Injected, build_services, request_checks
+from gateway.catalog import MODELS
 from gateway.config import Settings
 from gateway.content.metrics import create_content_metrics
 from gateway.errors import GatewayError
@@ -110,6 +112,7 @@ def create_app(
                 settings, metrics, log, stack, injected, content_metrics=content_metrics, tracing=tracing
             )
             app.state.services = services
+            book.rate_headers = RateLimitHeaders(services.rate_limits).for_key
             handlers = _handlers(services, injected.resolver, tracing)
             stack.enter_context(_mounted(app, handlers, book, overload, errors))
             await stack.enter_async_context(
@@ -218,6 +221,7 @@ def _handlers(services: Services, resolver: Resolver | None, tracing: Tracing | 
         rotation_grace_s=settings.auth.rotation_grace_s,
         allow_private_webhooks=settings.webhooks.allow_private_targets,
         accounts=services.accounts,
+        known_models=frozenset(MODELS) | frozenset(settings.validation.passthrough_models),
     )
     return _Handlers(gateway=gateway, admin=admin, health=HealthRoutes(services.readiness), ui=UiRoutes.build(services))
 

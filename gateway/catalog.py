@@ -168,7 +168,7 @@ _CODES: Final = (
     Code("method_not_allowed", (405,), _E, "the route does not answer this method"),
     Code("idempotency_in_progress", (409,), _E, "a request with this Idempotency-Key is still being handled"),
     Code("key_exists", (409,), _E, "a key with this name already exists"),
-    Code("key_revoked", (409,), _E, "the key is revoked, so it cannot be rotated"),
+    Code("key_revoked", (409,), _E, "the key is revoked: it cannot be rotated or changed, and its name stays reserved"),
     Code("video_not_ready", (409,), _E, "the task's video was asked for before the task completed"),
     Code("payload_too_large", (413,), _E, "the body is over [server] max_body_bytes"),
     Code("unsupported_media_type", (415,), _E, "the body is not declared as JSON"),

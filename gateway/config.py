@@ -48,6 +48,21 @@ SECRET_ENV = (
 )
 DEFAULT_BASE_URL = "https://api.uniall.ai"
 _PREFIX = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+#: ``KLING_GATEWAY_*`` variables that are not ``<SECTION>_<KEY>`` settings; any other unknown one is an error
+#: (a typo would otherwise be ignored silently). Add a variable here when a module starts reading one.
+OTHER_ENV: Final = frozenset(
+    {
+        "KLING_GATEWAY_ADMIN_TOKEN",
+        "KLING_GATEWAY_WEBHOOK_SECRET",
+        "KLING_GATEWAY_CONFIG",
+        "KLING_GATEWAY_URL",  # generate: the gateway to submit through
+        "KLING_GATEWAY_KEY",  # generate: the client key
+        "KLING_GATEWAY_UPSTREAM_ACCOUNTS",  # the accounts' settings as one JSON object (gateway.accounts.parse)
+        "KLING_GATEWAY_FUZZ_EXAMPLES",
+    }
+)
+#: Prefixes of variables used by the test suite and the benchmarks, never settings.
+OTHER_ENV_PREFIXES: Final = ("KLING_GATEWAY_TEST_", "KLING_GATEWAY_BENCH_")
 
 #: Public list prices, USD per output second. Replace them with your contract prices in ``[pricing.prices]``.
 LIST_PRICES_USD_PER_S: Mapping[str, Decimal] = types.MappingProxyType(
@@ -402,6 +417,7 @@ def load_settings(
     if raw:
         name = sorted(raw)[0]
         raise ConfigError(f"[{name}]: unknown section{did_you_mean(name, _SECTIONS)}")
+    _check_env_names(environ)
     upstream = sections["upstream"]
     if environ.get("UNIALL_BASE_URL"):
         upstream = dataclasses.replace(upstream, base_url=environ["UNIALL_BASE_URL"])
@@ -424,6 +440,30 @@ def load_settings(
             "UNIALL_API_KEY, UNIALL_API_KEYS or UNIALL_API_KEYS_FILE)"
         )
     return settings
+
+
+def setting_env_names() -> frozenset[str]:
+    """Every ``KLING_GATEWAY_<SECTION>_<KEY>`` variable a setting reads."""
+    return frozenset(
+        f"{ENV_PREFIX}{name.upper()}_{item.name.upper()}"
+        for name, section_type in _SECTIONS.items()
+        for item in dataclasses.fields(section_type)
+    )
+
+
+def _check_env_names(environ: Mapping[str, str]) -> None:
+    """An unknown ``KLING_GATEWAY_*`` variable is an error with a "did you mean", like an unknown TOML key."""
+    settings_env = setting_env_names()
+    for env_name in sorted(environ):
+        if (
+            not env_name.startswith(ENV_PREFIX)
+            or env_name in settings_env
+            or env_name in OTHER_ENV
+            or env_name.startswith(OTHER_ENV_PREFIXES)
+        ):
+            continue
+        hint = did_you_mean(env_name, settings_env | OTHER_ENV)
+        raise ConfigError(f"{env_name}: unknown environment variable (no such setting){hint}")
 
 
 def _read_text(path: str) -> str:

@@ -190,6 +190,16 @@ def new_secret() -> NewSecret:
     return NewSecret(secret=secret, key_hash=hash_secret(secret), prefix=display_prefix(secret))
 
 
+def check_limits(rpm: int | None, monthly_budget_usd: Decimal | None) -> None:
+    """ValueError unless ``rpm`` and ``monthly_budget_usd`` are in range (None: no limit)."""
+    if rpm is not None and not 1 <= rpm <= MAX_RPM:
+        raise ValueError(f"rpm must be an integer from 1 to {MAX_RPM}")
+    if monthly_budget_usd is not None and (
+        not monthly_budget_usd.is_finite() or not 0 <= monthly_budget_usd <= MAX_MONTHLY_BUDGET_USD
+    ):
+        raise ValueError(f"monthly budget must be an amount from 0 to {MAX_MONTHLY_BUDGET_USD}")
+
+
 def issue_key(
     name: str,
     *,
@@ -201,12 +211,7 @@ def issue_key(
 ) -> tuple[str, KeyRecord]:
     """Make a new key: returns ``(secret, record)``; show the secret once, store only the record."""
     validate_key_name(name)
-    if rpm is not None and not 1 <= rpm <= MAX_RPM:
-        raise ValueError(f"rpm must be an integer from 1 to {MAX_RPM}")
-    if monthly_budget_usd is not None and (
-        not monthly_budget_usd.is_finite() or not 0 <= monthly_budget_usd <= MAX_MONTHLY_BUDGET_USD
-    ):
-        raise ValueError(f"monthly budget must be an amount from 0 to {MAX_MONTHLY_BUDGET_USD}")
+    check_limits(rpm, monthly_budget_usd)
     fresh = new_secret()
     record = KeyRecord(
         name=name,
@@ -222,11 +227,12 @@ def issue_key(
 
 
 class _Bucket:
-    __slots__ = ("stamp", "tokens")
+    __slots__ = ("rpm", "stamp", "tokens")
 
-    def __init__(self, tokens: float, stamp: float) -> None:
+    def __init__(self, tokens: float, stamp: float, rpm: int) -> None:
         self.tokens = tokens
         self.stamp = stamp
+        self.rpm = rpm
 
 
 class SharedRateLimiter(Protocol):
@@ -268,13 +274,14 @@ class RateLimiter:
         rate = rpm / 60.0
         bucket = self._buckets.peek(key_name)
         if bucket is None:
-            bucket = _Bucket(capacity, now)
+            bucket = _Bucket(capacity, now, rpm)
             self._buckets.put(key_name, bucket)
         else:
             self._buckets.touch(key_name)
             elapsed = max(0.0, now - bucket.stamp)
             bucket.tokens = min(capacity, bucket.tokens + elapsed * rate)
             bucket.stamp = now
+            bucket.rpm = rpm
         if bucket.tokens >= 1.0 - self._EPSILON:
             bucket.tokens = max(0.0, bucket.tokens - 1.0)
             return None
@@ -283,6 +290,13 @@ class RateLimiter:
     def forget(self, key_name: str) -> None:
         """Drop ``key_name``'s bucket (e.g. after revocation)."""
         self._buckets.pop(key_name)
+
+    def allowance(self, key_name: str) -> tuple[int, int] | None:
+        """``(rpm, whole tokens left)`` as of ``key_name``'s last check, or None (no limit, or never checked)."""
+        bucket = self._buckets.peek(key_name)
+        if bucket is None:
+            return None
+        return bucket.rpm, int(bucket.tokens + self._EPSILON)
 
     def __len__(self) -> int:
         return len(self._buckets)

@@ -22,6 +22,7 @@ class Metrics:
     upstream_duration: Histogram
     upstream_errors: Counter
     rejections: Counter
+    validation_problems: Counter
     generations: Counter
     generation_seconds: Counter
     estimated_cost: Counter
@@ -76,7 +77,13 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         ),
         rejections=Counter(
             prefix + "rejections_total",
-            "Requests the gateway refused, by error code.",
+            "Requests the gateway refused, by the error's top-level code (one per request).",
+            ("code",),
+            registry=registry,
+        ),
+        validation_problems=Counter(
+            prefix + "validation_problems_total",
+            "Problems found in refused request bodies (each 400 invalid_request can have several), by problem code.",
             ("code",),
             registry=registry,
         ),

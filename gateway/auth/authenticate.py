@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
+from gateway.auth.keyring import UnknownKey
 from gateway.auth.principal import Authenticator, Principal, bearer_token
 from gateway.auth.rate_limits import KeyRateLimits, rate_limited
 from gateway.errors import AuthenticationFailed, NotFound
@@ -25,7 +26,10 @@ class ClientAuthentication:
 
     async def authenticate(self, authorization: str | None, log_fields: dict[str, Any]) -> Principal:
         """The caller of a request with this ``Authorization`` header; its key name goes in ``log_fields``."""
-        principal = self._keys.authenticate(authorization)
+        try:
+            principal = self._keys.authenticate(authorization)
+        except UnknownKey as miss:  # well-formed but not in the table yet: perhaps created a moment ago
+            principal = await self._keys.look_up(miss.key_hash)
         log_fields["key"] = principal.name  # before the rate limit: a 429's access line names the key
         # The token is taken inline: this runs on every request, so no further call layer.
         shared = self._shared_limits

@@ -2,7 +2,7 @@
 
 ``OpenAuthenticator`` serves ``[auth] mode = "open"`` (single-user local use, never the default);
 ``KeyAuthenticator`` checks gateway-issued keys against an in-memory table that follows the store.
-Both are one call on the hot path; neither touches the store per request.
+Both are one call on the hot path; a known key never touches the store (a new one is looked up once).
 """
 
 from __future__ import annotations
@@ -34,12 +34,19 @@ OPEN_PRINCIPAL = Principal(name="open")
 class Authenticator(Protocol):
     def authenticate(self, authorization: str | None) -> Principal: ...
 
+    async def look_up(self, key_hash: str) -> Principal:
+        """The key hashing to ``key_hash`` when ``authenticate`` did not know it yet (401 otherwise)."""
+        ...
+
 
 class OpenAuthenticator:
     """No client keys: every caller is the one local user."""
 
     def authenticate(self, authorization: str | None) -> Principal:
         return OPEN_PRINCIPAL
+
+    async def look_up(self, key_hash: str) -> Principal:
+        raise invalid_key()
 
 
 def bearer_token(authorization: str | None) -> str | None:

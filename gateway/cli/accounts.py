@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 from typing import Any
 
 from gateway.catalog import DEFAULT_ACCOUNT
@@ -38,12 +39,16 @@ def cmd_accounts(args: argparse.Namespace) -> int:
 async def describe(settings: Settings) -> list[dict[str, Any]]:
     """The ``GET /gateway/accounts`` rows, from the settings and the store."""
     from gateway.accounts.pool import AccountPool
+    from gateway.cli.common import missing_store_file, open_store
     from gateway.logs import make_logs
     from gateway.metrics import create_metrics
-    from gateway.store import open_store
 
     keys = settings.upstream_keys or ({DEFAULT_ACCOUNT: settings.upstream_api_key} if settings.upstream_api_key else {})
     pool = AccountPool(keys, settings.accounts, create_metrics(), make_logs(level="error").log)
+    missing = missing_store_file(settings.store_url)
+    if missing is not None:  # read-only: never creates an empty store; the accounts are in the settings anyway
+        print(f"kling-gateway: no store at {missing}: tasks in flight not counted", file=sys.stderr)
+        return pool.describe()
     store = await open_store(settings.store_url)
     try:
         await pool.refresh(store)

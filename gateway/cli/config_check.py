@@ -20,7 +20,7 @@ import os
 import uuid
 from collections.abc import Awaitable, Callable
 
-from gateway.cli.common import EXIT_INVALID, EXIT_OK
+from gateway.cli.common import EXIT_INVALID, EXIT_OK, shown_url
 from gateway.config import Settings, load_settings
 from gateway.url_secrets import redact_url, scrub, url_secrets
 
@@ -46,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, require_upstream_key=True)
     print(
         f"configuration ok: upstream {settings.upstream.base_url}, auth {settings.auth.mode}, "
-        f"store {settings.store_url.split('@')[-1]}, cache {settings.cache.url.split('@')[-1]}, "
-        f"archive {settings.archive.url.split('@')[-1] or 'off'}, "
+        f"store {shown_url(settings.store_url)}, cache {shown_url(settings.cache.url)}, "
+        f"archive {shown_url(settings.archive.url) if settings.archive.url else 'off'}, "
         f"listening on {settings.server.host}:{settings.server.port}, "
         f"upstream accounts {', '.join(settings.upstream_keys)} (from {settings.upstream_keys_source})"
     )

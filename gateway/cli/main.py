@@ -17,7 +17,11 @@ COMMAND_FAMILIES = (serve, validate, generate, store_copy, config_check, keys, u
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kling-gateway", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="kling-gateway",
+        description="A validating gateway in front of UniAll's Kling v3 video API: run it, manage its client keys, "
+        "read usage, validate or generate videos. 'kling-gateway COMMAND --help' shows each command.",
+    )
     parser.add_argument("--version", action="version", version=f"kling-gateway {__version__}")
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for family in COMMAND_FAMILIES:

@@ -11,6 +11,7 @@ import dataclasses
 import os
 import secrets
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -20,7 +21,7 @@ from typing import Any
 import uvicorn
 
 from gateway import __version__
-from gateway.cli.common import EXIT_OK, Unreachable, open_store
+from gateway.cli.common import EXIT_OK, Unreachable, open_store, shown_url
 from gateway.config import ConfigError, Settings, load_settings, missing_scale_extra
 
 
@@ -34,6 +35,11 @@ def add_parser(subcommands: argparse._SubParsersAction[argparse.ArgumentParser])
         "--sandbox",
         action="store_true",
         help="run against the built-in simulated upstream (no key, no network)",
+    )
+    serve.add_argument(
+        "--new-dev-key",
+        action="store_true",
+        help="with --sandbox: issue a new 'dev' key (by default the one kept in the data directory is reused)",
     )
     serve.set_defaults(handler=run_serve)
 
@@ -54,27 +60,69 @@ def run_serve(args: argparse.Namespace) -> int:
     host = args.host or server.host
     port = args.port if args.port is not None else server.port
     workers = args.workers if args.workers is not None else server.workers
+    if args.new_dev_key and not args.sandbox:
+        raise ConfigError("--new-dev-key: only with --sandbox")
     if args.sandbox:
         if workers != 1:
             raise ConfigError("--workers: --sandbox runs a single process")
-        asyncio.run(_preflight(settings))
-        return _serve_with_sandbox(settings, host, port)
-    asyncio.run(_preflight(settings))
+        sock = _bind(host, port)  # first: a busy port fails before the store or the dev key is touched
+        _preflight_or_close(settings, sock)
+        return _serve_with_sandbox(settings, host, sock, new_dev_key=args.new_dev_key)
     if workers > 1:
+        asyncio.run(_preflight(settings))
         _prepare_multiprocess_metrics(Path(settings.server.data_dir))
-    uvicorn.run(
-        "gateway.asgi:app_from_environment" if workers > 1 else _app_for(settings),
-        factory=workers > 1,
-        workers=workers if workers > 1 else None,
-        **uvicorn_options(settings, host, port),
-    )
+        _print_listening(host, port, workers, settings)
+        uvicorn.run(
+            "gateway.asgi:app_from_environment", factory=True, workers=workers, **uvicorn_options(settings, host, port)
+        )
+        return EXIT_OK
+    sock = _bind(host, port)
+    _preflight_or_close(settings, sock)
+    _print_listening(host, sock.getsockname()[1], 1, settings)
+    _run_on(sock, _app_for(settings), settings, host)
     return EXIT_OK
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The gateway's listening socket, or a one-line error naming the address (exit status 1)."""
+    from gateway.sandbox import bind_socket
+
+    try:
+        return bind_socket(host, port)
+    except OSError as exc:
+        raise Unreachable(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _preflight_or_close(settings: Settings, sock: socket.socket) -> None:
+    try:
+        asyncio.run(_preflight(settings))
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _print_listening(host: str, port: int, workers: int, settings: Settings) -> None:
+    """The start-up line: where the gateway listens, with how many worker processes, on which store (stderr)."""
+    shown = f"[{host}]" if ":" in host else host
+    plural = "es" if workers != 1 else ""
+    line = (
+        f"kling-gateway {__version__}: listening on http://{shown}:{port} ({workers} process{plural}), "
+        f"store {shown_url(settings.store_url)}"
+    )
+    print(line, file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _run_on(sock: socket.socket, app: Any, settings: Settings, host: str) -> None:
+    """Serve ``app`` on the already bound ``sock`` (uvicorn.run's single-process path, without binding again)."""
+    config = uvicorn.Config(app, **uvicorn_options(settings, host, sock.getsockname()[1]))
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 async def _preflight(settings: Settings) -> None:
     """Open the store (creating and migrating it once, before any worker starts) and reach Redis if configured,
     so a wrong URL or a server that is down is one clear line and exit status 1, not a traceback per worker."""
-    store = await open_store(settings.store_url)
+    store = await open_store(settings.store_url, announce=False)
     await store.close()
     if settings.cache.url.startswith("memory:"):
         return
@@ -132,7 +180,7 @@ def _app_for(settings: Settings) -> Any:
     return create_app(settings)
 
 
-def _serve_with_sandbox(settings: Settings, host: str, port: int) -> int:
+def _serve_with_sandbox(settings: Settings, host: str, gateway_sock: socket.socket, *, new_dev_key: bool) -> int:
     """The gateway on ``host:port`` and the simulated upstream on an ephemeral loopback port, in one process."""
     from gateway.sandbox import SandboxOptions, bind_socket, create_sandbox_app
 
@@ -157,43 +205,67 @@ def _serve_with_sandbox(settings: Settings, host: str, port: int) -> int:
         upstream_keys_file="",
         accounts={},
     )
-    dev_key = asyncio.run(_dev_key(settings)) if settings.auth.mode == "keys" else None
+    dev_key = asyncio.run(_dev_key(settings, renew=new_dev_key)) if settings.auth.mode == "keys" else None
+    port = gateway_sock.getsockname()[1]
     base_url = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
     print(f"kling-gateway {__version__} (sandbox upstream at {sandbox_url}, no network)")
     print(f"  base URL : {base_url}")
     auth = ""
     if dev_key:
         print(f"  dev key  : {dev_key}")
-        auth = f" -H 'Authorization: Bearer {dev_key}'"
+        print(f"             (kept in {_dev_key_file(settings)}; --new-dev-key issues another)")
+        print(f"  set it   : export DEV_KEY={dev_key}")
+        auth = ' -H "Authorization: Bearer $DEV_KEY"'
     print(
         f"  try      : curl -s {base_url}/v1/video/generations{auth} -H 'Content-Type: application/json' "
         """-d '{"model": "kling-v3-std-silent", "prompt": "a red fox in the snow", "duration": 5}'"""
     )
     sys.stdout.flush()
     try:
-        uvicorn.run(_app_for(settings), **uvicorn_options(settings, host, port))
+        _run_on(gateway_sock, _app_for(settings), settings, host)
     finally:
         sandbox.should_exit = True
         thread.join(timeout=5)
     return EXIT_OK
 
 
-async def _dev_key(settings: Settings) -> str:
-    """A ready key named 'dev' for the sandbox: created the first time, rotated (no grace) on later runs."""
+def _dev_key_file(settings: Settings) -> Path:
+    return Path(settings.server.data_dir) / "sandbox-dev-key"
+
+
+async def _dev_key(settings: Settings, *, renew: bool) -> str:
+    """A ready key named 'dev' for the sandbox, the same across restarts.
+
+    Its secret is kept in ``<data_dir>/sandbox-dev-key`` (owner-only); it is reused while the store's 'dev' key
+    still accepts it. The first run creates it; ``renew`` (``--new-dev-key``), a lost file or a key rotated
+    elsewhere rotates it (no grace).
+    """
     from gateway.audit.trail import Actor
     from gateway.auth import key_admin
+    from gateway.keys import hash_secret, looks_like_key
     from gateway.store.base import KeyRevoked
 
+    path = _dev_key_file(settings)
+    kept = path.read_text().strip() if path.is_file() else ""
     store = await open_store(settings.store_url)
     try:
-        if await store.get_key("dev") is None:
-            return (await key_admin.create(store, "dev", actor=Actor.cli(), now=time.time())).secret
-        try:
-            return (await key_admin.rotate(store, "dev", actor=Actor.cli(), now=time.time(), grace_s=0)).secret
-        except KeyRevoked:
-            raise ConfigError("the sandbox's 'dev' key was revoked; create another key with 'keys create'") from None
+        record = await store.get_key("dev")
+        now = time.time()
+        if record is None:
+            secret = (await key_admin.create(store, "dev", actor=Actor.cli(), now=now)).secret
+        elif not renew and looks_like_key(kept) and record.accepts(hash_secret(kept), now):
+            return kept
+        else:
+            try:
+                secret = (await key_admin.rotate(store, "dev", actor=Actor.cli(), now=now, grace_s=0)).secret
+            except KeyRevoked:
+                raise ConfigError("the sandbox's 'dev' key was revoked; create another with 'keys create'") from None
     finally:
         await store.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(secret + "\n")
+    return secret
 
 
 def run_sandbox(args: argparse.Namespace) -> int:

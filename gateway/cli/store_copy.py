@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from gateway.cli.common import EXIT_OK, fail, open_store
+from gateway.cli.common import EXIT_OK, fail, open_store, shown_url
 from gateway.config import Settings, load_settings
 
 
@@ -27,9 +27,10 @@ def run(args: argparse.Namespace) -> int:
 async def _copy_store(settings: Settings, to_url: str) -> int:
     from gateway.store.copy import DestinationNotEmpty, copy_store
 
-    source = await open_store(settings.store_url)
+    # Both stores are named in the result line rather than announced as they open.
+    source = await open_store(settings.store_url, announce=False)
     try:
-        destination = await open_store(to_url, "TO_URL")
+        destination = await open_store(to_url, "TO_URL", announce=False)
         try:
             report = await copy_store(
                 source, destination, progress=lambda n: print(f"  {n:,} tasks copied", file=sys.stderr)
@@ -40,7 +41,10 @@ async def _copy_store(settings: Settings, to_url: str) -> int:
             await destination.close()
     finally:
         await source.close()
-    print(f"copied {report.keys} keys, {report.tasks:,} tasks and {report.intents} intents")
+    print(
+        f"copied {report.keys} keys, {report.tasks:,} tasks and {report.intents} intents "
+        f"from {shown_url(settings.store_url)} to {shown_url(to_url)}"
+    )
     if report.webhooks:
         print(f"copied {report.webhooks} webhook outbox rows (pending and failed)")
     if report.audit:

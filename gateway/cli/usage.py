@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(exc))
 
     async def report() -> str:
-        store = await open_store(settings.store_url)
+        store = await open_store(settings.store_url, create=False)
         try:
             rows = await store.usage(since, until, group_by)
         finally:

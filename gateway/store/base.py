@@ -415,6 +415,10 @@ class Store(Protocol):
     async def outbox_list(self, state: str, limit: int = 1000) -> list[OutboxRecord]:
         """Rows in ``state`` (``pending`` or ``failed``), oldest first."""
 
+    async def update_key_limits(self, record: KeyRecord) -> KeyRecord:
+        """Set ``record.name``'s models, rpm, monthly budget and webhook URL to ``record``'s (bumps the keys
+        version); :class:`KeyNotFound` / :class:`KeyRevoked` otherwise. Returns the stored record."""
+
     # archive (SPEC section 10): one row per completed task whose video is copied; see gateway.store.archive_rows
     async def archive_candidates(self, completed_since: float, now: float, limit: int = 100) -> list[tuple[str, float]]:
         """(task id, settled at) of completed tasks settled since ``completed_since`` never claimed, or whose claim

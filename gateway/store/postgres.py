@@ -1010,6 +1010,30 @@ class PostgresStore:
         rows = await self._run(lambda conn: conn.fetch(sql, state, limit), tx=False)
         return [outbox_record(row) for row in rows]
 
+    async def update_key_limits(self, record: KeyRecord) -> KeyRecord:
+        """Set the key's models, rpm, monthly budget and webhook URL; KeyNotFound / KeyRevoked otherwise."""
+        row = key_row(record)
+
+        async def op(conn: asyncpg.Connection) -> KeyRecord:
+            current = await conn.fetchrow(_SQL_SELECT_KEYS + " WHERE name = $1 FOR UPDATE", record.name)
+            if current is None:
+                raise KeyNotFound(f"no key named {record.name!r}")
+            if current[7] is not None:
+                raise KeyRevoked(f"key {record.name!r} is revoked")
+            await conn.execute(
+                "UPDATE client_keys SET models = $1, rpm = $2, monthly_budget_usd = $3, webhook_url = $4 "
+                "WHERE name = $5",
+                row[3],
+                row[4],
+                row[5],
+                row[10],
+                record.name,
+            )
+            await conn.execute(_SQL_BUMP_KEYS)
+            return key_record(await conn.fetchrow(_SQL_SELECT_KEYS + " WHERE name = $1", record.name))
+
+        return await self._run(op)
+
     # -- archive --------------------------------------------------------------------------------------------
 
     async def archive_candidates(self, completed_since: float, now: float, limit: int = 100) -> list[tuple[str, float]]:

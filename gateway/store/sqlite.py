@@ -936,6 +936,25 @@ class SQLiteStore:
         rows = await self._read(lambda conn: conn.execute(sql, (state, limit)).fetchall())
         return [outbox_record(row) for row in rows]
 
+    async def update_key_limits(self, record: KeyRecord) -> KeyRecord:
+        """Set the key's models, rpm, monthly budget and webhook URL; KeyNotFound / KeyRevoked otherwise."""
+        row = key_row(record)
+
+        def op(conn: sqlite3.Connection) -> KeyRecord:
+            current = conn.execute(_SQL_SELECT_KEYS + " WHERE name = ?", (record.name,)).fetchone()
+            if current is None:
+                raise KeyNotFound(f"no key named {record.name!r}")
+            if current[7] is not None:
+                raise KeyRevoked(f"key {record.name!r} is revoked")
+            conn.execute(
+                "UPDATE client_keys SET models = ?, rpm = ?, monthly_budget_usd = ?, webhook_url = ? WHERE name = ?",
+                (row[3], row[4], row[5], row[10], record.name),
+            )
+            conn.execute(_SQL_BUMP_KEYS)
+            return key_record(conn.execute(_SQL_SELECT_KEYS + " WHERE name = ?", (record.name,)).fetchone())
+
+        return await self._tx(op)
+
     # -- archive --------------------------------------------------------------------------------------------
 
     async def archive_candidates(self, completed_since: float, now: float, limit: int = 100) -> list[tuple[str, float]]:

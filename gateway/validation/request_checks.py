@@ -2,7 +2,7 @@
 
 The rules (``checks.validate``) are pure; the bounded DNS check of media hosts runs only for a request the rules
 accept and only when ``[validation]`` asks for it. A refused request counts each problem in
-``gateway_rejections_total`` and answers 400 with every problem found.
+``kling_gateway_validation_problems_total`` and answers 400 with every problem found.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class RequestChecks:
     def __init__(self, options: ValidationOptions, media_guard: MediaGuard | None, metrics: Metrics) -> None:
         self._options = options
         self._media_guard = media_guard
-        self._rejections = metrics.rejections
+        self._problems = metrics.validation_problems
 
     async def validated(self, body: dict[str, Any]) -> ValidationResult:
         """Pure validation, then (for names only) the bounded DNS check of media hosts."""
@@ -36,6 +36,6 @@ class RequestChecks:
         """The valid request, or 400 with every problem (each counted)."""
         if result.request is None:
             for problem in result.problems:
-                self._rejections.labels(problem.code).inc()
+                self._problems.labels(problem.code).inc()
             raise InvalidRequest.from_problems(result.problems)
         return result.request

@@ -6,7 +6,7 @@ The admin API exists only when ``KLING_GATEWAY_ADMIN_TOKEN`` is set; without it 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -19,11 +19,14 @@ from gateway.audit.trail import Actor, audit_view
 from gateway.auth import key_admin
 from gateway.auth.authenticate import AdminToken, ClientAuthentication
 from gateway.auth.principal import Principal
+from gateway.catalog import MODELS
 from gateway.errors import Conflict, InvalidRequest, NotFound
 from gateway.keys import parse_model_globs
 from gateway.ledger.pricing import to_report
-from gateway.ledger.reports import parse_group_by, parse_period, rollup, usage_json
+from gateway.ledger.reports import iso_time, parse_group_by, parse_period, rollup, usage_json
+from gateway.ledger.service import month_bounds
 from gateway.store.base import KeyExists, KeyNotFound, KeyRevoked, Store, TaskRecord
+from gateway.suggest import did_you_mean
 from gateway.web.bodies import json_response, read_json_object
 from gateway.web.middleware import log_fields
 
@@ -76,6 +79,7 @@ class AdminRoutes:
         rotation_grace_s: float,
         allow_private_webhooks: bool,
         accounts: AccountPool,
+        known_models: Collection[str] = MODELS,
     ) -> None:
         self._clients = clients
         self._admin_token = admin_token
@@ -86,6 +90,7 @@ class AdminRoutes:
         self._rotation_grace_s = rotation_grace_s
         self._allow_private_webhooks = allow_private_webhooks
         self._accounts = accounts
+        self._known_models = known_models
 
     # -- the caller's own ---------------------------------------------------------------------------------------
 
@@ -108,17 +113,37 @@ class AdminRoutes:
         params = request.query_params
         try:
             since, until = parse_period(params.get("since"), params.get("until"), self._clock(), names=_PERIOD)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), code="invalid_parameter", param=_period_param(str(exc))) from None
+        try:
             group_by = parse_group_by(params.get("by", ""), name="by")
             if "account" in group_by and not admin:
                 raise ValueError("by: 'account' needs the admin token")
         except ValueError as exc:
-            raise InvalidRequest(str(exc), code="invalid_parameter") from None
+            raise InvalidRequest(str(exc), code="invalid_parameter", param="by") from None
         if principal is None:
             rows = await self._store.usage(since, until, group_by)
         else:
-            own = [r for r in await self._store.usage(since, until, ("key", *group_by)) if r.key == principal.name]
+            # The store groups by key first so the caller's own rows can be picked out ("key" may be asked too).
+            by_key = ("key", *(dim for dim in group_by if dim != "key"))
+            own = [r for r in await self._store.usage(since, until, by_key) if r.key == principal.name]
             rows = rollup(own, group_by)
-        return json_response(usage_json(rows, group_by, since, until))
+        report = usage_json(rows, group_by, since, until)
+        if principal is not None:
+            report["budget"] = await self.month_budget(principal)
+        return json_response(report)
+
+    async def month_budget(self, principal: Principal) -> dict[str, Any]:
+        """This UTC month's spend (settled + outstanding estimates), the key's budget and what remains of it."""
+        start, end = month_bounds(self._clock())
+        spent = await self._store.outstanding_and_settled_usd(principal.name, start, end)
+        budget = principal.monthly_budget_usd
+        return {
+            "month_start": iso_time(start),
+            "spent_usd": to_report(spent),
+            "monthly_budget_usd": None if budget is None else to_report(budget),
+            "remaining_usd": None if budget is None else to_report(max(budget - spent, Decimal(0))),
+        }
 
     async def unknown_outcomes(self, request: Request) -> Response:
         """GET /gateway/submissions/unknown (admin): submissions sent upstream whose outcome was never recorded.
@@ -171,12 +196,11 @@ class AdminRoutes:
     async def create_key(self, request: Request) -> Response:
         self.require_admin(request)
         body = await read_json_object(request, self._max_body_bytes)
-        unknown = sorted(set(body) - _KEY_FIELDS)
-        if unknown:
-            raise InvalidRequest(f"Unknown field '{unknown[0]}'.", code="unknown_field", param=unknown[0])
+        _refuse_unknown_fields(body, _KEY_FIELDS)
         name = body.get("name")
         if not isinstance(name, str):
             raise InvalidRequest("name is required (a string).", code="missing_field", param="name")
+        log_fields(request.scope)["key_name"] = name
         try:
             issued = await key_admin.create(
                 self._store,
@@ -188,7 +212,15 @@ class AdminRoutes:
                 monthly_budget_usd=_optional_money(body.get("monthly_budget_usd")),
                 webhook_url=_optional_str(body.get("webhook_url"), "webhook_url"),
                 allow_private_webhooks=self._allow_private_webhooks,
+                known_models=self._known_models,
             )
+        except key_admin.NameRevoked:
+            raise Conflict(
+                f"A key named '{name}' was revoked; names stay reserved (tasks and usage are recorded by name), "
+                "so choose another name.",
+                code="key_revoked",
+                param="name",
+            ) from None
         except KeyExists:
             raise Conflict(f"A key named '{name}' exists already.", code="key_exists", param="name") from None
         except ValueError as exc:
@@ -196,8 +228,44 @@ class AdminRoutes:
         await self._keys_changed()
         return json_response({**key_admin.describe(issued.record, self._clock()), "key": issued.secret}, 201)
 
+    async def update_key(self, request: Request) -> Response:
+        """PATCH /gateway/keys/{name}: change models, rpm, monthly_budget_usd or webhook_url (null removes)."""
+        self.require_admin(request)
+        name = request.path_params["name"]
+        log_fields(request.scope)["key_name"] = name
+        body = await read_json_object(request, self._max_body_bytes)
+        _refuse_unknown_fields(body, set(key_admin.UPDATABLE))
+        changes: dict[str, Any] = {}
+        try:
+            if "models" in body:
+                changes["models"] = _models(body["models"])
+            if "rpm" in body:
+                changes["rpm"] = _optional_int(body["rpm"], "rpm")
+            if "monthly_budget_usd" in body:
+                changes["monthly_budget_usd"] = _optional_money(body["monthly_budget_usd"])
+            if "webhook_url" in body:
+                changes["webhook_url"] = _optional_str(body["webhook_url"], "webhook_url")
+            record = await key_admin.update_limits(
+                self._store,
+                name,
+                changes,
+                actor=_actor(request),
+                now=self._clock(),
+                allow_private_webhooks=self._allow_private_webhooks,
+                known_models=self._known_models,
+            )
+        except KeyNotFound:
+            raise NotFound("No such key.", code="key_not_found", param="name") from None
+        except KeyRevoked:
+            raise Conflict("A revoked key cannot be changed.", code="key_revoked", param="name") from None
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), code="invalid_key_request") from None
+        await self._keys_changed()
+        return json_response(key_admin.describe(record, self._clock()))
+
     async def revoke_key(self, request: Request) -> Response:
         self.require_admin(request)
+        log_fields(request.scope)["key_name"] = request.path_params["name"]
         try:
             record = await key_admin.revoke(
                 self._store, request.path_params["name"], actor=_actor(request), now=self._clock()
@@ -209,6 +277,7 @@ class AdminRoutes:
 
     async def rotate_key(self, request: Request) -> Response:
         self.require_admin(request)
+        log_fields(request.scope)["key_name"] = request.path_params["name"]
         grace = self._rotation_grace_s
         if "grace_s" in request.query_params:
             grace = float(_int_param(request, "grace_s", int(grace), 0, 30 * 86400))
@@ -263,6 +332,7 @@ class AdminRoutes:
             Route("/gateway/keys", self.create_key, methods=["POST"]),
             Route("/gateway/keys/{name}", self.get_key, methods=["GET"]),
             Route("/gateway/keys/{name}", self.revoke_key, methods=["DELETE"]),
+            Route("/gateway/keys/{name}", self.update_key, methods=["PATCH"]),
             Route("/gateway/keys/{name}/rotate", self.rotate_key, methods=["POST"]),
             Route("/gateway/audit", self.audit, methods=["GET"]),
         ]
@@ -271,6 +341,22 @@ class AdminRoutes:
 def _actor(request: Request) -> Actor:
     """The admin API as the audit trail names it: the admin token, from the client's address."""
     return Actor.admin_api(request.client.host if request.client is not None else None)
+
+
+def _refuse_unknown_fields(body: dict[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(body) - known)
+    if unknown:
+        hint = did_you_mean(unknown[0], sorted(known))
+        raise InvalidRequest(
+            f"Unknown field '{unknown[0]}' (fields: {', '.join(sorted(known))}){hint}",
+            code="unknown_field",
+            param=unknown[0],
+        )
+
+
+def _period_param(message: str) -> str:
+    """Which of ``since``/``until`` a period error is about (its message starts with the name)."""
+    return "until" if message.startswith("until") else "since"
 
 
 def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:

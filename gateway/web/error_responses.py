@@ -1,8 +1,9 @@
 """Turning exceptions into the gateway's JSON error responses (shared by Starlette's handlers and the fast lane).
 
-``GatewayError`` renders as itself (counted in ``kling_gateway_rejections_total`` when it is the caller's fault or a
-deliberate 503); a ``StoreError`` becomes 503 ``store_unavailable`` (nothing was forwarded); Starlette's own
-``HTTPException`` (404 no route, 405 wrong method) gets the same error shape with a stable code.
+``GatewayError`` renders as itself (its ``code`` goes on the access line; counted in
+``kling_gateway_rejections_total`` when it is the caller's fault or a deliberate 503); a ``StoreError`` becomes
+503 ``store_unavailable`` (nothing was forwarded); Starlette's own ``HTTPException`` (404 no route, 405 wrong
+method) gets the same error shape with a stable code.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from gateway.errors import GatewayError, ServiceUnavailable
 from gateway.logs import Logger
 from gateway.metrics import Metrics
 from gateway.store.base import StoreError
-from gateway.web.middleware import request_id_of
+from gateway.web.middleware import log_fields, request_id_of
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 _JSON = "application/json"
@@ -40,6 +41,7 @@ class ErrorResponder:
         return None
 
     def gateway_error_response(self, request: Request, exc: GatewayError) -> Response:
+        log_fields(request.scope)["code"] = exc.code  # the access line tells a budget refusal from a rate limit
         if exc.status < 500 or exc.status == 503:
             self._metrics.rejections.labels(exc.code).inc()
         return Response(
@@ -63,6 +65,7 @@ class ErrorResponder:
             code=_HTTP_CODES.get(exc.status_code, "http_error"),
             headers=dict(exc.headers or {}),
         )
+        log_fields(request.scope)["code"] = error.code
         body = error.body(request_id_of(request.scope))
         body["error"]["type"] = "invalid_request_error"
         return Response(orjson.dumps(body), status_code=exc.status_code, headers=error.headers, media_type=_JSON)

@@ -90,6 +90,8 @@ class RequestBook:
         # Metric children by (route, method, status): bounded (route templates, known methods) and looked up
         # once, since prometheus_client's labels() is a noticeable share of a cached poll.
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        # The key's rate-limit headers (``RateLimitHeaders.for_key``), set once the services exist.
+        self.rate_headers: Callable[[str], tuple[tuple[bytes, bytes], tuple[bytes, bytes]] | None] | None = None
         # Request ids are 128 random bits, drawn from the OS 256 at a time (not a system call per request).
         self._fresh_ids: Iterator[str] = iter(())
 
@@ -172,6 +174,12 @@ class RequestContextMiddleware:
                 status = message["status"]
                 started_response = True
                 message["headers"] = [*message.get("headers", ()), header]
+                rate_headers = book.rate_headers
+                key = fields.get("key")
+                if rate_headers is not None and key is not None:
+                    pairs = rate_headers(key)
+                    if pairs is not None:
+                        message["headers"].extend(pairs)
             await send(message)
 
         context_token = REQUEST_ID.set(request_id)

@@ -319,7 +319,7 @@ def _gateway_schemas() -> dict[str, Any]:
             },
         ]
     }
-    key_create = {
+    key_create: dict[str, Any] = {
         "type": "object",
         "required": ["name"],
         "additionalProperties": False,
@@ -349,6 +349,16 @@ def _gateway_schemas() -> dict[str, Any]:
             "group_by": _string_array(),
             "rows": {"type": "array", "items": {"type": "object"}},
             "totals": {"type": "object"},
+            "budget": {
+                "type": "object",
+                "description": "For a client key only: this UTC month's spend, the key's budget and what remains.",
+                "properties": {
+                    "month_start": {"type": "string"},
+                    "spent_usd": {"type": "string"},
+                    "monthly_budget_usd": _nullable({"type": "string"}),
+                    "remaining_usd": _nullable({"type": "string"}),
+                },
+            },
         },
     }
     intent = {
@@ -401,6 +411,12 @@ def _gateway_schemas() -> dict[str, Any]:
         "Key": key,
         "IssuedKey": issued,
         "KeyCreate": key_create,
+        "KeyUpdate": {
+            "type": "object",
+            "additionalProperties": False,
+            "description": "Only the fields given change; null removes a limit (or the webhook).",
+            "properties": {k: v for k, v in key_create["properties"].items() if k != "name"},
+        },
         "KeyList": {
             "type": "object",
             "required": ["data"],
@@ -595,7 +611,11 @@ class _Doc:
             "/gateway/submissions/unknown": {"get": self.unknown_submissions()},
             "/gateway/accounts": {"get": self.accounts()},
             "/gateway/keys": {"get": self.list_keys(), "post": self.create_key()},
-            "/gateway/keys/{name}": {"get": self.get_key(), "delete": self.revoke_key()},
+            "/gateway/keys/{name}": {
+                "get": self.get_key(),
+                "delete": self.revoke_key(),
+                "patch": self.update_key(),
+            },
             "/gateway/keys/{name}/rotate": {"post": self.rotate_key()},
             "/gateway/audit": {"get": self.audit()},
             "/metrics": {"get": self.metrics()},
@@ -845,7 +865,9 @@ class _Doc:
     def create_key(self) -> dict[str, Any]:
         errors = _merge(
             _JSON_BODY,
-            _codes("unknown_field", "missing_field", "invalid_type", "invalid_key_request", "key_exists"),
+            _codes(
+                "unknown_field", "missing_field", "invalid_type", "invalid_key_request", "key_exists", "key_revoked"
+            ),
         )
         ok = {"201": _json_response("The new key, with its secret (shown this once).", _ref("IssuedKey"))}
         return self.admin("createKey", "Issue a client key", ok, errors, body="KeyCreate")
@@ -854,6 +876,21 @@ class _Doc:
         ok = {"200": _json_response("The key.", _ref("Key"))}
         return self.admin(
             "getKey", "One client key", ok, _codes("key_not_found", "not_found"), parameters=[_name_param()]
+        )
+
+    def update_key(self) -> dict[str, Any]:
+        errors = _merge(
+            _JSON_BODY,
+            _codes("unknown_field", "invalid_type", "invalid_key_request", "key_not_found", "not_found", "key_revoked"),
+        )
+        ok = {"200": _json_response("The key as changed (in force in every process within a second).", _ref("Key"))}
+        return self.admin(
+            "updateKey",
+            "Change a key's models, rpm, budget or webhook",
+            ok,
+            errors,
+            parameters=[_name_param()],
+            body="KeyUpdate",
         )
 
     def revoke_key(self) -> dict[str, Any]:
@@ -935,6 +972,13 @@ def _name_param() -> dict[str, Any]:
     return {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "pattern": _KEY_NAME_PATTERN}}
 
 
+def markdown_of(docstring: str) -> str:
+    """A docstring's reStructuredText as Markdown: ``code`` -> `code`, *emphasis* kept, lines joined per paragraph."""
+    text = docstring.replace("``", "`")
+    paragraphs = [" ".join(line.strip() for line in block.splitlines()) for block in text.strip().split("\n\n")]
+    return "\n\n".join(p.replace(" - ", "\n- ") if p.startswith("- ") else p for p in paragraphs)
+
+
 def openapi_document(settings: Settings) -> dict[str, Any]:
     """The OpenAPI 3.0.3 description of the gateway as ``settings`` configure it (a fresh, JSON-ready dict)."""
     doc = _Doc(settings)
@@ -943,7 +987,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         "info": {
             "title": "kling-gateway",
             "version": __version__,
-            "description": __doc__.split("\n\n", 1)[1] if __doc__ else "",
+            "description": markdown_of(__doc__.split("\n\n", 1)[1] if __doc__ else ""),
         },
         "tags": [
             {"name": "upstream", "description": "UniAll-compatible: same paths and bodies; answers pass through."},

@@ -7,6 +7,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import orjson
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -38,6 +39,7 @@ __all__ = ["CONTENT_ROUTE", "PASSTHROUGH_ROUTE", "STATUS_ROUTE", "SUBMIT_ROUTE",
 SUBMIT_ROUTE = "/v1/video/generations"
 CONTENT_ROUTE = "/v1/videos/{task_id}/content"
 PASSTHROUGH_ROUTE = "/v1/{path:path}"
+_STATUS_PATH_PREFIX = "/v1/videos/"
 _TASK_ID = re.compile(TASK_ID_SHAPE)  # never "." or ".."
 _ENCODED_HEADER_MEMO = 1024
 
@@ -240,7 +242,20 @@ class GatewayRoutes:
         return encoded
 
     async def passthrough(self, request: Request) -> Response:
-        """Other /v1/... paths: forwarded with the key injected when ``[proxy] passthrough`` is on."""
+        """Other /v1/... paths: forwarded with the key injected when ``[proxy] passthrough`` is on.
+
+        The gateway's own two paths with another method are 405 with ``Allow`` (never forwarded), and
+        ``POST /v1/videos`` (the openai SDK's ``videos.create``) is 404 with a pointer to the submit route.
+        """
+        allowed = _allowed_methods(request.url.path)
+        if allowed is not None:
+            raise HTTPException(405, "Method Not Allowed", headers={"Allow": allowed})
+        if request.url.path.rstrip("/") == "/v1/videos" and request.method == "POST":
+            raise NotFound(
+                "No route POST /v1/videos: submit with POST /v1/video/generations (the Kling API's shape; "
+                "the openai SDK's client.videos.create does not fit it, use client.post or plain HTTP).",
+                code="not_found",
+            )
         if not self._passthrough_enabled:
             raise NotFound(f"No route {request.url.path}.", code="not_found")
         principal = await self.authenticate(request)
@@ -340,6 +355,17 @@ class GatewayRoutes:
     def passthrough_routes(self) -> list[BaseRoute]:
         """Registered last so they never shadow the gateway's own routes."""
         return [Route(PASSTHROUGH_ROUTE, self.passthrough, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])]
+
+
+def _allowed_methods(path: str) -> str | None:
+    """The ``Allow`` value when ``path`` is one of the gateway's own routes (reached here with another method)."""
+    if path == SUBMIT_ROUTE:
+        return "POST"
+    if path.startswith(_STATUS_PATH_PREFIX):
+        task_id = path[len(_STATUS_PATH_PREFIX) :]
+        if task_id and "/" not in task_id:
+            return "GET, HEAD"
+    return None
 
 
 def _header_safe(text: str) -> bytes:

@@ -77,6 +77,18 @@ class TestAdminApi:
             assert secret not in audit_rows
             assert secret not in json.dumps(entries)
 
+    def test_update_records_only_the_changed_fields(self, gw: GatewayHarness) -> None:
+        gw.create_key("team-a", rpm=10)
+        response = gw.client.patch(
+            "/gateway/keys/team-a", json={"rpm": 90, "monthly_budget_usd": "12.5"}, headers=ADMIN
+        )
+        assert response.status_code == 200, response.text
+        assert gw.client.patch("/gateway/keys/ghost", json={"rpm": 1}, headers=ADMIN).status_code == 404
+        updated, created = audit(gw)["data"]
+        assert (updated["action"], created["action"]) == ("key.updated", "key.created")
+        assert updated["changes"] == {"rpm": 90, "monthly_budget_usd": "12.5"}
+        assert (updated["actor"], updated["target"]) == ("admin-token", "team-a")
+
     def test_paging_and_since(self, gw: GatewayHarness) -> None:
         for i in range(5):
             gw.create_key(f"team-{i}")

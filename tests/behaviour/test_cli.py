@@ -218,7 +218,9 @@ class TestScaleOutBackends:
 class TestUsageCommand:
     @pytest.mark.parametrize("fmt", ["table", "csv", "json"])
     def test_empty_ledger(self, data_env: Path, capsys: pytest.CaptureFixture[str], fmt: str) -> None:
-        """Every format answers on an empty ledger."""
+        """Every format answers on an empty ledger (of an existing store: usage never creates one)."""
+        assert main(["keys", "create", "team"]) == 0
+        capsys.readouterr()
         assert main(["usage", "--by", "key,model", "--format", fmt]) == 0
         assert capsys.readouterr().out
 

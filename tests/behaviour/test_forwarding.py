@@ -325,7 +325,12 @@ class TestValidationAtTheEdge:
         }
         assert "did you mean 'customize'?" in next(e for e in error["errors"] if e["code"] == "invalid_enum")["message"]
         assert fake_upstream.requests == []
-        assert gw.metric("kling_gateway_rejections_total", {"code": "duration_out_of_range"}) == 1
+        assert gw.metric("kling_gateway_validation_problems_total", {"code": "duration_out_of_range"}) == 1
+        # One refused request: counted once by its top-level code, not again under each problem.
+        assert gw.metric("kling_gateway_rejections_total", {"code": "invalid_request"}) == 1
+        assert gw.metric("kling_gateway_rejections_total", {"code": "duration_out_of_range"}) == 0
+        access = [line for line in gw.log_lines() if line.get("route") == SUBMIT]
+        assert [(line["status"], line["code"]) for line in access] == [(400, "invalid_request")]
 
     def test_flattened_sdk_form_forwarded_inside_extra_body(
         self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory

@@ -312,3 +312,33 @@ class TestDeclaredRules:
         """``bounds`` and ``one_of`` build the field metadata the checker reads."""
         assert list(bounds(at_least=1).values()) == [Bounds(at_least=1)]
         assert list(one_of("a", "b").values()) == [OneOf(("a", "b"))]
+
+
+class TestEnvironmentNames:
+    @pytest.mark.parametrize(
+        ("name", "suggestion"),
+        [
+            ("KLING_GATEWAY_SERVER_PROT", "KLING_GATEWAY_SERVER_PORT"),
+            ("KLING_GATEWAY_AUTH_MODES", "KLING_GATEWAY_AUTH_MODE"),
+            ("KLING_GATEWAY_ADMIN_TOKNE", "KLING_GATEWAY_ADMIN_TOKEN"),
+        ],
+    )
+    def test_a_misspelt_variable_is_an_error_with_a_suggestion(self, name: str, suggestion: str) -> None:
+        with pytest.raises(ConfigError) as caught:
+            load_settings(env={name: "1"})
+        assert str(caught.value).startswith(f"{name}: unknown environment variable")
+        assert f"did you mean '{suggestion}'" in str(caught.value)
+
+    @pytest.mark.parametrize(
+        "name",
+        [
+            "KLING_GATEWAY_ADMIN_TOKEN",
+            "KLING_GATEWAY_URL",
+            "KLING_GATEWAY_KEY",
+            "KLING_GATEWAY_TEST_REDIS_URL",
+            "KLING_GATEWAY_BENCH_ANYTHING",
+            "OTHER_PREFIX_SERVER_PROT",
+        ],
+    )
+    def test_variables_that_are_not_settings_are_allowed(self, name: str) -> None:
+        load_settings(env={name: "x"})

@@ -24,6 +24,9 @@ class OneKey:
             raise invalid_key()
         return self.principal
 
+    async def look_up(self, key_hash: str) -> Principal:
+        raise invalid_key()
+
 
 class CountingShared:
     """A ``SharedRateLimiter`` that allows ``allowed`` requests, then answers ``wait_s``; records each call."""

@@ -85,8 +85,8 @@ class TestFastLane:
             ("GET", "/v1/videos/task_1/", 404, "not_found"),  # trailing slash: not the status route
             ("GET", "/v1/videos/task_1/content", 404, "task_not_found"),  # deeper: the content route
             ("GET", "/v1/videos/task_1/content/x", 404, "not_found"),  # deeper still: passthrough (off)
-            ("PUT", "/v1/videos/task_1", 404, "not_found"),  # another method: passthrough (off)
-            ("GET", SUBMIT, 404, "not_found"),  # passthrough (off)
+            ("PUT", "/v1/videos/task_1", 405, "method_not_allowed"),  # another method: the general stack's 405
+            ("GET", SUBMIT, 405, "method_not_allowed"),
             ("GET", "/gateway/validate", 405, "method_not_allowed"),
             ("GET", "/v1/videos/", 404, "not_found"),
         ],
