@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import statistics
 import sys
 import tempfile
@@ -31,6 +32,7 @@ from gateway.config import load_settings
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from support.httpx_transport import HttpxTransport
 
+_ADMIN_TOKEN = secrets.token_hex(24)  # the admin API wants 32+ characters
 _BODY = orjson.dumps(
     {
         "model": "kling-v3-pro-audio",
@@ -107,7 +109,7 @@ async def _run(
         "UNIALL_BASE_URL": upstream or "http://upstream.test",
         "UNIALL_API_KEY": "sk-bench",
         "KLING_GATEWAY_SERVER_DATA_DIR": data,
-        "KLING_GATEWAY_ADMIN_TOKEN": "adm-bench",
+        "KLING_GATEWAY_ADMIN_TOKEN": _ADMIN_TOKEN,
         "KLING_GATEWAY_CACHE_PENDING_TTL_S": pending_ttl,
         "KLING_GATEWAY_VALIDATION_RESOLVE_MEDIA_HOSTS": "false",
         "KLING_GATEWAY_SETTLER_ENABLED": "false",
@@ -138,7 +140,7 @@ async def _run(
 
         life = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, lreceive, lsend))
         await started.wait()
-        admin = [(b"authorization", b"Bearer adm-bench"), (b"content-type", b"application/json")]
+        admin = [(b"authorization", b"Bearer " + _ADMIN_TOKEN.encode()), (b"content-type", b"application/json")]
         status, body = await _call(
             app,
             "POST",

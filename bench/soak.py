@@ -42,7 +42,7 @@ from typing import Any
 
 import httpx
 
-ADMIN_TOKEN = "soak-admin-" + os.urandom(8).hex()
+ADMIN_TOKEN = "soak-admin-" + os.urandom(16).hex()
 UPSTREAM_KEY = "sk-soak-" + os.urandom(8).hex()
 SUBMIT = "/v1/video/generations"
 BODY = {"model": "kling-v3-std-silent", "prompt": "a lighthouse in a storm, slow dolly in", "duration": 5}

@@ -23,6 +23,7 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Route
 
 from gateway.auth.authenticate import AdminToken, ClientAuthentication
+from gateway.auth.guard import GuessLimiter
 from gateway.auth.keyring import KeyAuthenticator
 from gateway.auth.rate_limits import RateLimitHeaders
 from gateway.builders import Injected, build_services, request_checks
@@ -32,8 +33,8 @@ from gateway.content.metrics import create_content_metrics
 from gateway.errors import GatewayError
 from gateway.ledger.pricing import PriceTable
 from gateway.ledger.settler import Settler
-from gateway.logs import make_logs
-from gateway.metrics import create_metrics
+from gateway.logs import Logger, make_logs
+from gateway.metrics import Metrics, create_metrics
 from gateway.services import Services
 from gateway.shutdown import shutdown_hook
 from gateway.store.base import Store, StoreError
@@ -213,7 +214,9 @@ def _handlers(services: Services, resolver: Resolver | None, tracing: Tracing | 
     )
     admin = AdminRoutes(
         clients=clients,
-        admin_token=AdminToken(settings.admin_token),
+        admin_token=AdminToken(
+            settings.admin_token, guard=GuessLimiter(), on_lockout=_lockout_reporter(services.metrics, services.log)
+        ),
         store=services.store,
         keys_changed=services.keys_changed,
         clock=services.clock,
@@ -224,6 +227,16 @@ def _handlers(services: Services, resolver: Resolver | None, tracing: Tracing | 
         known_models=frozenset(MODELS) | frozenset(settings.validation.passthrough_models),
     )
     return _Handlers(gateway=gateway, admin=admin, health=HealthRoutes(services.readiness), ui=UiRoutes.build(services))
+
+
+def _lockout_reporter(metrics: Metrics, log: Logger) -> Callable[[str, str], None]:
+    """Log and count an address locked out of the admin API after repeated wrong tokens."""
+
+    def report(address: str, path: str) -> None:
+        metrics.admin_auth_lockouts.labels("admin_api").inc()
+        log.warning("admin_auth_locked_out", client=address, path=path)
+
+    return report
 
 
 @contextlib.contextmanager

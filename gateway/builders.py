@@ -133,6 +133,7 @@ def upstream_client(
         chosen,
         metrics,
         log=log,
+        secrets=[key for name in accounts.names if (key := accounts.key(name))],
     )
     stack.push_async_callback(upstream.aclose)
     return upstream

@@ -103,6 +103,11 @@ MULTI_PROMPT_MAX: Final = 6
 ELEMENT_LIST_MAX: Final = 3
 CFG_SCALE_MIN: Final = 0.0
 CFG_SCALE_MAX: Final = 1.0
+ELEMENT_ID_MAX: Final = 128
+MEDIA_URL_MAX: Final = 2048
+FIELD_NAME_MAX: Final = 64
+STRING_MAX: Final = 4096
+"""Any other string in a body (forwarded unknown fields, pass-through models' bodies) is bounded by this."""
 ASPECT_RATIOS: Final = ("16:9", "9:16", "1:1")
 SHOT_TYPES: Final = ("customize", "intelligent")
 SHOT_TYPE_ALIASES: Final[Mapping[str, str]] = MappingProxyType({"intelligence": "intelligent"})
@@ -157,6 +162,7 @@ _CODES: Final = (
     Code("invalid_parameter", (400,), _E, "a query parameter is malformed"),
     Code("invalid_cursor", (400,), _E, "the pagination cursor is malformed or from another query"),
     Code("invalid_key_request", (400,), _E, "a key administration body is malformed"),
+    Code("invalid_path", (400,), _E, "a pass-through path or query not in normal form (//, ;, %-escapes, dots)"),
     Code("invalid_api_key", (401,), _E, "missing, malformed, unknown, revoked or rotated-out client key"),
     Code("invalid_admin_token", (401,), _E, "missing or wrong admin token"),
     Code("invalid_metrics_token", (401,), _E, "missing or wrong metrics token"),
@@ -180,8 +186,8 @@ _CODES: Final = (
     Code("http_version_not_supported", (505,), _E, "anything but HTTP/1.0 and HTTP/1.1"),
     Code("rate_limited", (429,), _E, "over the key's requests per minute (with Retry-After)"),
     Code("budget_exceeded", (429,), _E, "over the key's monthly budget (with Retry-After)"),
-    Code("upstream_capacity", (429,), _E, "no upstream account serving the model has room (with Retry-After)"),
     Code("too_many_auth_failures", (429,), _E, "too many wrong admin tokens from this address (with Retry-After)"),
+    Code("upstream_capacity", (429,), _E, "no upstream account serving the model has room (with Retry-After)"),
     Code("internal_error", (500,), _E, "the gateway failed to handle the request"),
     Code("range_not_satisfiable", (416,), _E, "the Range asked for lies outside the video (Content-Range: */size)"),
     Code("upstream_unavailable", (502, 503), _E, "the upstream cannot be reached (503: circuit breaker open)"),
@@ -193,6 +199,7 @@ _CODES: Final = (
     ),
     Code("overloaded", (503,), _E, "the gateway is saturated (with Retry-After)"),
     Code("store_unavailable", (503,), _E, "the ledger cannot be written, so nothing is forwarded"),
+    Code("upstream_auth_failed", (502,), _E, "the upstream rejected the team's upstream key (401/403 upstream)"),
     Code("upstream_timeout", (504,), _E, "the upstream did not answer in time"),
     # validation problem codes (error.errors[].code); the three shared with error.code are the key admin's
     Code("missing_field", (400,), _EP, "a required field is absent"),
@@ -224,6 +231,14 @@ _CODES: Final = (
     Code("negative_prompt_too_long", (400,), _P, f"negative_prompt over {NEGATIVE_PROMPT_MAX} characters"),
     Code("cfg_scale_out_of_range", (400,), _P, f"cfg_scale outside [{CFG_SCALE_MIN:g}, {CFG_SCALE_MAX:g}]"),
     Code("element_list_too_long", (400,), _P, f"more than {ELEMENT_LIST_MAX} elements"),
+    Code(
+        "string_too_long",
+        (400,),
+        _P,
+        f"a string over its bound: element_id {ELEMENT_ID_MAX}, image / last_image {MEDIA_URL_MAX}, "
+        f"a field name {FIELD_NAME_MAX}, any other {STRING_MAX} characters",
+    ),
+    Code("model_not_priced", (403,), _E, "a key with a budget asked for a pass-through model without a price"),
     # warnings: the request is accepted (200) and forwarded
     Code("aspect_ratio_not_guaranteed", (200,), _W, "aspect_ratio in an image mode may not be honoured"),
     Code("shot_type_normalized", (200,), _W, "shot_type 'intelligence' was forwarded as 'intelligent'"),

@@ -609,6 +609,25 @@ def _check(settings: Settings) -> None:
             raise ConfigError(f"pricing.mode_multipliers.{mode}: unknown mode{did_you_mean(mode, MODES)}")
         if multiplier < 0:
             raise ConfigError(f"pricing.mode_multipliers.{mode}: must not be negative")
+    problem = admin_token_problem(settings.admin_token)
+    if problem is not None:
+        raise ConfigError(f"KLING_GATEWAY_ADMIN_TOKEN: {problem}")
+
+
+ADMIN_TOKEN_MIN = 32
+
+
+def admin_token_problem(token: str) -> str | None:
+    """Why an admin token is too weak to guard the admin API, or None (an empty token turns the API off)."""
+    if not token:
+        return None
+    if len(token) < ADMIN_TOKEN_MIN:
+        return f"must be at least {ADMIN_TOKEN_MIN} characters (e.g. from secrets.token_urlsafe(32))"
+    if any(ch.isspace() or not ch.isprintable() for ch in token):
+        return "must not contain blanks or control characters"
+    if len(set(token)) < 8:
+        return "must not be a repetition of a few characters"
+    return None
 
 
 def _check_content(settings: Settings) -> None:

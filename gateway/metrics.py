@@ -21,6 +21,9 @@ class Metrics:
     request_duration: Histogram
     upstream_duration: Histogram
     upstream_errors: Counter
+    upstream_auth_failures: Counter
+    settlement_anomalies: Counter
+    admin_auth_lockouts: Counter
     rejections: Counter
     validation_problems: Counter
     generations: Counter
@@ -73,6 +76,24 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             prefix + "upstream_errors_total",
             "Upstream calls that failed: timeout, connect, invalid_response, status_5xx.",
             ("kind",),
+            registry=registry,
+        ),
+        upstream_auth_failures=Counter(
+            prefix + "upstream_auth_failures_total",
+            "Upstream answers of 401 or 403: the upstream rejected the team's key.",
+            ("route",),
+            registry=registry,
+        ),
+        settlement_anomalies=Counter(
+            prefix + "settlement_anomalies_total",
+            "Completed tasks whose reported seconds were unusable, settled at the requested seconds, by reason.",
+            ("reason",),
+            registry=registry,
+        ),
+        admin_auth_lockouts=Counter(
+            prefix + "admin_auth_lockouts_total",
+            "Addresses locked out after repeated wrong secrets, by where they were tried (admin_api).",
+            ("surface",),
             registry=registry,
         ),
         rejections=Counter(

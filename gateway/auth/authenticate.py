@@ -8,12 +8,14 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from typing import Any
 
+from gateway.auth.guard import GuessLimiter
 from gateway.auth.keyring import UnknownKey
 from gateway.auth.principal import Authenticator, Principal, bearer_token
 from gateway.auth.rate_limits import KeyRateLimits, rate_limited
-from gateway.errors import AuthenticationFailed, NotFound
+from gateway.errors import AuthenticationFailed, NotFound, TooManyRequests
 
 
 class ClientAuthentication:
@@ -43,21 +45,48 @@ class ClientAuthentication:
 
 
 class AdminToken:
-    """The admin token check (compared in constant time); an empty token means there is no admin API."""
+    """The admin token check (compared in constant time); an empty token means there is no admin API.
 
-    def __init__(self, token: str) -> None:
+    With a ``guard`` (``gateway.auth.guard.GuessLimiter``), an address that sent too many wrong tokens lately gets
+    429 ``too_many_auth_failures`` without its token being compared; ``on_lockout(address, path)`` is told when
+    an address is locked out (to log and count it).
+    """
+
+    def __init__(
+        self,
+        token: str,
+        *,
+        guard: GuessLimiter | None = None,
+        on_lockout: Callable[[str, str], None] | None = None,
+    ) -> None:
         self._token = token.encode()
+        self._guard = guard
+        self._on_lockout = on_lockout
 
     def matches(self, authorization: str | None) -> bool:
         """True when the header carries the admin token."""
         given = bearer_token(authorization)
         return bool(self._token) and given is not None and hmac.compare_digest(given.encode(), self._token)
 
-    def require(self, authorization: str | None, path: str) -> None:
-        """404 for ``path`` when there is no admin API; 401 ``invalid_admin_token`` unless the header has it."""
+    def require(self, authorization: str | None, path: str, address: str = "") -> None:
+        """404 for ``path`` when there is no admin API; 429 while ``address`` is locked out; 401
+        ``invalid_admin_token`` unless the header has the token."""
         if not self._token:
             raise NotFound(f"No route {path}.", code="not_found")
+        guard = self._guard
+        if guard is not None:
+            wait = guard.retry_after(address)
+            if wait is not None:
+                raise TooManyRequests(
+                    f"Too many wrong admin tokens from this address; retry in {wait} s.",
+                    code="too_many_auth_failures",
+                    headers={"Retry-After": str(wait)},
+                )
         if not self.matches(authorization):
+            if guard is not None and guard.failed(address) and self._on_lockout is not None:
+                self._on_lockout(address, path)
             raise AuthenticationFailed(
                 "The admin API needs 'Authorization: Bearer <admin token>'.", code="invalid_admin_token"
             )
+        if guard is not None:
+            guard.succeeded(address)

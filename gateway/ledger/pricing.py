@@ -10,13 +10,20 @@ Decimal('0.420')
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
 
 from gateway.catalog import TaskStatus
 from gateway.config import PricingSettings
 
+#: A reported number of seconds given as a string: plain decimal digits, no sign, exponent or separators.
+_PLAIN_DECIMAL = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,9})?")
+#: Why a reported number of seconds was not used (the label of ``settlement_anomalies_total``).
+ANOMALY_REASONS = ("not_a_number", "not_finite", "below_minimum", "above_requested")
 FOUR_PLACES = Decimal("0.0001")
 CENTS = Decimal("0.01")
 
@@ -71,11 +78,39 @@ def cost(price_per_second: Decimal, multiplier: Decimal, seconds: Decimal) -> De
     return price_per_second * multiplier * seconds
 
 
+def bounded_seconds(value: Any, requested: int) -> tuple[Decimal | None, str | None]:
+    """An upstream's reported output seconds, if usable, else why not.
+
+    Usable: a finite JSON number (not a boolean) or a plain decimal string, within [1, ``requested``]. Returns
+    ``(seconds, None)`` or ``(None, reason)`` with a reason of ``ANOMALY_REASONS``; never raises.
+
+    >>> bounded_seconds("4.5", 5), bounded_seconds(1e308, 5)[1], bounded_seconds("1_000", 5)[1]
+    ((Decimal('4.5'), None), 'above_requested', 'not_a_number')
+    """
+    if isinstance(value, bool):
+        return None, "not_a_number"
+    if isinstance(value, int):
+        seconds = Decimal(value)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            return None, "not_finite"
+        seconds = Decimal(repr(value))
+    elif isinstance(value, str) and _PLAIN_DECIMAL.fullmatch(value):
+        seconds = Decimal(value)
+    else:
+        return None, "not_a_number"
+    if seconds < 1:
+        return None, "below_minimum"
+    if seconds > requested:
+        return None, "above_requested"
+    return seconds, None
+
+
 def settlement_seconds(outcome: str, reported: Decimal | None, requested: int) -> Decimal:
     """Seconds a terminal task is billed at: completed → reported (else requested); failed → 0."""
     if outcome == TaskStatus.FAILED:
         return Decimal(0)
-    if outcome == TaskStatus.COMPLETED and reported is not None and reported >= 0:
+    if outcome == TaskStatus.COMPLETED and reported is not None and 0 <= reported <= requested:
         return reported
     return Decimal(requested)
 

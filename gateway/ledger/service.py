@@ -21,15 +21,22 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 from gateway.auth.principal import Principal
 from gateway.bounded import LRUCache
 from gateway.catalog import DEFAULT_ACCOUNT, PENDING, TERMINAL
 from gateway.errors import TooManyRequests
-from gateway.ledger.pricing import Estimate, PriceTable, cost, estimate, settlement_seconds, to_report
-from gateway.ledger.spend import SpendTracker
+from gateway.ledger.pricing import (
+    Estimate,
+    PriceTable,
+    bounded_seconds,
+    cost,
+    estimate,
+    settlement_seconds,
+    to_report,
+)
 from gateway.logs import Logger
 from gateway.metrics import Metrics
 from gateway.store.base import Store, StoreError, TaskRecord
@@ -52,23 +59,26 @@ class Submission:
     account: str = DEFAULT_ACCOUNT
 
 
-def reported_seconds(body: dict[str, Any]) -> Decimal | None:
-    """Output seconds the upstream reports for a completed task, if it reports any usable number."""
-    sources = [body]
-    if isinstance(body.get("usage"), dict):
-        sources.insert(0, body["usage"])
+class DuplicateTaskId(Exception):
+    """The upstream answered a submission with a task id the ledger already holds."""
+
+    def __init__(self, task_id: str, owner: str) -> None:
+        super().__init__(task_id)
+        self.task_id = task_id
+        self.owner = owner
+
+
+def reported_seconds(body: dict[str, Any], requested: int) -> tuple[Decimal | None, str | None]:
+    """Output seconds the upstream reports for a completed task, if usable, else why not (``None, None`` when it
+    reports none). The first field present decides (``usage`` first): see ``pricing.bounded_seconds``."""
+    usage = body.get("usage")
+    sources = (usage, body) if isinstance(usage, dict) else (body,)
     for source in sources:
         for name in _SECONDS_FIELDS:
             value = source.get(name)
-            if isinstance(value, bool) or value is None:
-                continue
-            try:
-                seconds = Decimal(str(value))
-            except InvalidOperation:
-                continue
-            if seconds.is_finite() and seconds >= 0:
-                return seconds
-    return None
+            if value is not None:
+                return bounded_seconds(value, requested)
+    return None, None
 
 
 def month_bounds(now: float) -> tuple[float, float]:
@@ -92,7 +102,6 @@ class Ledger:
         on_terminal: Callable[[TaskRecord, bytes], None] | None = None,
         recent_tasks: int = 100_000,
         status_write_interval_s: float = 5.0,
-        spend_refresh_s: float = 1.0,
         on_release: Callable[[str, bool], None] | None = None,
     ) -> None:
         self.store = store
@@ -114,7 +123,6 @@ class Ledger:
         # busy poll loop does not turn into a database write per upstream answer.
         self._written: LRUCache[str, tuple[str, int | None, float]] = LRUCache(recent_tasks)
         self._write_interval = status_write_interval_s
-        self._spend = SpendTracker(store.outstanding_and_settled_usd, refresh_s=spend_refresh_s)
 
     async def find(self, task_id: str) -> TaskRecord | None:
         """The ledger row of ``task_id`` (from memory when this process has seen it), or None."""
@@ -177,30 +185,38 @@ class Ledger:
     async def budget_reserved(self, principal: Principal, est: Estimate) -> AsyncIterator[None]:
         """Check the key's monthly budget for ``est`` and hold it while the submission is on its way upstream.
 
-        429 ``budget_exceeded`` when settled + outstanding + held + this estimate would pass the budget. The
-        figure comes from memory (``gateway.ledger.spend``), re-read from the store at most every second.
+        429 ``budget_exceeded`` when settled + outstanding + held + this estimate would pass the budget. The check
+        and the hold are one store operation (``Store.hold_budget``), serialised per key across workers and
+        replicas, so concurrent submissions never overshoot. The hold is released when the block ends: by then the
+        submission's task row, if any, is written (a submission may be tried on several upstream accounts, so the
+        hold belongs to the submission, not to one intent).
         """
         budget = principal.monthly_budget_usd
         if budget is None:
             yield
             return
-        start, end = month_bounds(self._clock())
-        spent = await self._spend.spent(principal.name, start, end)
+        now = self._clock()
+        month = month_bounds(now)
+        hold_id = uuid.uuid4().hex
+        held, spent = await self.store.hold_budget(hold_id, principal.name, est.usd, budget, month, now)
         self._metrics.key_budget.labels(principal.name).set(float(budget))
-        self._metrics.key_spend.labels(principal.name).set(float(spent))
-        if spent + est.usd > budget:
-            retry_after = max(1, int(end - self._clock()))
+        self._metrics.key_spend.labels(principal.name).set(float(spent + est.usd if held else spent))
+        if not held:
+            retry_after = max(1, int(month[1] - now))
             raise TooManyRequests(
                 f"Monthly budget of ${to_report(budget)} for key '{principal.name}' would be exceeded: "
-                f"${to_report(spent)} settled or outstanding this month + ${to_report(est.usd)} for this request.",
+                f"${to_report(spent)} settled, outstanding or in flight this month + ${to_report(est.usd)} "
+                "for this request.",
                 code="budget_exceeded",
                 headers={"Retry-After": str(retry_after)},
             )
-        self._spend.hold(principal.name, est.usd)
         try:
             yield
         finally:
-            self._spend.release(principal.name, est.usd)
+            try:
+                await self.store.release_hold(hold_id)
+            except StoreError as exc:  # it expires on its own; meanwhile it only makes the check stricter
+                self._log.error("budget_hold_release_failed", key=principal.name, error=str(exc))
 
     async def begin(
         self,
@@ -237,7 +253,14 @@ class Ledger:
             self._on_release(sub.account, False)
 
     async def accepted(self, sub: Submission, task_id: str) -> TaskRecord:
-        """Record the task (retrying in the background if the store fails) and count it."""
+        """Record the task (retrying in the background if the store fails) and count it.
+
+        ``DuplicateTaskId`` when the ledger already has ``task_id``: the row and its owner stay as they are, and
+        this submission's intent stays as outcome unknown (the upstream answered with an id it had given before).
+        """
+        existing = await self.find(task_id)
+        if existing is not None:
+            raise DuplicateTaskId(task_id, existing.key_name)
         request, est = sub.request, sub.estimate
         task = TaskRecord(
             task_id=task_id,
@@ -257,15 +280,17 @@ class Ledger:
             account=sub.account,
         )
         try:
-            await self.store.resolve_intent(sub.intent_id, task)
+            inserted = await self.store.resolve_intent(sub.intent_id, task)
         except StoreError as exc:
+            inserted = True  # unknown yet: the background retry finds out
             self._log.error("task_write_failed", task_id=task_id, error=str(exc), will_retry=True)
             write = asyncio.create_task(self._retry_write(sub.intent_id, task))
             self._pending_writes.add(write)
             write.add_done_callback(self._pending_writes.discard)
+        if not inserted:  # another process recorded this id in between
+            owner = await self.store.get_task(task_id)
+            raise DuplicateTaskId(task_id, owner.key_name if owner is not None else "")
         self._remember(task)
-        if sub.principal.monthly_budget_usd is not None:
-            self._spend.add(task.key_name, month_bounds(task.submitted_at)[0], task.estimate_usd)
         self._count_generation(task)
         return task
 
@@ -302,7 +327,10 @@ class Ledger:
             return
         now = self._clock()
         if status in TERMINAL:
-            seconds = settlement_seconds(status, reported_seconds(status_body), task.estimate_seconds)
+            reported, anomaly = reported_seconds(status_body, task.estimate_seconds)
+            if status != "completed":
+                anomaly = None
+            seconds = settlement_seconds(status, reported, task.estimate_seconds)
             usd = cost(task.price_per_second_usd, task.mode_multiplier, seconds)
             first = await self.store.settle(task.task_id, status, seconds, usd, raw, now)
             if task.task_id in self._recent:
@@ -311,6 +339,11 @@ class Ledger:
                 )
             if first:
                 self._count_settlement(task, status, usd)
+                if anomaly is not None:  # once per task: only the call that settled it gets here
+                    self._metrics.settlement_anomalies.labels(anomaly).inc()
+                    self._log.warning(
+                        "settlement_anomaly", task_id=task.task_id, reason=anomaly, settled_seconds=str(seconds)
+                    )
                 if self._on_terminal is not None:
                     self._on_terminal(task, raw)
             return
@@ -318,7 +351,11 @@ class Ledger:
             self._log.warning("unknown_task_status", task_id=task.task_id, status=status[:40])
             return
         raw_progress = status_body.get("progress")
-        progress = raw_progress if isinstance(raw_progress, int) and not isinstance(raw_progress, bool) else None
+        progress = (
+            raw_progress
+            if isinstance(raw_progress, int) and not isinstance(raw_progress, bool) and 0 <= raw_progress <= 100
+            else None
+        )
         last = self._written.peek(task.task_id)
         if polled and last is not None and last[:2] == (status, progress) and now - last[2] < self._write_interval:
             return  # (the settler's own checks are always written: they are rate-limited already)
@@ -338,8 +375,6 @@ class Ledger:
         m = self._metrics
         m.tasks_settled.labels(task.model, outcome, task.key_name).inc()
         m.settled_cost.labels(task.model, task.mode, task.key_name).inc(float(usd))
-        if self._spend.tracks(task.key_name):  # a budgeted key: its month-to-date figure takes the real cost
-            self._spend.settled(task.key_name, month_bounds(task.submitted_at)[0], task.estimate_usd, usd)
         self._move_in_flight(task.model, -1)
         if self._on_release is not None:
             self._on_release(task.account, True)

@@ -67,6 +67,10 @@ class KeyRevoked(StoreError):
     """The key is revoked, so it cannot be rotated."""
 
 
+#: A budget hold outlives any upstream exchange; one older than this was left by a process that died.
+BUDGET_HOLD_TTL_S = 600.0
+
+
 def to_fixed(amount: Decimal) -> int:
     """Decimal -> integer count of 1e-9 units (half-even past 9 places): ``Decimal("0.42")`` -> 420000000."""
     if not amount.is_finite():
@@ -304,9 +308,31 @@ class Store(Protocol):
     async def resolve_intent(self, intent_id: str, task: TaskRecord) -> bool:
         """Insert ``task`` and delete the intent in one transaction; safe to retry.
 
-        Returns False if the task row already existed (a retried write that had in fact committed).
-        An unknown ``intent_id`` is fine: the task is inserted all the same.
+        Returns False if the task row already existed (a retried write that had in fact committed, or an upstream
+        answering with a task id it already gave another submission); the row is then left as it was and the
+        intent, if any, stays (outcome unknown). An unknown ``intent_id`` is fine: the task is inserted all the same.
         """
+
+    async def hold_budget(
+        self,
+        hold_id: str,
+        key_name: str,
+        amount: Decimal,
+        budget: Decimal,
+        month: tuple[float, float],
+        now: float,
+        ttl_s: float = BUDGET_HOLD_TTL_S,
+    ) -> tuple[bool, Decimal]:
+        """Hold ``amount`` of ``key_name``'s budget for a submission on its way upstream, atomically with the check.
+
+        Returns whether it was held (False: ``amount`` would pass ``budget``, nothing is held) and the key's spend
+        before it: settled + outstanding estimates of tasks submitted in ``month`` + other live holds. Checks of one key
+        are serialised across processes and replicas (SQLite's write lock; a PostgreSQL advisory lock), so
+        concurrent submissions never overshoot. Holds older than ``ttl_s`` (a crashed process's) no longer count.
+        """
+
+    async def release_hold(self, hold_id: str) -> None:
+        """Drop a hold once its submission has ended (its task row, if any, is written by then)."""
 
     async def drop_intent(self, intent_id: str) -> bool:
         """Delete an intent whose submission the upstream refused; False if there was none."""

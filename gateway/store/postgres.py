@@ -24,6 +24,7 @@ from gateway.keys import KeyRecord
 from gateway.store import archive_rows as arch
 from gateway.store.archive_rows import archive_schema, numbered
 from gateway.store.base import (
+    BUDGET_HOLD_TTL_S,
     IDEMPOTENCY_IN_FLIGHT_TTL_S,
     IDEMPOTENCY_TTL_S,
     ArchiveRecord,
@@ -206,6 +207,19 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
     (
         5,
         (
+            # Budget held by submissions on their way upstream (Store.hold_budget): the atomic budget check.
+            """CREATE TABLE budget_holds (
+                hold_id TEXT COLLATE "C" PRIMARY KEY,
+                key_name TEXT NOT NULL,
+                amount_nano BIGINT NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL
+            )""",
+            "CREATE INDEX budget_holds_key ON budget_holds (key_name, created_at)",
+        ),
+    ),
+    (
+        6,
+        (
             # The audit trail of admin actions: gateway.audit.
             """CREATE TABLE audit_log (
                 audit_id TEXT COLLATE "C" PRIMARY KEY,
@@ -294,7 +308,8 @@ _SQL_RESOLVE = (  # constant fragments only, values are bound parameters
     f"WITH ins AS ({_SQL_INSERT_TASK} RETURNING task_id), "  # noqa: S608
     "body AS (INSERT INTO task_bodies (task_id, body) SELECT task_id, $25::bytea FROM ins WHERE $25::bytea IS NOT NULL "
     "ON CONFLICT (task_id) DO UPDATE SET body = excluded.body), "
-    "gone AS (DELETE FROM intents WHERE intent_id = $26), "
+    # A task id already in the ledger is not this submission's: its intent stays, as outcome unknown.
+    "gone AS (DELETE FROM intents WHERE intent_id = $26 AND EXISTS (SELECT 1 FROM ins)), "
     f"roll AS ({_ROLLUP_INSERT}SELECT $27::integer, $28::text, $29::text, $30::text, "
     + ", ".join(f"${n}::bigint" for n in range(31, 31 + len(_MEASURES)))
     + f" FROM ins {_ROLLUP_UPSERT}) SELECT count(*) FROM ins"  # noqa: S608
@@ -803,6 +818,55 @@ class PostgresStore:
         params = (*task_row(task), task.terminal_body, intent_id, *insert_delta(task))
         inserted = await self._run(lambda conn: conn.fetchval(_SQL_RESOLVE, *params), tx=False)
         return bool(inserted)
+
+    async def hold_budget(
+        self,
+        hold_id: str,
+        key_name: str,
+        amount: Decimal,
+        budget: Decimal,
+        month: tuple[float, float],
+        now: float,
+        ttl_s: float = BUDGET_HOLD_TTL_S,
+    ) -> tuple[bool, Decimal]:
+        """Check and hold in one transaction under a per-key advisory lock: replicas take their turn per key.
+
+        Holds are read before tasks: a submission's hold is released only after its task row committed, so each
+        in-flight submission is seen as a hold, a task, or (briefly) both, never neither.
+        """
+        queries = _usage_queries(month[0], month[1], (), key_name)
+        amount_nano, budget_nano = to_fixed(amount), to_fixed(budget)
+
+        async def op(conn: asyncpg.Connection) -> tuple[bool, int]:
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", "budget:" + key_name)
+            await conn.execute(
+                "DELETE FROM budget_holds WHERE key_name = $1 AND created_at < $2", key_name, now - ttl_s
+            )
+            held = await conn.fetchval(
+                "SELECT COALESCE(SUM(amount_nano), 0) FROM budget_holds WHERE key_name = $1", key_name
+            )
+            totals: dict[tuple[Any, ...], list[int]] = {}
+            for sql, params in queries:
+                for row in await conn.fetch(sql, *params):
+                    add_usage(totals, row, 0)
+            spent = int(held) + totals.get((), [0] * len(_MEASURES))[_MEASURES.index("cost_nano")]
+            if spent + amount_nano > budget_nano:
+                return False, spent
+            await conn.execute(
+                "INSERT INTO budget_holds (hold_id, key_name, amount_nano, created_at) VALUES ($1, $2, $3, $4)",
+                hold_id,
+                key_name,
+                amount_nano,
+                now,
+            )
+            return True, spent
+
+        held, spent = await self._run(op)
+        return held, from_fixed(spent)
+
+    async def release_hold(self, hold_id: str) -> None:
+        sql = "DELETE FROM budget_holds WHERE hold_id = $1"
+        await self._run(lambda conn: conn.execute(sql, hold_id), tx=False)
 
     async def drop_intent(self, intent_id: str) -> bool:
         """Delete an intent whose submission the upstream refused; False if there was none."""

@@ -24,6 +24,7 @@ from gateway.keys import KeyRecord
 from gateway.store import archive_rows as arch
 from gateway.store.archive_rows import archive_schema
 from gateway.store.base import (
+    BUDGET_HOLD_TTL_S,
     FIXED_DIGITS,
     IDEMPOTENCY_IN_FLIGHT_TTL_S,
     IDEMPOTENCY_TTL_S,
@@ -204,6 +205,19 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
     ),
     (
         5,
+        (
+            # Budget held by submissions on their way upstream (Store.hold_budget): the atomic budget check.
+            """CREATE TABLE budget_holds (
+                hold_id TEXT PRIMARY KEY,
+                key_name TEXT NOT NULL,
+                amount_nano INTEGER NOT NULL,
+                created_at REAL NOT NULL
+            )""",
+            "CREATE INDEX budget_holds_key ON budget_holds (key_name, created_at)",
+        ),
+    ),
+    (
+        6,
         (
             # The audit trail of admin actions: gateway.audit.
             """CREATE TABLE audit_log (
@@ -664,10 +678,57 @@ class SQLiteStore:
                 conn.execute(_SQL_ROLLUP_ADD, insert_delta(task))
                 if task.terminal_body is not None:
                     conn.execute(_SQL_UPSERT_BODY, (task.task_id, task.terminal_body))
-            conn.execute("DELETE FROM intents WHERE intent_id = ?", (intent_id,))
+                # A task id already in the ledger is not this submission's: its intent stays, as outcome unknown.
+                conn.execute("DELETE FROM intents WHERE intent_id = ?", (intent_id,))
             return inserted
 
         return await self._tx(op)
+
+    async def hold_budget(
+        self,
+        hold_id: str,
+        key_name: str,
+        amount: Decimal,
+        budget: Decimal,
+        month: tuple[float, float],
+        now: float,
+        ttl_s: float = BUDGET_HOLD_TTL_S,
+    ) -> tuple[bool, Decimal]:
+        """Check and hold in one ``BEGIN IMMEDIATE`` write: every process on the file takes its turn."""
+        queries = usage_queries(
+            month[0],
+            month[1],
+            (),
+            key_name,
+            placeholder=_placeholder,
+            task_sums=_USAGE_AGGREGATES,
+            rollup_sums=_ROLLUP_SUMS,
+        )
+        amount_nano, budget_nano = to_fixed(amount), to_fixed(budget)
+
+        def op(conn: sqlite3.Connection) -> tuple[bool, int]:
+            conn.execute("DELETE FROM budget_holds WHERE key_name = ? AND created_at < ?", (key_name, now - ttl_s))
+            held = conn.execute(
+                "SELECT COALESCE(SUM(amount_nano), 0) FROM budget_holds WHERE key_name = ?", (key_name,)
+            ).fetchone()[0]
+            totals: dict[tuple[Any, ...], list[int]] = {}
+            for sql, params in queries:
+                for row in conn.execute(sql, params):
+                    add_usage(totals, row, 0)
+            spent = int(held) + totals.get((), [0] * len(_MEASURES))[_MEASURES.index("cost_nano")]
+            if spent + amount_nano > budget_nano:
+                return False, spent
+            conn.execute(
+                "INSERT INTO budget_holds (hold_id, key_name, amount_nano, created_at) VALUES (?, ?, ?, ?)",
+                (hold_id, key_name, amount_nano, now),
+            )
+            return True, spent
+
+        held, spent = await self._tx(op)
+        return held, from_fixed(spent)
+
+    async def release_hold(self, hold_id: str) -> None:
+        await self._tx(lambda conn: conn.execute("DELETE FROM budget_holds WHERE hold_id = ?", (hold_id,)))
 
     async def drop_intent(self, intent_id: str) -> bool:
         """Delete an intent whose submission the upstream refused; False if there was none."""

@@ -23,6 +23,13 @@ from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 from gateway.logs import Logger
 from gateway.metrics import Metrics
 from gateway.upstream.breaker import BreakerOpen, BreakerState, CircuitBreaker, Permit, open_error
+from gateway.upstream.hygiene import (
+    mask_secrets,
+    mask_text,
+    request_headers,
+    response_headers,
+    scoped_idempotency_key,
+)
 
 Headers = list[tuple[str, str]]
 
@@ -40,23 +47,6 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-#: Client headers the gateway owns or recomputes; never copied to the upstream.
-_REQUEST_DROP = HOP_BY_HOP | {
-    "authorization",
-    "host",
-    "content-length",
-    "accept-encoding",
-    "cookie",
-    "expect",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "forwarded",
-    "x-real-ip",
-}
-#: Upstream headers recomputed by the gateway's own server.
-_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding", "date", "server", "x-request-id"}
-USER_AGENT = "kling-gateway"
 
 
 class TransportError(Exception):
@@ -110,24 +100,17 @@ def connection_named(headers: Iterable[tuple[str, str]]) -> set[str]:
     return named
 
 
-def outbound_headers(client_headers: Iterable[tuple[str, str]], api_key: str, request_id: str) -> Headers:
-    """Client headers safe to forward, plus the upstream key and the request id."""
-    client_headers = list(client_headers)
-    drop = _REQUEST_DROP | connection_named(client_headers)
-    headers = [(k, v) for k, v in client_headers if k.lower() not in drop and k.lower() != "x-request-id"]
-    headers.append(("Authorization", f"Bearer {api_key}"))
-    headers.append(("Accept-Encoding", "identity"))
-    headers.append(("X-Request-ID", request_id))
-    if not any(k.lower() == "user-agent" for k, _ in headers):
-        headers.append(("User-Agent", USER_AGENT))
-    return headers
+def outbound_headers(
+    client_headers: Iterable[tuple[str, str]], api_key: str, request_id: str, idempotency_key: str | None = None
+) -> Headers:
+    """Only the client headers the upstream needs, plus the upstream key, the request id and the scoped
+    idempotency key (``gateway.upstream.hygiene``)."""
+    return request_headers(client_headers, api_key, request_id, idempotency_key)
 
 
-def inbound_headers(upstream_headers: Iterable[tuple[str, str]]) -> Headers:
-    """Upstream response headers to pass to the client (hop-by-hop and recomputed ones removed)."""
-    upstream_headers = list(upstream_headers)
-    drop = _RESPONSE_DROP | connection_named(upstream_headers)
-    return [(k, v) for k, v in upstream_headers if k.lower() not in drop]
+def inbound_headers(upstream_headers: Iterable[tuple[str, str]], secrets: Iterable[str] = ()) -> Headers:
+    """Upstream response headers to pass to the client: an allowlist, bounded, secrets masked."""
+    return response_headers(upstream_headers, secrets)
 
 
 class AiohttpTransport:
@@ -236,9 +219,14 @@ class UpstreamClient:
         jitter: Callable[[], float] = random.random,
         breaker: CircuitBreaker | None = None,
         log: Logger,
+        secrets: Iterable[str] = (),
     ) -> None:
         self._settings = settings
         self._key_for: Callable[[str], str | None] = api_key if callable(api_key) else (lambda _account: api_key)
+        #: Upstream keys the gateway knows at start-up: masked wherever the upstream echoes one (each request also
+        #: masks the key it was sent with, so a key rotated in later is masked too).
+        known = ({api_key} if isinstance(api_key, str) else set()) | set(secrets)
+        self.secrets = tuple(sorted(known - {""}, key=len, reverse=True))
         self._transport = transport
         self._metrics = metrics
         self._base = settings.base_url.rstrip("/")
@@ -264,8 +252,16 @@ class UpstreamClient:
         client_headers: Iterable[tuple[str, str]] = (),
         body: bytes | None = None,
         account: str = DEFAULT_ACCOUNT,
+        idempotency_key: str | None = None,
+        auth_refusal_to_caller: bool = False,
     ) -> UpstreamResponse:
-        """Send ``method path`` upstream with ``account``'s key; ``path`` starts with ``/v1/`` (query allowed)."""
+        """Send ``method path`` upstream with ``account``'s key; ``path`` starts with ``/v1/`` (query allowed).
+
+        ``idempotency_key`` is sent as the upstream's ``Idempotency-Key`` (already scoped to the client's key).
+        The answer comes back with every upstream key masked in its body and headers. A 401 or 403 (the account's
+        key rejected) raises 502 ``upstream_auth_failed`` (``auth_failed``), unless ``auth_refusal_to_caller``:
+        then the caller (a submission, which may try another account) gets the answer and decides.
+        """
         api_key = self._key_for(account)
         if api_key is None:
             unknown = UpstreamUnavailable(f"the upstream account '{account}' is no longer configured")
@@ -278,7 +274,7 @@ class UpstreamClient:
             raise open_error(exc.retry_after_s) from None
         self._note_breaker()
         try:
-            response = await self._send(method, path, route, request_id, client_headers, body, api_key)
+            response = await self._send(method, path, route, request_id, client_headers, body, api_key, idempotency_key)
         except Exception:
             self._settle(permit, failed=True)
             raise
@@ -286,6 +282,8 @@ class UpstreamClient:
             self.breaker.abandon(permit)
             raise
         self._settle(permit, failed=response.status >= 500)
+        if response.status in (401, 403) and not auth_refusal_to_caller:
+            raise self.auth_failed(response.status, route)
         return response
 
     def _settle(self, permit: Permit, failed: bool) -> None:
@@ -305,9 +303,10 @@ class UpstreamClient:
         client_headers: Iterable[tuple[str, str]],
         body: bytes | None,
         api_key: str,
+        idempotency_key: str | None = None,
     ) -> UpstreamResponse:
         """The exchange itself: headers, GET retries on connect errors, error mapping and metrics."""
-        headers = outbound_headers(client_headers, api_key, request_id)
+        headers = outbound_headers(client_headers, api_key, request_id, idempotency_key)
         url = self._base + path
         attempts = 1 + (self._settings.get_retries if method == "GET" else 0)
         for attempt in range(attempts):
@@ -330,7 +329,7 @@ class UpstreamClient:
             self._duration_child(route, response.status).observe(response.elapsed_s)
             if response.status >= 500:
                 self._metrics.upstream_errors.labels("status_5xx").inc()
-            return response
+            return self._masked(response, api_key)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _duration_child(self, route: str, status: int) -> Any:
@@ -360,6 +359,33 @@ class UpstreamClient:
         """Set the state gauge: 1 for the current state, 0 for the others."""
         for state in BreakerState:
             self._metrics.upstream_breaker.labels(state.value).set(1 if state is self._breaker_state else 0)
+
+    def idempotency_key_for(self, key_name: str, client_key: str, account: str = DEFAULT_ACCOUNT) -> str:
+        """The upstream ``Idempotency-Key`` for a client's own, scoped to its gateway key (an HMAC under the
+        account's upstream key, so it says nothing about the client's value)."""
+        return scoped_idempotency_key(self._key_for(account) or account, key_name, client_key)
+
+    def _masked(self, response: UpstreamResponse, api_key: str) -> UpstreamResponse:
+        """The answer with every upstream key (the one sent, and every one known) masked in body and headers."""
+        secrets = self.secrets if api_key in self.secrets else (api_key, *self.secrets)
+        body = mask_secrets(response.body, secrets)
+        headers = response.headers
+        if any(secret in value for _, value in headers for secret in secrets):
+            headers = [(k, mask_text(v, secrets)) for k, v in headers]
+        if body is response.body and headers is response.headers:
+            return response
+        return UpstreamResponse(response.status, headers, body, response.elapsed_s)
+
+    def auth_failed(self, status: int, route: str) -> UpstreamUnavailable:
+        """The upstream rejected the team's key: the client's key is fine, so never a 401 to the client."""
+        self._metrics.upstream_auth_failures.labels(route).inc()
+        self._log.error("upstream_auth_failed", upstream_status=status, route=route)
+        failed = UpstreamUnavailable(
+            "The upstream rejected the gateway's upstream key; the operator has been alerted.",
+            code="upstream_auth_failed",
+        )
+        failed.request_sent = False  # refused at the door: no task can have been created
+        return failed
 
     def invalid_response(self) -> UpstreamUnavailable:
         """For a 2xx answer whose body the gateway cannot use (counted as ``invalid_response``)."""

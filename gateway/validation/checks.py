@@ -37,7 +37,10 @@ from gateway.catalog import (
     CFG_SCALE_MIN,
     DURATION_MAX,
     DURATION_MIN,
+    ELEMENT_ID_MAX,
     ELEMENT_LIST_MAX,
+    FIELD_NAME_MAX,
+    MEDIA_URL_MAX,
     MODELS,
     MULTI_PROMPT_MAX,
     NEGATIVE_PROMPT_MAX,
@@ -45,6 +48,7 @@ from gateway.catalog import (
     SHOT_PROMPT_MAX,
     SHOT_TYPE_ALIASES,
     SHOT_TYPES,
+    STRING_MAX,
     Mode,
     ModelInfo,
 )
@@ -210,6 +214,30 @@ class _Check:
     def problem(self, param: str, code: str, message: str) -> None:
         self.problems.append(Problem(param, code, message))
 
+    def strings(self, value: object, path: str, key: str, *, own_rules: bool) -> None:
+        """``string_too_long`` for every string (and field name) in ``value`` over its bound (``_STRING_LIMITS``,
+        else ``STRING_MAX``); with ``own_rules``, fields with a rule of their own are left to it and its code."""
+        if isinstance(value, str):
+            if own_rules and key in _OWN_LENGTH_RULES:
+                return
+            limit = _STRING_LIMITS.get(key, STRING_MAX)
+            if len(value) > limit:
+                self.problem(
+                    path, "string_too_long", f"{path} has {len(value)} characters; at most {limit} are allowed"
+                )
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                child = f"{path}.{name}" if path else str(name)
+                if len(name) > FIELD_NAME_MAX:
+                    shown = f"{path}.{name[:FIELD_NAME_MAX]}..." if path else f"{name[:FIELD_NAME_MAX]}..."
+                    message = f"a field name has {len(name)} characters; at most {FIELD_NAME_MAX} are allowed"
+                    self.problem(shown, "string_too_long", message)
+                    continue
+                self.strings(item, child, name, own_rules=own_rules)
+        elif isinstance(value, list):
+            for position, item in enumerate(value):
+                self.strings(item, f"{path}.{position}", key, own_rules=own_rules)
+
     def result(self, request: ValidRequest | None) -> ValidationResult:
         if self.problems:
             return ValidationResult(None, tuple(self.problems), tuple(self.warnings))
@@ -218,6 +246,7 @@ class _Check:
     # -- the Kling body --------------------------------------------------------------------------------------
 
     def run(self, body: dict[str, Any]) -> ValidationResult:
+        self.strings(body, "", "", own_rules=True)
         out = dict(body)
         info = self.model(body.get("model", _MISSING))
         image = body.get("image", _MISSING)
@@ -660,12 +689,14 @@ def _writable_extra(body: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]
 
 
 def _passthrough(body: dict[str, Any], model: str, options: ValidationOptions) -> ValidationResult:
-    """A configured non-Kling model: forwarded as is; only its media URLs are held to the private rule."""
+    """A configured non-Kling model: forwarded as is, but its strings are bounded and its media URLs held to the
+    same strict parse and private rule as a Kling model's (a URL no check can read is never forwarded)."""
     check = _Check(options)
+    check.strings(body, "", "", own_rules=False)
     has_image = "image" in body
     for param in ("image", "last_image"):
         if param in body:
-            check.media(param, body[param], strict=False)
+            check.media(param, body[param])
     if check.problems:
         return check.result(None)
     request = ValidRequest(
@@ -679,6 +710,13 @@ def _passthrough(body: dict[str, Any], model: str, options: ValidationOptions) -
     )
     return check.result(request)
 
+
+#: Strings with a bound of their own (by field name); every other string is bounded by ``STRING_MAX``.
+_STRING_LIMITS: Final[Mapping[str, int]] = MappingProxyType(
+    {"element_id": ELEMENT_ID_MAX, "image": MEDIA_URL_MAX, "last_image": MEDIA_URL_MAX}
+)
+#: Kling fields whose own rule bounds them, with its own code (``prompt_too_long``, ``invalid_enum``...).
+_OWN_LENGTH_RULES: Final = frozenset({"model", "prompt", "negative_prompt", "duration", "aspect_ratio", "shot_type"})
 
 _DEFAULT_OPTIONS: Final = ValidationOptions()
 

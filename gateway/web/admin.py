@@ -320,7 +320,9 @@ class AdminRoutes:
         return self._admin_token.matches(request.headers.get("authorization"))
 
     def require_admin(self, request: Request) -> None:
-        self._admin_token.require(request.headers.get("authorization"), request.url.path)
+        """The admin token (401), unless this address sent too many wrong ones lately (429, before comparing)."""
+        address = request.client.host if request.client else ""
+        self._admin_token.require(request.headers.get("authorization"), request.url.path, address)
 
     def routes(self) -> list[BaseRoute]:
         return [

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import unquote
 
 import orjson
 from starlette.exceptions import HTTPException
@@ -18,10 +17,18 @@ from gateway.auth.principal import Principal
 from gateway.catalog import DEFAULT_ACCOUNT, TASK_ID_SHAPE
 from gateway.content.answer import rewrite_video_url
 from gateway.content.service import ContentService
-from gateway.errors import GatewayError, NotFound, PermissionDenied, Problem, UnsupportedMediaType, UpstreamUnavailable
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    Problem,
+    UnsupportedMediaType,
+    UpstreamUnavailable,
+)
 from gateway.keys import model_allowed
 from gateway.ledger.pricing import Estimate, PriceTable
-from gateway.ledger.service import Ledger, Submission
+from gateway.ledger.service import DuplicateTaskId, Ledger, Submission
 from gateway.logs import Logger
 from gateway.status.fetch import STATUS_ROUTE
 from gateway.status.poller import StatusPoller
@@ -123,7 +130,8 @@ class GatewayRoutes:
         The intent is the admission of the account's capacity. An account the upstream refuses (capacity, rate,
         key) is set aside and the submission tried on the next one with room; only a refused submission moves
         (the upstream did not accept it), never one that timed out or was cut off. When no account is left, the
-        client gets the last refusal as the upstream sent it, or 429 ``upstream_capacity`` if none was tried.
+        client gets the last refusal as the upstream sent it (a rejected key as 502 ``upstream_auth_failed``), or
+        429 ``upstream_capacity`` if none was tried.
         """
         accounts, ledger, request_id = self._accounts, self._ledger, self.request_id(request)
         body = orjson.dumps(valid.body)
@@ -133,7 +141,7 @@ class GatewayRoutes:
             placed = await self.place(principal, valid, estimate, request_id, tried, wait=last_refusal is None)
             if placed is None:
                 if last_refusal is not None:
-                    return self.passthrough_response(last_refusal)
+                    return self.refusal_response(last_refusal)
                 raise accounts.capacity_error(valid.model)
             account, submission = placed
             try:
@@ -145,6 +153,8 @@ class GatewayRoutes:
                     client_headers=request.headers.items(),
                     body=body,
                     account=account,
+                    idempotency_key=self.upstream_idempotency_key(request, principal, account),
+                    auth_refusal_to_caller=True,
                 )
             except UpstreamUnavailable as exc:
                 if not exc.request_sent:
@@ -156,7 +166,7 @@ class GatewayRoutes:
             await ledger.refused(submission)
             reason = accounts.refused(account, upstream.status, upstream.body, upstream.header("retry-after"))
             if reason is None or accounts.simple:
-                return self.passthrough_response(upstream)
+                return self.refusal_response(upstream)
             tried.add(account)
             last_refusal = upstream
         log_fields(request.scope)["account"] = account
@@ -200,7 +210,17 @@ class GatewayRoutes:
             # Accepted but unusable: the intent stays as outcome unknown for reconciliation.
             self._log.error("upstream_task_without_id", intent_id=submission.intent_id)
             raise self._upstream.invalid_response()
-        return await self._ledger.accepted(submission, task_id)
+        try:
+            return await self._ledger.accepted(submission, task_id)
+        except DuplicateTaskId as exc:
+            # An id the ledger already holds: its owner keeps it; this submission stays as outcome unknown.
+            self._log.error(
+                "upstream_task_id_reused",
+                task_id=task_id,
+                intent_id=submission.intent_id,
+                same_key=exc.owner == submission.principal.name,
+            )
+            raise self._upstream.invalid_response() from None
 
     async def status(self, request: Request) -> Response:
         """GET /v1/videos/{task_id}: auth → ownership → cache/coalesce → upstream response."""
@@ -260,13 +280,28 @@ class GatewayRoutes:
             raise NotFound(f"No route {request.url.path}.", code="not_found")
         principal = await self.authenticate(request)
         path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
-        segments = unquote(path).split("/")
-        if any(segment in (".", "..") for segment in segments) or "\\" in path:
-            # The team key must never reach a path the upstream would resolve outside /v1/.
-            raise NotFound(f"No route {request.url.path}.", code="not_found")
+        query = request.scope.get("query_string", b"").decode("latin-1")
+        if not passthrough_path_ok(path) or not passthrough_query_ok(query):
+            # Only the normal form goes up: other spellings (//, case, ;params, %-escapes) could name another
+            # key's task in a way the ownership check below does not read, and the team key must never reach a
+            # path the upstream would resolve outside /v1/.
+            raise InvalidRequest(
+                "Pass-through paths must be /v1/ followed by plain segments (letters, digits, '.', '_', '-', '~'), "
+                "without empty, '.' or '..' segments, parameters or percent-escapes.",
+                code="invalid_path",
+                param="path",
+            )
         account = self._accounts.names[0] if self._accounts.names else DEFAULT_ACCOUNT
+        segments = path.split("/")
         if len(segments) > 3 and segments[1:3] == ["v1", "videos"]:
             account = (await self.owned_task(principal, segments[3])).account  # tenancy, and the task's account
+        for candidate in task_id_candidates(path, query):
+            task = await self._ledger.find(candidate)
+            if task is None:
+                continue
+            if task.key_name != principal.name:  # whatever names another key's task, however spelled
+                raise NotFound("No such task for this key.", code="task_not_found", param="task_id")
+            account = task.account
         if unread_coding(None, request.headers.get("transfer-encoding")) is not None:
             # Transfer codings are hop-by-hop: forwarding the still-coded bytes without the header would corrupt them.
             raise UnsupportedMediaType(
@@ -275,8 +310,8 @@ class GatewayRoutes:
                 param="transfer-encoding",
             )
         body = await read_body(request, self._max_body_bytes)
-        if request.url.query:
-            path = f"{path}?{request.url.query}"
+        if query:
+            path = f"{path}?{query}"
         upstream = await self._upstream.request(
             request.method,
             path,
@@ -308,6 +343,13 @@ class GatewayRoutes:
                 code="model_not_allowed",
                 param="model",
             )
+        if principal.monthly_budget_usd is not None and not self._prices.priced(valid.model):
+            # A budget cannot hold a model that costs nothing in the ledger: price it in [pricing.prices] first.
+            raise PermissionDenied(
+                f"Key '{principal.name}' has a monthly budget, and model '{valid.model}' has no configured price.",
+                code="model_not_priced",
+                param="model",
+            )
 
     async def owned_task(self, principal: Principal, task_id: str) -> TaskRecord:
         """The caller's task; an unknown task and another key's task get the same 404."""
@@ -315,6 +357,19 @@ class GatewayRoutes:
         if task is None or task.key_name != principal.name:
             raise NotFound("No such task for this key.", code="task_not_found", param="task_id")
         return task
+
+    def upstream_idempotency_key(self, request: Request, principal: Principal, account: str) -> str | None:
+        """The client's Idempotency-Key scoped to its key (an HMAC), so it never meets another key's upstream."""
+        client_key = request.headers.get("idempotency-key")
+        if client_key is None:
+            return None
+        return self._upstream.idempotency_key_for(principal.name, client_key, account)
+
+    def refusal_response(self, upstream: UpstreamResponse) -> Response:
+        """A submission the upstream refused, passed on; a rejected key (401/403) is the operator's problem, 502."""
+        if upstream.status in (401, 403):
+            raise self._upstream.auth_failed(upstream.status, SUBMIT_ROUTE)
+        return self.passthrough_response(upstream)
 
     def request_id(self, request: Request) -> str:
         return request_id_of(request.scope) or ""
@@ -355,6 +410,30 @@ class GatewayRoutes:
     def passthrough_routes(self) -> list[BaseRoute]:
         """Registered last so they never shadow the gateway's own routes."""
         return [Route(PASSTHROUGH_ROUTE, self.passthrough, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])]
+
+
+_PASSTHROUGH_PATH = re.compile(r"/v1(?:/[A-Za-z0-9_~\-][A-Za-z0-9._~\-]{0,199}){1,8}")
+_PASSTHROUGH_QUERY = re.compile(r"[A-Za-z0-9._~\-=&,+]{0,2048}")
+_CANDIDATE_SPLIT = re.compile(r"[/&=,+]")
+
+
+def passthrough_path_ok(path: str) -> bool:
+    """A path in normal form: ``/v1`` then 1-8 plain segments (none empty, none starting with a dot)."""
+    return _PASSTHROUGH_PATH.fullmatch(path) is not None
+
+
+def passthrough_query_ok(query: str) -> bool:
+    """A query of plain names and values only (no percent-escapes, so what is checked is what goes up)."""
+    return _PASSTHROUGH_QUERY.fullmatch(query) is not None
+
+
+def task_id_candidates(path: str, query: str) -> list[str]:
+    """Every path segment and query name or value shaped like a task id (after ``/v1``), once each."""
+    seen: dict[str, None] = {}
+    for part in [*_CANDIDATE_SPLIT.split(path[len("/v1/") :]), *_CANDIDATE_SPLIT.split(query)]:
+        if part and _TASK_ID.fullmatch(part):
+            seen[part] = None
+    return list(seen)
 
 
 def _allowed_methods(path: str) -> str | None:

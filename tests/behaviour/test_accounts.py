@@ -229,7 +229,8 @@ class TestKeyFile:
         kling.revoked.add("sk-spare")
         gw = make_gateway(fake_upstream.url, upstream_key="", env={"UNIALL_API_KEYS_FILE": str(key_file)})
         refused = submit(gw)
-        assert refused.status_code == 401  # both keys rejected: the last refusal as the upstream sent it
+        # both keys rejected: the operator's problem, never a 401 that reads as the client's key failing
+        assert (refused.status_code, refused.json()["error"]["code"]) == (502, "upstream_auth_failed")
         assert {name: row["state"] for name, row in accounts_of(gw).items()} == {
             "main": "unauthorized",
             "spare": "unauthorized",

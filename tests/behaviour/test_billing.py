@@ -84,7 +84,7 @@ class TestScriptedDay:
             ("team-a", "kling-v3-std-silent", "text", 5, "completed", 5),  # 0.084 * 5 = 0.42
             ("team-a", "kling-v3-pro-audio", "image", 10, "completed", 9),  # 0.168 * 9 = 1.512 (est. 1.68)
             ("team-b", "kling-v3-std-audio", "first_last", 8, "failed", None),  # 0 (est. 1.008)
-            ("team-b", "kling-v3-pro-silent", "text", None, "completed", 10),  # 0.112 * 10 = 1.12 (est. 0.56)
+            ("team-b", "kling-v3-pro-silent", "text", None, "completed", 10),  # over the default 5 s: 0.112 * 5 = 0.56
             ("team-c", "kling-v3-pro-audio", "image", 3, "in_progress", None),  # outstanding est. 0.504
             ("team-c", "kling-v3-std-silent", "first_last", 15, "completed", None),  # 0.084 * 15 = 1.26
         ]
@@ -105,9 +105,9 @@ class TestScriptedDay:
             for _ in range(3):  # repeated polls never settle twice
                 gw.client.get(f"/v1/videos/{task_id}", headers=keys[key])
 
-        hand_settled = {"team-a": Decimal("1.932"), "team-b": Decimal("1.12"), "team-c": Decimal("1.26")}
+        hand_settled = {"team-a": Decimal("1.932"), "team-b": Decimal("0.56"), "team-c": Decimal("1.26")}
         hand_estimated = {"team-a": Decimal("2.10"), "team-b": Decimal("1.568"), "team-c": Decimal("1.764")}
-        hand_cost = {"team-a": Decimal("1.932"), "team-b": Decimal("1.12"), "team-c": Decimal("1.764")}
+        hand_cost = {"team-a": Decimal("1.932"), "team-b": Decimal("0.56"), "team-c": Decimal("1.764")}
 
         monkeypatch.setenv("KLING_GATEWAY_SERVER_DATA_DIR", str(tmp_path / "data"))
         assert main(["usage", "--by", "key,model", "--format", "json"]) == 0
@@ -120,7 +120,7 @@ class TestScriptedDay:
             assert (settled, estimated, cost) == (hand_settled[key], hand_estimated[key], hand_cost[key])
             assert cents(metric_sum(gw, "kling_gateway_settled_cost_usd_total", key=key)) == cents(settled)
             assert cents(metric_sum(gw, "kling_gateway_estimated_cost_usd_total", key=key)) == cents(estimated)
-        assert Decimal(report["totals"]["settled_usd"]) == Decimal("4.312")
+        assert Decimal(report["totals"]["settled_usd"]) == Decimal("3.752")
         assert report["totals"]["tasks"] == 6 and report["totals"]["pending"] == 1
         assert report["totals"]["failed"] == 1 and report["totals"]["defaulted"] == 1
 

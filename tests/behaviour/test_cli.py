@@ -97,6 +97,10 @@ class TestCheckConfig:
             ({}, "UNIALL_API_KEY: not set"),
             ({"UNIALL_API_KEY": "k", "KLING_GATEWAY_SERVER_PORT": "eighty"}, "server.port: expected an integer"),
             ({"UNIALL_API_KEY": "k", "UNIALL_BASE_URL": "gopher://x"}, "upstream.base_url: scheme must be"),
+            (
+                {"UNIALL_API_KEY": "k", "KLING_GATEWAY_ADMIN_TOKEN": "admin"},
+                "KLING_GATEWAY_ADMIN_TOKEN: must be at least 32",
+            ),
         ],
     )
     def test_bad_config_one_line(
@@ -370,7 +374,7 @@ class TestWorkers:
             KLING_GATEWAY_STORE_URL=postgres_schema_url,
             KLING_GATEWAY_CACHE_URL=redis_url,
             KLING_GATEWAY_CACHE_KEY_PREFIX=redis_prefix,
-            KLING_GATEWAY_ADMIN_TOKEN="adm-workers",
+            KLING_GATEWAY_ADMIN_TOKEN="adm-workers-0123456789abcdefghijklmn",
         )
         stderr_log = tmp_path / "serve.err"
         with stderr_log.open("wb") as stderr:
@@ -381,7 +385,9 @@ class TestWorkers:
         try:
             wait_healthy(base, within_s=45.0, stderr_log=stderr_log)
             created = httpx.post(
-                f"{base}/gateway/keys", json={"name": "team", "rpm": 6}, headers={"Authorization": "Bearer adm-workers"}
+                f"{base}/gateway/keys",
+                json={"name": "team", "rpm": 6},
+                headers={"Authorization": "Bearer " + "adm-workers-0123456789abcdefghijklmn"},
             )
             headers = {"Authorization": f"Bearer {created.json()['key']}"}
             time.sleep(1.0)  # the other worker picks the key up from the store

@@ -49,6 +49,20 @@ MATRIX: dict[str, tuple[Any, int, str | None, str | None, str]] = {
         None,
         "none",
     ),
+    "401: the team key rejected": (
+        json(401, {"error": {"message": "Incorrect API key provided: sk-test-upstream"}}),
+        502,
+        "upstream_auth_failed",
+        None,
+        "none",
+    ),
+    "403: the team key not allowed": (
+        json(403, {"error": {"message": "forbidden"}}),
+        502,
+        "upstream_auth_failed",
+        None,
+        "none",
+    ),
     "500": (json(500, {"error": {"message": "boom"}}), 500, None, "status_5xx", "none"),
     "503": (json(503, {"error": {"message": "maintenance"}}), 503, None, "status_5xx", "none"),
 }

@@ -61,7 +61,7 @@ from gateway.web.openapi import OPENAPI_PATH, openapi_document
 EXAMPLES_ENV = "KLING_GATEWAY_FUZZ_EXAMPLES"
 DEFAULT_EXAMPLES = 25
 UPSTREAM_KEY = "sk-fuzz-upstream"
-ADMIN_TOKEN = "adm-fuzz-token"
+ADMIN_TOKEN = "adm-fuzz-token-0123456789abcdefghijk"
 METRICS_TOKEN = "metrics-fuzz-token"
 SUBMIT = "/v1/video/generations"
 JSON = "application/json"

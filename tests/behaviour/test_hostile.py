@@ -92,8 +92,9 @@ def uvicorn_error_log_off() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def serve_gateway(data_dir: Path) -> Iterator[Served]:
-    """The gateway (open auth, admin API on, 64 KiB body limit) served by uvicorn on loopback."""
+def serve_gateway(data_dir: Path, transport: str = "lean") -> Iterator[Served]:
+    """The gateway (open auth, admin API on, 64 KiB body limit) served by uvicorn on loopback, reaching its upstream
+    through ``transport`` (``[upstream] transport``)."""
     with uvicorn_error_log_off(), FakeUpstream() as upstream:
         upstream.always("POST", SUBMIT, dynamic(accept))
         settings = load_settings(
@@ -106,6 +107,7 @@ def serve_gateway(data_dir: Path) -> Iterator[Served]:
                 "KLING_GATEWAY_SERVER_MAX_BODY_BYTES": str(MAX_BODY),
                 "KLING_GATEWAY_SETTLER_ENABLED": "false",
                 "KLING_GATEWAY_VALIDATION_RESOLVE_MEDIA_HOSTS": "false",
+                "KLING_GATEWAY_UPSTREAM_TRANSPORT": transport,
             }
         )
         logs, registry = io.StringIO(), CollectorRegistry()
@@ -114,17 +116,21 @@ def serve_gateway(data_dir: Path) -> Iterator[Served]:
             yield Served(server.port, upstream, logs, registry, settings)
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """One served gateway for the module (each test checks only what it added to the upstream's record)."""
-    with serve_gateway(tmp_path_factory.mktemp("hostile")) as gateway:
+TRANSPORTS = ["lean", "aiohttp"]
+
+
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """One served gateway per upstream transport for the module (each test checks only what it added to the
+    upstream's record): every hostile case runs on both upstream clients."""
+    with serve_gateway(tmp_path_factory.mktemp("hostile"), request.param) as gateway:
         yield gateway
 
 
-@pytest.fixture
-def fresh(tmp_path: Path) -> Iterator[Served]:
-    """A served gateway of the test's own, for tests that read its metrics and logs."""
-    with serve_gateway(tmp_path) as gateway:
+@pytest.fixture(params=TRANSPORTS)
+def fresh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Served]:
+    """A served gateway of the test's own, for tests that read its metrics and logs (on each upstream transport)."""
+    with serve_gateway(tmp_path, request.param) as gateway:
         yield gateway
 
 

@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 from gateway.config import Settings
 
 SANDBOX_API_KEY = "sk-test-upstream"
-ADMIN_TOKEN = "adm-test-token-canary"
+ADMIN_TOKEN = "adm-test-token-canary-0123456789abcdef"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http
+import itertools
 import json as jsonlib
 import socket
 import struct
@@ -371,6 +372,17 @@ def slow(delay_s: float, then: Behaviour) -> Slow:
 def dynamic(fn: Callable[[RecordedRequest], Behaviour]) -> Dynamic:
     """Pick the behaviour from the request (e.g. echo the task id of the path)."""
     return Dynamic(fn)
+
+
+def fresh_task(prefix: str = "task", status: str = "queued") -> Dynamic:
+    """Accept a submission with a new task id each time (an upstream never hands out one id twice)."""
+    counter = itertools.count(1)
+
+    def answer(request: RecordedRequest) -> Behaviour:
+        task_id = f"{prefix}_{next(counter)}"
+        return json(200, {"id": task_id, "task_id": task_id, "status": status})
+
+    return Dynamic(answer)
 
 
 _PATTERN = bytes(range(251)) * 263  # a cycle of 251 bytes, longer than any offset plus one chunk

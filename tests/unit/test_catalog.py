@@ -203,7 +203,7 @@ class TestCodeCatalogue:
         [
             {},
             {"KLING_GATEWAY_AUTH_MODE": "open"},
-            {"KLING_GATEWAY_ADMIN_TOKEN": "t", "KLING_GATEWAY_PROXY_PASSTHROUGH": "true"},
+            {"KLING_GATEWAY_ADMIN_TOKEN": "t" * 16 + "0123456789abcdef", "KLING_GATEWAY_PROXY_PASSTHROUGH": "true"},
             {"KLING_GATEWAY_METRICS_TOKEN": "m"},
         ],
     )

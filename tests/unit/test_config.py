@@ -88,8 +88,10 @@ class TestOverrides:
 
     def test_secrets_from_env_and_never_in_repr(self) -> None:
         """Secrets come from the environment and never show in a repr (so never in a log line)."""
-        s = load_settings(env={"UNIALL_API_KEY": "sk-canary-1", "KLING_GATEWAY_ADMIN_TOKEN": "adm-canary"})
-        assert s.upstream_api_key == "sk-canary-1" and s.admin_token == "adm-canary"
+        s = load_settings(
+            env={"UNIALL_API_KEY": "sk-canary-1", "KLING_GATEWAY_ADMIN_TOKEN": "adm-canary-0123456789abcdefghijklmnop"}
+        )
+        assert s.upstream_api_key == "sk-canary-1" and s.admin_token == "adm-canary-0123456789abcdefghijklmnop"
         assert "canary" not in repr(s)
 
 
@@ -198,6 +200,28 @@ class TestErrors:
         """Serving against the real upstream needs UNIALL_API_KEY."""
         with pytest.raises(ConfigError, match=r"^UNIALL_API_KEY: not set"):
             load_settings(env={}, require_upstream_key=True)
+
+    @pytest.mark.parametrize(
+        ("token", "message"),
+        [
+            ("a", "at least 32 characters"),
+            ("admin", "at least 32 characters"),
+            (" " * 40, "blanks"),
+            ("correct horse battery staple and more", "blanks"),
+            ("x" * 31, "at least 32 characters"),
+            ("ab" * 20, "repetition"),
+            ("token-with-a-tab\t-0123456789abcdefghij", "control characters"),
+        ],
+    )
+    def test_weak_admin_token_refused(self, token: str, message: str) -> None:
+        """A short, blank or repetitive admin token stops start-up with a line naming the variable."""
+        with pytest.raises(ConfigError, match=rf"^KLING_GATEWAY_ADMIN_TOKEN: .*{message}"):
+            load_settings(env={"KLING_GATEWAY_ADMIN_TOKEN": token})
+
+    @pytest.mark.parametrize("token", ["", "Zx8-q2Lr_0aBcDeFgHiJkLmNoPqRsTuVw", "0123456789abcdef0123456789abcdef"])
+    def test_strong_or_no_admin_token_accepted(self, token: str) -> None:
+        """32+ varied characters pass; no token at all turns the admin API off."""
+        assert load_settings(env={"KLING_GATEWAY_ADMIN_TOKEN": token}).admin_token == token
 
 
 #: One row per declared rule: a bad value and the message it gets (the setting's name is prepended).
@@ -341,4 +365,4 @@ class TestEnvironmentNames:
         ],
     )
     def test_variables_that_are_not_settings_are_allowed(self, name: str) -> None:
-        load_settings(env={name: "x"})
+        load_settings(env={name: "x" if name != "KLING_GATEWAY_ADMIN_TOKEN" else "x-0123456789abcdefghijklmnopqrstuv"})

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from gateway.auth.authenticate import AdminToken, ClientAuthentication
+from gateway.auth.guard import GuessLimiter
 from gateway.auth.principal import OPEN_PRINCIPAL, OpenAuthenticator, Principal, invalid_key
 from gateway.auth.rate_limits import KeyRateLimits, rate_limited
 from gateway.errors import AuthenticationFailed, NotFound, TooManyRequests
@@ -72,6 +73,22 @@ class TestAdminToken:
 
     def test_right_token_passes(self) -> None:
         AdminToken("adm").require("Bearer adm", "/gateway/keys")
+
+    def test_guessing_is_locked_out(self) -> None:
+        """With a guard, the third wrong token from an address locks it out (reported once): then even the right
+        token is 429 too_many_auth_failures with Retry-After; other addresses are unaffected."""
+        locked: list[tuple[str, str]] = []
+        guard = GuessLimiter(max_failures=3, window_s=60, lockout_s=300, clock=lambda: 0.0)
+        token = AdminToken("adm", guard=guard, on_lockout=lambda address, path: locked.append((address, path)))
+        for _ in range(3):
+            with pytest.raises(AuthenticationFailed):
+                token.require("Bearer wrong", "/gateway/keys", "10.0.0.9")
+        with pytest.raises(TooManyRequests) as caught:
+            token.require("Bearer adm", "/gateway/keys", "10.0.0.9")
+        assert (caught.value.status, caught.value.code) == (429, "too_many_auth_failures")
+        assert caught.value.headers["Retry-After"] == "300"
+        assert locked == [("10.0.0.9", "/gateway/keys")]
+        token.require("Bearer adm", "/gateway/keys", "10.0.0.10")
 
 
 class TestClientAuthentication:

@@ -7,7 +7,16 @@ from decimal import Decimal
 import pytest
 
 from gateway.config import PricingSettings
-from gateway.ledger.pricing import PriceTable, cost, estimate, settlement_seconds, to_cents, to_report
+from gateway.ledger.pricing import (
+    ANOMALY_REASONS,
+    PriceTable,
+    bounded_seconds,
+    cost,
+    estimate,
+    settlement_seconds,
+    to_cents,
+    to_report,
+)
 from gateway.ledger.service import month_bounds, reported_seconds
 
 LIST = PriceTable.from_settings(PricingSettings())
@@ -69,7 +78,8 @@ class TestSettlement:
         ("outcome", "reported", "requested", "seconds"),
         [
             ("completed", Decimal(9), 10, Decimal(9)),
-            ("completed", Decimal("5.5"), 5, Decimal("5.5")),
+            ("completed", Decimal("4.5"), 5, Decimal("4.5")),
+            ("completed", Decimal("5.5"), 5, Decimal(5)),  # over the request: the request
             ("completed", None, 8, Decimal(8)),
             ("failed", Decimal(5), 5, Decimal(0)),
             ("failed", None, 5, Decimal(0)),
@@ -77,26 +87,55 @@ class TestSettlement:
         ],
     )
     def test_settlement_seconds(self, outcome: str, reported: Decimal | None, requested: int, seconds: Decimal) -> None:
-        """Completed: reported seconds, else requested; failed: zero; unknown: the estimate's seconds."""
+        """Completed: reported seconds (never over the request), else requested; failed: zero; unknown: estimate."""
         assert settlement_seconds(outcome, reported, requested) == seconds
 
     @pytest.mark.parametrize(
-        ("body", "seconds"),
+        ("body", "seconds", "reason"),
         [
-            ({"seconds": 9}, Decimal(9)),
-            ({"seconds": "7"}, Decimal(7)),
-            ({"duration": 6.5}, Decimal("6.5")),
-            ({"video_duration": 4, "seconds": 9}, Decimal(4)),
-            ({"usage": {"output_seconds": 3}, "seconds": 9}, Decimal(3)),
-            ({"seconds": True}, None),
-            ({"seconds": "abc"}, None),
-            ({"seconds": -1}, None),
-            ({"status": "completed"}, None),
+            ({"seconds": 9}, Decimal(9), None),
+            ({"seconds": "7"}, Decimal(7), None),
+            ({"seconds": "7.25"}, Decimal("7.25"), None),
+            ({"duration": 6.5}, Decimal("6.5"), None),
+            ({"seconds": 1}, Decimal(1), None),
+            ({"seconds": 10}, Decimal(10), None),
+            ({"video_duration": 4, "seconds": 9}, Decimal(4), None),
+            ({"usage": {"output_seconds": 3}, "seconds": 9}, Decimal(3), None),
+            ({"status": "completed"}, None, None),
+            ({"usage": "lots", "seconds": 2}, Decimal(2), None),
+            # unusable: settled at the requested seconds, counted under the reason
+            ({"seconds": True}, None, "not_a_number"),
+            ({"seconds": "abc"}, None, "not_a_number"),
+            ({"seconds": "1_000"}, None, "not_a_number"),
+            ({"seconds": "1e3"}, None, "not_a_number"),
+            ({"seconds": " 5"}, None, "not_a_number"),
+            ({"seconds": "+5"}, None, "not_a_number"),
+            ({"seconds": "NaN"}, None, "not_a_number"),
+            ({"seconds": "Infinity"}, None, "not_a_number"),
+            ({"seconds": "9" * 400}, None, "not_a_number"),
+            ({"seconds": [5]}, None, "not_a_number"),
+            ({"seconds": {"value": 5}}, None, "not_a_number"),
+            ({"seconds": float("nan")}, None, "not_finite"),
+            ({"seconds": float("inf")}, None, "not_finite"),
+            ({"seconds": -1}, None, "below_minimum"),
+            ({"seconds": 0}, None, "below_minimum"),
+            ({"seconds": 0.5}, None, "below_minimum"),
+            ({"seconds": 11}, None, "above_requested"),
+            ({"seconds": 1e308}, None, "above_requested"),
+            ({"seconds": 10**400}, None, "above_requested"),
+            ({"usage": {"output_seconds": 10**30}, "seconds": 4}, None, "above_requested"),
+            ({"seconds": "10.000000001"}, None, "above_requested"),
         ],
     )
-    def test_reported_seconds(self, body: dict[str, object], seconds: Decimal | None) -> None:
-        """Output seconds are read from the fields an upstream may use; junk is ignored."""
-        assert reported_seconds(body) == seconds
+    def test_reported_seconds(self, body: dict[str, object], seconds: Decimal | None, reason: str | None) -> None:
+        """Reported seconds count only as a finite number or plain decimal string in [1, requested] (here 10)."""
+        assert reported_seconds(body, 10) == (seconds, reason)
+
+    @pytest.mark.parametrize("reason", ANOMALY_REASONS)
+    def test_every_reason_is_reachable(self, reason: str) -> None:
+        """Each anomaly reason (a metric label) has a value that produces it."""
+        samples = {"not_a_number": "x", "not_finite": float("inf"), "below_minimum": 0, "above_requested": 99}
+        assert bounded_seconds(samples[reason], 5) == (None, reason)
 
 
 class TestReporting:

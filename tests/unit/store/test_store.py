@@ -419,6 +419,16 @@ class TestIntents:
         (row,) = await store.usage()
         assert row.tasks == 1
 
+    async def test_task_id_already_held_keeps_owner_and_intent(self, store: Store) -> None:
+        """A task id already in the ledger is not overwritten by another key's submission, whose intent stays."""
+        first = make_task("task-dup", key="alice")
+        await add_task(store, first)
+        await store.record_intent("i-mallory", "mallory", "req-m", first.model, first.mode, T0 + 1)
+        assert await store.resolve_intent("i-mallory", replace(first, key_name="mallory")) is False
+        stored = await store.get_task("task-dup")
+        assert stored is not None and stored.key_name == "alice"
+        assert [i.intent_id for i in await store.list_intents()] == ["i-mallory"]
+
     async def test_intent_fields(self, store: Store) -> None:
         """An intent keeps who submitted what and when."""
         await store.record_intent("i1", "team-a", "req-1", "kling-v3-pro-audio", "first_last", T0 + 0.25)
@@ -444,6 +454,64 @@ class TestIntents:
         finally:
             await other.close()
             await store.close()
+
+
+MONTH = (T0 - 86400.0, T0 + 30 * 86400.0)
+
+
+class TestBudgetHolds:
+    async def test_hold_until_the_budget_then_refuse(self, store: Store) -> None:
+        """Holds add up with outstanding tasks; the one that would pass the budget is refused with the spend."""
+        await add_task(store, make_task("task-1", key="team-a"))  # 0.42 outstanding
+        assert await store.hold_budget("h1", "team-a", Decimal("0.42"), Decimal(1), MONTH, T0) == (
+            True,
+            Decimal("0.42"),
+        )
+        refused = await store.hold_budget("h2", "team-a", Decimal("0.42"), Decimal(1), MONTH, T0)
+        assert refused == (False, Decimal("0.84"))
+        assert (await store.hold_budget("h3", "team-b", Decimal("0.42"), Decimal(1), MONTH, T0))[0] is True  # per key
+        await store.release_hold("h1")
+        assert (await store.hold_budget("h4", "team-a", Decimal("0.58"), Decimal(1), MONTH, T0))[0] is True  # exactly
+
+    async def test_a_task_row_and_its_hold_both_count_until_the_hold_is_released(self, store: Store) -> None:
+        """While a submission's task row is written and its hold not yet released, both count (never neither)."""
+        task = make_task("task-h", key="team-a")  # 0.42
+        assert (await store.hold_budget("h1", "team-a", Decimal("0.42"), Decimal(1), MONTH, T0))[0] is True
+        await add_task(store, task)
+        assert await store.hold_budget("h2", "team-a", Decimal("0.2"), Decimal(1), MONTH, T0) == (
+            False,
+            Decimal("0.84"),
+        )
+        await store.release_hold("h1")
+        assert await store.hold_budget("h3", "team-a", Decimal("0.58"), Decimal(1), MONTH, T0) == (
+            True,
+            Decimal("0.42"),
+        )
+
+    async def test_expired_holds_stop_counting(self, store: Store) -> None:
+        """A hold left by a dead process no longer counts after its time to live."""
+        assert (await store.hold_budget("h1", "team-a", Decimal("0.9"), Decimal(1), MONTH, T0, ttl_s=60))[0] is True
+        assert (await store.hold_budget("h2", "team-a", Decimal("0.9"), Decimal(1), MONTH, T0 + 30, ttl_s=60))[
+            0
+        ] is False
+        assert (await store.hold_budget("h3", "team-a", Decimal("0.9"), Decimal(1), MONTH, T0 + 61, ttl_s=60))[
+            0
+        ] is True
+
+    async def test_concurrent_holds_never_overshoot(self, backend_url: str) -> None:
+        """Two stores on one database, 20 holds at once: exactly as many as fit are granted."""
+        first, second = await open_store(backend_url), await open_store(backend_url)
+        try:
+            results = await asyncio.gather(
+                *(
+                    (first if n % 2 else second).hold_budget(f"h{n}", "team-a", Decimal("0.3"), Decimal(1), MONTH, T0)
+                    for n in range(20)
+                )
+            )
+        finally:
+            await first.close()
+            await second.close()
+        assert sum(held for held, _ in results) == 3
 
 
 _KILL_SCRIPT = """

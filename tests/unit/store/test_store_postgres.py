@@ -200,6 +200,7 @@ class TestMigrations:
                 "usage_daily",
                 "webhook_outbox",
                 "archives",
+                "budget_holds",
                 "audit_log",
             }
         finally:

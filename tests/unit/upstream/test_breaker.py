@@ -12,7 +12,7 @@ import httpx
 import pytest
 from support.harness import ADMIN, GatewayFactory
 from support.httpx_transport import HttpxTransport
-from support.upstream_fake import FakeUpstream, json, refuse, slow
+from support.upstream_fake import FakeUpstream, fresh_task, json, refuse, slow
 
 from gateway.config import UpstreamSettings
 from gateway.errors import ServiceUnavailable, UpstreamUnavailable
@@ -293,7 +293,7 @@ class TestEndToEnd:
     ) -> None:
         """3 upstream 500s open it: the 4th submission is a fast 503 that never reaches the fake; a probe closes it."""
         error = {"error": {"message": "boom", "code": "internal"}}
-        fake_upstream.script("POST", SUBMIT, *[json(500, error)] * 3, default=json(200, ACCEPTED))
+        fake_upstream.script("POST", SUBMIT, *[json(500, error)] * 3, default=fresh_task())
         gw = make_gateway(fake_upstream.url, env=breaker_env())
         for _ in range(3):
             assert gw.client.post(SUBMIT, json=BODY).status_code == 500  # the upstream's own answer, passed through

@@ -1160,7 +1160,7 @@ class TestPassthroughModels:
 
     def test_forwarded_without_kling_rules(self) -> None:
         """A pass-through model is forwarded unchanged, whatever its other fields."""
-        body = {"model": "veo-3.1", "prompt": "", "duration": 60, "resolution": "4k", "image": "data:..."}
+        body = {"model": "veo-3.1", "prompt": "", "duration": 60, "resolution": "4k", "image": IMG}
         result = validate(body, self.OPTIONS)
         assert assert_valid(result) == body
         request = result.request
@@ -1185,6 +1185,25 @@ class TestPassthroughModels:
         result = validate({"model": "veo-3.1", "image": "http://10.0.0.1/a.png"}, self.OPTIONS)
         assert_only(result, "image", "private_media_url")
 
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "http:/10.0.0.1/a.png",
+            "http:\\\\10.0.0.1\\a.png",
+            "http:///10.0.0.1/a.png",
+            "data:image/png;base64,AAAA",
+            "//x/a",
+        ],
+    )
+    def test_media_url_parsed_strictly(self, url: str) -> None:
+        """A media URL no strict parse can read (browsers read some as internal hosts) is refused for every model."""
+        assert_only(validate({"model": "veo-3.1", "image": url}, self.OPTIONS), "image", "invalid_url")
+
+    def test_strings_bounded(self) -> None:
+        """A pass-through body's strings are bounded too (it is forwarded without Kling's field rules)."""
+        result = validate({"model": "veo-3.1", "prompt": "p" * 4097, "style": {"a": ["s" * 5000]}}, self.OPTIONS)
+        assert pairs(result) == [("prompt", "string_too_long"), ("style.a.0", "string_too_long")]
+
     def test_media_hosts_collected(self) -> None:
         """Pass-through media names are collected for the DNS check."""
         request = validate({"model": "veo-3.1", "image": IMG}, self.OPTIONS).request
@@ -1199,10 +1218,53 @@ class TestPassthroughModels:
         assert_only(validate(make(model="sora-2"), self.OPTIONS), "model", "unknown_model")
 
 
+class TestStringBounds:
+    @pytest.mark.parametrize(
+        ("fields", "param", "limit"),
+        [
+            (
+                {"extra_body": {"element_list": [{"element_id": "e" * 129}]}},
+                "extra_body.element_list.0.element_id",
+                128,
+            ),
+            ({"element_list": [{"element_id": "e" * 900_000}]}, "element_list.0.element_id", 128),
+            ({"image": "https://example.com/" + "a" * 2029}, "image", 2048),
+            ({"image": IMG, "last_image": "https://example.com/" + "a" * 2029}, "last_image", 2048),
+        ],
+    )
+    def test_each_bound(self, fields: dict[str, Any], param: str, limit: int) -> None:
+        """One character over each bound is string_too_long, naming the field and the bound."""
+        result = validate(make(**fields))
+        assert_only(result, param, "string_too_long")
+        assert f"at most {limit} are allowed" in result.problems[0].message
+
+    @pytest.mark.parametrize(
+        "fields",
+        [
+            {"extra_body": {"element_list": [{"element_id": "e" * 128}]}},
+            {"image": "https://example.com/" + "a" * 2028},
+        ],
+    )
+    def test_at_the_bound_is_fine(self, fields: dict[str, Any]) -> None:
+        """Exactly at the bound passes."""
+        assert_valid(validate(make(**fields)))
+
+    def test_forwarded_unknown_fields_and_names_bounded(self) -> None:
+        """With unknown fields forwarded, their values (4096) and every field name (64) are bounded too."""
+        options = ValidationOptions(allow_unknown_fields=True)
+        result = validate(make(note="n" * 4097, extra_body={"x" * 65: 1, "deep": [{"v": "v" * 4097}]}), options)
+        assert pairs(result) == [
+            ("note", "string_too_long"),
+            ("extra_body." + "x" * 64 + "...", "string_too_long"),
+            ("extra_body.deep.0.v", "string_too_long"),
+        ]
+        assert_valid(validate(make(note="n" * 4096), options))
+
+
 class TestMessages:
     def test_long_values_truncated(self) -> None:
         """Bad values are shown truncated, never in full."""
-        message = validate(make(aspect_ratio="z" * 5000)).problems[0].message
+        message = validate(make(aspect_ratio="z" * 4000)).problems[0].message
         assert len(message) < 200 and "…" in message
 
     def test_control_characters_escaped(self) -> None:

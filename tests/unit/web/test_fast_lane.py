@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 from support.harness import GatewayFactory
-from support.upstream_fake import FakeUpstream, json
+from support.upstream_fake import FakeUpstream, fresh_task, json
 
 SUBMIT = "/v1/video/generations"
 BODY: dict[str, Any] = {"model": "kling-v3-std-silent", "prompt": "a kite over the dunes", "duration": 5}
@@ -16,7 +16,7 @@ PENDING = {"id": "task_1", "task_id": "task_1", "status": "in_progress", "progre
 
 @pytest.fixture
 def upstream(fake_upstream: FakeUpstream) -> FakeUpstream:
-    fake_upstream.script("POST", SUBMIT, default=json(200, ACCEPTED))
+    fake_upstream.script("POST", SUBMIT, default=fresh_task())
     fake_upstream.script("GET", "/v1/videos/task_1", default=json(200, PENDING))
     return fake_upstream
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 from support.harness import SANDBOX_API_KEY
-from support.upstream_fake import FakeUpstream, ServerThread, json, slow
+from support.upstream_fake import FakeUpstream, ServerThread, fresh_task, slow
 
 from gateway.app import create_app
 from gateway.config import load_settings
@@ -107,7 +107,7 @@ class TestLimiter:
 @pytest.fixture
 def slow_gateway(fake_upstream: FakeUpstream, tmp_path: Path) -> Iterator[tuple[str, CollectorRegistry]]:
     """The gateway under uvicorn (real concurrency) with 2 slots and a queue of 1, before a 0.5 s upstream."""
-    fake_upstream.always("POST", SUBMIT, slow(0.5, json(200, ACCEPTED)))
+    fake_upstream.always("POST", SUBMIT, slow(0.5, fresh_task()))
     settings = load_settings(
         env={
             "UNIALL_BASE_URL": fake_upstream.url,
