@@ -11,10 +11,10 @@ WORKDIR /app
 COPY pyproject.toml README.md constraints.txt ./
 COPY gateway ./gateway
 COPY config ./config
-# This project itself, with the scale-out backends and the S3 archive client; every dependency pinned by
-# constraints.txt (regenerate: .venv/bin/python deploy/freeze_constraints.py > constraints.txt).
+# This project itself, with the scale-out backends, the S3 archive client and OpenTelemetry tracing (on only when
+# OTEL_EXPORTER_OTLP_ENDPOINT is set); every dependency pinned by constraints.txt (regenerate: .venv/bin/python deploy/freeze_constraints.py > constraints.txt).
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir -c constraints.txt '.[scale,archive]' \
+RUN pip install --no-cache-dir -c constraints.txt '.[scale,archive,otel]' \
     && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin gateway \
     && mkdir -p /data \
     && chown gateway /data

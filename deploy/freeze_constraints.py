@@ -1,13 +1,13 @@
 """Write the pins of the Docker image: the installed version of every runtime dependency of
-kling-gateway[scale,archive].
+kling-gateway[scale,archive,otel].
 
 Run from the repository root, in a venv where the project is installed (``make test`` makes one)::
 
     .venv/bin/python deploy/freeze_constraints.py > constraints.txt
 
 Only the runtime closure is pinned (test and dev tools are not), so the image installs exactly what the tests ran
-against. The Dockerfile installs with ``pip install -c constraints.txt '.[scale,archive]'``; ``make`` does the same
-for the development venv.
+against. The Dockerfile installs with ``pip install -c constraints.txt '.[scale,archive,otel]'``; ``make`` does
+the same for the development venv.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 PROJECT = "kling-gateway"
-EXTRAS = ("scale", "archive")
+EXTRAS = ("scale", "archive", "otel")
 
 
 def runtime_closure(project: str = PROJECT, extras: tuple[str, ...] = EXTRAS) -> dict[str, str]:
@@ -49,7 +49,7 @@ def runtime_closure(project: str = PROJECT, extras: tuple[str, ...] = EXTRAS) ->
 
 def main() -> int:
     pins = runtime_closure()
-    print("# Runtime pins of kling-gateway[scale,archive] (Docker image, dev venv). Regenerate with:")
+    print("# Runtime pins of kling-gateway[scale,archive,otel] (Docker image, dev venv). Regenerate with:")
     print("#   .venv/bin/python deploy/freeze_constraints.py > constraints.txt")
     for name in sorted(pins):
         print(f"{name}=={pins[name]}")

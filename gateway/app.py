@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
@@ -37,6 +38,7 @@ from gateway.metrics import Metrics, create_metrics
 from gateway.services import Services
 from gateway.shutdown import shutdown_hook
 from gateway.store.base import Store, StoreError
+from gateway.tracing.setup import tracing_from_env
 from gateway.ui.routes import UiRoutes
 from gateway.upstream.client import Transport
 from gateway.validation.media_guard import Resolver
@@ -52,6 +54,9 @@ from gateway.web.overload import Overload, OverloadMiddleware
 from gateway.web.routes import STATUS_ROUTE, SUBMIT_ROUTE, GatewayRoutes
 from gateway.webhooks.transport import WebhookTransport
 
+if TYPE_CHECKING:
+    from gateway.tracing.spans import Tracing
+
 
 def create_app(
     settings: Settings,
@@ -64,8 +69,13 @@ def create_app(
     clock: Callable[[], float] = time.time,
     webhook_transport: WebhookTransport | None = None,
 ) -> Starlette:
-    """Build the gateway. Tests inject a transport, registry, log sink, resolver, store and clock; production none."""
+    """Build the gateway. Tests inject a transport, registry, log sink, resolver, store and clock; production none.
+
+    Tracing is on when the environment configures an OTLP endpoint (``gateway.tracing.setup``); the app and the
+    services that make spans are then their traced variants, chosen here once.
+    """
     injected = Injected(transport, resolver, store, clock, webhook_transport)
+    tracing = tracing_from_env(os.environ)
     metrics = create_metrics(registry)
     content_metrics = create_content_metrics(metrics.registry)
     logs = make_logs(
@@ -97,10 +107,15 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: GatewayApp) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            services = await build_services(settings, metrics, log, stack, injected, content_metrics=content_metrics)
+            if tracing is not None:
+                stack.push_async_callback(tracing.shutdown)  # last out: exports the spans of the shutdown too
+            services = await build_services(
+                settings, metrics, log, stack, injected, content_metrics=content_metrics, tracing=tracing
+            )
             app.state.services = services
             book.rate_headers = RateLimitHeaders(services.rate_limits).for_key
-            stack.enter_context(_mounted(app, _handlers(services, injected.resolver), book, overload, errors))
+            handlers = _handlers(services, injected.resolver, tracing)
+            stack.enter_context(_mounted(app, handlers, book, overload, errors))
             await stack.enter_async_context(
                 shutdown_hook(
                     lambda: setattr(services, "shutting_down", True), grace_s=settings.server.shutdown_grace_s, log=log
@@ -121,20 +136,25 @@ def create_app(
                 log.info("shutdown")
                 logs.access.flush()
 
-    return GatewayApp(
+    options: dict[str, Any] = {
         # The routes that need no services; the rest are mounted by the lifespan (``_mounted``).
-        routes=[metrics_endpoint(metrics, settings.metrics.token), openapi_route(openapi_document(settings))],
-        middleware=[
+        "routes": [metrics_endpoint(metrics, settings.metrics.token), openapi_route(openapi_document(settings))],
+        "middleware": [
             Middleware(RequestContextMiddleware, book=book),
             Middleware(OverloadMiddleware, overload=overload),
         ],
-        exception_handlers={
+        "exception_handlers": {
             GatewayError: errors.gateway_error,
             HTTPException: errors.http_error,
             StoreError: errors.store_error,
         },
-        lifespan=lifespan,
-    )
+        "lifespan": lifespan,
+    }
+    if tracing is None:
+        return GatewayApp(**options)
+    from gateway.tracing.instrument import TracedGatewayApp
+
+    return TracedGatewayApp(tracing=tracing, **options)
 
 
 def _loops(services: Services) -> dict[str, Callable[[], Coroutine[None, None, None]]]:
@@ -173,13 +193,13 @@ class _Handlers:
     ui: UiRoutes
 
 
-def _handlers(services: Services, resolver: Resolver | None) -> _Handlers:
+def _handlers(services: Services, resolver: Resolver | None, tracing: Tracing | None) -> _Handlers:
     """Every handler, given exactly the services it uses."""
     settings = services.settings
     clients = ClientAuthentication(services.auth, services.rate_limits)
     gateway = GatewayRoutes(
         clients=clients,
-        checks=request_checks(settings, services.metrics, resolver),
+        checks=request_checks(settings, services.metrics, resolver, tracing),
         idempotency=IdempotencyRecords(services.store, clock=services.clock, log=services.log),
         ledger=services.ledger,
         upstream=services.upstream,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gateway.accounts.pool import AccountPool
 from gateway.auth.keyring import KeyAuthenticator
@@ -43,6 +43,7 @@ from gateway.webhooks.transport import WebhookTransport
 
 if TYPE_CHECKING:
     from gateway.shared.fail_open import SharedState
+    from gateway.tracing.spans import Tracing
 
 
 @dataclass(frozen=True)
@@ -64,14 +65,16 @@ async def build_services(
     injected: Injected,
     *,
     content_metrics: ContentMetrics,
+    tracing: Tracing | None = None,
 ) -> Services:
-    """Every service the app runs on, each built by its family's builder in dependency order."""
+    """Every service the app runs on, each built by its family's builder in dependency order (traced variants of the
+    upstream transport and the ledger when ``tracing`` is on)."""
     accounts = account_pool(settings, metrics, log, injected.clock)
-    upstream = upstream_client(settings, metrics, log, stack, injected.transport, accounts)
+    upstream = upstream_client(settings, metrics, log, stack, injected.transport, accounts, tracing)
     store = await open_or_injected_store(settings, stack, injected.store)
     auth = await authenticator(settings, store, log, injected.clock)
     webhooks = webhook_outbox(settings, store, metrics, log, stack, injected)
-    ledger = await build_ledger(settings, store, metrics, log, injected.clock, auth, webhooks, accounts)
+    ledger = await build_ledger(settings, store, metrics, log, injected.clock, auth, webhooks, accounts, tracing)
     await accounts.check_removed(store)
     shared = await shared_state(settings, metrics, log, stack)
     status = status_poller(settings, upstream, ledger, metrics, log, shared)
@@ -115,13 +118,19 @@ def upstream_client(
     stack: contextlib.AsyncExitStack,
     transport: Transport | None,
     accounts: AccountPool,
+    tracing: Tracing | None = None,
 ) -> UpstreamClient:
     """The client for UniAll with each account's key (the transport chosen by ``[upstream] transport`` unless one
     is injected)."""
+    chosen = transport if transport is not None else upstream_transport(settings.upstream)
+    if tracing is not None:
+        from gateway.tracing.instrument import TracedTransport
+
+        chosen = TracedTransport(chosen, tracing)
     upstream = UpstreamClient(
         settings.upstream,
         accounts.key,
-        transport if transport is not None else upstream_transport(settings.upstream),
+        chosen,
         metrics,
         log=log,
         secrets=[key for name in accounts.names if (key := accounts.key(name))],
@@ -185,22 +194,26 @@ async def build_ledger(
     auth: Authenticator,
     webhooks: WebhookOutbox | None,
     accounts: AccountPool,
+    tracing: Tracing | None = None,
 ) -> Ledger:
     """The ledger, with the tasks still in flight loaded (and webhooks on terminal statuses, when configured)."""
-    ledger = Ledger(
-        store,
-        PriceTable.from_settings(settings.pricing),
-        metrics,
-        log,
-        clock=clock,
-        on_terminal=(
+    options: dict[str, Any] = {
+        "clock": clock,
+        "on_terminal": (
             webhooks.terminal_hook(auth.webhook_url)
             if webhooks is not None and isinstance(auth, KeyAuthenticator)
             else None
         ),
-        recent_tasks=min(settings.cache.max_entries, 20_000),
-        on_release=accounts.released,
-    )
+        "recent_tasks": min(settings.cache.max_entries, 20_000),
+        "on_release": accounts.released,
+    }
+    prices = PriceTable.from_settings(settings.pricing)
+    if tracing is None:
+        ledger = Ledger(store, prices, metrics, log, **options)
+    else:
+        from gateway.tracing.instrument import TracedLedger
+
+        ledger = TracedLedger(store, prices, metrics, log, tracing=tracing, **options)
     await ledger.load_in_flight()
     return ledger
 
@@ -278,7 +291,9 @@ def content_services(
     )
 
 
-def request_checks(settings: Settings, metrics: Metrics, resolver: Resolver | None) -> RequestChecks:
+def request_checks(
+    settings: Settings, metrics: Metrics, resolver: Resolver | None, tracing: Tracing | None = None
+) -> RequestChecks:
     """Validation with ``[validation]``'s options, and the media-host DNS check when it asks for one."""
     validation = settings.validation
     media_guard = None
@@ -289,4 +304,8 @@ def request_checks(settings: Settings, metrics: Metrics, resolver: Resolver | No
         block_private_media=validation.block_private_media,
         passthrough_models=frozenset(validation.passthrough_models),
     )
+    if tracing is not None:
+        from gateway.tracing.instrument import TracedRequestChecks
+
+        return TracedRequestChecks(options, media_guard, metrics, tracing=tracing)
     return RequestChecks(options, media_guard, metrics)

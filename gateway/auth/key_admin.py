@@ -1,7 +1,8 @@
 """Key management shared by the CLI (``kling-gateway keys ...``) and the admin API (``/gateway/keys``).
 
 Each administrative action is one function here (``create``, ``update_limits``, ``rotate``, ``revoke``), so
-both front ends behave alike and an audit trail has one place to hook into.
+both front ends behave alike; each records itself in the audit trail (``gateway.audit``) with the ``actor`` the
+caller names, so every front end records the same way.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final
 
+from gateway.audit.trail import KEY_CREATED, KEY_REVOKED, KEY_ROTATED, KEY_UPDATED, Actor
+from gateway.audit.trail import record as audit
 from gateway.catalog import MODELS
 from gateway.keys import KeyRecord, check_limits, issue_key, model_allowed, new_secret
 from gateway.store.base import KeyExists, KeyNotFound, Store
+from gateway.url_secrets import redact_url
 from gateway.webhooks.targets import check_webhook_url
 
 UPDATABLE: Final = ("models", "rpm", "monthly_budget_usd", "webhook_url")
@@ -54,6 +58,7 @@ async def create(
     store: Store,
     name: str,
     *,
+    actor: Actor,
     now: float,
     models: tuple[str, ...] = (),
     rpm: int | None = None,
@@ -80,6 +85,7 @@ async def create(
         if existing is not None and existing.revoked:
             raise NameRevoked(name) from None
         raise
+    await audit(store, actor, KEY_CREATED, name, settings_of(record), now=now)
     return IssuedKey(secret, record)
 
 
@@ -88,6 +94,8 @@ async def update_limits(
     name: str,
     changes: Mapping[str, Any],
     *,
+    actor: Actor,
+    now: float,
     allow_private_webhooks: bool = False,
     known_models: Collection[str] = MODELS,
 ) -> KeyRecord:
@@ -106,7 +114,10 @@ async def update_limits(
     check_models(updated.models, known_models)
     if "webhook_url" in changes:
         _check_webhook(updated.webhook_url, allow_private_webhooks)
-    return await store.update_key_limits(updated)
+    stored = await store.update_key_limits(updated)
+    changed = {field: value for field, value in settings_of(stored).items() if field in changes}
+    await audit(store, actor, KEY_UPDATED, name, changed, now=now)
+    return stored
 
 
 def check_models(globs: tuple[str, ...], known_models: Collection[str] = MODELS) -> None:
@@ -123,20 +134,32 @@ def _check_webhook(webhook_url: str | None, allow_private: bool) -> None:
             raise ValueError(f"webhook URL: {problem}")
 
 
-async def rotate(store: Store, name: str, *, now: float, grace_s: float) -> IssuedKey:
+async def rotate(store: Store, name: str, *, actor: Actor, now: float, grace_s: float) -> IssuedKey:
     """A new secret for ``name``; the old one keeps working for ``grace_s`` seconds."""
     fresh = new_secret()
     record = await store.rotate_key(name, fresh.key_hash, fresh.prefix, now + grace_s)
+    await audit(store, actor, KEY_ROTATED, name, {"previous_secret_valid_until": now + grace_s}, now=now)
     return IssuedKey(fresh.secret, record)
 
 
-async def revoke(store: Store, name: str, *, now: float) -> KeyRecord:
-    """Revoke ``name`` at once (KeyNotFound if there is no such key)."""
+async def revoke(store: Store, name: str, *, actor: Actor, now: float) -> KeyRecord:
+    """Revoke ``name`` at once (KeyNotFound if there is no such key); revoking a revoked key changes nothing."""
     if not await store.revoke_key(name, now):
         record = await store.get_key(name)
         if record is None:
             raise KeyNotFound(name)
         return record
+    await audit(store, actor, KEY_REVOKED, name, {"revoked_at": now}, now=now)
     record = await store.get_key(name)
     assert record is not None
     return record
+
+
+def settings_of(record: KeyRecord) -> dict[str, Any]:
+    """A key's settings as the audit trail keeps them (a webhook URL without its password; never the secret)."""
+    return {
+        "models": list(record.models),
+        "rpm": record.rpm,
+        "monthly_budget_usd": str(record.monthly_budget_usd) if record.monthly_budget_usd is not None else None,
+        "webhook_url": redact_url(record.webhook_url) if record.webhook_url is not None else None,
+    }

@@ -55,12 +55,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _keys(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.audit.trail import Actor
     from gateway.auth import key_admin
     from gateway.keys import parse_model_globs
     from gateway.store.base import KeyExists, KeyNotFound, KeyRevoked
 
     store = await open_store(settings.store_url, create=args.keys_command != "list")
     now = time.time()
+    actor = Actor.cli()
     known_models = _known_models(settings)
     try:
         if args.keys_command == "list":
@@ -71,6 +73,8 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
                 store,
                 args.name,
                 _changes(args),
+                actor=actor,
+                now=now,
                 allow_private_webhooks=settings.webhooks.allow_private_targets,
                 known_models=known_models,
             )
@@ -88,6 +92,7 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
             issued = await key_admin.create(
                 store,
                 args.name,
+                actor=actor,
                 now=now,
                 models=parse_model_globs(args.models),
                 rpm=args.rpm,
@@ -102,11 +107,11 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
         if args.keys_command == "webhook-secret":
             return await _webhook_secret(store, args.name, settings)
         if args.keys_command == "revoke":
-            await key_admin.revoke(store, args.name, now=now)
+            await key_admin.revoke(store, args.name, actor=actor, now=now)
             print(f"revoked key '{args.name}' (in force in every gateway process within a second)")
             return EXIT_OK
         grace = args.grace_s if args.grace_s is not None else settings.auth.rotation_grace_s
-        issued = await key_admin.rotate(store, args.name, now=now, grace_s=grace)
+        issued = await key_admin.rotate(store, args.name, actor=actor, now=now, grace_s=grace)
         print(f"rotated key '{args.name}'; the old secret works for {grace:g} more seconds. New secret:")
         print(issued.secret)
         return EXIT_OK

@@ -7,12 +7,12 @@ import sys
 from collections.abc import Sequence
 
 from gateway import __version__
-from gateway.cli import accounts, archive, config_check, generate, keys, serve, store_copy, usage, validate
+from gateway.cli import accounts, archive, audit, config_check, generate, keys, serve, store_copy, usage, validate
 from gateway.cli.common import EXIT_INVALID, EXIT_USAGE, Unreachable
 from gateway.config import ConfigError
 from gateway.store.base import StoreError
 
-COMMAND_FAMILIES = (serve, validate, generate, store_copy, config_check, keys, usage, accounts, archive)
+COMMAND_FAMILIES = (serve, validate, generate, store_copy, config_check, keys, usage, accounts, audit, archive)
 """The modules whose ``add_parser(subcommands)`` build the subcommands, in ``--help`` order."""
 
 

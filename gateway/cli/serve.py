@@ -240,6 +240,7 @@ async def _dev_key(settings: Settings, *, renew: bool) -> str:
     still accepts it. The first run creates it; ``renew`` (``--new-dev-key``), a lost file or a key rotated
     elsewhere rotates it (no grace).
     """
+    from gateway.audit.trail import Actor
     from gateway.auth import key_admin
     from gateway.keys import hash_secret, looks_like_key
     from gateway.store.base import KeyRevoked
@@ -251,12 +252,12 @@ async def _dev_key(settings: Settings, *, renew: bool) -> str:
         record = await store.get_key("dev")
         now = time.time()
         if record is None:
-            secret = (await key_admin.create(store, "dev", now=now)).secret
+            secret = (await key_admin.create(store, "dev", actor=Actor.cli(), now=now)).secret
         elif not renew and looks_like_key(kept) and record.accepts(hash_secret(kept), now):
             return kept
         else:
             try:
-                secret = (await key_admin.rotate(store, "dev", now=now, grace_s=0)).secret
+                secret = (await key_admin.rotate(store, "dev", actor=Actor.cli(), now=now, grace_s=0)).secret
             except KeyRevoked:
                 raise ConfigError("the sandbox's 'dev' key was revoked; create another with 'keys create'") from None
     finally:

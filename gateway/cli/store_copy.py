@@ -47,6 +47,8 @@ async def _copy_store(settings: Settings, to_url: str) -> int:
     )
     if report.webhooks:
         print(f"copied {report.webhooks} webhook outbox rows (pending and failed)")
+    if report.audit:
+        print(f"copied {report.audit} audit trail entries")
     if not report.verified:
         return fail("the usage totals of the two stores differ after the copy: do not switch to the destination")
     print("verified: usage by key, model, mode and day is the same in both stores")

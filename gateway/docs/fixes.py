@@ -23,6 +23,13 @@ FIXES: Final[Mapping[str, str]] = MappingProxyType(
         "invalid_parameter": "Fix the query parameter named in `param` (the message says what it accepts).",
         "invalid_cursor": "Pass back `next_cursor` exactly as the previous page gave it, with the same query.",
         "invalid_key_request": "Fix the key field named in the message (name, rpm, budget, model globs, webhook).",
+        "invalid_path": "Call pass-through paths in normal form: `/v1/` then plain segments (no `//`, `;`, "
+        "percent-escapes or dot segments).",
+        "string_too_long": "Shorten the field named in `param`; the README lists each string's limit.",
+        "model_not_priced": "Configure a price for the pass-through model (`[pricing.prices]`), or use a key "
+        "without a monthly budget.",
+        "upstream_auth_failed": "An operator problem, not your key: UniAll rejected the team's upstream key; "
+        "replace it (`kling-gateway accounts` shows each account's fingerprint and state).",
         "invalid_api_key": "Send `Authorization: Bearer gk_...` with a current key; `keys list` shows revoked ones, "
         "`keys rotate` issues a new secret.",
         "invalid_admin_token": "Send `Authorization: Bearer $KLING_GATEWAY_ADMIN_TOKEN` (the gateway's own value).",

@@ -22,6 +22,7 @@ Semantics every backend keeps:
   half-even on the way in. Prices and multipliers, which are never summed, are kept as decimal text.
 * **Idempotency** records are scoped per client key: see :meth:`Store.idempotency_begin`.
 * **Webhook outbox** rows are leased, never locked across a delivery: see :meth:`Store.outbox_claim`.
+* **Audit trail**: one append-only row per admin action (:class:`AuditRecord`); never a secret.
 
 Times are Unix epoch seconds (floats) passed in by the caller, so tests control the clock. Days are UTC.
 Failures of the backend surface as :class:`StoreError` (never a driver-specific exception).
@@ -30,10 +31,10 @@ Failures of the backend surface as :class:`StoreError` (never a driver-specific 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from gateway.catalog import DEFAULT_ACCOUNT, TaskStatus
 from gateway.keys import KeyRecord
@@ -231,6 +232,20 @@ class ArchiveRecord:
     sha256: str | None = None
     archived_at: float | None = None
     error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One admin action (``gateway.audit``): who (``actor``, ``address``), what (``action`` on ``target``, the
+    ``changes`` as JSON-able values, never a secret) and when (``at``)."""
+
+    audit_id: str
+    at: float
+    actor: str
+    address: str | None
+    action: str
+    target: str
+    changes: Mapping[str, Any]
 
 
 class Store(Protocol):
@@ -464,3 +479,13 @@ class Store(Protocol):
 
     async def archive_retry_failed(self) -> int:
         """Make every given-up copy claimable again (``archive backfill``); how many."""
+
+    # -- audit trail (gateway.audit) ------------------------------------------------------------------------------
+
+    async def audit_add(self, record: AuditRecord) -> None:
+        """Append one admin action."""
+
+    async def audit_list(
+        self, since: float | None, limit: int = 50, before: str | None = None
+    ) -> tuple[list[AuditRecord], str | None]:
+        """A page of admin actions at or after ``since``, newest first, and the next page's cursor (None: last)."""

@@ -11,6 +11,7 @@ through the ``Store`` protocol only, so it works between any two backends (also 
   workers go on delivering them under the same ``webhook-id``) and failed ones (kept for inspection). Leases are
   not copied: the source's gateways are stopped, so nothing is mid-attempt;
 * the archive rows (which task's video is archived where, with its size and SHA-256), so archived videos stay served.
+* the audit trail of admin actions, every entry as it is.
 
 Idempotency records (replays of answers, kept 24 h) are not copied. Stop the gateways writing to the source first:
 tasks recorded during the copy would be missed. The copy ends by comparing usage by key, model, mode and day, and by
@@ -41,10 +42,11 @@ class CopyReport:
     intents: int
     verified: bool
     webhooks: int = 0
+    audit: int = 0
 
 
 async def copy_store(source: Store, destination: Store, *, progress: Callable[[int], None] | None = None) -> CopyReport:
-    """Copy keys, tasks, intents and webhook outbox rows into the empty ``destination`` (see the module docstring)."""
+    """Copy keys, tasks, intents, the webhook outbox and the audit trail into the empty ``destination``."""
     await _require_empty(destination)
     keys = await source.list_keys()
     for record in keys:
@@ -77,11 +79,27 @@ async def copy_store(source: Store, destination: Store, *, progress: Callable[[i
     for state in ("pending", "failed"):
         for row in await source.outbox_list(state, limit=_ALL_ROWS):
             webhooks += await destination.outbox_add(row, _ALL_ROWS, _ALL_ROWS)
+    audit = 0
+    cursor = None
+    while True:
+        entries, cursor = await source.audit_list(None, MAX_PAGE, cursor)
+        for entry in entries:
+            await destination.audit_add(entry)
+        audit += len(entries)
+        if cursor is None:
+            break
     by = ("key", "model", "mode", "day")
     verified = await source.usage(None, None, by) == await destination.usage(None, None, by)
     accounts = ("account",)
     verified = verified and await source.usage(None, None, accounts) == await destination.usage(None, None, accounts)
-    return CopyReport(keys=len(keys), tasks=tasks, intents=len(intents), verified=verified, webhooks=webhooks)
+    return CopyReport(
+        keys=len(keys),
+        tasks=tasks,
+        intents=len(intents),
+        verified=verified,
+        webhooks=webhooks,
+        audit=audit,
+    )
 
 
 async def _copy_archive_rows(source: Store, destination: Store) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Final
 
 from gateway.catalog import TASK_STATUSES, TaskStatus
 from gateway.keys import KeyRecord
-from gateway.store.base import USAGE_GROUPS, OutboxRecord, TaskRecord, UsageRow, from_fixed, to_fixed
+from gateway.store.base import USAGE_GROUPS, AuditRecord, OutboxRecord, TaskRecord, UsageRow, from_fixed, to_fixed
 
 #: The largest page ``tasks_for_key`` returns.
 MAX_PAGE = 1000
@@ -361,3 +361,42 @@ def outbox_record(row: Any) -> OutboxRecord:
         next_attempt_at=float(row[8]),
         last_error=row[9],
     )
+
+
+AUDIT_COLUMNS: Final = "audit_id, at, actor, address, action, target, changes"
+
+
+def audit_row(record: AuditRecord) -> tuple[Any, ...]:
+    """The ``AUDIT_COLUMNS`` values of ``record`` (the changes as JSON text)."""
+    changes = json.dumps(dict(record.changes), sort_keys=True, separators=(",", ":"))
+    return (record.audit_id, record.at, record.actor, record.address, record.action, record.target, changes)
+
+
+def audit_record(row: Any) -> AuditRecord:
+    """The record of a row selected as ``AUDIT_COLUMNS``."""
+    return AuditRecord(
+        audit_id=row[0],
+        at=float(row[1]),
+        actor=row[2],
+        address=row[3],
+        action=row[4],
+        target=row[5],
+        changes=json.loads(row[6]),
+    )
+
+
+def audit_page_sql(*, has_since: bool, has_cursor: bool, placeholder: Callable[[int], str]) -> str:
+    """The newest-first page query of ``audit_log`` (parameters: since?, cursor at and id?, limit)."""
+    n = 0
+
+    def next_placeholder() -> str:
+        nonlocal n
+        n += 1
+        return placeholder(n)
+
+    sql = f"SELECT {AUDIT_COLUMNS} FROM audit_log WHERE 1 = 1"  # noqa: S608 - constant columns
+    if has_since:
+        sql += f" AND at >= {next_placeholder()}"
+    if has_cursor:
+        sql += f" AND (at, audit_id) < ({next_placeholder()}, {next_placeholder()})"
+    return sql + f" ORDER BY at DESC, audit_id DESC LIMIT {next_placeholder()}"

@@ -29,6 +29,7 @@ from gateway.store.base import (
     IDEMPOTENCY_IN_FLIGHT_TTL_S,
     IDEMPOTENCY_TTL_S,
     ArchiveRecord,
+    AuditRecord,
     IdemKind,
     IdemState,
     IntentRecord,
@@ -43,9 +44,13 @@ from gateway.store.base import (
     to_fixed,
 )
 from gateway.store.rows import (
+    AUDIT_COLUMNS,
     MAX_PAGE,
     OUTBOX_COLUMNS,
     add_usage,
+    audit_page_sql,
+    audit_record,
+    audit_row,
     check_group_by,
     decode_cursor,
     encode_cursor,
@@ -209,6 +214,22 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
                 created_at REAL NOT NULL
             )""",
             "CREATE INDEX budget_holds_key ON budget_holds (key_name, created_at)",
+        ),
+    ),
+    (
+        6,
+        (
+            # The audit trail of admin actions: gateway.audit.
+            """CREATE TABLE audit_log (
+                audit_id TEXT PRIMARY KEY,
+                at REAL NOT NULL,
+                actor TEXT NOT NULL,
+                address TEXT,
+                action TEXT NOT NULL,
+                target TEXT NOT NULL,
+                changes TEXT NOT NULL
+            )""",
+            "CREATE INDEX audit_log_at ON audit_log (at, audit_id)",
         ),
     ),
 )
@@ -1054,7 +1075,38 @@ class SQLiteStore:
         """Make every given-up copy claimable again; how many."""
         return await self._tx(lambda conn: conn.execute(arch.SQL_RETRY_FAILED).rowcount)
 
+    # -- audit trail --------------------------------------------------------------------------------------------
 
+    async def audit_add(self, record: AuditRecord) -> None:
+        """Append one admin action."""
+        row = audit_row(record)
+        await self._tx(lambda conn: conn.execute(_SQL_AUDIT_ADD, row))
+
+    async def audit_list(
+        self, since: float | None, limit: int = 50, before: str | None = None
+    ) -> tuple[list[AuditRecord], str | None]:
+        """A page of admin actions at or after ``since``, newest first, and the next page's cursor."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise ValueError(f"limit must be between 1 and {MAX_PAGE}")
+        params: list[Any] = [] if since is None else [since]
+        if before is not None:
+            params.extend(decode_cursor(before))
+        params.append(limit + 1)
+        sql = _AUDIT_PAGE_SQL[(since is not None, before is not None)]
+        rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
+        records = [audit_record(row) for row in rows[:limit]]
+        cursor = encode_cursor(records[-1].at, records[-1].audit_id) if len(rows) > limit else None
+        return records, cursor
+
+
+_SQL_AUDIT_ADD = f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
+_AUDIT_PAGE_SQL = MappingProxyType(
+    {
+        (has_since, has_cursor): audit_page_sql(has_since=has_since, has_cursor=has_cursor, placeholder=lambda _: "?")
+        for has_since in (False, True)
+        for has_cursor in (False, True)
+    }
+)
 _SQL_OUTBOX_ADD = (  # constant fragments only, values are bound parameters
     f"INSERT INTO webhook_outbox ({OUTBOX_COLUMNS}, lease_until) "  # noqa: S608
     "SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0 "

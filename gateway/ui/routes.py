@@ -27,6 +27,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.templating import Jinja2Templates
 
 from gateway.accounts.pool import AccountPool
+from gateway.audit.trail import Actor
 from gateway.auth import key_admin
 from gateway.auth.authenticate import AdminToken
 from gateway.auth.key_admin import IssuedKey
@@ -292,6 +293,7 @@ class UiRoutes:
             issued = await key_admin.create(
                 self._deps.store,
                 name,
+                actor=_actor(request),
                 now=self._deps.clock(),
                 models=parse_model_globs(fields.get("models", "")),
                 rpm=_optional_int(fields.get("rpm"), "rpm"),
@@ -334,6 +336,8 @@ class UiRoutes:
                 self._deps.store,
                 name,
                 changes,
+                actor=_actor(request),
+                now=self._deps.clock(),
                 allow_private_webhooks=self._deps.allow_private_webhooks,
                 known_models=self._deps.known_models,
             )
@@ -351,7 +355,11 @@ class UiRoutes:
         name = request.path_params["name"]
         try:
             issued = await key_admin.rotate(
-                self._deps.store, name, now=self._deps.clock(), grace_s=self._deps.rotation_grace_s
+                self._deps.store,
+                name,
+                actor=_actor(request),
+                now=self._deps.clock(),
+                grace_s=self._deps.rotation_grace_s,
             )
         except KeyNotFound:
             return await self.keys_page(request, 404, error=f"No key named '{name}'.")
@@ -364,7 +372,7 @@ class UiRoutes:
         await self._form(request)
         name = request.path_params["name"]
         try:
-            await key_admin.revoke(self._deps.store, name, now=self._deps.clock())
+            await key_admin.revoke(self._deps.store, name, actor=_actor(request), now=self._deps.clock())
         except KeyNotFound:
             return await self.keys_page(request, 404, error=f"No key named '{name}'.")
         await self._deps.keys_changed()
@@ -560,3 +568,8 @@ def _optional_money(text: str | None) -> Decimal | None:
         return Decimal(text.strip())
     except InvalidOperation:
         raise ValueError("monthly_budget_usd must be a decimal amount.") from None
+
+
+def _actor(request: Request) -> Actor:
+    """The web UI as the audit trail names it, from the client's address."""
+    return Actor.admin_ui(request.client.host if request.client is not None else None)

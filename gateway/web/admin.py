@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from gateway.accounts.pool import AccountPool
+from gateway.audit.trail import Actor, audit_view
 from gateway.auth import key_admin
 from gateway.auth.authenticate import AdminToken, ClientAuthentication
 from gateway.auth.principal import Principal
@@ -204,6 +205,7 @@ class AdminRoutes:
             issued = await key_admin.create(
                 self._store,
                 name,
+                actor=_actor(request),
                 now=self._clock(),
                 models=_models(body.get("models")),
                 rpm=_optional_int(body.get("rpm"), "rpm"),
@@ -247,6 +249,8 @@ class AdminRoutes:
                 self._store,
                 name,
                 changes,
+                actor=_actor(request),
+                now=self._clock(),
                 allow_private_webhooks=self._allow_private_webhooks,
                 known_models=self._known_models,
             )
@@ -263,7 +267,9 @@ class AdminRoutes:
         self.require_admin(request)
         log_fields(request.scope)["key_name"] = request.path_params["name"]
         try:
-            record = await key_admin.revoke(self._store, request.path_params["name"], now=self._clock())
+            record = await key_admin.revoke(
+                self._store, request.path_params["name"], actor=_actor(request), now=self._clock()
+            )
         except KeyNotFound:
             raise NotFound("No such key.", code="key_not_found", param="name") from None
         await self._keys_changed()
@@ -276,13 +282,33 @@ class AdminRoutes:
         if "grace_s" in request.query_params:
             grace = float(_int_param(request, "grace_s", int(grace), 0, 30 * 86400))
         try:
-            issued = await key_admin.rotate(self._store, request.path_params["name"], now=self._clock(), grace_s=grace)
+            issued = await key_admin.rotate(
+                self._store, request.path_params["name"], actor=_actor(request), now=self._clock(), grace_s=grace
+            )
         except KeyNotFound:
             raise NotFound("No such key.", code="key_not_found", param="name") from None
         except KeyRevoked:
             raise Conflict("A revoked key cannot be rotated.", code="key_revoked", param="name") from None
         await self._keys_changed()
         return json_response({**key_admin.describe(issued.record, self._clock()), "key": issued.secret})
+
+    # -- admin: audit trail ---------------------------------------------------------------------------------------
+
+    async def audit(self, request: Request) -> Response:
+        """GET /gateway/audit?since=&limit=&cursor= (admin): admin actions, newest first."""
+        self.require_admin(request)
+        limit = _int_param(request, "limit", 50, 1, 1000)
+        try:
+            since, _ = parse_period(request.query_params.get("since"), None, self._clock(), names=_PERIOD)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), code="invalid_parameter", param="since") from None
+        try:
+            entries, cursor = await self._store.audit_list(since, limit, request.query_params.get("cursor"))
+        except ValueError:
+            raise InvalidRequest(
+                "The cursor is not one this gateway issued.", code="invalid_cursor", param="cursor"
+            ) from None
+        return json_response({"data": [audit_view(e) for e in entries], "next_cursor": cursor})
 
     # -- authentication ------------------------------------------------------------------------------------------
 
@@ -310,7 +336,13 @@ class AdminRoutes:
             Route("/gateway/keys/{name}", self.revoke_key, methods=["DELETE"]),
             Route("/gateway/keys/{name}", self.update_key, methods=["PATCH"]),
             Route("/gateway/keys/{name}/rotate", self.rotate_key, methods=["POST"]),
+            Route("/gateway/audit", self.audit, methods=["GET"]),
         ]
+
+
+def _actor(request: Request) -> Actor:
+    """The admin API as the audit trail names it: the admin token, from the client's address."""
+    return Actor.admin_api(request.client.host if request.client is not None else None)
 
 
 def _refuse_unknown_fields(body: dict[str, Any], known: set[str]) -> None:

@@ -386,6 +386,27 @@ def _gateway_schemas() -> dict[str, Any]:
                 "next_cursor": _nullable({"type": "string"}),
             },
         },
+        "AuditPage": {
+            "type": "object",
+            "required": ["data", "next_cursor"],
+            "properties": {
+                "data": {"type": "array", "items": _ref("AuditEntry")},
+                "next_cursor": _nullable({"type": "string"}),
+            },
+        },
+        "AuditEntry": {
+            "type": "object",
+            "required": ["id", "at", "actor", "address", "action", "target", "changes"],
+            "properties": {
+                "id": {"type": "string"},
+                "at": {"type": "number", "description": "Unix time of the action."},
+                "actor": {"type": "string", "description": "admin-token, admin-ui, or cli:<OS user>."},
+                "address": _nullable({"type": "string", "description": "The admin API or UI client's address."}),
+                "action": {"type": "string", "description": "key.created, key.updated, key.revoked or key.rotated."},
+                "target": {"type": "string", "description": "The key (or account) acted on."},
+                "changes": {"type": "object", "description": "The settings set or changed; never a secret."},
+            },
+        },
         "Usage": usage,
         "Key": key,
         "IssuedKey": issued,
@@ -596,6 +617,7 @@ class _Doc:
                 "patch": self.update_key(),
             },
             "/gateway/keys/{name}/rotate": {"post": self.rotate_key()},
+            "/gateway/audit": {"get": self.audit()},
             "/metrics": {"get": self.metrics()},
             "/healthz": {"get": self.healthz()},
             "/readyz": {"get": self.readyz()},
@@ -886,6 +908,20 @@ class _Doc:
         ok = {"200": _json_response("The key with its new secret (shown this once).", _ref("IssuedKey"))}
         errors = _codes("invalid_parameter", "key_not_found", "not_found", "key_revoked")
         return self.admin("rotateKey", "A new secret for a key", ok, errors, parameters=[_name_param(), grace])
+
+    def audit(self) -> dict[str, Any]:
+        params = [
+            _query(
+                "since",
+                {"type": "string"},
+                "A date (YYYY-MM-DD, UTC), an ISO-8601 time, or an age such as 30m, 24h, 7d, 2w.",
+            ),
+            _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}),
+            _query("cursor", {"type": "string"}, "The next_cursor of the previous page."),
+        ]
+        ok = {"200": _json_response("Admin actions, newest first (never a secret).", _ref("AuditPage"))}
+        errors = _codes("invalid_parameter", "invalid_cursor")
+        return self.admin("listAudit", "The audit trail of key (and account) changes", ok, errors, parameters=params)
 
     # -- operations ---------------------------------------------------------------------------------------------
 

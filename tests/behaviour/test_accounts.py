@@ -63,8 +63,25 @@ class TestAffinity:
             kling.finish(task_id)
             response = again.client.get(f"/v1/videos/{task_id}")
             assert response.status_code == 200 and response.json()["status"] == "completed"
-        polls = fake_upstream.requests_to("GET", "/v1/videos/")
+        polls = [r for r in fake_upstream.requests if r.method == "GET" and r.path.startswith("/v1/videos/")]
+        assert len(polls) == 4
         assert all(r.header("authorization") == f"Bearer {kling.owner[r.path.rsplit('/', 1)[-1]]}" for r in polls)
+
+    def test_content_is_downloaded_with_the_tasks_account_key(
+        self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory
+    ) -> None:
+        """/content fetches each task's video with the key of the account that created it (another key: 404)."""
+        kling = KlingAccounts({"sk-acct-a": 0, "sk-acct-b": 0}).install(fake_upstream)
+        gw = make_gateway(fake_upstream.url, upstream_key="", env=accounts_env())
+        ids = [submit(gw).json()["task_id"] for _ in range(2)]
+        assert {kling.owner[i] for i in ids} == {"sk-acct-a", "sk-acct-b"}
+        for task_id in ids:
+            kling.finish(task_id)
+            response = gw.client.get(f"/v1/videos/{task_id}/content")
+            assert response.status_code == 200, response.text
+            assert response.content.endswith(task_id.encode())
+        fetches = [r for r in fake_upstream.requests if r.path.startswith("/videos/")]
+        assert [r.header("authorization") for r in fetches] == [f"Bearer {kling.owner[i]}" for i in ids]
 
     def test_single_key_is_the_default_account(self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory) -> None:
         """UNIALL_API_KEY alone: one account named default, listed with its fingerprint and no key."""

@@ -210,14 +210,14 @@ class TestImageContents:
         copies = [rest for word, rest in instructions() if word == "COPY"]
         assert any("constraints.txt" in rest for rest in copies)
         (run,) = [rest for word, rest in instructions() if word == "RUN" and "pip install" in rest]
-        assert re.search(r"pip install .*-c constraints\.txt .*'\.\[scale,archive\]'", run)
+        assert re.search(r"pip install .*-c constraints\.txt .*'\.\[scale,archive,otel\]'", run)
 
     def test_no_volume(self) -> None:
         """No VOLUME: replicas keep no state in the container (an anonymous volume per replica would mislead)."""
         assert [word for word, _ in instructions() if word == "VOLUME"] == []
 
     def test_pins_cover_the_runtime_closure(self) -> None:
-        """Every package kling-gateway[scale,archive] needs (as installed here) has an exact pin."""
+        """Every package kling-gateway[scale,archive,otel] needs (as installed here) has an exact pin."""
         needed = set(_load_freezer().runtime_closure())
         assert needed - set(pins()) == set()
 
@@ -226,7 +226,7 @@ class TestImageContents:
         project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
         pinned = pins()
         extras = project["optional-dependencies"]
-        for line in [*project["dependencies"], *extras["scale"], *extras["archive"]]:
+        for line in [*project["dependencies"], *extras["scale"], *extras["archive"], *extras["otel"]]:
             requirement = Requirement(line)
             if requirement.marker is not None and not requirement.marker.evaluate():
                 continue

@@ -51,6 +51,7 @@ from support.seed_examples import SEEDS
 from support.upstream_fake import Behaviour, FakeUpstream, RecordedRequest, dynamic, json
 
 from gateway.app import create_app
+from gateway.audit.trail import Actor
 from gateway.auth import key_admin
 from gateway.config import Settings, load_settings
 from gateway.store import open_store
@@ -138,8 +139,8 @@ async def seed_keys(settings: Settings) -> tuple[str, str]:
     """A client key for the fuzzed requests and a target key for the named key operations."""
     store = await open_store(settings.store_url)
     try:
-        client = await key_admin.create(store, "fuzz-client", now=0.0)
-        target = await key_admin.create(store, "fuzz-target", now=0.0)
+        client = await key_admin.create(store, "fuzz-client", actor=Actor.cli(), now=0.0)
+        target = await key_admin.create(store, "fuzz-target", actor=Actor.cli(), now=0.0)
     finally:
         await store.close()
     return client.secret, target.secret

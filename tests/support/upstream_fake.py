@@ -786,7 +786,8 @@ class KlingAccounts:
     * a submission with an unknown or revoked key is 401; over the key's concurrency limit it is 429 with Kling's
       code 1303 and ``Retry-After``; otherwise a task owned by that key is created (``queued``);
     * a status poll with another key than the task's is 404 (as UniAll answers), with the owner's key the status;
-    * ``finish(task_id)`` completes a task (it stops counting against its key's limit).
+    * ``finish(task_id)`` completes a task (it stops counting against its key's limit); its ``video_url`` is on
+      the fake's own origin (``/videos/<task_id>.mp4``), served only with the owner's key (else 404).
 
         accounts = KlingAccounts({"sk-a": 1, "sk-b": 0}).install(fake)   # limit 0: none
     """
@@ -799,12 +800,22 @@ class KlingAccounts:
         self.owner: dict[str, str] = {}
         self.status: dict[str, str] = {}
         self.refusals: list[tuple[str, int]] = []
+        self.origin = ""
         self._next = 0
 
     def install(self, fake: FakeUpstream) -> KlingAccounts:
+        self.origin = fake.url
         fake.always("POST", "/v1/video/generations", dynamic(self._submit))
         fake.always("GET", "/v1/videos/", dynamic(self._poll))
+        fake.always("GET", "/videos/", dynamic(self._video))
         return self
+
+    def _video(self, request: RecordedRequest) -> Behaviour:
+        task_id = request.path.rsplit("/", 1)[-1].removesuffix(".mp4")
+        with self._lock:
+            if self.owner.get(task_id) != self._key(request) or self.status.get(task_id) != "completed":
+                return json(404, {"error": {"message": "not found"}})
+        return Respond(200, b"\x00\x00\x00\x18ftypmp42" + task_id.encode(), (("Content-Type", "video/mp4"),))
 
     @staticmethod
     def _key(request: RecordedRequest) -> str:
@@ -845,7 +856,7 @@ class KlingAccounts:
             status = self.status[task_id]
         body: dict[str, Any] = {"id": task_id, "task_id": task_id, "status": status, "progress": 100}
         if status == "completed":
-            body["video_url"] = f"https://cdn.example.com/{task_id}.mp4"
+            body["video_url"] = f"{self.origin}/videos/{task_id}.mp4"
             body["seconds"] = 5
         return json(200, body)
 

@@ -201,6 +201,7 @@ class TestMigrations:
                 "webhook_outbox",
                 "archives",
                 "budget_holds",
+                "audit_log",
             }
         finally:
             await query(postgres_url, "public", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
