@@ -27,7 +27,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.templating import Jinja2Templates
 
 from gateway.accounts.pool import AccountPool
-from gateway.audit.trail import Actor
+from gateway.audit.trail import Actor, audit_view
 from gateway.auth import key_admin
 from gateway.auth.authenticate import AdminToken
 from gateway.auth.key_admin import IssuedKey
@@ -504,6 +504,20 @@ class UiRoutes:
             rows = pool.describe()
         return self._render(request, "accounts.html", accounts=rows)
 
+    # -- audit trail ------------------------------------------------------------------------------------------
+
+    async def audit(self, request: Request) -> Response:
+        """What ``GET /gateway/audit`` shows: admin actions, newest first, a page at a time."""
+        cursor = request.query_params.get("cursor") or None
+        try:
+            entries, cursor = await self._deps.store.audit_list(None, 50, cursor)
+        except ValueError:
+            return self._render(
+                request, "audit.html", 400, entries=[], error="That page link is not one this gateway made."
+            )
+        older = None if cursor is None else "?" + urlencode({"cursor": cursor})
+        return self._render(request, "audit.html", entries=[audit_view(e) for e in entries], older=older)
+
     # -- static -----------------------------------------------------------------------------------------------
 
     async def static(self, request: Request) -> Response:
@@ -535,6 +549,7 @@ class UiRoutes:
                     Route("/keys/{name}/revoke", page(self.revoke_key), methods=["POST"]),
                     Route("/usage", page(self.usage), methods=["GET"]),
                     Route("/accounts", page(self.accounts), methods=["GET"]),
+                    Route("/audit", page(self.audit), methods=["GET"]),
                     Route("/tasks", page(self.tasks), methods=["GET"]),
                     Route("/tasks/{task_id}/video", page(self.video), methods=["GET", "HEAD"]),
                     Route("/static/{name}", page(self.static, signed_in=False), methods=["GET"]),

@@ -459,3 +459,14 @@ def test_limits_refusals_show_the_reason(
     assert response.status_code == status
     assert message in response.text
     assert ui.client.get("/gateway/keys/team-a", headers=ADMIN).json()["rpm"] == 30
+
+
+def test_audit_page_lists_the_uis_own_changes_newest_first(ui: GatewayHarness) -> None:
+    csrf = sign_in(ui)
+    assert ui.client.post(f"{UI}/keys", data={"csrf": csrf, "name": "team-z"}).status_code == 201
+    assert ui.client.post(f"{UI}/keys/team-z/revoke", data={"csrf": csrf}).status_code == 200
+    page = ui.client.get(f"{UI}/audit")
+    assert page.status_code == 200
+    assert page.text.index("key.revoked") < page.text.index("key.created")
+    assert "team-z" in page.text
+    assert ui.client.get(f"{UI}/audit", params={"cursor": "garbage"}).status_code == 400
