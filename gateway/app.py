@@ -212,11 +212,13 @@ def _handlers(services: Services, resolver: Resolver | None, tracing: Tracing | 
         video_url_base=settings.server.public_url if settings.archive.rewrite_video_url else None,
         accounts=services.accounts,
     )
+    # One admin token check for the admin API and the UI's sign-in: one guessing limiter for both.
+    admin_token = AdminToken(
+        settings.admin_token, guard=GuessLimiter(), on_lockout=_lockout_reporter(services.metrics, services.log)
+    )
     admin = AdminRoutes(
         clients=clients,
-        admin_token=AdminToken(
-            settings.admin_token, guard=GuessLimiter(), on_lockout=_lockout_reporter(services.metrics, services.log)
-        ),
+        admin_token=admin_token,
         store=services.store,
         keys_changed=services.keys_changed,
         clock=services.clock,
@@ -226,7 +228,9 @@ def _handlers(services: Services, resolver: Resolver | None, tracing: Tracing | 
         accounts=services.accounts,
         known_models=frozenset(MODELS) | frozenset(settings.validation.passthrough_models),
     )
-    return _Handlers(gateway=gateway, admin=admin, health=HealthRoutes(services.readiness), ui=UiRoutes.build(services))
+    return _Handlers(
+        gateway=gateway, admin=admin, health=HealthRoutes(services.readiness), ui=UiRoutes.build(services, admin_token)
+    )
 
 
 def _lockout_reporter(metrics: Metrics, log: Logger) -> Callable[[str, str], None]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -26,13 +26,14 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.templating import Jinja2Templates
 
-from gateway.audit.trail import Actor
+from gateway.accounts.pool import AccountPool
+from gateway.audit.trail import Actor, audit_view
 from gateway.auth import key_admin
 from gateway.auth.authenticate import AdminToken
 from gateway.auth.key_admin import IssuedKey
-from gateway.catalog import TASK_STATUSES
+from gateway.catalog import MODELS, TASK_STATUSES
 from gateway.content.service import ContentService
-from gateway.errors import NotFound, PermissionDenied, TooManyRequests
+from gateway.errors import AuthenticationFailed, NotFound, PermissionDenied
 from gateway.keys import parse_model_globs
 from gateway.ledger.pricing import to_cents
 from gateway.ledger.reports import parse_group_by, parse_period, table_cells
@@ -41,7 +42,6 @@ from gateway.services import Services
 from gateway.store.base import USAGE_GROUPS, KeyExists, KeyNotFound, KeyRevoked, Store, TaskRecord
 from gateway.store.rows import encode_cursor
 from gateway.ui import chart
-from gateway.ui.guard import SignInGuard
 from gateway.ui.session import COOKIE, Session, SessionSigner
 from gateway.web.bodies import read_body
 
@@ -88,6 +88,8 @@ class UiDeps:
     rotation_grace_s: float
     allow_private_webhooks: bool
     content: ContentService | None = None
+    accounts: AccountPool | None = None
+    known_models: Collection[str] = frozenset(MODELS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,11 +152,10 @@ def _money(amount: Decimal | None) -> str:
 class UiRoutes:
     """The UI's routes, given the admin API's collaborators when built."""
 
-    def __init__(self, deps: UiDeps, *, guard: SignInGuard | None = None, session_ttl_s: int = SESSION_TTL_S) -> None:
+    def __init__(self, deps: UiDeps, admin: AdminToken, *, session_ttl_s: int = SESSION_TTL_S) -> None:
         self._deps = deps
-        self._admin = AdminToken(deps.admin_token)
+        self._admin = admin
         self._signer = SessionSigner(deps.admin_token, ttl_s=session_ttl_s)
-        self._guard = guard or SignInGuard()
         env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(_HERE / "templates"), autoescape=True, auto_reload=False
         )  # templates are part of the package: read once, never re-checked per request
@@ -163,8 +164,8 @@ class UiRoutes:
         self._static = {p.name: p.read_bytes() for p in (_HERE / "static").iterdir() if p.suffix in _STATIC_TYPES}
 
     @classmethod
-    def build(cls, services: Services) -> UiRoutes:
-        """The UI over the same store, clock and key-change hook as the admin API."""
+    def build(cls, services: Services, admin: AdminToken) -> UiRoutes:
+        """The UI over the admin API's token check (and its guessing limiter), store, clock and key-change hook."""
         settings = services.settings
         return cls(
             UiDeps(
@@ -175,7 +176,10 @@ class UiRoutes:
                 rotation_grace_s=settings.auth.rotation_grace_s,
                 allow_private_webhooks=settings.webhooks.allow_private_targets,
                 content=services.content,
-            )
+                accounts=services.accounts,
+                known_models=frozenset(MODELS) | frozenset(settings.validation.passthrough_models),
+            ),
+            admin,
         )
 
     # -- plumbing ---------------------------------------------------------------------------------------------
@@ -222,20 +226,14 @@ class UiRoutes:
         foreign_origin = origin not in (None, "null") and origin != f"{request.url.scheme}://{request.url.netloc}"
         if foreign_origin or request.headers.get("sec-fetch-site") in ("cross-site", "same-site"):
             raise PermissionDenied("Sign in from this gateway's own sign-in page.", code="csrf_failed")
-        address = request.client.host if request.client else "unknown"
-        wait = self._guard.retry_after(address)
-        if wait is not None:
-            raise TooManyRequests(
-                f"Too many wrong admin tokens from this address; try again in {wait} s.",
-                code="too_many_auth_failures",
-                headers={"Retry-After": str(wait)},
-            )
+        address = request.client.host if request.client else ""
         fields = await self._form(request)
         given = fields.get("token", "")
-        if not given or not self._admin.matches(f"Bearer {given}"):
-            self._guard.failed(address)
+        try:
+            # The admin API's own check: 429 too_many_auth_failures while the address is locked out.
+            self._admin.require(f"Bearer {given}" if given else None, request.url.path, address)
+        except AuthenticationFailed:
             return self._render(request, "signin.html", 401, error="That is not the admin token.")
-        self._guard.succeeded(address)
         response = RedirectResponse(f"{PREFIX}/keys", status_code=303)
         response.set_cookie(
             COOKIE,
@@ -301,6 +299,7 @@ class UiRoutes:
                 rpm=_optional_int(fields.get("rpm"), "rpm"),
                 monthly_budget_usd=_optional_money(fields.get("monthly_budget_usd")),
                 allow_private_webhooks=self._deps.allow_private_webhooks,
+                known_models=self._deps.known_models,
             )
         except KeyExists:
             return await self.keys_page(request, 409, error=f"A key named '{name}' exists already.", form=fields)
@@ -308,6 +307,48 @@ class UiRoutes:
             return await self.keys_page(request, 400, error=str(exc), form=fields)
         await self._deps.keys_changed()
         return self._secret_page(request, issued, "created")
+
+    async def edit_key(self, request: Request) -> Response:
+        """The form that changes a key's limits, filled with its current ones."""
+        name = request.path_params["name"]
+        record = await self._deps.store.get_key(name)
+        if record is None or record.revoked:
+            return await self.keys_page(request, 404, error=f"No active key named '{name}'.")
+        form = {
+            "models": ", ".join(record.models),
+            "rpm": "" if record.rpm is None else str(record.rpm),
+            "monthly_budget_usd": "" if record.monthly_budget_usd is None else str(record.monthly_budget_usd),
+        }
+        return self._render(request, "key_edit.html", key={"name": name, "path": quote(name, safe="")}, form=form)
+
+    async def update_key(self, request: Request) -> Response:
+        """``PATCH /gateway/keys/{name}``'s change of models, rpm and budget (an empty field removes the limit)."""
+        fields = await self._form(request)
+        name = request.path_params["name"]
+        key = {"name": name, "path": quote(name, safe="")}
+        try:
+            changes = {
+                "models": parse_model_globs(fields.get("models", "")),
+                "rpm": _optional_int(fields.get("rpm"), "rpm"),
+                "monthly_budget_usd": _optional_money(fields.get("monthly_budget_usd")),
+            }
+            await key_admin.update_limits(
+                self._deps.store,
+                name,
+                changes,
+                actor=_actor(request),
+                now=self._deps.clock(),
+                allow_private_webhooks=self._deps.allow_private_webhooks,
+                known_models=self._deps.known_models,
+            )
+        except KeyNotFound:
+            return await self.keys_page(request, 404, error=f"No key named '{name}'.")
+        except KeyRevoked:
+            return await self.keys_page(request, 409, error=f"'{name}' is revoked, so it cannot be changed.")
+        except ValueError as exc:
+            return self._render(request, "key_edit.html", 400, key=key, form=fields, error=str(exc))
+        await self._deps.keys_changed()
+        return RedirectResponse(f"{PREFIX}/keys?{urlencode({'done': f'Saved the limits of {name}.'})}", status_code=303)
 
     async def rotate_key(self, request: Request) -> Response:
         await self._form(request)
@@ -452,6 +493,31 @@ class UiRoutes:
             raise NotFound("No such task.", code="task_not_found", param="task_id")
         return await self._deps.content.serve(request, task)
 
+    # -- upstream accounts ------------------------------------------------------------------------------------
+
+    async def accounts(self, request: Request) -> Response:
+        """What ``GET /gateway/accounts`` shows: state, tasks in flight (every process's), limit; fingerprints only."""
+        pool = self._deps.accounts
+        rows: list[dict[str, Any]] = []
+        if pool is not None:
+            await pool.refresh(self._deps.store)
+            rows = pool.describe()
+        return self._render(request, "accounts.html", accounts=rows)
+
+    # -- audit trail ------------------------------------------------------------------------------------------
+
+    async def audit(self, request: Request) -> Response:
+        """What ``GET /gateway/audit`` shows: admin actions, newest first, a page at a time."""
+        cursor = request.query_params.get("cursor") or None
+        try:
+            entries, cursor = await self._deps.store.audit_list(None, 50, cursor)
+        except ValueError:
+            return self._render(
+                request, "audit.html", 400, entries=[], error="That page link is not one this gateway made."
+            )
+        older = None if cursor is None else "?" + urlencode({"cursor": cursor})
+        return self._render(request, "audit.html", entries=[audit_view(e) for e in entries], older=older)
+
     # -- static -----------------------------------------------------------------------------------------------
 
     async def static(self, request: Request) -> Response:
@@ -478,8 +544,12 @@ class UiRoutes:
                     Route("/keys", page(self.keys), methods=["GET"]),
                     Route("/keys", page(self.create_key), methods=["POST"]),
                     Route("/keys/{name}/rotate", page(self.rotate_key), methods=["POST"]),
+                    Route("/keys/{name}/limits", page(self.edit_key), methods=["GET"]),
+                    Route("/keys/{name}/limits", page(self.update_key), methods=["POST"]),
                     Route("/keys/{name}/revoke", page(self.revoke_key), methods=["POST"]),
                     Route("/usage", page(self.usage), methods=["GET"]),
+                    Route("/accounts", page(self.accounts), methods=["GET"]),
+                    Route("/audit", page(self.audit), methods=["GET"]),
                     Route("/tasks", page(self.tasks), methods=["GET"]),
                     Route("/tasks/{task_id}/video", page(self.video), methods=["GET", "HEAD"]),
                     Route("/static/{name}", page(self.static, signed_in=False), methods=["GET"]),

@@ -1,8 +1,9 @@
 """The admin UI in a real browser: Debian's chromium driven by Playwright against a gateway served on loopback.
 
-Sign in, create a key and use its secret against the gateway (the sandbox upstream behind it), revoke it and see
-it refused, read the usage page after the submissions. A screenshot of every page is kept under the test's tmp dir
-(``artifacts/``), never committed. Skipped only when chromium is not installed (``.ci/run`` installs it).
+Sign in, create a key and use its secret against the gateway (the sandbox upstream behind it), lower its budget
+and see a submission refused, revoke it and see it refused, read the usage page after the submissions. A screenshot
+of every page is kept under the test's tmp dir (``artifacts/``), never committed. Skipped only when chromium is not
+installed (``.ci/run`` installs it).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from support.harness import ADMIN, ADMIN_TOKEN
+from support.harness import ADMIN, ADMIN_TOKEN, SANDBOX_API_KEY
 from support.loopback import Stack, serve_stack
 
 CHROMIUM = shutil.which("chromium")
@@ -141,6 +142,24 @@ def test_admin_ui_end_to_end(stack: Stack, browser_page: Any, tmp_path: Path) ->
     assert video.status == 200 and video.headers["content-type"].startswith("video/"), video.text()[:200]
     page.screenshot(path=shots / "tasks.png", full_page=True)
 
+    # Accounts: the sandbox's one upstream account, its key never shown.
+    page.get_by_role("link", name="Accounts").click()
+    assert page.get_by_role("row").filter(has_text="default").count() == 1
+    assert SANDBOX_API_KEY not in page.content()
+    page.screenshot(path=shots / "accounts.png", full_page=True)
+
+    # Lower the budget below what the key has spent: the next submission is refused.
+    page.get_by_role("link", name="Keys").click()
+    page.get_by_role("link", name="Edit the limits of browser-team").click()
+    assert page.get_by_label("Monthly budget, USD (empty for none)").input_value() == "50"
+    page.get_by_label("Monthly budget, USD (empty for none)").fill("0.5")
+    page.screenshot(path=shots / "key-limits.png", full_page=True)
+    page.get_by_role("button", name="Save limits").click()
+    page.wait_for_url("**/gateway/ui/keys?done=*")
+    assert page.get_by_role("status").inner_text() == "Saved the limits of browser-team."
+    over = submit(stack, secret)
+    assert over.status_code == 429 and over.json()["error"]["code"] == "budget_exceeded", over.text
+
     # Revoke: the secret is refused at once.
     page.get_by_role("link", name="Keys").click()
     page.get_by_role("button", name="Revoke browser-team").click()
@@ -159,7 +178,9 @@ def test_admin_ui_end_to_end(stack: Stack, browser_page: Any, tmp_path: Path) ->
     # The one failed load is the wrong sign-in's own 401 page; no CSP violation, no script error, no favicon miss.
     assert console_errors == ["Failed to load resource: the server responded with a status of 401 (Unauthorized)"]
     assert sorted(p.name for p in shots.iterdir()) == [
+        "accounts.png",
         "key-created.png",
+        "key-limits.png",
         "keys-revoked.png",
         "keys.png",
         "signin.png",

@@ -138,6 +138,8 @@ def test_a_wrong_token_is_refused_then_locked_out(ui: GatewayHarness) -> None:
     assert locked.status_code == 429
     assert locked.json()["error"]["code"] == "too_many_auth_failures"
     assert int(locked.headers["retry-after"]) > 0
+    # One limiter with the admin API: the address is locked out of both.
+    assert ui.client.get("/gateway/keys", headers=ADMIN).json()["error"]["code"] == "too_many_auth_failures"
 
 
 def test_an_empty_token_is_refused(ui: GatewayHarness) -> None:
@@ -178,7 +180,13 @@ def test_sign_out_clears_the_cookie(ui: GatewayHarness) -> None:
 @pytest.mark.parametrize("csrf", [None, "", "wrong", "x" * 43])
 @pytest.mark.parametrize(
     ("path", "fields"),
-    [("/keys", {"name": "team-x"}), ("/keys/team-a/revoke", {}), ("/keys/team-a/rotate", {}), ("/signout", {})],
+    [
+        ("/keys", {"name": "team-x"}),
+        ("/keys/team-a/revoke", {}),
+        ("/keys/team-a/rotate", {}),
+        ("/keys/team-a/limits", {"rpm": "1"}),
+        ("/signout", {}),
+    ],
 )
 def test_posts_without_the_right_csrf_token_are_refused(
     ui: GatewayHarness, csrf: str | None, path: str, fields: dict[str, str]
@@ -392,3 +400,73 @@ def test_usage_period_presets_keep_the_grouping(ui: GatewayHarness) -> None:
     assert re.search(r'id="total-tasks">1<', week) and '<th scope="col">model</th>' in week
     everything = ui.client.get(f"{UI}/usage" + presets[4][0].replace("&amp;", "&")).text
     assert re.search(r'id="total-tasks">2<', everything)
+
+
+def test_accounts_page_shows_state_and_in_flight_never_the_key(ui: GatewayHarness) -> None:
+    seed(ui, [task("t1", "team-a", NOW - 60, "1")])  # unsettled: one in flight on the default account
+    sign_in(ui)
+    page = ui.client.get(f"{UI}/accounts")
+    assert page.status_code == 200
+    rows = ui.client.get("/gateway/accounts", headers=ADMIN).json()["data"]
+    assert rows, "the gateway has at least its default account"
+    for row in rows:
+        assert row["name"] in page.text and row["state"] in page.text
+        assert f'<td class="num">{row["in_flight"]}</td>' in page.text
+    assert ui.settings.upstream_api_key not in page.text
+
+
+def test_usage_by_account(ui: GatewayHarness) -> None:
+    seed(ui, [task("t1", "team-a", NOW - 60, "1.5")])
+    sign_in(ui)
+    page = ui.client.get(f"{UI}/usage", params={"by": "account"})
+    assert page.status_code == 200
+    assert '<th scope="col">account</th>' in page.text
+    assert re.search(r'id="total-cost">1.50<', page.text)
+
+
+def test_limits_form_shows_the_current_limits_and_changes_them(ui: GatewayHarness) -> None:
+    ui.create_key("team-a", models=["kling-v3-std-*"], rpm=30, monthly_budget_usd="10")
+    csrf = sign_in(ui)
+    form = ui.client.get(f"{UI}/keys/team-a/limits").text
+    for field, value in [("models", "kling-v3-std-*"), ("rpm", "30"), ("monthly_budget_usd", "10")]:
+        assert re.search(rf'name="{field}"[^>]*value="{re.escape(value)}"', form), field
+    saved = ui.client.post(
+        f"{UI}/keys/team-a/limits", data={"csrf": csrf, "models": "", "rpm": "90", "monthly_budget_usd": "2.5"}
+    )
+    assert saved.status_code == 200 and "Saved the limits of team-a." in saved.text
+    key = ui.client.get("/gateway/keys/team-a", headers=ADMIN).json()
+    assert (key["models"], key["rpm"], key["monthly_budget_usd"]) == ([], 90, "2.5")
+
+
+@pytest.mark.parametrize(
+    ("name", "fields", "status", "message"),
+    [
+        ("team-a", {"rpm": "fast"}, 400, "rpm must be a whole number"),
+        ("team-a", {"monthly_budget_usd": "-1"}, 400, "monthly_budget_usd"),
+        ("team-a", {"models": "no-such-model-*"}, 400, "matches no model"),
+        ("nobody", {"rpm": "1"}, 404, "No key named"),
+        ("gone", {"rpm": "1"}, 409, "cannot be changed"),
+    ],
+)
+def test_limits_refusals_show_the_reason(
+    ui: GatewayHarness, name: str, fields: dict[str, str], status: int, message: str
+) -> None:
+    ui.create_key("team-a", rpm=30)
+    ui.create_key("gone")
+    assert ui.client.delete("/gateway/keys/gone", headers=ADMIN).status_code == 200
+    csrf = sign_in(ui)
+    response = ui.client.post(f"{UI}/keys/{name}/limits", data={"csrf": csrf, **fields})
+    assert response.status_code == status
+    assert message in response.text
+    assert ui.client.get("/gateway/keys/team-a", headers=ADMIN).json()["rpm"] == 30
+
+
+def test_audit_page_lists_the_uis_own_changes_newest_first(ui: GatewayHarness) -> None:
+    csrf = sign_in(ui)
+    assert ui.client.post(f"{UI}/keys", data={"csrf": csrf, "name": "team-z"}).status_code == 201
+    assert ui.client.post(f"{UI}/keys/team-z/revoke", data={"csrf": csrf}).status_code == 200
+    page = ui.client.get(f"{UI}/audit")
+    assert page.status_code == 200
+    assert page.text.index("key.revoked") < page.text.index("key.created")
+    assert "team-z" in page.text
+    assert ui.client.get(f"{UI}/audit", params={"cursor": "garbage"}).status_code == 400

@@ -1,4 +1,4 @@
-"""Session cookies and CSRF tokens (gateway/ui/session.py), the sign-in guard and the chart's geometry: pure tables."""
+"""Session cookies and CSRF tokens (gateway/ui/session.py) and the chart's geometry: pure tables."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from decimal import Decimal
 import pytest
 
 from gateway.ui.chart import HEIGHT, MAX_BARS, WIDTH, bars
-from gateway.ui.guard import SignInGuard
 from gateway.ui.session import Session, SessionSigner
 
 T0 = 1_800_000_000.0
@@ -62,34 +61,6 @@ def test_the_csrf_token_is_bound_to_its_session() -> None:
     assert not signer.csrf_ok(one, None)
     assert not signer.csrf_ok(one, "")
     assert not signer.csrf_ok(Session(one.session_id, one.expires_at), signer.csrf_token(two))
-
-
-def test_the_guard_locks_out_after_repeated_failures_and_forgets_on_success() -> None:
-    now = [0.0]
-    guard = SignInGuard(max_failures=3, window_s=60, lockout_s=300, clock=lambda: now[0])
-    assert [guard.failed("a"), guard.failed("a")] == [False, False]
-    guard.succeeded("a")
-    assert [guard.failed("a"), guard.failed("a"), guard.failed("a")] == [False, False, True]
-    assert guard.retry_after("a") == 300
-    assert guard.retry_after("b") is None
-    now[0] = 301
-    assert guard.retry_after("a") is None
-
-
-def test_the_guard_forgets_failures_outside_its_window() -> None:
-    now = [0.0]
-    guard = SignInGuard(max_failures=2, window_s=60, lockout_s=300, clock=lambda: now[0])
-    guard.failed("a")
-    now[0] = 61
-    assert guard.failed("a") is False
-
-
-def test_the_guard_memory_is_bounded() -> None:
-    guard = SignInGuard(max_failures=2, max_addresses=2, clock=lambda: 0.0)
-    guard.failed("a")
-    guard.failed("b")
-    guard.failed("c")
-    assert guard.failed("a") is False  # "a" was forgotten, so this is its first failure again
 
 
 @pytest.mark.parametrize(
