@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import getpass
-import uuid
+import secrets
+import time
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -54,7 +55,7 @@ async def record(
     if leaked:
         raise ValueError(f"audit changes may not hold secrets: {sorted(leaked)}")
     entry = AuditRecord(
-        audit_id=uuid.uuid4().hex,
+        audit_id=_ordered_id(),
         at=now,
         actor=actor.name,
         address=actor.address,
@@ -77,3 +78,11 @@ def audit_view(entry: AuditRecord) -> dict[str, Any]:
         "target": entry.target,
         "changes": dict(entry.changes),
     }
+
+
+def _ordered_id() -> str:
+    """A unique id that sorts in the order of recording, so entries with the same ``at`` page newest first.
+
+    ``at`` comes from the caller's clock (tests fix it); the id leads with this machine's nanosecond clock instead.
+    """
+    return f"{time.time_ns():016x}{secrets.token_hex(8)}"
