@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.accounts.pool import AccountPool
 from gateway.auth.keyring import KeyAuthenticator
 from gateway.auth.principal import Authenticator, OpenAuthenticator
-from gateway.auth.rate_limits import KeyRateLimits
+from gateway.auth.rate_limits import KeyRateLimits, RateLimiter
 from gateway.catalog import DEFAULT_ACCOUNT
 from gateway.config import Settings, UpstreamSettings, missing_scale_extra
 from gateway.content.archiver import Archiver
@@ -21,7 +21,6 @@ from gateway.content.metrics import ContentMetrics
 from gateway.content.origin import account_keys
 from gateway.content.service import ContentService
 from gateway.content.wiring import build_content
-from gateway.keys import RateLimiter
 from gateway.ledger.pricing import PriceTable
 from gateway.ledger.service import Ledger
 from gateway.logs import Logger

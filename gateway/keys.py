@@ -1,4 +1,4 @@
-"""Client keys: issuing, recognising, hashing, model allowlists and per-key rate limits.
+"""Client keys: issuing, recognising, hashing and model allowlists (the rate limits are in ``gateway.auth``).
 
 Everything here is pure (no I/O); the durable copy of every key lives in the store (``gateway.store.base``).
 
@@ -23,13 +23,9 @@ import hashlib
 import hmac
 import re
 import secrets
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Protocol
 
-from gateway.bounded import LRUCache
 from gateway.catalog import KEY_NAME_SHAPE
 
 KEY_PREFIX = "gk_"
@@ -224,79 +220,3 @@ def issue_key(
         webhook_url=webhook_url,
     )
     return fresh.secret, record
-
-
-class _Bucket:
-    __slots__ = ("rpm", "stamp", "tokens")
-
-    def __init__(self, tokens: float, stamp: float, rpm: int) -> None:
-        self.tokens = tokens
-        self.stamp = stamp
-        self.rpm = rpm
-
-
-class SharedRateLimiter(Protocol):
-    """``RateLimiter.check`` counted for every replica (Redis); implementations never raise on backend failure."""
-
-    async def check(self, key_name: str, rpm: int | None) -> float | None:
-        """Take one token for ``key_name``: None if allowed, else seconds until a token is available."""
-
-
-class RateLimiter:
-    """Per-key token buckets: capacity ``rpm`` requests, refilled at ``rpm / 60`` per second.
-
-    ``clock`` returns seconds (``time.monotonic`` by default; tests inject a fake). Memory is bounded by
-    ``max_keys`` buckets: the least recently used bucket is dropped first, which at worst lets that key
-    start again from a full bucket.
-
-    >>> now = [0.0]
-    >>> limiter = RateLimiter(lambda: now[0])
-    >>> [limiter.check("team-a", 2) for _ in range(3)]
-    [None, None, 30.0]
-    """
-
-    _EPSILON = 1e-9
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000) -> None:
-        if max_keys < 1:
-            raise ValueError("max_keys must be at least 1")
-        self._clock = clock
-        self._buckets: LRUCache[str, _Bucket] = LRUCache(max_keys)
-
-    def check(self, key_name: str, rpm: int | None) -> float | None:
-        """Take one token for ``key_name``: None if allowed, else seconds until a token is available."""
-        if rpm is None:
-            return None
-        if rpm < 1:
-            raise ValueError("rpm must be a positive integer or None")
-        now = self._clock()
-        capacity = float(rpm)
-        rate = rpm / 60.0
-        bucket = self._buckets.peek(key_name)
-        if bucket is None:
-            bucket = _Bucket(capacity, now, rpm)
-            self._buckets.put(key_name, bucket)
-        else:
-            self._buckets.touch(key_name)
-            elapsed = max(0.0, now - bucket.stamp)
-            bucket.tokens = min(capacity, bucket.tokens + elapsed * rate)
-            bucket.stamp = now
-            bucket.rpm = rpm
-        if bucket.tokens >= 1.0 - self._EPSILON:
-            bucket.tokens = max(0.0, bucket.tokens - 1.0)
-            return None
-        return (1.0 - bucket.tokens) / rate
-
-    def forget(self, key_name: str) -> None:
-        """Drop ``key_name``'s bucket (e.g. after revocation)."""
-        self._buckets.pop(key_name)
-
-    def allowance(self, key_name: str) -> tuple[int, int] | None:
-        """``(rpm, whole tokens left)`` as of ``key_name``'s last check, or None (no limit, or never checked)."""
-        bucket = self._buckets.peek(key_name)
-        if bucket is None:
-            return None
-        return bucket.rpm, int(bucket.tokens + self._EPSILON)
-
-    def __len__(self) -> int:
-        return len(self._buckets)

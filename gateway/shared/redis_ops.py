@@ -236,7 +236,7 @@ class RedisStatusCache:
 # KEYS[1] bucket; ARGV[1] rpm; ARGV[2] now in µs, or "" for Redis TIME; ARGV[3] expiry margin in ms; ARGV[4] the
 # most tokens to take. Returns {granted, wait}: granted >= 1 and wait false, or granted 0 and the wait in µs as a
 # string (a Lua number reply would be truncated to an integer). With ARGV[4] = 1 this is exactly
-# keys.RateLimiter.check's arithmetic; more takes what the bucket holds, up to that many, never more.
+# auth.rate_limits.RateLimiter.check's arithmetic; more takes what the bucket holds, up to that many, never more.
 _BUCKET_SCRIPT: Final = """
 if redis.replicate_commands then redis.replicate_commands() end
 local capacity = tonumber(ARGV[1])
@@ -270,8 +270,8 @@ return {granted, wait}
 class RedisRateLimiter:
     """Per-key token buckets shared by every replica: capacity ``rpm``, refilled at ``rpm / 60`` per second.
 
-    ``check`` has ``keys.RateLimiter.check``'s meaning and runs as one Lua script (EVALSHA, loaded again after a
-    ``SCRIPT FLUSH`` or failover), so concurrent checks on any replicas never over-grant. The clock is Redis's own
+    ``check`` has ``RateLimiter.check``'s meaning (``gateway.auth.rate_limits``) and runs as one Lua script (EVALSHA,
+    loaded again after a ``SCRIPT FLUSH`` or failover), so concurrent checks on any replicas never over-grant. The clock is Redis's own
     ``TIME``; ``clock`` (seconds) replaces it in tests only. A bucket key expires
     ``BUCKET_EXPIRY_MARGIN_MS`` after its bucket would be full again, when a fresh full bucket is the same thing.
     """

@@ -9,9 +9,8 @@ import pytest
 from gateway.auth.authenticate import AdminToken, ClientAuthentication
 from gateway.auth.guard import GuessLimiter
 from gateway.auth.principal import OPEN_PRINCIPAL, OpenAuthenticator, Principal, invalid_key
-from gateway.auth.rate_limits import KeyRateLimits, rate_limited
+from gateway.auth.rate_limits import KeyRateLimits, RateLimiter, rate_limited
 from gateway.errors import AuthenticationFailed, NotFound, TooManyRequests
-from gateway.keys import RateLimiter
 
 
 class OneKey:

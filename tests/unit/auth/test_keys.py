@@ -9,11 +9,11 @@ from decimal import Decimal
 
 import pytest
 
+from gateway.auth.rate_limits import RateLimiter
 from gateway.keys import (
     KEY_PREFIX,
     ROTATION_GRACE_S,
     KeyRecord,
-    RateLimiter,
     display_prefix,
     generate_secret,
     hash_secret,

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from gateway.keys import RateLimiter
+from gateway.auth.rate_limits import RateLimiter
 from gateway.shared.redis_ops import (
     CacheUnavailable,
     RedisRateLimiter,
