@@ -270,10 +270,11 @@ return {granted, wait}
 class RedisRateLimiter:
     """Per-key token buckets shared by every replica: capacity ``rpm``, refilled at ``rpm / 60`` per second.
 
-    ``check`` has ``RateLimiter.check``'s meaning (``gateway.auth.rate_limits``) and runs as one Lua script (EVALSHA,
-    loaded again after a ``SCRIPT FLUSH`` or failover), so concurrent checks on any replicas never over-grant. The clock is Redis's own
-    ``TIME``; ``clock`` (seconds) replaces it in tests only. A bucket key expires
-    ``BUCKET_EXPIRY_MARGIN_MS`` after its bucket would be full again, when a fresh full bucket is the same thing.
+    ``check`` has ``RateLimiter.check``'s meaning (``gateway.auth.rate_limits``) and runs as one Lua script
+    (EVALSHA, loaded again after a ``SCRIPT FLUSH`` or failover), so concurrent checks on any replicas never
+    over-grant. The clock is Redis's own ``TIME``; ``clock`` (seconds) replaces it in tests only. A bucket key
+    expires ``BUCKET_EXPIRY_MARGIN_MS`` after its bucket would be full again, when a fresh full bucket is the same
+    thing.
     """
 
     def __init__(
