@@ -6,7 +6,7 @@ import asyncio
 import io
 import os
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -22,6 +22,8 @@ from support.upstream_fake import FakeUpstream, SandboxServer, ServerThread
 from gateway.app import create_app
 from gateway.config import load_settings
 from gateway.sandbox import SandboxOptions, create_sandbox_app
+from gateway.store import open_store
+from gateway.store.base import Store
 
 POSTGRES_URL_ENV = "KLING_GATEWAY_TEST_POSTGRES_URL"
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -206,3 +208,23 @@ def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     name = f"videos-{uuid.uuid4().hex[:12]}"
     make_bucket(s3_endpoint, name)
     return name
+
+
+# -- one store of each backend, for the store-level suites -------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty store URL: a SQLite file, or a PostgreSQL schema of its own (dropped afterwards)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'gateway.db'}"
+    url: str = request.getfixturevalue("postgres_schema_url")
+    return url
+
+
+@pytest.fixture
+async def store(backend_url: str) -> AsyncIterator[Store]:
+    """The store at ``backend_url``, opened (created and migrated) and closed afterwards."""
+    opened = await open_store(backend_url)
+    yield opened
+    await opened.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -13,21 +12,6 @@ from gateway.store.base import AuditRecord, Store
 from gateway.store.copy import copy_store
 
 T0 = 1_767_225_600.0
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'gateway.db'}"
-    url: str = request.getfixturevalue("postgres_schema_url")
-    return url
-
-
-@pytest.fixture
-async def store(backend_url: str) -> AsyncIterator[Store]:
-    s = await open_store(backend_url)
-    yield s
-    await s.close()
 
 
 async def fill(store: Store, n: int) -> list[AuditRecord]:

@@ -59,22 +59,6 @@ def db_url(path: Path) -> str:
     return f"sqlite:///{path}"  # path is absolute, so this is the four-slash form
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh, empty store URL: a SQLite file, or a PostgreSQL schema of its own (dropped afterwards)."""
-    if request.param == "sqlite":
-        return db_url(tmp_path / "gateway.db")
-    url: str = request.getfixturevalue("postgres_schema_url")
-    return url
-
-
-@pytest.fixture
-async def store(backend_url: str) -> AsyncIterator[Store]:
-    s = await open_store(backend_url)
-    yield s
-    await s.close()
-
-
 def make_task(
     task_id: str,
     *,

@@ -4,34 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
-import pytest
 from test_store import T0, make_task
 
 from gateway.store import open_store
 from gateway.store.base import Store
 from gateway.store.copy import copy_store
 from gateway.store.sqlite import MIGRATIONS, SQLiteStore
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh, empty store URL: a SQLite file, or a PostgreSQL schema of its own (dropped afterwards)."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'gateway.db'}"
-    url: str = request.getfixturevalue("postgres_schema_url")
-    return url
-
-
-@pytest.fixture
-async def store(backend_url: str) -> AsyncIterator[Store]:
-    opened = await open_store(backend_url)
-    yield opened
-    await opened.close()
 
 
 async def admit(store: Store, n: int, account: str, limit: int, at: float = T0) -> bool:

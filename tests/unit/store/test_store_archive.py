@@ -6,32 +6,14 @@ Parametrized over SQLite and PostgreSQL (skipped when no PostgreSQL server is re
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
-
-import pytest
 
 from gateway.store import open_store
 from gateway.store.base import ArchiveRecord, Store, TaskRecord
 from gateway.store.copy import copy_store
 
 T0 = 1_767_225_600.0
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'gateway.db'}"
-    url: str = request.getfixturevalue("postgres_schema_url")
-    return url
-
-
-@pytest.fixture
-async def store(backend_url: str) -> AsyncIterator[Store]:
-    s = await open_store(backend_url)
-    yield s
-    await s.close()
 
 
 def task(task_id: str) -> TaskRecord:

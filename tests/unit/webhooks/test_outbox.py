@@ -6,7 +6,7 @@ import asyncio
 import base64
 import io
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,22 +122,6 @@ def count(metrics: Metrics, name: str, label: str) -> float:
     if value is None:
         value = metrics.registry.get_sample_value(f"kling_gateway_webhook_{name}_total", {"result": label})
     return value or 0.0
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh store URL: a SQLite file, or a PostgreSQL schema of its own."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'gateway.db'}"
-    url: str = request.getfixturevalue("postgres_schema_url")
-    return url
-
-
-@pytest.fixture
-async def store(backend_url: str) -> AsyncIterator[Store]:
-    s = await open_store(backend_url)
-    yield s
-    await s.close()
 
 
 async def pending(store: Store) -> list[OutboxRecord]:
