@@ -198,10 +198,8 @@ async def build_ledger(
     """The ledger, with the tasks still in flight loaded (and webhooks on terminal statuses, when configured)."""
     options: dict[str, Any] = {
         "clock": clock,
-        "on_terminal": (
-            webhooks.terminal_hook(auth.webhook_url)
-            if webhooks is not None and isinstance(auth, KeyAuthenticator)
-            else None
+        "webhooks": (
+            webhooks.for_keys(auth.webhook_url) if webhooks is not None and isinstance(auth, KeyAuthenticator) else None
         ),
         "recent_tasks": min(settings.cache.max_entries, 20_000),
         "on_release": accounts.released,

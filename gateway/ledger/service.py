@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.auth.principal import Principal
 from gateway.bounded import LRUCache
@@ -39,7 +39,7 @@ from gateway.ledger.pricing import (
 )
 from gateway.logs import Logger
 from gateway.metrics import Metrics
-from gateway.store.base import Store, StoreError, TaskRecord
+from gateway.store.base import OutboxEntry, Store, StoreError, TaskRecord
 from gateway.validation.checks import ValidRequest
 
 #: Fields an upstream may report a completed video's output seconds in, most specific first.
@@ -57,6 +57,16 @@ class Submission:
     request_id: str
     submitted_at: float
     account: str = DEFAULT_ACCOUNT
+
+
+class CompletionWebhooks(Protocol):
+    """Where a task's completion webhook comes from (``gateway.webhooks.outbox.KeyWebhooks``)."""
+
+    def entry(self, task: TaskRecord, body: bytes) -> OutboxEntry | None:
+        """The outbox row to write with ``task``'s settlement (terminal status ``body``), or None: no webhook."""
+
+    def recorded(self, entry: OutboxEntry, queued: bool) -> None:
+        """After the settlement committed: wake the deliveries, or report ``entry`` dropped (pending cap)."""
 
 
 class DuplicateTaskId(Exception):
@@ -99,7 +109,7 @@ class Ledger:
         *,
         clock: Callable[[], float] = time.time,
         retry_delays_s: tuple[float, ...] = (0.1, 0.5, 1, 2, 5, 10, 30, 60),
-        on_terminal: Callable[[TaskRecord, bytes], None] | None = None,
+        webhooks: CompletionWebhooks | None = None,
         recent_tasks: int = 100_000,
         status_write_interval_s: float = 5.0,
         on_release: Callable[[str, bool], None] | None = None,
@@ -112,7 +122,7 @@ class Ledger:
         self._retry_delays = retry_delays_s
         self._pending_writes: set[asyncio.Task[None]] = set()
         self._in_flight: dict[str, int] = {}
-        self._on_terminal = on_terminal
+        self._webhooks = webhooks
         # An account's slot is free again: (account, True) when a task ended, (account, False) when a submission
         # was refused or failed before the upstream had it.
         self._on_release = on_release
@@ -332,20 +342,22 @@ class Ledger:
                 anomaly = None
             seconds = settlement_seconds(status, reported, task.estimate_seconds)
             usd = cost(task.price_per_second_usd, task.mode_multiplier, seconds)
-            first = await self.store.settle(task.task_id, status, seconds, usd, raw, now)
+            # The webhook is written by the settling transaction itself: settled and enqueued together, or neither.
+            webhook = self._webhooks.entry(task, raw) if self._webhooks is not None else None
+            settled = await self.store.settle(task.task_id, status, seconds, usd, raw, now, webhook)
             if task.task_id in self._recent:
                 self._remember(
                     dataclasses.replace(task, status=status, outcome=status, terminal_body=raw, settled_at=now)
                 )
-            if first:
+            if settled.first:
                 self._count_settlement(task, status, usd)
                 if anomaly is not None:  # once per task: only the call that settled it gets here
                     self._metrics.settlement_anomalies.labels(anomaly).inc()
                     self._log.warning(
                         "settlement_anomaly", task_id=task.task_id, reason=anomaly, settled_seconds=str(seconds)
                     )
-                if self._on_terminal is not None:
-                    self._on_terminal(task, raw)
+                if webhook is not None and self._webhooks is not None:
+                    self._webhooks.recorded(webhook, settled.webhook_queued)
             return
         if status not in PENDING:
             self._log.warning("unknown_task_status", task_id=task.task_id, status=status[:40])

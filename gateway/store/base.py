@@ -14,8 +14,9 @@ Semantics every backend keeps:
   into a task row (and deletes the intent) in one transaction; :meth:`Store.drop_intent` forgets one the
   upstream refused. What :meth:`Store.list_intents` returns after a crash is "outcome unknown", to reconcile.
 * **Settlement** happens at most once per task, whichever process sees the terminal status first
-  (``UPDATE ... WHERE settled_at IS NULL``): :meth:`Store.settle` and :meth:`Store.mark_unknown` return True
-  only to that first caller, so metrics counted on True never double count.
+  (``UPDATE ... WHERE settled_at IS NULL``): :meth:`Store.settle` and :meth:`Store.mark_unknown` say so only to
+  that first caller, so metrics counted on it never double count. The task's completion webhook, if any, is
+  written to the outbox by that same transaction: settled and enqueued together, or neither.
 * **Money** is ``decimal.Decimal`` at this interface. Amounts (and settled seconds) are kept as exact
   fixed-point integers with 9 decimal places (nano-dollars / nano-seconds; see :func:`to_fixed`), so SQL
   ``SUM`` is exact and fast (no float, no Decimal parsing per row); anything finer than 1e-9 is rounded
@@ -220,6 +221,26 @@ class OutboxRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """A delivery to write with a task's first settlement (:meth:`Store.settle`), unless its key or host already
+    has that many pending."""
+
+    record: OutboxRecord
+    max_pending_per_key: int
+    max_pending_per_host: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What :meth:`Store.settle` did: ``first`` when this call settled the task, ``webhook_queued`` when the
+    webhook given with it was written in the same transaction (False: none given, not first, or its key or host
+    at the pending cap)."""
+
+    first: bool
+    webhook_queued: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class ArchiveRecord:
     """A completed task's archived video (``gateway.store.archive_rows`` has the states), or the attempt to make it."""
 
@@ -359,11 +380,17 @@ class Store(Protocol):
         usd: Decimal,
         terminal_body: bytes | None,
         at: float,
-    ) -> bool:
-        """Settle ``task_id`` as ``completed``/``failed``; True only for the first settlement, any process."""
+        webhook: OutboxEntry | None = None,
+    ) -> Settlement:
+        """Settle ``task_id`` as ``completed``/``failed``; ``first`` only for the first settlement, any process.
+
+        With ``webhook``, the first settlement also adds it to the outbox (within its pending caps, like
+        :meth:`outbox_add`) in the same transaction; a later one writes nothing.
+        """
 
     async def mark_unknown(self, task_id: str, at: float) -> bool:
-        """Give up on ``task_id``: settled as ``unknown`` at its estimate; True only if this settled it."""
+        """Give up on ``task_id``: settled as ``unknown`` at its estimate; True only if this settled it (no webhook:
+        the upstream never said how the task ended)."""
 
     async def tasks_for_key(
         self, key_name: str | None, limit: int = 50, before: str | None = None

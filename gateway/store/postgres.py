@@ -35,7 +35,9 @@ from gateway.store.base import (
     KeyExists,
     KeyNotFound,
     KeyRevoked,
+    OutboxEntry,
     OutboxRecord,
+    Settlement,
     StoreError,
     TaskRecord,
     UsageRow,
@@ -325,7 +327,8 @@ _SQL_STATUS = MappingProxyType(
 # Each settlement is one statement (one round trip, its own transaction): the UPDATE settles the task only if it
 # is not settled yet (so exactly once, whichever process asks first), and only a task it settled moves the rollup:
 # its estimate leaves ``pending`` and the settled amounts arrive, as ``store_rows.settle_delta`` computes for SQLite.
-_SQL_SETTLE = (  # constant fragments only, values are bound parameters
+# With a webhook, the same statement adds its outbox row, again only for a task it settled (``FROM s``).
+_SETTLE_CTES = (  # constant fragments only, values are bound parameters
     "WITH s AS (UPDATE tasks SET status = $1, outcome = $1, settled_seconds_nano = $2, settled_nano = $3, "  # noqa: S608
     "settled_at = $4 WHERE task_id = $5 AND settled_at IS NULL "
     "RETURNING task_id, submitted_day, key_name, model, mode, estimate_nano), "
@@ -333,8 +336,17 @@ _SQL_SETTLE = (  # constant fragments only, values are bound parameters
     "ON CONFLICT (task_id) DO UPDATE SET body = excluded.body), "
     f"roll AS ({_ROLLUP_INSERT}"
     "SELECT submitted_day, key_name, model, mode, 0, 0, $2::bigint, 0, $3::bigint, $3::bigint - estimate_nano, "
-    f"($1 = 'completed')::int, ($1 = 'failed')::int, 0, -1, 0 FROM s {_ROLLUP_UPSERT}) "
-    "SELECT count(*) FROM s"
+    f"($1 = 'completed')::int, ($1 = 'failed')::int, 0, -1, 0 FROM s {_ROLLUP_UPSERT})"
+)
+_SQL_SETTLE = _SETTLE_CTES + " SELECT count(*), 0 FROM s"  # noqa: S608 - constant fragments only
+_SQL_SETTLE_WITH_WEBHOOK = (  # constant fragments only, values are bound parameters
+    _SETTLE_CTES + f", hook AS (INSERT INTO webhook_outbox ({OUTBOX_COLUMNS}, lease_until) "  # noqa: S608
+    "SELECT $7::text, $8::text, $9::text, $10::text, $11::bytea, $12::float8, $13::text, $14::integer, "
+    "$15::float8, $16::text, 0 FROM s "
+    "WHERE (SELECT COUNT(*) FROM webhook_outbox WHERE key_name = $8 AND state = 'pending') < $17 "
+    "AND (SELECT COUNT(*) FROM webhook_outbox WHERE host = $9 AND state = 'pending') < $18 "
+    "ON CONFLICT (delivery_id) DO NOTHING RETURNING 1) "
+    "SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM hook)"
 )
 _SQL_MARK_UNKNOWN = (  # constant fragments only, values are bound parameters
     "WITH s AS (UPDATE tasks SET status = 'unknown', outcome = 'unknown', "  # noqa: S608
@@ -905,12 +917,18 @@ class PostgresStore:
         usd: Decimal,
         terminal_body: bytes | None,
         at: float,
-    ) -> bool:
-        """Settle ``task_id`` once, whichever process asks first; True only for that first settlement."""
+        webhook: OutboxEntry | None = None,
+    ) -> Settlement:
+        """Settle ``task_id`` once, whichever process asks first, with its webhook in the same statement."""
         if outcome not in TERMINAL:
             raise ValueError(f"settlement outcome must be completed or failed, not {outcome!r}")
-        params = (outcome, to_fixed(seconds), to_fixed(usd), at, task_id, terminal_body)
-        return bool(await self._run(lambda conn: conn.fetchval(_SQL_SETTLE, *params), tx=False))
+        params: tuple[Any, ...] = (outcome, to_fixed(seconds), to_fixed(usd), at, task_id, terminal_body)
+        sql = _SQL_SETTLE
+        if webhook is not None:
+            sql = _SQL_SETTLE_WITH_WEBHOOK
+            params += (*outbox_row(webhook.record), webhook.max_pending_per_key, webhook.max_pending_per_host)
+        row = await self._run(lambda conn: conn.fetchrow(sql, *params), tx=False)
+        return Settlement(first=bool(row[0]), webhook_queued=bool(row[1])) if row is not None else Settlement(False)
 
     async def mark_unknown(self, task_id: str, at: float) -> bool:
         """Settle ``task_id`` as ``unknown`` at its estimate; True only if this call settled it."""

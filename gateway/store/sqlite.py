@@ -36,7 +36,9 @@ from gateway.store.base import (
     KeyExists,
     KeyNotFound,
     KeyRevoked,
+    OutboxEntry,
     OutboxRecord,
+    Settlement,
     StoreError,
     TaskRecord,
     UsageRow,
@@ -770,21 +772,24 @@ class SQLiteStore:
         usd: Decimal,
         terminal_body: bytes | None,
         at: float,
-    ) -> bool:
-        """Settle ``task_id`` once; True only for the first settlement."""
+        webhook: OutboxEntry | None = None,
+    ) -> Settlement:
+        """Settle ``task_id`` once, with its webhook in the same transaction; ``first`` only for the first."""
         if outcome not in TERMINAL:
             raise ValueError(f"settlement outcome must be completed or failed, not {outcome!r}")
         seconds_nano, usd_nano = to_fixed(seconds), to_fixed(usd)
         params = (outcome, outcome, seconds_nano, usd_nano, at, task_id)
+        hook = None if webhook is None else _outbox_add_params(webhook)
 
-        def op(conn: sqlite3.Connection) -> bool:
+        def op(conn: sqlite3.Connection) -> Settlement:
             unsettled = conn.execute(_SQL_UNSETTLED, (task_id,)).fetchone()
             if unsettled is None or conn.execute(_SQL_SETTLE, params).rowcount != 1:
-                return False
+                return _NOT_FIRST
             conn.execute(_SQL_ROLLUP_ADD, settle_delta(unsettled, outcome, seconds_nano, usd_nano))
             if terminal_body is not None:
                 conn.execute(_SQL_UPSERT_BODY, (task_id, terminal_body))
-            return True
+            queued = hook is not None and conn.execute(_SQL_OUTBOX_ADD, hook).rowcount == 1
+            return Settlement(first=True, webhook_queued=queued)
 
         return await self._tx(op)
 
@@ -933,17 +938,8 @@ class SQLiteStore:
 
     async def outbox_add(self, record: OutboxRecord, max_pending_per_key: int, max_pending_per_host: int) -> bool:
         """Insert a delivery unless its key or host is at its pending cap (see :class:`gateway.store.base.Store`)."""
-        row = outbox_row(record)
-
-        def op(conn: sqlite3.Connection) -> bool:
-            return bool(
-                conn.execute(
-                    _SQL_OUTBOX_ADD, (*row, record.key_name, max_pending_per_key, record.host, max_pending_per_host)
-                ).rowcount
-                == 1
-            )
-
-        return await self._tx(op)
+        params = _outbox_add_params(OutboxEntry(record, max_pending_per_key, max_pending_per_host))
+        return await self._tx(lambda conn: conn.execute(_SQL_OUTBOX_ADD, params).rowcount == 1)
 
     async def outbox_claim(
         self,
@@ -1114,6 +1110,14 @@ _SQL_OUTBOX_ADD = (  # constant fragments only, values are bound parameters
     "AND (SELECT COUNT(*) FROM webhook_outbox WHERE host = ? AND state = 'pending') < ? "
     "ON CONFLICT (delivery_id) DO NOTHING"
 )
+_NOT_FIRST: Final = Settlement(first=False)
+
+
+def _outbox_add_params(entry: OutboxEntry) -> tuple[Any, ...]:
+    record = entry.record
+    return (*outbox_row(record), record.key_name, entry.max_pending_per_key, record.host, entry.max_pending_per_host)
+
+
 _SQL_OUTBOX_CLAIM = (  # constant fragments only, values are bound parameters
     "UPDATE webhook_outbox SET lease_owner = ?, lease_until = ? WHERE delivery_id IN ("  # noqa: S608
     " SELECT delivery_id FROM ("

@@ -1,8 +1,9 @@
 """Completion webhooks delivered at least once from an outbox in the store, fairly across receivers and keys.
 
-A task's first terminal status is *enqueued*: one ``webhook_outbox`` row (``Store.outbox_add``) holding the key,
-the callback URL and the upstream's status body, with a delivery id derived from the task id (so a second enqueue
-of the same task is a no-op). The row, not memory, is the delivery: a worker in each gateway process claims due
+A task's first terminal status is *enqueued*: one ``webhook_outbox`` row holding the key, the callback URL and the
+upstream's status body, with a delivery id derived from the task id, written by the very transaction that settles
+the task (``Store.settle`` with the ledger's :class:`KeyWebhooks` entry), so a crash cannot settle a task and lose
+its webhook. The row, not memory, is the delivery: a worker in each gateway process claims due
 rows with a lease (``Store.outbox_claim``; two workers or replicas never hold one row at once), makes one attempt
 per claim, and then deletes the row (2xx), schedules the next attempt with capped, jittered exponential backoff,
 or after ``max_attempts`` keeps it as ``failed`` for inspection. A process that stops or dies mid-attempt leaves
@@ -37,7 +38,7 @@ from typing import Any, Final
 
 from prometheus_client import Counter as PromCounter
 
-from gateway.store.base import OutboxRecord, Store, StoreError, TaskRecord
+from gateway.store.base import OutboxEntry, OutboxRecord, Store, StoreError, TaskRecord
 from gateway.validation.media_guard import Resolver
 from gateway.webhooks.signing import key_signing_key, signed_headers
 from gateway.webhooks.targets import TargetRefused, log_host, pin
@@ -123,55 +124,58 @@ class WebhookOutbox:
         self._by_key: Counter[str] = Counter()
         self._closed = False
         self._runner: asyncio.Task[None] | None = None
-        self._enqueuing: set[asyncio.Task[bool]] = set()
 
     def start(self) -> None:
         """Start the worker loop in the background (``aclose`` stops it)."""
         if self._runner is None:
             self._runner = asyncio.create_task(self.run())
 
-    def terminal_hook(self, url_of: Callable[[str], str | None]) -> Callable[[TaskRecord, bytes], None]:
-        """The ledger's ``on_terminal``: enqueue the status body for the owning key's webhook URL, if any."""
-
-        def on_terminal(task: TaskRecord, body: bytes) -> None:
-            url = url_of(task.key_name)
-            if url and not self._closed:
-                pending = asyncio.create_task(self.enqueue(task.task_id, task.key_name, url, body))
-                self._enqueuing.add(pending)
-                pending.add_done_callback(self._enqueuing.discard)
-
-        return on_terminal
+    def for_keys(self, url_of: Callable[[str], str | None]) -> KeyWebhooks:
+        """The ledger's webhooks: to each key's webhook URL (``url_of``), if it has one."""
+        return KeyWebhooks(self, url_of)
 
     @property
     def in_progress(self) -> int:
         """Attempts running in this process."""
         return len(self._running)
 
-    async def enqueue(self, task_id: str, key_name: str, url: str, body: bytes) -> bool:
-        """Record a delivery of ``body`` to ``url``; False (error log, metric) when it was dropped."""
-        host = log_host(url)
-        options = self._options
+    def entry(self, task_id: str, key_name: str, url: str, body: bytes) -> OutboxEntry:
+        """The outbox row of a delivery of ``body`` to ``url``, with this outbox's pending caps."""
+        now = self._clock()
         record = OutboxRecord(
             delivery_id=delivery_id(task_id),
             key_name=key_name,
-            host=host,
+            host=log_host(url),
             url=url,
             body=body,
-            created_at=self._clock(),
-            next_attempt_at=self._clock(),
+            created_at=now,
+            next_attempt_at=now,
         )
+        cap = self._options.max_pending_per_target
+        return OutboxEntry(record, cap, cap)
+
+    def recorded(self, entry: OutboxEntry, queued: bool) -> bool:
+        """After ``entry``'s write committed: wake the worker, or report the drop (a duplicate, or its host or key
+        at the pending cap); returns ``queued``."""
+        if queued:
+            self._wake.set()
+        else:
+            self._dropped(entry.record, "pending cap or duplicate")
+        return queued
+
+    def _dropped(self, record: OutboxRecord, reason: str) -> None:
+        self._log.error("webhook_dropped", host=record.host, key=record.key_name, reason=reason)
+        self._deliveries.labels("dropped").inc()
+
+    async def enqueue(self, task_id: str, key_name: str, url: str, body: bytes) -> bool:
+        """Record a delivery of ``body`` to ``url`` on its own; False (error log, metric) when it was dropped."""
+        entry = self.entry(task_id, key_name, url, body)
         try:
-            added = await self._store.outbox_add(record, options.max_pending_per_target, options.max_pending_per_target)
+            added = await self._store.outbox_add(entry.record, entry.max_pending_per_key, entry.max_pending_per_host)
         except StoreError as exc:
-            self._log.error("webhook_dropped", host=host, key=key_name, reason=f"store: {exc}")
-            self._deliveries.labels("dropped").inc()
+            self._dropped(entry.record, f"store: {exc}")
             return False
-        if not added:  # a duplicate of a recorded delivery, or its host or key at the pending cap
-            self._log.error("webhook_dropped", host=host, key=key_name, reason="pending cap or duplicate")
-            self._deliveries.labels("dropped").inc()
-            return False
-        self._wake.set()
-        return True
+        return self.recorded(entry, added)
 
     async def run(self) -> None:
         """The worker: claim what is due and fits the caps, start it, sleep until woken or the next poll."""
@@ -287,8 +291,6 @@ class WebhookOutbox:
 
     async def aclose(self, timeout_s: float = 5.0) -> None:
         """Stop claiming, give attempts in progress ``timeout_s``, abandon the rest to their leases, close."""
-        if self._enqueuing:  # records being written: let them land, they are the deliveries
-            await asyncio.wait(set(self._enqueuing), timeout=timeout_s)
         self._closed = True
         self._wake.set()
         if self._runner is not None:
@@ -302,3 +304,19 @@ class WebhookOutbox:
                 self._log.warning("webhooks_abandoned_to_lease", count=len(unfinished))
                 await asyncio.gather(*unfinished, return_exceptions=True)
         await self._transport.aclose()
+
+
+class KeyWebhooks:
+    """The ledger's side of the outbox (``gateway.ledger.service.CompletionWebhooks``): the row its settling
+    transaction writes for a key with a webhook URL, and the worker woken once that transaction committed."""
+
+    def __init__(self, outbox: WebhookOutbox, url_of: Callable[[str], str | None]) -> None:
+        self._outbox = outbox
+        self._url_of = url_of
+
+    def entry(self, task: TaskRecord, body: bytes) -> OutboxEntry | None:
+        url = self._url_of(task.key_name)
+        return self._outbox.entry(task.task_id, task.key_name, url, body) if url else None
+
+    def recorded(self, entry: OutboxEntry, queued: bool) -> None:
+        self._outbox.recorded(entry, queued)

@@ -80,7 +80,7 @@ async def completed(store: Store, task_id: str, video_url: str, at: float = T0) 
     )
     await store.resolve_intent(f"i-{task_id}", task)
     body = orjson.dumps({"status": "completed", "video_url": video_url})
-    assert await store.settle(task_id, "completed", Decimal(5), Decimal("0.42"), body, at)
+    assert (await store.settle(task_id, "completed", Decimal(5), Decimal("0.42"), body, at)).first
 
 
 def make_archiver(

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -35,6 +35,9 @@ from gateway.store.base import (
     KeyExists,
     KeyNotFound,
     KeyRevoked,
+    OutboxEntry,
+    OutboxRecord,
+    Settlement,
     Store,
     StoreError,
     TaskRecord,
@@ -95,6 +98,11 @@ async def add_task(store: Store, task: TaskRecord) -> None:
         f"intent-{task.task_id}", task.key_name, task.request_id, task.model, task.mode, task.submitted_at
     )
     assert await store.resolve_intent(f"intent-{task.task_id}", task)
+
+
+async def first(settling: Awaitable[Settlement]) -> bool:
+    """Whether the settlement awaited was the first (to count beside ``mark_unknown``'s plain answers)."""
+    return (await settling).first
 
 
 class TestOpen:
@@ -590,8 +598,8 @@ class TestTasks:
         """Settlement records outcome, seconds, amount and the terminal body, once."""
         await add_task(store, make_task("t1"))
         body = b'{"id":"t1","status":"completed","seconds":5.04}'
-        assert await store.settle("t1", "completed", Decimal("5.04"), Decimal("0.42336"), body, T0 + 60)
-        assert not await store.settle("t1", "failed", Decimal(0), Decimal(0), b"{}", T0 + 61)
+        assert (await store.settle("t1", "completed", Decimal("5.04"), Decimal("0.42336"), body, T0 + 60)).first
+        assert not (await store.settle("t1", "failed", Decimal(0), Decimal(0), b"{}", T0 + 61)).first
         assert not await store.mark_unknown("t1", T0 + 62)
         assert not await store.update_status("t1", "in_progress", 10, T0 + 63, polled=True)
         got = await store.get_task("t1")
@@ -609,7 +617,7 @@ class TestTasks:
     async def test_settle_failed(self, store: Store) -> None:
         """A failed task settles at zero."""
         await add_task(store, make_task("t1"))
-        assert await store.settle("t1", "failed", Decimal(0), Decimal(0), None, T0 + 60)
+        assert (await store.settle("t1", "failed", Decimal(0), Decimal(0), None, T0 + 60)).first
         got = await store.get_task("t1")
         assert got is not None
         assert (got.outcome, got.settled_usd, got.cost_usd, got.terminal_body) == (
@@ -624,7 +632,7 @@ class TestTasks:
         await add_task(store, make_task("t1", seconds=10, model="kling-v3-pro-silent"))
         assert await store.mark_unknown("t1", T0 + 86400)
         assert not await store.mark_unknown("t1", T0 + 86401)
-        assert not await store.settle("t1", "completed", Decimal(10), Decimal("1.12"), None, T0 + 86402)
+        assert not (await store.settle("t1", "completed", Decimal(10), Decimal("1.12"), None, T0 + 86402)).first
         got = await store.get_task("t1")
         assert got is not None
         assert (got.status, got.outcome, got.settled_seconds, got.settled_usd) == (
@@ -636,7 +644,7 @@ class TestTasks:
 
     async def test_settle_unknown_task(self, store: Store) -> None:
         """Settling a task the ledger does not have is a no-op."""
-        assert not await store.settle("nope", "completed", Decimal(5), Decimal(1), None, T0)
+        assert not (await store.settle("nope", "completed", Decimal(5), Decimal(1), None, T0)).first
         assert not await store.mark_unknown("nope", T0)
 
     @pytest.mark.parametrize("outcome", ["unknown", "queued", "COMPLETED", ""])
@@ -659,7 +667,7 @@ class TestTasks:
                         calls.append(s.mark_unknown(f"t{n}", T0 + i))
                     else:
                         usd = Decimal("0.42") + Decimal(i) / 1000
-                        calls.append(s.settle(f"t{n}", "completed", Decimal(5), usd, b"{}", T0 + i))
+                        calls.append(first(s.settle(f"t{n}", "completed", Decimal(5), usd, b"{}", T0 + i)))
                 results = await asyncio.gather(*calls)
                 assert results.count(True) == 1, results
         finally:
@@ -743,6 +751,83 @@ class TestTasks:
         total = await store.outstanding_and_settled_usd("team-a", month_start, month_end)
         assert total == Decimal("1.172")
         assert await store.outstanding_and_settled_usd("nobody", month_start, month_end) == 0
+
+
+def webhook(task_id: str, key: str = "team-a", host: str = "hooks.example.com", cap: int = 10) -> OutboxEntry:
+    """The outbox entry a settlement of ``task_id`` carries (``cap`` pending per key and per host)."""
+    record = OutboxRecord(f"msg_{task_id}", key, host, f"https://{host}/k", b'{"status":"completed"}', T0 + 60)
+    return OutboxEntry(record, cap, cap)
+
+
+class TestSettledWithWebhook:
+    """The completion webhook is written by the transaction that settles the task: both or neither."""
+
+    async def test_first_settlement_writes_its_webhook_once(self, store: Store) -> None:
+        """One outbox row with the first settlement; later settlements (or giving up) write none."""
+        await add_task(store, make_task("t1"))
+        entry = webhook("t1")
+        body = b'{"status":"completed"}'
+        assert await store.settle("t1", "completed", Decimal(5), Decimal("0.42"), body, T0 + 60, entry) == Settlement(
+            first=True, webhook_queued=True
+        )
+        assert await store.outbox_list("pending") == [entry.record]
+        again = replace(entry, record=replace(entry.record, url="https://hooks.example.com/again"))
+        assert await store.settle("t1", "failed", Decimal(0), Decimal(0), body, T0 + 61, again) == Settlement(False)
+        assert not await store.mark_unknown("t1", T0 + 62)
+        assert await store.outbox_list("pending") == [entry.record]
+
+    async def test_without_a_webhook_nothing_is_queued(self, store: Store) -> None:
+        await add_task(store, make_task("t1"))
+        assert await store.settle("t1", "completed", Decimal(5), Decimal("0.42"), None, T0 + 60) == Settlement(True)
+        assert await store.outbox_list("pending") == []
+
+    async def test_at_the_pending_cap_the_webhook_is_dropped_not_the_settlement(self, store: Store) -> None:
+        """The key's pending cap is full: the task settles all the same, and the answer says the row was not written."""
+        await add_task(store, make_task("t1"))
+        await add_task(store, make_task("t2"))
+        full = webhook("t1", cap=1)
+        assert (await store.settle("t1", "completed", Decimal(5), Decimal("0.42"), None, T0, full)).first
+        other_host = webhook("t2", host="other.example.com", cap=1)
+        settled = await store.settle("t2", "completed", Decimal(5), Decimal("0.42"), None, T0, other_host)
+        assert settled == Settlement(first=True, webhook_queued=False)
+        assert [r.delivery_id for r in await store.outbox_list("pending")] == ["msg_t1"]
+        got = await store.get_task("t2")
+        assert got is not None and got.outcome == "completed"
+
+    async def test_a_failed_webhook_write_rolls_the_settlement_back(self, store: Store) -> None:
+        """The outbox insert fails (a NULL body): the task stays unsettled, the rollup unmoved, no row; settling
+        again later writes both."""
+        await add_task(store, make_task("t1"))
+        broken = webhook("t1")
+        broken = replace(broken, record=replace(broken.record, body=None))  # type: ignore[arg-type]
+        with pytest.raises(StoreError):
+            await store.settle("t1", "completed", Decimal(5), Decimal("0.42"), b"{}", T0 + 60, broken)
+        got = await store.get_task("t1")
+        assert got is not None and not got.settled and got.terminal_body is None
+        [total] = await store.usage()
+        assert (total.pending, total.completed, total.settled_usd) == (1, 0, 0)
+        assert await store.outbox_list("pending") == []
+        entry = webhook("t1")
+        assert await store.settle("t1", "completed", Decimal(5), Decimal("0.42"), b"{}", T0 + 61, entry) == Settlement(
+            first=True, webhook_queued=True
+        )
+        assert await store.outbox_list("pending") == [entry.record]
+
+    async def test_one_webhook_when_processes_race_to_settle(self, backend_url: str) -> None:
+        """Concurrent settlements of one task from two stores: one first, and exactly one outbox row, its own."""
+        a, b = await open_store(backend_url), await open_store(backend_url)
+        try:
+            await add_task(a, make_task("t1"))
+            calls = [
+                (a, b)[i % 2].settle("t1", "completed", Decimal(5), Decimal("0.42"), b"{}", T0 + i, webhook("t1"))
+                for i in range(10)
+            ]
+            results = await asyncio.gather(*calls)
+            assert sorted(results, key=lambda r: r.first) == [Settlement(False)] * 9 + [Settlement(True, True)]
+            assert len(await b.outbox_list("pending")) == 1
+        finally:
+            await a.close()
+            await b.close()
 
 
 class TestMoney:
@@ -859,9 +944,9 @@ class TestUsage:
             if fate == "completed":
                 seconds = Decimal(task.estimate_seconds) + extra
                 usd = seconds * task.price_per_second_usd
-                assert await store.settle(task.task_id, "completed", seconds, usd, None, task.submitted_at + 60)
+                assert (await store.settle(task.task_id, "completed", seconds, usd, None, task.submitted_at + 60)).first
             elif fate == "failed":
-                assert await store.settle(task.task_id, "failed", Decimal(0), Decimal(0), None, T0)
+                assert (await store.settle(task.task_id, "failed", Decimal(0), Decimal(0), None, T0)).first
             elif fate == "unknown":
                 assert await store.mark_unknown(task.task_id, T0)
             settled = await store.get_task(task.task_id)

@@ -38,7 +38,7 @@ def task(task_id: str) -> TaskRecord:
 async def completed(store: Store, task_id: str, at: float, outcome: str = "completed") -> None:
     await store.resolve_intent(f"i-{task_id}", task(task_id))
     body = b'{"status": "%s", "video_url": "https://cdn.example/v.mp4"}' % outcome.encode()
-    assert await store.settle(task_id, outcome, Decimal(5), Decimal("0.42"), body, at)
+    assert (await store.settle(task_id, outcome, Decimal(5), Decimal("0.42"), body, at)).first
 
 
 async def test_candidates_are_completed_tasks_since(store: Store) -> None:

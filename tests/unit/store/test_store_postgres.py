@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import pytest
-from test_store import T0, add_task, make_task
+from test_store import T0, add_task, first, make_task
 
 from gateway.keys import KeyRecord, issue_key
 from gateway.store import open_store
@@ -238,7 +238,7 @@ class TestAcrossProcesses:
                     calls.append(store.mark_unknown(task.task_id, T0 + 100))
                 else:
                     usd = Decimal("0.42") + Decimal(i) / 1000
-                    calls.append(store.settle(task.task_id, "completed", Decimal(5), usd, b"{}", T0 + 100))
+                    calls.append(first(store.settle(task.task_id, "completed", Decimal(5), usd, b"{}", T0 + 100)))
         results = await asyncio.gather(*calls)
         for n in range(len(tasks)):
             assert results[n * 6 : n * 6 + 6].count(True) == 1, n

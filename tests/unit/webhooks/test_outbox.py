@@ -7,6 +7,7 @@ import base64
 import io
 import time
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,13 @@ import pytest
 from aiohttp import web
 from standardwebhooks import Webhook, WebhookVerificationError
 
+from gateway.config import PricingSettings
+from gateway.ledger.pricing import PriceTable
+from gateway.ledger.service import Ledger
 from gateway.logs import make_logger
 from gateway.metrics import Metrics, create_metrics
 from gateway.store import open_store
-from gateway.store.base import OutboxRecord, Store
+from gateway.store.base import OutboxRecord, Store, TaskRecord
 from gateway.webhooks.outbox import OutboxOptions, WebhookOutbox, delivery_id
 from gateway.webhooks.signing import key_secret, secret_key
 from gateway.webhooks.targets import Target
@@ -306,6 +310,110 @@ class TestRestart:
         await new.aclose()
         assert transport.ids() == hanging.ids() == [delivery_id("task_1")]
         await second.close()
+
+
+def task_of(task_id: str, key: str = "tenant") -> TaskRecord:
+    return TaskRecord(
+        task_id=task_id,
+        key_name=key,
+        model="kling-v3-std-silent",
+        mode="text",
+        tier="std",
+        audio=False,
+        duration=5,
+        duration_defaulted=False,
+        estimate_seconds=5,
+        estimate_usd=Decimal("0.42"),
+        price_per_second_usd=Decimal("0.084"),
+        mode_multiplier=Decimal(1),
+        request_id=f"req-{task_id}",
+        submitted_at=time.time(),
+    )
+
+
+async def recorded(store: Store, task_id: str, key: str = "tenant") -> TaskRecord:
+    task = task_of(task_id, key)
+    assert await store.resolve_intent(f"intent-{task_id}", task)
+    return task
+
+
+def ledger_with(store: Store, outbox: WebhookOutbox, urls: dict[str, str], metrics: Metrics | None = None) -> Ledger:
+    """A ledger whose settlements carry the webhooks of the keys in ``urls`` (as builders.build_ledger wires it)."""
+    prices = PriceTable.from_settings(PricingSettings())
+    log = make_logger(stream=io.StringIO())
+    return Ledger(store, prices, metrics or create_metrics(), log, webhooks=outbox.for_keys(urls.get))
+
+
+def completed(task_id: str) -> tuple[dict[str, Any], bytes]:
+    body = {"id": task_id, "status": "completed", "output_seconds": 5}
+    return body, orjson.dumps(body)
+
+
+class TestSettledWithItsWebhook:
+    """The ledger's settlement writes the webhook in the same transaction, then wakes the worker."""
+
+    HOOK: dict[str, str] = {"tenant": "https://hooks.example.com/k"}  # noqa: RUF012 - read only
+
+    async def test_settled_then_crashed_is_delivered_by_the_next_process(self, backend_url: str) -> None:
+        """Once ``observe`` returns, the delivery is in the store: a process that dies right after (no worker ever
+        ran, nothing closed) loses nothing, and a fresh process's outbox delivers it."""
+        first = await open_store(backend_url)
+        task = await recorded(first, "task_1")
+        status, raw = completed("task_1")
+        await ledger_with(first, make_outbox(first, FakeTransport()), self.HOOK).observe(task, status, raw, polled=True)
+        second, transport = await open_store(backend_url), FakeTransport()
+        fresh = make_outbox(second, transport)
+        try:
+            assert await fresh.fill() == 1
+            await until(lambda: len(transport.posts) == 1)
+            await until_async(lambda: _empty(second))
+        finally:
+            await fresh.aclose()
+            await second.close()
+            await first.close()
+        assert transport.ids() == [delivery_id("task_1")] and transport.posts[0][3] == raw
+
+    async def test_worker_is_woken_by_the_settlement(self, store: Store) -> None:
+        """Delivery does not wait for the worker's next poll (30 s here): the settlement wakes it."""
+        transport = FakeTransport()
+        outbox = make_outbox(store, transport, poll_interval_s=30.0)
+        ledger = ledger_with(store, outbox, self.HOOK)
+        task = await recorded(store, "task_1")
+        outbox.start()
+        await asyncio.sleep(0.1)  # the worker's first look found nothing: it now sleeps until woken
+        started = time.monotonic()
+        await ledger.observe(task, *completed("task_1"), polled=True)
+        await until(lambda: len(transport.posts) == 1, timeout_s=5)
+        await outbox.aclose()
+        assert transport.posts[0][0] - started < 2.0
+
+    async def test_one_delivery_per_task_and_none_without_a_url_or_for_giving_up(self, store: Store) -> None:
+        """A terminal status seen twice (two pollers) writes one row; a key without a webhook URL and a task given
+        up as unknown write none."""
+        outbox = make_outbox(store, FakeTransport())
+        ledger = ledger_with(store, outbox, self.HOOK)
+        task = await recorded(store, "task_1")
+        await ledger.observe(task, *completed("task_1"), polled=True)
+        await ledger.observe(task, *completed("task_1"), polled=False)  # a stale copy of the row: not first
+        quiet = await recorded(store, "task_2", key="no-hook")
+        await ledger.observe(quiet, *completed("task_2"), polled=True)
+        lost = await recorded(store, "task_3")
+        assert await ledger.give_up(lost)
+        assert [r.delivery_id for r in await pending(store)] == [delivery_id("task_1")]
+        settled = await store.get_task("task_2")
+        assert settled is not None and settled.outcome == "completed"
+
+    async def test_dropped_at_the_pending_cap_is_logged_and_counted(self, store: Store) -> None:
+        """The key already has its pending cap: the task settles, the webhook is dropped with a log and metric."""
+        metrics, logs = create_metrics(), io.StringIO()
+        outbox = make_outbox(store, FakeTransport(), metrics, logs, max_pending_per_target=1)
+        assert await outbox.enqueue("task_0", "tenant", "https://hooks.example.com/k", BODY)
+        task = await recorded(store, "task_1")
+        await ledger_with(store, outbox, self.HOOK).observe(task, *completed("task_1"), polled=True)
+        assert [r.delivery_id for r in await pending(store)] == [delivery_id("task_0")]
+        assert count(metrics, "deliveries", "dropped") == 1 and "webhook_dropped" in events(logs)
+        settled = await store.get_task("task_1")
+        assert settled is not None and settled.outcome == "completed"
 
 
 class TestSharedStore:
