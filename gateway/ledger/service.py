@@ -46,6 +46,18 @@ from gateway.validation.checks import ValidRequest
 _SECONDS_FIELDS = ("output_seconds", "video_duration", "seconds", "duration")
 
 
+@dataclass(slots=True)
+class BudgetHold:
+    """A submission's hold on its key's monthly budget (``Ledger.budget_reserved``).
+
+    ``released`` once the write of its task row took it along (``Store.resolve_intent``), or once a background
+    retry of that write owns it; otherwise the hold is released on its own when the submission ends.
+    """
+
+    hold_id: str
+    released: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class Submission:
     """A submission between its intent row and its outcome."""
@@ -57,6 +69,7 @@ class Submission:
     request_id: str
     submitted_at: float
     account: str = DEFAULT_ACCOUNT
+    budget: BudgetHold | None = None
 
 
 class CompletionWebhooks(Protocol):
@@ -192,18 +205,19 @@ class Ledger:
         return estimate(self._prices, request.model, request.mode, request.duration)
 
     @contextlib.asynccontextmanager
-    async def budget_reserved(self, principal: Principal, est: Estimate) -> AsyncIterator[None]:
+    async def budget_reserved(self, principal: Principal, est: Estimate) -> AsyncIterator[BudgetHold | None]:
         """Check the key's monthly budget for ``est`` and hold it while the submission is on its way upstream.
 
         429 ``budget_exceeded`` when settled + outstanding + held + this estimate would pass the budget. The check
         and the hold are one store operation (``Store.hold_budget``), serialised per key across workers and
-        replicas, so concurrent submissions never overshoot. The hold is released when the block ends: by then the
-        submission's task row, if any, is written (a submission may be tried on several upstream accounts, so the
-        hold belongs to the submission, not to one intent).
+        replicas, so concurrent submissions never overshoot. The hold (None for a key without a budget) belongs to
+        the submission, not to one intent, since a submission may be tried on several upstream accounts: pass it
+        to :meth:`begin`, and the task write of the accepted submission releases it in its own transaction (no
+        extra write); a submission that ends without one (refused, failed, cancelled) releases it here.
         """
         budget = principal.monthly_budget_usd
         if budget is None:
-            yield
+            yield None
             return
         now = self._clock()
         month = month_bounds(now)
@@ -220,13 +234,15 @@ class Ledger:
                 code="budget_exceeded",
                 headers={"Retry-After": str(retry_after)},
             )
+        hold = BudgetHold(hold_id)
         try:
-            yield
+            yield hold
         finally:
-            try:
-                await self.store.release_hold(hold_id)
-            except StoreError as exc:  # it expires on its own; meanwhile it only makes the check stricter
-                self._log.error("budget_hold_release_failed", key=principal.name, error=str(exc))
+            if not hold.released:
+                try:
+                    await self.store.release_hold(hold_id)
+                except StoreError as exc:  # it expires on its own; meanwhile it only makes the check stricter
+                    self._log.error("budget_hold_release_failed", key=principal.name, error=str(exc))
 
     async def begin(
         self,
@@ -237,9 +253,13 @@ class Ledger:
         account: str = DEFAULT_ACCOUNT,
         max_in_flight: int = 0,
         hold_since: float = 0.0,
+        budget: BudgetHold | None = None,
     ) -> Submission | None:
-        """Write the intent on ``account`` before anything goes upstream; None when the account has no room."""
-        sub = Submission(uuid.uuid4().hex, principal, request, est, request_id, self._clock(), account)
+        """Write the intent on ``account`` before anything goes upstream; None when the account has no room.
+
+        ``budget`` is the submission's hold from :meth:`budget_reserved`, released by its task write.
+        """
+        sub = Submission(uuid.uuid4().hex, principal, request, est, request_id, self._clock(), account, budget)
         admitted = await self.store.record_intent(
             sub.intent_id,
             principal.name,
@@ -289,14 +309,19 @@ class Ledger:
             submitted_at=sub.submitted_at,
             account=sub.account,
         )
+        hold = sub.budget.hold_id if sub.budget is not None else None
         try:
-            inserted = await self.store.resolve_intent(sub.intent_id, task)
+            inserted = await self.store.resolve_intent(sub.intent_id, task, hold)
         except StoreError as exc:
             inserted = True  # unknown yet: the background retry finds out
             self._log.error("task_write_failed", task_id=task_id, error=str(exc), will_retry=True)
-            write = asyncio.create_task(self._retry_write(sub.intent_id, task))
+            # The retry releases the hold with the row, so the budget counts this task all along (a retry given
+            # up leaves the hold to expire).
+            write = asyncio.create_task(self._retry_write(sub.intent_id, task, hold))
             self._pending_writes.add(write)
             write.add_done_callback(self._pending_writes.discard)
+        if sub.budget is not None:
+            sub.budget.released = True
         if not inserted:  # another process recorded this id in between
             owner = await self.store.get_task(task_id)
             raise DuplicateTaskId(task_id, owner.key_name if owner is not None else "")
@@ -304,11 +329,11 @@ class Ledger:
         self._count_generation(task)
         return task
 
-    async def _retry_write(self, intent_id: str, task: TaskRecord) -> None:
+    async def _retry_write(self, intent_id: str, task: TaskRecord, hold: str | None) -> None:
         for delay in self._retry_delays:
             await asyncio.sleep(delay)
             try:
-                await self.store.resolve_intent(intent_id, task)
+                await self.store.resolve_intent(intent_id, task, hold)
             except StoreError as exc:
                 self._log.error("task_write_failed", task_id=task.task_id, error=str(exc), will_retry=True)
                 continue

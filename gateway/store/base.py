@@ -326,12 +326,14 @@ class Store(Protocol):
     async def account_in_flight(self, hold_since: float) -> dict[str, int]:
         """Per account: unsettled tasks plus intents submitted since ``hold_since`` (accounts with none left out)."""
 
-    async def resolve_intent(self, intent_id: str, task: TaskRecord) -> bool:
+    async def resolve_intent(self, intent_id: str, task: TaskRecord, release_hold: str | None = None) -> bool:
         """Insert ``task`` and delete the intent in one transaction; safe to retry.
 
         Returns False if the task row already existed (a retried write that had in fact committed, or an upstream
         answering with a task id it already gave another submission); the row is then left as it was and the
         intent, if any, stays (outcome unknown). An unknown ``intent_id`` is fine: the task is inserted all the same.
+        ``release_hold`` names the submission's budget hold (:meth:`hold_budget`), deleted by the same transaction
+        either way: the task row replaces the hold atomically, and a budgeted submission costs no extra write.
         """
 
     async def hold_budget(
@@ -353,7 +355,7 @@ class Store(Protocol):
         """
 
     async def release_hold(self, hold_id: str) -> None:
-        """Drop a hold once its submission has ended (its task row, if any, is written by then)."""
+        """Drop a hold whose submission ended without a task row (refused, failed, cancelled)."""
 
     async def drop_intent(self, intent_id: str) -> bool:
         """Delete an intent whose submission the upstream refused; False if there was none."""

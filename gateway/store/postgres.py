@@ -304,9 +304,10 @@ _SQL_INSERT_TASK = (  # constant fragments only, values are bound parameters
     "ON CONFLICT (task_id) DO NOTHING"
 )
 # resolve_intent as one statement (one round trip, its own transaction): insert the task, its terminal body if it
-# has one, delete the intent and, only if the task was new, add it to the rollup. Foreign keys are checked at the
-# end of the statement, so the body's reference to the task inserted beside it holds.
-_SQL_RESOLVE = (  # constant fragments only, values are bound parameters
+# has one, delete the intent and, only if the task was new, add it to the rollup; for a budgeted submission, also
+# release its budget hold (either way). Foreign keys are checked at the end of the statement, so the body's
+# reference to the task inserted beside it holds.
+_RESOLVE_CTES = (  # constant fragments only, values are bound parameters
     f"WITH ins AS ({_SQL_INSERT_TASK} RETURNING task_id), "  # noqa: S608
     "body AS (INSERT INTO task_bodies (task_id, body) SELECT task_id, $25::bytea FROM ins WHERE $25::bytea IS NOT NULL "
     "ON CONFLICT (task_id) DO UPDATE SET body = excluded.body), "
@@ -314,7 +315,12 @@ _SQL_RESOLVE = (  # constant fragments only, values are bound parameters
     "gone AS (DELETE FROM intents WHERE intent_id = $26 AND EXISTS (SELECT 1 FROM ins)), "
     f"roll AS ({_ROLLUP_INSERT}SELECT $27::integer, $28::text, $29::text, $30::text, "
     + ", ".join(f"${n}::bigint" for n in range(31, 31 + len(_MEASURES)))
-    + f" FROM ins {_ROLLUP_UPSERT}) SELECT count(*) FROM ins"  # noqa: S608
+    + f" FROM ins {_ROLLUP_UPSERT})"
+)
+_SQL_RESOLVE = _RESOLVE_CTES + " SELECT count(*) FROM ins"  # noqa: S608 - constant fragments only
+_HOLD_PARAM: Final = 31 + len(_MEASURES)
+_SQL_RESOLVE_RELEASING = (  # constant fragments only, values are bound parameters
+    _RESOLVE_CTES + f", hold AS (DELETE FROM budget_holds WHERE hold_id = ${_HOLD_PARAM}) SELECT count(*) FROM ins"  # noqa: S608
 )
 _SQL_STATUS = MappingProxyType(
     {
@@ -825,10 +831,14 @@ class PostgresStore:
         rows = await self._run(lambda conn: conn.fetch(_SQL_ACCOUNT_IN_FLIGHT, hold_since), tx=False)
         return {str(row[0]): int(row[1]) for row in rows if row[1]}
 
-    async def resolve_intent(self, intent_id: str, task: TaskRecord) -> bool:
-        """Insert ``task`` and delete the intent in one transaction; False if the task row already existed."""
-        params = (*task_row(task), task.terminal_body, intent_id, *insert_delta(task))
-        inserted = await self._run(lambda conn: conn.fetchval(_SQL_RESOLVE, *params), tx=False)
+    async def resolve_intent(self, intent_id: str, task: TaskRecord, release_hold: str | None = None) -> bool:
+        """Insert ``task``, delete the intent and release the budget hold in one statement; False if the task row
+        already existed."""
+        params: tuple[Any, ...] = (*task_row(task), task.terminal_body, intent_id, *insert_delta(task))
+        sql = _SQL_RESOLVE
+        if release_hold is not None:
+            sql, params = _SQL_RESOLVE_RELEASING, (*params, release_hold)
+        inserted = await self._run(lambda conn: conn.fetchval(sql, *params), tx=False)
         return bool(inserted)
 
     async def hold_budget(
@@ -843,8 +853,9 @@ class PostgresStore:
     ) -> tuple[bool, Decimal]:
         """Check and hold in one transaction under a per-key advisory lock: replicas take their turn per key.
 
-        Holds are read before tasks: a submission's hold is released only after its task row committed, so each
-        in-flight submission is seen as a hold, a task, or (briefly) both, never neither.
+        Holds are read before tasks: a submission's hold is released by the statement that writes its task row
+        (``resolve_intent``), so each in-flight submission is seen as a hold, a task, or (if that statement commits
+        between the two reads) both, never neither.
         """
         queries = _usage_queries(month[0], month[1], (), key_name)
         amount_nano, budget_nano = to_fixed(amount), to_fixed(budget)

@@ -670,8 +670,9 @@ class SQLiteStore:
         rows = await self._read(lambda conn: conn.execute(_SQL_ACCOUNT_IN_FLIGHT, (hold_since,)).fetchall())
         return {str(account): int(count) for account, count in rows if count}
 
-    async def resolve_intent(self, intent_id: str, task: TaskRecord) -> bool:
-        """Insert ``task`` and delete the intent in one transaction; False if the task row already existed."""
+    async def resolve_intent(self, intent_id: str, task: TaskRecord, release_hold: str | None = None) -> bool:
+        """Insert ``task``, delete the intent and release the budget hold in one transaction; False if the task
+        row already existed."""
         row = task_row(task)
 
         def op(conn: sqlite3.Connection) -> bool:
@@ -682,6 +683,8 @@ class SQLiteStore:
                     conn.execute(_SQL_UPSERT_BODY, (task.task_id, task.terminal_body))
                 # A task id already in the ledger is not this submission's: its intent stays, as outcome unknown.
                 conn.execute("DELETE FROM intents WHERE intent_id = ?", (intent_id,))
+            if release_hold is not None:
+                conn.execute("DELETE FROM budget_holds WHERE hold_id = ?", (release_hold,))
             return inserted
 
         return await self._tx(op)

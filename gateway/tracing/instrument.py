@@ -22,7 +22,7 @@ from starlette.types import Message, Receive, Scope, Send
 from gateway.auth.principal import Principal
 from gateway.catalog import DEFAULT_ACCOUNT
 from gateway.ledger.pricing import Estimate
-from gateway.ledger.service import Ledger, Submission
+from gateway.ledger.service import BudgetHold, Ledger, Submission
 from gateway.store.base import TaskRecord
 from gateway.tracing.spans import Tracing, describe_request
 from gateway.upstream.client import Headers, Transport, UpstreamResponse
@@ -89,9 +89,12 @@ class TracedLedger(Ledger):
         account: str = DEFAULT_ACCOUNT,
         max_in_flight: int = 0,
         hold_since: float = 0.0,
+        budget: BudgetHold | None = None,
     ) -> Submission | None:
         with self._tracing.span("ledger.intent", {"gateway.key": principal.name, "gateway.account": account}) as span:
-            submission = await super().begin(principal, request, est, request_id, account, max_in_flight, hold_since)
+            submission = await super().begin(
+                principal, request, est, request_id, account, max_in_flight, hold_since, budget
+            )
             span.set_attribute("gateway.admitted", submission is not None)
             return submission
 

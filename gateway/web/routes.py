@@ -28,7 +28,7 @@ from gateway.errors import (
 )
 from gateway.keys import model_allowed
 from gateway.ledger.pricing import Estimate, PriceTable
-from gateway.ledger.service import DuplicateTaskId, Ledger, Submission
+from gateway.ledger.service import BudgetHold, DuplicateTaskId, Ledger, Submission
 from gateway.logs import Logger
 from gateway.status.fetch import STATUS_ROUTE
 from gateway.status.poller import StatusPoller
@@ -105,8 +105,8 @@ class GatewayRoutes:
             if replay is not None:
                 return replay  # a finished repeat answers as the first time did, budget or not
         try:
-            async with self._ledger.budget_reserved(principal, estimate):
-                response = await self.forward_submission(request, principal, valid, estimate, result.warnings)
+            async with self._ledger.budget_reserved(principal, estimate) as budget:
+                response = await self.forward_submission(request, principal, valid, estimate, result.warnings, budget)
         except Exception:
             # Failed (not cancelled): the same key may be retried. A cancelled attempt keeps its in-flight record
             # (409 to repeats) until it is taken over, since the upstream may have the task.
@@ -124,6 +124,7 @@ class GatewayRoutes:
         valid: ValidRequest,
         estimate: Estimate,
         validation_warnings: tuple[Problem, ...],
+        budget: BudgetHold | None = None,
     ) -> Response:
         """Account → intent → upstream → task row (before the client sees 200) → the upstream's answer.
 
@@ -138,7 +139,9 @@ class GatewayRoutes:
         tried: set[str] = set()
         last_refusal: UpstreamResponse | None = None
         while True:
-            placed = await self.place(principal, valid, estimate, request_id, tried, wait=last_refusal is None)
+            placed = await self.place(
+                principal, valid, estimate, request_id, tried, wait=last_refusal is None, budget=budget
+            )
             if placed is None:
                 if last_refusal is not None:
                     return self.refusal_response(last_refusal)
@@ -189,17 +192,20 @@ class GatewayRoutes:
         tried: set[str],
         *,
         wait: bool,
+        budget: BudgetHold | None = None,
     ) -> tuple[str, Submission] | None:
         """The account for this submission and its intent (capacity admitted), or None when none can take it."""
         accounts, ledger = self._accounts, self._ledger
         if accounts.simple:  # one account without a limit: the plain intent write, no choice, no count
             if tried:
                 return None
-            submission = await ledger.begin(principal, valid, estimate, request_id, accounts.names[0])
+            submission = await ledger.begin(principal, valid, estimate, request_id, accounts.names[0], budget=budget)
             return None if submission is None else (accounts.names[0], submission)
 
         async def admit(account: str, limit: int) -> Submission | None:
-            return await ledger.begin(principal, valid, estimate, request_id, account, limit, accounts.hold_since())
+            return await ledger.begin(
+                principal, valid, estimate, request_id, account, limit, accounts.hold_since(), budget
+            )
 
         return await accounts.place(valid.model, admit, exclude=tried, wait=wait)
 

@@ -48,11 +48,11 @@ class FlakyStore:
             raise StoreError("database is locked (injected)")
         return await self._inner.record_intent(*args)
 
-    async def resolve_intent(self, intent_id: str, task: TaskRecord) -> bool:
+    async def resolve_intent(self, intent_id: str, task: TaskRecord, release_hold: str | None = None) -> bool:
         if self.failures > 0:
             self.failures -= 1
             raise StoreError("disk I/O error (injected)")
-        return await self._inner.resolve_intent(intent_id, task)
+        return await self._inner.resolve_intent(intent_id, task, release_hold)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)

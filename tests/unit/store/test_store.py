@@ -480,6 +480,57 @@ class TestBudgetHolds:
             Decimal("0.42"),
         )
 
+    async def test_the_task_write_releases_the_hold_in_its_transaction(self, store: Store) -> None:
+        """``resolve_intent(..., release_hold)``: the task row replaces the hold at once (counted once, not both)."""
+        assert (await store.hold_budget("h1", "team-a", Decimal("0.42"), Decimal(1), MONTH, T0))[0] is True
+        await store.record_intent("i1", "team-a", "req-1", "kling-v3-std-silent", "text", T0)
+        assert await store.resolve_intent("i1", make_task("task-h"), release_hold="h1")
+        assert await store.list_intents() == []
+        assert await store.hold_budget("h2", "team-a", Decimal("0.58"), Decimal(1), MONTH, T0) == (
+            True,
+            Decimal("0.42"),
+        )
+
+    async def test_a_task_id_already_recorded_still_releases_the_hold(self, store: Store) -> None:
+        """The upstream answered with an id the ledger holds: no row is written, the hold goes all the same."""
+        await add_task(store, make_task("task-h"))  # 0.42
+        assert (await store.hold_budget("h1", "team-a", Decimal("0.42"), Decimal(1), MONTH, T0))[0] is True
+        await store.record_intent("i2", "team-a", "req-2", "kling-v3-std-silent", "text", T0)
+        assert not await store.resolve_intent("i2", make_task("task-h"), release_hold="h1")
+        assert [i.intent_id for i in await store.list_intents()] == ["i2"]  # outcome unknown, as before
+        assert (await store.hold_budget("h2", "team-a", Decimal(0), Decimal(1), MONTH, T0))[1] == Decimal("0.42")
+
+    async def test_a_failed_task_write_keeps_the_hold(self, store: Store) -> None:
+        """The task write fails (a NULL key name): it rolls back whole, so the hold still counts."""
+        assert (await store.hold_budget("h1", "team-a", Decimal("0.42"), Decimal(1), MONTH, T0))[0] is True
+        broken = replace(make_task("task-x"), key_name=None)  # type: ignore[arg-type]
+        with pytest.raises(StoreError):
+            await store.resolve_intent("i1", broken, release_hold="h1")
+        assert await store.get_task("task-x") is None
+        assert (await store.hold_budget("h2", "team-a", Decimal(0), Decimal(1), MONTH, T0))[1] == Decimal("0.42")
+
+    async def test_holds_turning_into_tasks_never_overshoot(self, backend_url: str) -> None:
+        """Two stores, 12 concurrent submissions of $0.42 on a $2 budget, each hold released by its task write as
+        others check: exactly 4 fit, and afterwards only the 4 tasks count (no hold left, none counted twice)."""
+        first, second = await open_store(backend_url), await open_store(backend_url)
+
+        async def submit(n: int) -> bool:
+            store = (first, second)[n % 2]
+            held, _ = await store.hold_budget(f"h{n}", "team-a", Decimal("0.42"), Decimal(2), MONTH, T0)
+            if held:
+                await store.record_intent(f"i{n}", "team-a", f"req-{n}", "kling-v3-std-silent", "text", T0)
+                assert await store.resolve_intent(f"i{n}", make_task(f"task-{n}"), release_hold=f"h{n}")
+            return held
+
+        try:
+            assert sum(await asyncio.gather(*(submit(n) for n in range(12)))) == 4
+            assert (await first.hold_budget("probe", "team-a", Decimal(0), Decimal(2), MONTH, T0))[1] == Decimal("1.68")
+            [total] = await second.usage()
+            assert (total.tasks, total.estimated_usd) == (4, Decimal("1.68"))
+        finally:
+            await first.close()
+            await second.close()
+
     async def test_expired_holds_stop_counting(self, store: Store) -> None:
         """A hold left by a dead process no longer counts after its time to live."""
         assert (await store.hold_budget("h1", "team-a", Decimal("0.9"), Decimal(1), MONTH, T0, ttl_s=60))[0] is True
