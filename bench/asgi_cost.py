@@ -1,11 +1,11 @@
 """CPU per request inside the ASGI app alone (no server, no sockets): isolates the gateway's own cost per hot path.
 
-    .venv/bin/python bench/asgi_cost.py [--requests 8000] [--upstream http://127.0.0.1:18200]
+    .venv/bin/python bench/asgi_cost.py [--requests 8000] [--upstream http://127.0.0.1:18200] [--no-budget]
 
 Builds the production app (key auth, access log to /dev/null, metrics, SQLite ledger in a temp dir) against an
-in-process upstream (``httpx.MockTransport``), creates a key with an rpm limit and a budget, submits tasks, then
-drives the app's ASGI callable directly with prepared scopes and reports process CPU µs per request for:
-cached polls, forwarded polls (cache TTL 0) and submissions. The figure excludes uvicorn and the upstream client,
+in-process upstream (``httpx.MockTransport``), creates a key with an rpm limit and a budget (``--no-budget``: none,
+so submissions take no budget hold), submits tasks, then drives the app's ASGI callable directly with prepared
+scopes and reports process CPU µs per request for: cached polls, forwarded polls (cache TTL 0) and submissions. The figure excludes uvicorn and the upstream client,
 so it shows what the gateway's own code (routing, auth, cache, metrics, log, ledger) costs, on a quiet or busy box.
 """
 
@@ -102,7 +102,7 @@ async def _measure(app: Any, requests: list[tuple[str, str, list[tuple[bytes, by
 
 
 async def _run(
-    pending_ttl: str, n: int, rounds: int, upstream: str | None = None, accounts: int = 1
+    pending_ttl: str, n: int, rounds: int, upstream: str | None = None, accounts: int = 1, budget: bool = True
 ) -> dict[str, float]:
     data = tempfile.mkdtemp(prefix="asgi-cost-")
     env = {
@@ -141,13 +141,8 @@ async def _run(
         life = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, lreceive, lsend))
         await started.wait()
         admin = [(b"authorization", b"Bearer " + _ADMIN_TOKEN.encode()), (b"content-type", b"application/json")]
-        status, body = await _call(
-            app,
-            "POST",
-            "/gateway/keys",
-            admin,
-            orjson.dumps({"name": "bench", "rpm": 10**8, "monthly_budget_usd": 10**8}),
-        )
+        limits = {"name": "bench", "rpm": 10**8, **({"monthly_budget_usd": 10**8} if budget else {})}
+        status, body = await _call(app, "POST", "/gateway/keys", admin, orjson.dumps(limits))
         assert status == 201, body
         await asyncio.sleep(1.2)  # key refresh
         key = orjson.loads(body)["key"].encode()
@@ -181,9 +176,11 @@ def main() -> None:
     parser.add_argument(
         "--accounts", type=int, default=1, help="upstream accounts (more than 1: each with a max_in_flight)"
     )
+    parser.add_argument("--no-budget", action="store_true", help="the bench key without a monthly budget")
     args = parser.parse_args()
-    cached = asyncio.run(_run("3600", args.requests, args.rounds, args.upstream, args.accounts))
-    forwarded = asyncio.run(_run("0", args.requests, args.rounds, args.upstream, args.accounts))
+    budget = not args.no_budget
+    cached = asyncio.run(_run("3600", args.requests, args.rounds, args.upstream, args.accounts, budget))
+    forwarded = asyncio.run(_run("0", args.requests, args.rounds, args.upstream, args.accounts, budget))
     through = f"production client to {args.upstream}" if args.upstream else "httpx MockTransport upstream"
     print(f"cached poll     {cached['poll']:8.1f} µs CPU/request (in-app, no server)")
     print(f"forwarded poll  {forwarded['poll']:8.1f} µs CPU/request (in-app, {through})")
