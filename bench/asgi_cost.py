@@ -3,10 +3,11 @@
     .venv/bin/python bench/asgi_cost.py [--requests 8000] [--upstream http://127.0.0.1:18200] [--no-budget]
 
 Builds the production app (key auth, access log to /dev/null, metrics, SQLite ledger in a temp dir) against an
-in-process upstream (``httpx.MockTransport``), creates a key with an rpm limit and a budget (``--no-budget``: none,
-so submissions take no budget hold), submits tasks, then drives the app's ASGI callable directly with prepared
-scopes and reports process CPU µs per request for: cached polls, forwarded polls (cache TTL 0) and submissions. The figure excludes uvicorn and the upstream client,
-so it shows what the gateway's own code (routing, auth, cache, metrics, log, ledger) costs, on a quiet or busy box.
+in-process upstream (``httpx.MockTransport``), creates a key with an rpm limit and a budget (``--no-budget``: none, so
+submissions take no budget hold), submits tasks, then drives the app's ASGI callable directly with prepared scopes
+and reports process CPU µs per request for: cached polls, forwarded polls (cache TTL 0) and submissions. The figure
+excludes uvicorn and the upstream client, so it shows what the gateway's own code (routing, auth, cache, metrics,
+log, ledger) costs, on a quiet or busy box.
 """
 
 from __future__ import annotations
