@@ -195,15 +195,18 @@ class SharedLimiter:
 
     def _lease(self, key_name: str, tokens: int, shared_left: int, rpm: int) -> None:
         now = self._clock()
-        expires = now + _LEASE_S
         lease = self._leases.peek(key_name)
-        if lease is not None and now < lease.expires and lease.rpm == rpm:
-            lease.tokens += tokens  # concurrent takes on this replica: keep them all
-            lease.expires = expires
-            lease.shared_left = shared_left
-            self._leases.touch(key_name)
+        if lease is None:
+            self._leases.put(key_name, _Lease(float(tokens), now + _LEASE_S, shared_left, rpm))
             return
-        self._leases.put(key_name, _Lease(float(tokens), expires, shared_left, rpm))
+        if now < lease.expires and lease.rpm == rpm:
+            lease.tokens += tokens  # concurrent takes on this replica: keep them all
+        else:
+            lease.tokens = float(tokens)
+        lease.expires = now + _LEASE_S
+        lease.shared_left = shared_left
+        lease.rpm = rpm
+        self._leases.touch(key_name)
 
     def allowance(self, key_name: str) -> tuple[int, int] | None:
         """``(rpm, requests left)`` as of ``key_name``'s last check here (see the class), or None (no figure)."""
