@@ -125,6 +125,27 @@ class TestDuplicateTaskId:
             == 0
         )
 
+    def test_id_recorded_by_another_process_is_refused(
+        self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory
+    ) -> None:
+        """The first owner's task is in the shared store but not in this process's memory: the task insert itself
+        finds it, so the second submission still gets 502 and its intent stays as outcome unknown."""
+        accepted = json(200, {"id": "dup_3", "task_id": "dup_3", "status": "queued"})
+        fake_upstream.script("POST", SUBMIT, accepted, accepted)
+        first = gateway(make_gateway, fake_upstream, "lean", **KEYS_MODE)
+        second = gateway(make_gateway, fake_upstream, "lean", **KEYS_MODE)  # same data dir: one SQLite ledger
+        alice = first.as_key(first.create_key("alice"))
+        mallory = second.as_key(second.create_key("mallory"))
+        assert first.client.post(SUBMIT, json=BODY, headers=alice).status_code == 200
+        refused = second.client.post(SUBMIT, json=BODY, headers=mallory)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (502, "upstream_unavailable")
+        (row,) = second.client.get("/gateway/tasks", headers=ADMIN).json()["data"]
+        assert (row["task_id"], row["key"]) == ("dup_3", "alice")
+        (unknown,) = second.client.get("/gateway/submissions/unknown", headers=ADMIN).json()["data"]
+        assert unknown["key"] == "mallory"
+        (logged,) = events(second, "upstream_task_id_reused")
+        assert (logged["task_id"], logged["same_key"]) == ("dup_3", False)
+
     @pytest.mark.parametrize("transport", TRANSPORTS)
     def test_same_key_twice_is_refused_too(
         self, transport: str, fake_upstream: FakeUpstream, make_gateway: GatewayFactory
