@@ -365,20 +365,22 @@ _SQL_NEEDING_SETTLEMENT = (
     "AND COALESCE(t.last_polled_at, t.submitted_at) < $1 AND COALESCE(t.last_checked_at, t.submitted_at) < $1 "
     "ORDER BY COALESCE(t.last_checked_at, t.submitted_at), t.task_id LIMIT $2"
 )
+# SUM of BIGINT is NUMERIC, which asyncpg hands over as one Decimal per cell (most of a big report's fetch time):
+# the totals come back as BIGINT instead, as SQLite's do; 9.2e18 nano-units is $9.2 billion, far past any ledger.
 _USAGE_AGGREGATES = (
     "COUNT(*), "
-    "COALESCE(SUM(estimate_seconds), 0), "
-    "COALESCE(SUM(settled_seconds_nano), 0), "
-    "COALESCE(SUM(estimate_nano), 0), "
-    "COALESCE(SUM(settled_nano), 0), "
-    "COALESCE(SUM(CASE WHEN settled_at IS NULL THEN estimate_nano ELSE settled_nano END), 0), "
+    "COALESCE(SUM(estimate_seconds), 0)::bigint, "
+    "COALESCE(SUM(settled_seconds_nano), 0)::bigint, "
+    "COALESCE(SUM(estimate_nano), 0)::bigint, "
+    "COALESCE(SUM(settled_nano), 0)::bigint, "
+    "COALESCE(SUM(CASE WHEN settled_at IS NULL THEN estimate_nano ELSE settled_nano END), 0)::bigint, "
     "COUNT(*) FILTER (WHERE outcome = 'completed'), "
     "COUNT(*) FILTER (WHERE outcome = 'failed'), "
     "COUNT(*) FILTER (WHERE outcome = 'unknown'), "
     "COUNT(*) FILTER (WHERE settled_at IS NULL), "
     "COUNT(*) FILTER (WHERE duration_defaulted)"
 )
-_ROLLUP_SUMS = ", ".join(f"COALESCE(SUM({m}), 0)" for m in _MEASURES)
+_ROLLUP_SUMS = ", ".join(f"COALESCE(SUM({m}), 0)::bigint" for m in _MEASURES)
 _SQL_REBUILD_ROLLUP = (  # the rollup recomputed from the ledger rows (repair, bulk loads)
     f"INSERT INTO usage_daily (day, key_name, model, mode, {', '.join(_MEASURES)}) "  # noqa: S608
     f"SELECT submitted_day, key_name, model, mode, {_USAGE_AGGREGATES} FROM tasks "
