@@ -34,7 +34,7 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 from gateway.catalog import DEFAULT_ACCOUNT, TaskStatus
 from gateway.keys import KeyRecord
@@ -150,13 +150,13 @@ class IntentRecord:
     account: str = DEFAULT_ACCOUNT
 
 
-@dataclass(frozen=True, slots=True)
-class UsageRow:
+class UsageRow(NamedTuple):
     """One group of :meth:`Store.usage`; a dimension not grouped by is None.
 
     ``requested_seconds`` sums the seconds each estimate used (defaults included, see ``defaulted``);
     ``settled_usd`` sums settled tasks only; ``cost_usd`` is settled amounts plus estimates still outstanding.
-    ``day`` is an ISO date (UTC) of submission.
+    ``day`` is an ISO date (UTC) of submission. A named tuple rather than a frozen dataclass: as immutable, and
+    several times cheaper to build (a report of a few thousand groups spent milliseconds in ``__init__``).
     """
 
     key: str | None

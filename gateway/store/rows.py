@@ -305,15 +305,18 @@ def usage_queries(
 
 
 def add_usage(totals: dict[tuple[Any, ...], list[int]], row: Sequence[Any], width: int) -> None:
-    """Add one aggregate row (``width`` group columns, then the measures) to ``totals``; skip groups of no task."""
-    measures = [int(value) for value in row[width:]]
-    if measures[0] == 0:
+    """Add one aggregate row (``width`` group columns, then the measures) to ``totals``; skip groups of no task.
+
+    The measures are integers as both backends return them (PostgreSQL's sums are cast to BIGINT).
+    """
+    if row[width] == 0:
         return
     key = tuple(row[:width])
-    if key in totals:
-        totals[key] = [a + b for a, b in zip(totals[key], measures, strict=True)]
+    known = totals.get(key)
+    if known is None:
+        totals[key] = list(row[width:])
     else:
-        totals[key] = measures
+        totals[key] = [a + b for a, b in zip(known, row[width:], strict=True)]
 
 
 def usage_rows(group_by: tuple[str, ...], totals: Mapping[tuple[Any, ...], list[int]]) -> list[UsageRow]:
