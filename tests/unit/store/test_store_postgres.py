@@ -202,6 +202,7 @@ class TestMigrations:
                 "archives",
                 "budget_holds",
                 "audit_log",
+                "ui_session_revocations",
             }
         finally:
             await query(postgres_url, "public", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
