@@ -31,9 +31,16 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from gateway.accounts.parse import AccountsError, AccountSettings, fingerprint, parse_keys_file
-from gateway.accounts.policy import AccountView, candidates, capacity_retry_after, refusal, retry_after_s
+from gateway.accounts.policy import (
+    AccountView,
+    all_unauthorized,
+    candidates,
+    capacity_retry_after,
+    refusal,
+    retry_after_s,
+)
 from gateway.catalog import RefusalReason
-from gateway.errors import TooManyRequests
+from gateway.errors import GatewayError, TooManyRequests, UpstreamUnavailable
 from gateway.metrics import Metrics
 from gateway.store.base import Store, StoreError
 
@@ -296,14 +303,31 @@ class AccountPool:
                 head.set_result(None)
                 return
 
-    def capacity_error(self, model: str) -> TooManyRequests:
-        """429 ``upstream_capacity``: no account serving ``model`` has room; nothing was forwarded."""
-        seconds = capacity_retry_after(self.views(), model, self._clock(), self._retry_after_s)
+    def no_account_error(self, model: str) -> GatewayError:
+        """No account can take a submission for ``model``; nothing was forwarded. Every account serving it
+        unauthorized: 502 ``upstream_auth_failed`` (waiting helps nobody until the operator replaces a key); else
+        (full, set aside for capacity or rate, a mix with unauthorized ones, or none serving the model) 429
+        ``upstream_capacity`` with the ``Retry-After`` of the soonest account that could take it."""
+        views, now = self.views(), self._clock()
+        if all_unauthorized(views, model):
+            failed = UpstreamUnavailable(
+                f"The upstream rejected the key of every upstream account serving '{model}'; "
+                "the operator has been alerted.",
+                code="upstream_auth_failed",
+            )
+            failed.request_sent = False
+            return failed
+        seconds = capacity_retry_after(views, model, now, self._retry_after_s)
         return TooManyRequests(
             f"No upstream account serving '{model}' has room for another task; retry in {seconds} s.",
             code="upstream_capacity",
             headers={"Retry-After": str(seconds)},
         )
+
+    def unauthorized(self, account: str) -> bool:
+        """Whether the upstream rejected ``account``'s current key (a dict lookup: the one-account path asks it
+        on every submission)."""
+        return account in self._unauthorized
 
     # -- outcomes --------------------------------------------------------------------------------------------------
 

@@ -203,23 +203,51 @@ class TestRefusals:
         assert lines and lines[0]["account"] == "a" and lines[0]["level"] == "error"
         assert "sk-acct" not in gw.logs.getvalue()
 
-    def test_every_account_refusing_passes_the_last_refusal_through(
+    def test_every_account_refusing_for_capacity_is_429_upstream_capacity(
         self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory
     ) -> None:
-        """No account can take it: the client gets the upstream's own 429 (status, body, Retry-After)."""
+        """No account can take it: 429 upstream_capacity with the upstream's Retry-After (both accounts come back
+        only when it passes: nothing of theirs is in flight here); the next submission forwards nothing."""
         kling = KlingAccounts({"sk-acct-a": 1, "sk-acct-b": 1}).install(fake_upstream)
         for key in ("sk-acct-a", "sk-acct-b"):
             httpx.post(fake_upstream.url + SUBMIT, json=BODY, headers={"Authorization": f"Bearer {key}"})
         gw = make_gateway(fake_upstream.url, upstream_key="", env=accounts_env())
         response = submit(gw)
-        assert response.status_code == 429
-        assert response.json()["code"] == 1303
+        assert (response.status_code, response.json()["error"]["code"]) == (429, "upstream_capacity")
         assert response.headers["retry-after"] == "7"
         assert len(kling.refusals) == 2
         again = submit(gw)  # both set aside now: nothing forwarded
         assert (again.status_code, again.json()["error"]["code"]) == (429, "upstream_capacity")
-        assert again.headers["retry-after"] == "5"
+        assert again.headers["retry-after"] in ("6", "7")
         assert len(kling.refusals) == 2
+
+    def test_every_account_unauthorized_is_502_without_an_upstream_call(
+        self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory
+    ) -> None:
+        """Every key rejected: 502 upstream_auth_failed (not 429: waiting helps nobody), then nothing forwarded."""
+        kling = KlingAccounts({"sk-acct-a": 0, "sk-acct-b": 0}).install(fake_upstream)
+        kling.revoked.update({"sk-acct-a", "sk-acct-b"})
+        gw = make_gateway(fake_upstream.url, upstream_key="", env=accounts_env())
+        first = submit(gw)
+        assert (first.status_code, first.json()["error"]["code"]) == (502, "upstream_auth_failed")
+        assert len(kling.refusals) == 2
+        again = submit(gw)
+        assert (again.status_code, again.json()["error"]["code"]) == (502, "upstream_auth_failed")
+        assert "retry-after" not in again.headers
+        assert len(kling.refusals) == 2  # nothing forwarded
+        assert "sk-acct" not in again.text
+
+    def test_unauthorized_and_full_is_capacity(self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory) -> None:
+        """A mix: one key rejected, the other account at its limit; it may take the task later, so capacity wins."""
+        kling = KlingAccounts({"sk-acct-a": 0, "sk-acct-b": 0}).install(fake_upstream)
+        kling.revoked.add("sk-acct-a")
+        gw = make_gateway(fake_upstream.url, upstream_key="", env=accounts_env(settings='{"b": {"max_in_flight": 1}}'))
+        assert submit(gw).status_code == 200  # a refused (401), b takes it
+        response = submit(gw)
+        assert (response.status_code, response.json()["error"]["code"]) == (429, "upstream_capacity")
+        assert response.headers["retry-after"] == "5"
+        assert kling.refusals == [("sk-acct-a", 401)]
+        assert fake_upstream.calls("POST", SUBMIT) == 2
 
     def test_timeout_is_never_retried_on_another_account(
         self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory
@@ -231,6 +259,40 @@ class TestRefusals:
         gw = make_gateway(fake_upstream.url, upstream_key="", env=accounts_env())
         response = submit(gw)
         assert (response.status_code, response.json()["error"]["code"]) == (502, "upstream_unavailable")
+        assert fake_upstream.calls("POST", SUBMIT) == 1
+
+
+class TestSingleAccount:
+    def test_rejected_key_is_refused_without_an_upstream_call_until_it_changes(
+        self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory, tmp_path: Path
+    ) -> None:
+        """One account, no limit: after a 401 the next submission is 502 upstream_auth_failed with no upstream
+        call; a rotated key in the key file clears it."""
+        KlingAccounts({"sk-good": 0}).install(fake_upstream)
+        key_file = tmp_path / "uniall-keys"
+        key_file.write_text("main=sk-bad\n")
+        gw = make_gateway(fake_upstream.url, upstream_key="", env={"UNIALL_API_KEYS_FILE": str(key_file)})
+        pool = gw.client.app.state.services.accounts  # type: ignore[attr-defined]
+        assert pool.simple
+        first = submit(gw)
+        assert (first.status_code, first.json()["error"]["code"]) == (502, "upstream_auth_failed")
+        again = submit(gw)
+        assert (again.status_code, again.json()["error"]["code"]) == (502, "upstream_auth_failed")
+        assert fake_upstream.calls("POST", SUBMIT) == 1
+        assert accounts_of(gw)["main"]["state"] == "unauthorized"
+        key_file.write_text("main=sk-good\n")
+        os.utime(key_file, (time.time() + 5, time.time() + 5))
+        assert pool.reload_keys()
+        assert submit(gw).status_code == 200
+        assert fake_upstream.calls("POST", SUBMIT) == 2
+        assert accounts_of(gw)["main"]["state"] == "ok"
+
+    def test_rejected_key_from_the_environment(self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory) -> None:
+        """UNIALL_API_KEY rejected: 502 upstream_auth_failed, then refused here (the key cannot change without a
+        restart)."""
+        KlingAccounts({"sk-good": 0}).install(fake_upstream)
+        gw = make_gateway(fake_upstream.url, upstream_key="sk-revoked")
+        assert [submit(gw).json()["error"]["code"] for _ in range(2)] == ["upstream_auth_failed"] * 2
         assert fake_upstream.calls("POST", SUBMIT) == 1
 
 
