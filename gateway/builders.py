@@ -21,6 +21,7 @@ from gateway.content.metrics import ContentMetrics
 from gateway.content.origin import account_keys
 from gateway.content.service import ContentService
 from gateway.content.wiring import build_content
+from gateway.known_secrets import KnownSecrets
 from gateway.ledger.pricing import PriceTable
 from gateway.ledger.service import Ledger
 from gateway.logs import Logger
@@ -65,11 +66,14 @@ async def build_services(
     *,
     content_metrics: ContentMetrics,
     tracing: Tracing | None = None,
+    secrets: KnownSecrets | None = None,
 ) -> Services:
     """Every service the app runs on, each built by its family's builder in dependency order (traced variants of the
-    upstream transport and the ledger when ``tracing`` is on)."""
-    accounts = account_pool(settings, metrics, log, injected.clock)
-    upstream = upstream_client(settings, metrics, log, stack, injected.transport, accounts, tracing)
+    upstream transport and the ledger when ``tracing`` is on). ``secrets``: what the app's logs mask; upstream keys
+    loaded later join it."""
+    secrets = secrets if secrets is not None else KnownSecrets()
+    accounts = account_pool(settings, metrics, log, injected.clock, secrets)
+    upstream = upstream_client(settings, metrics, log, stack, injected.transport, accounts, secrets, tracing)
     store = await open_or_injected_store(settings, stack, injected.store)
     auth = await authenticator(settings, store, log, injected.clock)
     webhooks = webhook_outbox(settings, store, metrics, log, stack, injected)
@@ -96,7 +100,9 @@ async def build_services(
     )
 
 
-def account_pool(settings: Settings, metrics: Metrics, log: Logger, clock: Callable[[], float]) -> AccountPool:
+def account_pool(
+    settings: Settings, metrics: Metrics, log: Logger, clock: Callable[[], float], secrets: KnownSecrets
+) -> AccountPool:
     """The upstream accounts (SPEC section 9): their keys from the environment, settings from ``[upstream]``."""
     return AccountPool(
         settings.upstream_keys or {DEFAULT_ACCOUNT: settings.upstream_api_key},
@@ -107,6 +113,7 @@ def account_pool(settings: Settings, metrics: Metrics, log: Logger, clock: Calla
         capacity_wait_s=settings.upstream.capacity_wait_s,
         capacity_retry_after_s=settings.upstream.capacity_retry_after_s,
         clock=clock,
+        secrets=secrets,
     )
 
 
@@ -117,6 +124,7 @@ def upstream_client(
     stack: contextlib.AsyncExitStack,
     transport: Transport | None,
     accounts: AccountPool,
+    secrets: KnownSecrets,
     tracing: Tracing | None = None,
 ) -> UpstreamClient:
     """The client for UniAll with each account's key (the transport chosen by ``[upstream] transport`` unless one
@@ -132,7 +140,7 @@ def upstream_client(
         chosen,
         metrics,
         log=log,
-        secrets=[key for name in accounts.names if (key := accounts.key(name))],
+        secrets=secrets,
     )
     stack.push_async_callback(upstream.aclose)
     return upstream

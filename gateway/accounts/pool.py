@@ -5,7 +5,8 @@ across every process); this pool keeps what one process needs around it:
 
 * **keys** by account, re-read from ``UNIALL_API_KEYS_FILE`` when the file changes (``follow``), so a key is
   rotated without a restart; an account whose key changed is no longer ``unauthorized``. A file that turns
-  unreadable or malformed keeps the last good keys (an error line says why).
+  unreadable or malformed keeps the last good keys (an error line says why). Every key loaded joins the app's
+  ``KnownSecrets`` (masked in log lines and upstream answers; a rotated-out one for a while longer).
 * **in flight** per account: the store's count (re-read every few seconds), moved here on every admission and
   release in between, for the choice and the gauge ``kling_gateway_upstream_account_in_flight``.
 * **set aside**: after a capacity or rate refusal, until its ``Retry-After`` passes or one of its tasks ends;
@@ -41,6 +42,7 @@ from gateway.accounts.policy import (
 )
 from gateway.catalog import RefusalReason
 from gateway.errors import GatewayError, TooManyRequests, UpstreamUnavailable
+from gateway.known_secrets import KnownSecrets
 from gateway.metrics import Metrics
 from gateway.store.base import Store, StoreError
 
@@ -75,8 +77,11 @@ class AccountPool:
         capacity_retry_after_s: int = 5,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        secrets: KnownSecrets | None = None,
     ) -> None:
         self._keys = dict(keys)
+        self._secrets = secrets if secrets is not None else KnownSecrets()
+        self._secrets.upstream_keys(self._keys.values())
         self._settings = dict(settings)
         self._metrics = metrics
         self._log = log
@@ -143,6 +148,7 @@ class AccountPool:
         """Use ``keys`` from now on: a changed key clears ``unauthorized``; a dropped account's tasks are removed."""
         old = self._keys
         self._keys = dict(keys)
+        self._secrets.upstream_keys(keys.values())  # masked in log lines and answers before the first use
         changed = sorted(name for name in keys if name in old and old[name] != keys[name])
         for name in list(self._unauthorized):
             if name in keys and fingerprint(keys[name]) != self._unauthorized[name]:

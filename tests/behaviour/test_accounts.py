@@ -340,6 +340,39 @@ class TestKeyFile:
         assert any(line.get("event") == "upstream_keys_reload_failed" for line in gw.log_lines())
         assert submit(gw).status_code == 200
 
+    def test_keys_loaded_later_are_masked_in_answers_and_logs(
+        self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory, tmp_path: Path
+    ) -> None:
+        """After a rotation the new key, and the one it replaced, are masked wherever they turn up: in an upstream
+        answer sent with another account's key (body and header) and in any log line."""
+        from support.upstream_fake import dynamic, json
+
+        key_file = tmp_path / "uniall-keys"
+        key_file.write_text("main=sk-old-main-0001\nspare=sk-spare-0002\n")
+        env = {
+            "UNIALL_API_KEYS_FILE": str(key_file),
+            "KLING_GATEWAY_UPSTREAM_ACCOUNTS": '{"main": {"models": ["kling-v3-pro-*"]}}',  # STD goes to spare
+        }
+        gw = make_gateway(fake_upstream.url, upstream_key="", env=env)
+        key_file.write_text("main=sk-new-main-0003\nspare=sk-spare-0002\n")
+        os.utime(key_file, (time.time() + 5, time.time() + 5))
+        services = gw.client.app.state.services  # type: ignore[attr-defined]
+        assert services.accounts.reload_keys()
+        echo = "keys sk-new-main-0003 and sk-old-main-0001"
+        fake_upstream.always(
+            "POST",
+            SUBMIT,
+            dynamic(lambda _request: json(400, {"error": {"message": echo}}, {"X-RateLimit-Echo": echo})),
+        )
+        response = submit(gw)
+        assert response.status_code == 400
+        assert fake_upstream.requests_to("POST", SUBMIT)[0].header("authorization") == "Bearer sk-spare-0002"
+        assert response.json()["error"]["message"] == "keys sk-*** and sk-***"
+        assert response.headers["x-ratelimit-echo"] == "keys sk-*** and sk-***"
+        services.log.error("operator_note", detail=f"pasted {echo}")
+        assert any(line.get("event") == "operator_note" for line in gw.log_lines())
+        assert "sk-new-main" not in gw.logs.getvalue() and "sk-old-main" not in gw.logs.getvalue()
+
 
 class TestRemovedAccount:
     def test_removed_account_is_reported(self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory) -> None:
