@@ -170,6 +170,7 @@ def _loops(services: Services) -> dict[str, Callable[[], Coroutine[None, None, N
         "in-flight-gauge": services.ledger.follow_in_flight,
         "budget-gauges": services.ledger.follow_budgets,
         "accounts": lambda: services.accounts.follow(services.store),
+        "account-marks": services.accounts.follow_marks,
     }
     if isinstance(services.auth, KeyAuthenticator):
         loops["key-refresh"] = services.auth.run

@@ -10,6 +10,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from gateway.accounts.board import AccountBoard, StoreBoard
 from gateway.accounts.pool import AccountPool
 from gateway.auth.keyring import KeyAuthenticator
 from gateway.auth.principal import Authenticator, OpenAuthenticator
@@ -72,14 +73,16 @@ async def build_services(
     upstream transport and the ledger when ``tracing`` is on). ``secrets``: what the app's logs mask; upstream keys
     loaded later join it."""
     secrets = secrets if secrets is not None else KnownSecrets()
-    accounts = account_pool(settings, metrics, log, injected.clock, secrets)
-    upstream = upstream_client(settings, metrics, log, stack, injected.transport, accounts, secrets, tracing)
     store = await open_or_injected_store(settings, stack, injected.store)
+    shared = await shared_state(settings, metrics, log, stack)
+    board = shared.accounts if shared is not None else StoreBoard(store, log, injected.clock)
+    accounts = account_pool(settings, metrics, log, injected.clock, secrets, board)
+    upstream = upstream_client(settings, metrics, log, stack, injected.transport, accounts, secrets, tracing)
     auth = await authenticator(settings, store, log, injected.clock)
     webhooks = webhook_outbox(settings, store, metrics, log, stack, injected)
     ledger = await build_ledger(settings, store, metrics, log, injected.clock, auth, webhooks, accounts, tracing)
     await accounts.check_removed(store)
-    shared = await shared_state(settings, metrics, log, stack)
+    await accounts.sync()
     status = status_poller(settings, upstream, ledger, metrics, log, shared)
     content, archiver = content_services(settings, content_metrics, store, status, accounts, log, stack, injected)
     return Services(
@@ -101,9 +104,15 @@ async def build_services(
 
 
 def account_pool(
-    settings: Settings, metrics: Metrics, log: Logger, clock: Callable[[], float], secrets: KnownSecrets
+    settings: Settings,
+    metrics: Metrics,
+    log: Logger,
+    clock: Callable[[], float],
+    secrets: KnownSecrets,
+    board: AccountBoard | None = None,
 ) -> AccountPool:
-    """The upstream accounts (SPEC section 9): their keys from the environment, settings from ``[upstream]``."""
+    """The upstream accounts (SPEC section 9): their keys from the environment, settings from ``[upstream]``, the
+    set-aside marks shared on ``board`` (Redis when configured, else the store)."""
     return AccountPool(
         settings.upstream_keys or {DEFAULT_ACCOUNT: settings.upstream_api_key},
         settings.accounts,
@@ -114,6 +123,7 @@ def account_pool(
         capacity_retry_after_s=settings.upstream.capacity_retry_after_s,
         clock=clock,
         secrets=secrets,
+        board=board,
     )
 
 

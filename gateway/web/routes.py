@@ -162,7 +162,7 @@ class GatewayRoutes:
             if 200 <= upstream.status < 300:
                 break
             await ledger.refused(submission)
-            reason = accounts.refused(account, upstream.status, upstream.body, upstream.header("retry-after"))
+            reason = await accounts.refused(account, upstream.status, upstream.body, upstream.header("retry-after"))
             if reason is None or accounts.simple:
                 return self.refusal_response(upstream)
             tried.add(account)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from support.harness import ADMIN, GatewayFactory, GatewayHarness
 from support.upstream_fake import FakeUpstream, KlingAccounts
 
@@ -418,6 +419,43 @@ class TestReplicas:
         assert kling.running("sk-acct-a") == 3 and kling.running("sk-acct-b") == 2
         rows = accounts_of(replicas[1])
         assert (rows["a"]["in_flight"], rows["b"]["in_flight"]) == (3, 2)
+
+
+class TestSharedSetAside:
+    @pytest.mark.parametrize("backend", ["sqlite", "postgresql", "postgresql+redis"])
+    def test_a_refusal_on_one_replica_sets_the_account_aside_on_the_other(
+        self, backend: str, fake_upstream: FakeUpstream, make_gateway: GatewayFactory, request: pytest.FixtureRequest
+    ) -> None:
+        """Replica one is refused by a (capacity) and b (key rejected); within about a second replica two skips
+        both without asking the upstream, and GET /gateway/accounts there shows them set aside."""
+        kling = KlingAccounts({"sk-acct-a": 1, "sk-acct-b": 0, "sk-acct-c": 0}).install(fake_upstream)
+        kling.revoked.add("sk-acct-b")
+        httpx.post(fake_upstream.url + SUBMIT, json=BODY, headers={"Authorization": "Bearer sk-acct-a"})  # elsewhere
+        env = accounts_env("a=sk-acct-a,b=sk-acct-b,c=sk-acct-c")
+        if backend.startswith("postgresql"):  # else both use the default SQLite file of the one data dir
+            env["KLING_GATEWAY_STORE_URL"] = request.getfixturevalue("postgres_schema_url")
+        if backend.endswith("redis"):
+            env["KLING_GATEWAY_CACHE_URL"] = request.getfixturevalue("redis_url")
+            env["KLING_GATEWAY_CACHE_KEY_PREFIX"] = request.getfixturevalue("redis_prefix")
+        one, two = (
+            make_gateway(fake_upstream.url, upstream_key="", env=env),
+            make_gateway(fake_upstream.url, upstream_key="", env=env),
+        )
+        response = submit(one)
+        assert response.status_code == 200 and kling.owner[response.json()["task_id"]] == "sk-acct-c"
+        assert kling.refusals == [("sk-acct-a", 429), ("sk-acct-b", 401)]
+        seen_at = time.monotonic()
+        pool = two.client.app.state.services.accounts  # type: ignore[attr-defined]
+        while {row["name"]: row["state"] for row in pool.describe()} != {"a": "full", "b": "unauthorized", "c": "ok"}:
+            assert time.monotonic() - seen_at < 2.5, pool.describe()
+            time.sleep(0.05)
+        assert time.monotonic() - seen_at < 1.6  # one read a second, plus a little
+        answer = submit(two)
+        assert answer.status_code == 200 and kling.owner[answer.json()["task_id"]] == "sk-acct-c"
+        assert len(kling.refusals) == 2  # replica two asked neither a nor b
+        states = {name: row["state"] for name, row in accounts_of(two).items()}
+        assert states == {"a": "full", "b": "unauthorized", "c": "ok"}
+        assert two.metric("kling_gateway_upstream_account_unauthorized", {"account": "b"}) == 1
 
 
 class TestUsageByAccount:

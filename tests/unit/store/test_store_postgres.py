@@ -202,6 +202,7 @@ class TestMigrations:
                 "archives",
                 "budget_holds",
                 "audit_log",
+                "account_marks",
             }
         finally:
             await query(postgres_url, "public", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
