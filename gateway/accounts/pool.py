@@ -324,7 +324,7 @@ class AccountPool:
                 return placed
             first = False
             remaining = deadline - self._monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or all_unauthorized(self.views(), model):  # no key to wait for
                 return None
             await self._wait_turn(remaining)
 

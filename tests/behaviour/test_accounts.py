@@ -228,7 +228,9 @@ class TestRefusals:
         """Every key rejected: 502 upstream_auth_failed (not 429: waiting helps nobody), then nothing forwarded."""
         kling = KlingAccounts({"sk-acct-a": 0, "sk-acct-b": 0}).install(fake_upstream)
         kling.revoked.update({"sk-acct-a", "sk-acct-b"})
-        gw = make_gateway(fake_upstream.url, upstream_key="", env=accounts_env())
+        env = accounts_env(KLING_GATEWAY_UPSTREAM_CAPACITY_WAIT_S="30")  # no key to wait for: answered at once
+        gw = make_gateway(fake_upstream.url, upstream_key="", env=env)
+        started = time.monotonic()
         first = submit(gw)
         assert (first.status_code, first.json()["error"]["code"]) == (502, "upstream_auth_failed")
         assert len(kling.refusals) == 2
@@ -236,6 +238,7 @@ class TestRefusals:
         assert (again.status_code, again.json()["error"]["code"]) == (502, "upstream_auth_failed")
         assert "retry-after" not in again.headers
         assert len(kling.refusals) == 2  # nothing forwarded
+        assert time.monotonic() - started < 5
         assert "sk-acct" not in again.text
 
     def test_unauthorized_and_full_is_capacity(self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory) -> None:
