@@ -1,4 +1,4 @@
-"""Shared plumbing of the loopback benchmarks (``run.py``, ``transport_bench.py``).
+"""Shared plumbing of the loopback benchmarks (``run.py``, ``transport_bench.py``, the A/B cost scripts).
 
 Processes (each in its own session, stopped as a group), nginx configuration, wrk runs and their parsing, CPU
 accounting from ``/proc``, a hard time limit that still runs every ``finally``, and a description of the machine.
@@ -394,3 +394,38 @@ def machine_info(packages: Iterable[str] = ()) -> dict[str, str]:
         "nginx": tool_version(["nginx", "-v"]),
         "wrk": tool_version(["wrk", "--version"]).split(" Copyright")[0],
     }
+
+
+# ----------------------------------------------------------------------------------------------------
+# A/B of the in-app cost (bench/asgi_cost.py) between commits
+
+ASGI_COST_LINE = re.compile(r"^(cached poll|forwarded poll|submission)\s+([\d.]+) µs", re.M)
+ASGI_COST_PATHS = ("cached poll", "forwarded poll", "submission")
+
+
+def unpack_commit(root: Path, rev: str, into: Path) -> None:
+    """The package, benchmarks and tests of commit ``rev`` (``git archive``), unpacked into ``into``."""
+    import tarfile
+    from io import BytesIO
+
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", rev, "gateway", "bench", "tests"], check=True, capture_output=True
+    ).stdout
+    with tarfile.open(fileobj=BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+
+
+def asgi_cost(
+    python: str, tree: Path, requests: int, env: Mapping[str, str], args: Iterable[str] = ()
+) -> dict[str, float]:
+    """One round of ``tree``'s own ``bench/asgi_cost.py`` with ``tree`` first on the path: µs CPU per request."""
+    run_env = dict(env, PYTHONPATH=str(tree))
+    out = subprocess.run(
+        [python, str(tree / "bench" / "asgi_cost.py"), "--requests", str(requests), "--rounds", "1", *args],
+        cwd=tree,
+        env=run_env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return {name: float(value) for name, value in ASGI_COST_LINE.findall(out)}

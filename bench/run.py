@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py              # full run (~2.5 min); rewrites the generated part of BENCHMARKS.md
     .venv/bin/python bench/run.py --quick      # smoke run (short loads, no profiles); writes nothing
     .venv/bin/python bench/run.py --no-profile # skip the py-spy profiles
+    .venv/bin/python bench/run.py --quick --accounts 3  # the gateway on 3 upstream accounts, each with a limit
 
 It installs nothing; it needs ``wrk`` and ``nginx`` (``apt-get install -y wrk nginx-light``) and, for the profiles,
 ``py-spy`` (``.venv/bin/pip install py-spy``). What it starts, all on 127.0.0.1, each process in its own session and
@@ -228,16 +229,18 @@ def start_gateway(
     extra_env: dict[str, str] | None = None,
 ) -> Gateway:
     port = free_port()
+    extra_env = extra_env or {}
+    one_key = {} if "UNIALL_API_KEYS" in extra_env else {"UNIALL_API_KEY": UPSTREAM_KEY}
     env = child_env(
         {
-            "UNIALL_API_KEY": UPSTREAM_KEY,
+            **one_key,
             "UNIALL_BASE_URL": upstream,
             "KLING_GATEWAY_SERVER_DATA_DIR": str(data_dir),
             "KLING_GATEWAY_ADMIN_TOKEN": admin_token,
             "KLING_GATEWAY_CACHE_PENDING_TTL_S": str(pending_ttl_s),
             "KLING_GATEWAY_LOGGING_ACCESS_LOG": "true",
             "KLING_GATEWAY_LOGGING_LEVEL": "info",
-            **(extra_env or {}),
+            **extra_env,
         },
         # The run's own settings only: nothing inherited may change what is measured.
         drop_prefixes=("KLING_GATEWAY_", "UNIALL_", "PROMETHEUS_MULTIPROC_DIR"),
@@ -253,6 +256,18 @@ def start_gateway(
         tail=lambda: procs.log_tail(name),
     )
     return Gateway(name, base, proc, procs.tmp / f"{name}.log")
+
+
+def accounts_env(count: int) -> dict[str, str]:
+    """``count`` upstream accounts (one key each, as the fake upstream knows one), each with a ``max_in_flight``
+    above anything a run submits: every submission goes through the choice and the capacity admission."""
+    if count <= 1:
+        return {}
+    names = [f"acct{i}" for i in range(count)]
+    return {
+        "UNIALL_API_KEYS": ",".join(f"{name}={UPSTREAM_KEY}" for name in names),
+        "KLING_GATEWAY_UPSTREAM_ACCOUNTS": json.dumps({name: {"max_in_flight": 1_000_000} for name in names}),
+    }
 
 
 def create_key(gw: Gateway, admin_token: str) -> str:
@@ -333,6 +348,7 @@ class Plan:
     profile_s: int
     tasks: int
     profile: bool
+    accounts: int = 1
 
     def estimate_s(self) -> float:
         refs = 3 * (self.warmup + self.d50 + self.d1) + self.warmup + 3 * self.d1 + 4
@@ -942,7 +958,8 @@ def run(plan: Plan, tmp: Path, procs: Procs, notes: list[str]) -> tuple[dict[str
     # -- gateway, cache on: scenarios 1 and 3 ------------------------------------------------------------
     data_dir = tmp / "gateway-data"
     admin = secrets.token_hex(24)
-    gw = start_gateway(procs, tmp, "gateway-cached", upstream, data_dir, admin, pending_ttl_s=3600)
+    accounts = accounts_env(plan.accounts)
+    gw = start_gateway(procs, tmp, "gateway-cached", upstream, data_dir, admin, 3600, accounts)
     key = create_key(gw, admin)
     started = time.monotonic()
     task_ids = create_tasks(gw, key, plan.tasks)
@@ -983,7 +1000,7 @@ def run(plan: Plan, tmp: Path, procs: Procs, notes: list[str]) -> tuple[dict[str
     procs.stop("gateway-cached", timeout=20)
 
     # -- gateway, cache off: scenario 2 (and 4) ----------------------------------------------------------
-    gw = start_gateway(procs, tmp, "gateway-forwarding", upstream, data_dir, admin, pending_ttl_s=0)
+    gw = start_gateway(procs, tmp, "gateway-forwarding", upstream, data_dir, admin, 0, accounts)
     expect_poll(gw, key, task_ids[0], "MISS")
     expect_poll(gw, key, task_ids[0], "MISS")
     poll_url = f"{gw.base}/v1/videos/{task_ids[0]}"
@@ -1066,12 +1083,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
     p.add_argument("--quick", action="store_true", help="3 s / 2 s / 1 s loads, no profiles; writes nothing")
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md and profiles alone")
+    p.add_argument("--accounts", type=int, default=1, help="upstream accounts, each with a limit (default 1)")
     args = p.parse_args(argv)
     if args.quick:
         args.duration, args.duration_c1, args.warmup, args.no_profile, args.no_write = 3, 2, 1, True, True
     if args.tasks < 100:
         p.error("--tasks must be at least 100 (twice the connections, so polls in flight never share a task)")
-    plan = Plan(args.duration, args.duration_c1, args.warmup, args.profile_seconds, args.tasks, not args.no_profile)
+    plan = Plan(
+        args.duration,
+        args.duration_c1,
+        args.warmup,
+        args.profile_seconds,
+        args.tasks,
+        not args.no_profile,
+        args.accounts,
+    )
     if args.no_write and plan.profile:
         plan.profile = False
 

@@ -15,46 +15,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
-import subprocess
 import sys
-import tarfile
 import tempfile
-from io import BytesIO
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from common import ASGI_COST_PATHS, asgi_cost, unpack_commit
 from support.otlp_receiver import OtlpReceiver
 
 ROOT = Path(__file__).resolve().parent.parent
 
-_LINE = re.compile(r"^(cached poll|forwarded poll|submission)\s+([\d.]+) µs", re.M)
 _NO_OTEL = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-
-
-def _unpack(rev: str, into: Path) -> None:
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", rev, "gateway", "bench", "tests/support"],
-        check=True,
-        capture_output=True,
-    ).stdout
-    with tarfile.open(fileobj=BytesIO(archive)) as tar:
-        tar.extractall(into, filter="data")
 
 
 def _run(tree: Path, requests: int, extra_env: dict[str, str]) -> dict[str, float]:
     env = {k: v for k, v in os.environ.items() if k not in _NO_OTEL}
-    env.update(PYTHONPATH=str(tree), **extra_env)
-    out = subprocess.run(
-        [sys.executable, str(tree / "bench" / "asgi_cost.py"), "--requests", str(requests), "--rounds", "1"],
-        cwd=tree,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return {name: float(value) for name, value in _LINE.findall(out)}
+    return asgi_cost(sys.executable, tree, requests, {**env, **extra_env})
 
 
 def main() -> None:
@@ -65,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tracing-cost-") as tmp, OtlpReceiver() as receiver:
         base = Path(tmp)
-        _unpack(args.base, base)
+        unpack_commit(ROOT, args.base, base)
         variants = {
             "before": (base, {}),
             "off": (ROOT, {}),
@@ -78,7 +55,7 @@ def main() -> None:
                     results[name].setdefault(path, []).append(value)
             print(f"round {round_no}/{args.rounds} done", file=sys.stderr)
         spans = len(receiver.spans)
-    paths = ("cached poll", "forwarded poll", "submission")
+    paths = ASGI_COST_PATHS
     print(f"{'µs CPU/request (median)':26}" + "".join(f"{name:>12}" for name in variants) + "    off/before  on/before")
     for path in paths:
         medians = {name: statistics.median(results[name][path]) for name in variants}

@@ -84,7 +84,9 @@ async def build_services(
     await accounts.check_removed(store)
     await accounts.sync()
     status = status_poller(settings, upstream, ledger, metrics, log, shared)
-    content, archiver = content_services(settings, content_metrics, store, status, accounts, log, stack, injected)
+    content, archiver = content_services(
+        settings, content_metrics, store, status, accounts, upstream, log, stack, injected
+    )
     return Services(
         settings=settings,
         metrics=metrics,
@@ -284,6 +286,7 @@ def content_services(
     store: Store,
     status: StatusPoller,
     accounts: AccountPool,
+    upstream: UpstreamClient,
     log: Logger,
     stack: contextlib.AsyncExitStack,
     injected: Injected,
@@ -305,6 +308,7 @@ def content_services(
         stack=stack,
         resolver=injected.resolver,
         key_for=account_keys(accounts.key),
+        auth_failed=upstream.auth_failed,
     )
 
 

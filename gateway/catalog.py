@@ -253,6 +253,33 @@ _CODES: Final = (
 CODES: Final[Mapping[str, Code]] = MappingProxyType({entry.code: entry for entry in _CODES})
 """Every ``code`` the gateway can answer with, by code."""
 
+# Codes shared by a family of routes (the OpenAPI document lists them on each; a test checks it).
+#: Any request, whatever its route: the listener's refusals (before routing) and the gateway failing.
+ANY_ROUTE_CODES: Final = (
+    "invalid_http_request",
+    "invalid_host",
+    "invalid_upgrade",
+    "request_timeout",
+    "uri_too_long",
+    "headers_too_large",
+    "http_version_not_supported",
+    "internal_error",
+)
+#: A route that reads a JSON body.
+JSON_BODY_CODES: Final = (
+    "invalid_json",
+    "invalid_body",
+    "incomplete_body",
+    "invalid_content_length",
+    "payload_too_large",
+    "unsupported_media_type",
+    "unsupported_encoding",
+)
+#: A route that calls the upstream (503 upstream_unavailable: its circuit breaker is open).
+UPSTREAM_CALL_CODES: Final = ("upstream_unavailable", "upstream_timeout", "upstream_auth_failed")
+#: A route that needs the admin token (once it is set).
+ADMIN_TOKEN_CODES: Final = ("invalid_admin_token", "too_many_auth_failures")
+
 
 def codes_where(where: Where) -> tuple[str, ...]:
     """The codes that appear in ``where``, in catalogue order."""

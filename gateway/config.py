@@ -141,6 +141,7 @@ AT_LEAST_ONE: Final = bounds(at_least=1)
 @dataclass(frozen=True)
 class ServerSettings:
     host: str = "127.0.0.1"
+    #: TCP port the gateway listens on.
     port: int = field(default=8080, metadata=bounds(at_least=1, at_most=65535))
     data_dir: str = "./data"
     max_body_bytes: int = field(default=1024 * 1024, metadata=bounds(at_least=1024))
@@ -183,7 +184,9 @@ class UpstreamSettings:
     max_connections: int = field(default=256, metadata=AT_LEAST_ONE)
     #: Attempts after the first for GET on connect errors (never for POST).
     get_retries: int = field(default=2, metadata=NOT_NEGATIVE)
+    #: First wait before a GET retry; doubled per attempt, with full jitter (a random wait up to it).
     retry_backoff_s: float = 0.05
+    #: Cap on that doubling wait between GET retries.
     retry_backoff_max_s: float = 0.5
     #: Larger upstream answers are refused (502) rather than buffered.
     max_response_bytes: int = 8 * 1024 * 1024
@@ -220,7 +223,9 @@ class CacheSettings:
     url: str = "memory://"
     pending_ttl_s: float = field(default=2.0, metadata=NOT_NEGATIVE)
     terminal_ttl_s: float = field(default=3600.0, metadata=NOT_NEGATIVE)
+    #: Status answers each process keeps in memory at most; the least recently used go first.
     max_entries: int = field(default=100_000, metadata=AT_LEAST_ONE)
+    #: Bytes of status answers each process keeps in memory at most (an answer larger on its own is not kept).
     max_bytes: int = 64 * 1024 * 1024
     #: With Redis: how long an expired status stays there to be served STALE while the upstream fails.
     stale_keep_s: float = field(default=3600.0, metadata=NOT_NEGATIVE)
@@ -230,11 +235,13 @@ class CacheSettings:
 
 @dataclass(frozen=True)
 class SettlerSettings:
+    #: Run the background settler, which polls tasks nobody polls any more so every task settles in the ledger.
     enabled: bool = True
     idle_s: float = field(default=30.0, metadata=NOT_NEGATIVE)
     max_rps: float = field(default=5.0, metadata=POSITIVE)
     #: At most this many overdue tasks marked ``unknown`` a second (store writes only, no upstream call).
     max_give_ups_per_s: float = field(default=50.0, metadata=POSITIVE)
+    #: Settler polls in flight at once per process (all within ``max_rps``).
     concurrency: int = field(default=4, metadata=AT_LEAST_ONE)
     task_max_age_s: float = field(default=86400.0, metadata=POSITIVE)
 
@@ -242,7 +249,9 @@ class SettlerSettings:
 @dataclass(frozen=True)
 class PricingSettings:
     default_duration_s: int = field(default=5, metadata=bounds(at_least=DURATION_MIN, at_most=DURATION_MAX))
+    #: USD per output second by model id (a table; public list prices by default): replace with contract prices.
     prices: Mapping[str, Decimal] = field(default_factory=lambda: dict(LIST_PRICES_USD_PER_S))
+    #: Price factor by mode (``text``, ``image``, ``first_last``; a table), 1 for each by default.
     mode_multipliers: Mapping[str, Decimal] = field(default_factory=lambda: dict.fromkeys(MODES, Decimal(1)))
 
 
@@ -252,6 +261,7 @@ class ValidationSettings:
     block_private_media: bool = True
     #: Resolve media host names and reject names that resolve only to private addresses.
     resolve_media_hosts: bool = True
+    #: Longest wait for resolving one media host name; a lookup that fails or times out does not reject.
     resolve_timeout_s: float = field(default=0.5, metadata=POSITIVE)
     #: Model ids forwarded without Kling rules (besides the four Kling v3 ids).
     passthrough_models: tuple[str, ...] = ()
@@ -304,7 +314,9 @@ class ArchiveSettings:
 
 @dataclass(frozen=True)
 class LoggingSettings:
+    #: Lowest level of the JSON log lines written to standard output.
     level: str = field(default="info", metadata=one_of("debug", "info", "warning", "error", fold_case=True))
+    #: One JSON access line per request (request id, route, status, duration, key, error code).
     access_log: bool = True
 
 

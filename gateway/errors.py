@@ -1,28 +1,8 @@
-"""Gateway-made errors and their one JSON rendering.
+"""Gateway-made errors and their one JSON rendering (the OpenAI-style body of SPEC section 4).
 
-Every error the gateway itself produces is a ``GatewayError``; routes raise them and a single handler turns
-them into the OpenAI-style body of SPEC section 4, so existing SDKs surface ``message`` and ``code``::
-
-    GatewayError                         (status, type, code)
-     ├── InvalidRequest        400  invalid_request_error  invalid_request | invalid_json | ...
-     ├── AuthenticationFailed  401  authentication_error   invalid_api_key
-     ├── PermissionDenied      403  permission_error       model_not_allowed
-     ├── NotFound              404  not_found_error        not_found
-     ├── Conflict              409  conflict_error         idempotency_in_progress | video_not_ready
-     ├── PayloadTooLarge       413  invalid_request_error  payload_too_large
-     ├── UnsupportedMediaType  415  invalid_request_error  unsupported_media_type
-     ├── HeadersTooLarge       431  invalid_request_error  headers_too_large
-     ├── Unprocessable         422  invalid_request_error  idempotency_conflict
-     ├── TooManyRequests       429  rate_limit_error       rate_limited | budget_exceeded
-     ├── UpstreamUnavailable   502  upstream_error         upstream_unavailable | video_unavailable
-     ├── ServiceUnavailable    503  server_error           overloaded | upstream_unavailable
-     └── UpstreamTimeout       504  upstream_error         upstream_timeout
-
-``gateway.content.service.RangeNotSatisfiable`` (416, ``range_not_satisfiable``) lives beside the one route that
-answers it.
-
-Upstream errors are not ``GatewayError``\\ s: they pass through with the upstream's own status and body.
-Every code, with its status and meaning, is catalogued in ``gateway.catalog.CODES``.
+Every error the gateway itself produces is a ``GatewayError`` subclass carrying status, type and ``code``; one
+handler renders them. Upstream errors are not ``GatewayError``s: they pass through with the upstream's status and
+body. Every code, with its status and meaning, is catalogued in ``gateway.catalog.CODES``.
 """
 
 from __future__ import annotations

@@ -1,28 +1,9 @@
 """A simulated UniAll upstream: Kling v3 tasks that go queued → in_progress → completed, with no network.
 
-``create_sandbox_app(options)`` builds a Starlette app that answers the two routes of the UniAll Kling page
-the way the real service does, closely enough for the gateway, its tests and local development::
-
-    POST /v1/video/generations     bearer auth, minimal checks → 200 {"id": "task_…", "status": "queued", …}
-    GET  /v1/videos/{task_id}      bearer auth → the status body (404 for an unknown task)
-    GET  /sandbox/files/{id}.mp4   the finished "video" (a tiny MP4 header blob), no auth; HEAD and a single
-                                   byte Range (206, unsatisfiable 416) as a CDN answers them
-    GET  /sandbox/health           200
-
-A task's status is a pure function of the time elapsed since it was submitted, read from an injected
-clock: ``queued`` for ``queued_s``, then ``in_progress`` for ``run_s`` with progress rising linearly from 0
-to 99, then ``completed`` (progress 100, ``video_url``, ``seconds``, ``completed_at``) — or ``failed`` if the
-prompt carries ``fail_marker`` or the seeded coin of ``fail_rate`` said so. Nothing runs in the background.
-State lives on ``app.state`` and is bounded (the oldest tasks are forgotten first).
-
-Serving it on a real socket, from code::
-
-    async with serve_sandbox(SandboxOptions(api_key=None), port=0) as running:
-        print(running.url)           # http://127.0.0.1:<the port the OS picked>
-
-``serve_app`` does the same for any ASGI app (``kling-gateway serve --sandbox`` runs the gateway with
-``uvicorn.Server(...).serve()`` inside ``async with serve_sandbox(...)``, both in one event loop), and
-``bind_socket`` + ``EmbeddedServer`` are the pieces for callers that want to drive uvicorn themselves.
+``create_sandbox_app`` answers the two routes of the upstream page (bearer auth), plus ``/sandbox/files/{id}.mp4``
+(the finished "video", with HEAD and single ranges) and ``/sandbox/health``. A task's status is a pure function of
+the time since submission on an injected clock (``fail_marker`` / ``fail_rate`` make it fail); state is bounded.
+``serve_sandbox`` / ``serve_app`` / ``EmbeddedServer`` serve it (or any ASGI app) on a real loopback socket.
 """
 
 from __future__ import annotations

@@ -33,6 +33,9 @@ class SharedRateLimiter(Protocol):
     async def check(self, key_name: str, rpm: int | None) -> float | None:
         """Take one token for ``key_name``: None if allowed, else seconds until a token is available."""
 
+    def allowance(self, key_name: str) -> tuple[int, int] | None:
+        """``(rpm, requests left)`` as this replica last saw them (a conservative figure), or None."""
+
 
 class RateLimiter:
     """Per-key token buckets: capacity ``rpm`` requests, refilled at ``rpm / 60`` per second.
@@ -113,21 +116,19 @@ Header = tuple[bytes, bytes]
 class RateLimitHeaders:
     """OpenAI-style ``x-ratelimit-limit-requests`` / ``x-ratelimit-remaining-requests`` for a key's response.
 
-    From this process's token bucket (the figures as of the request's own check); with a shared limiter (Redis)
-    there is no local bucket, so no headers. Header pairs are encoded once per rpm value and reused, so a response
-    costs a dict look-up and no allocation.
+    From the limiter that counted the request: this process's token bucket (the figures as of the request's own
+    check), or the shared limiter's figure (``SharedLimiter.allowance``: what Redis reported at this replica's last
+    take plus its unspent lease). Header pairs are encoded once per rpm value and reused, so a response costs a
+    dict look-up and no allocation.
     """
 
     def __init__(self, limits: KeyRateLimits) -> None:
-        self._local = limits.local if limits.shared is None else None
+        self._limiter: RateLimiter | SharedRateLimiter = limits.local if limits.shared is None else limits.shared
         self._tables: LRUCache[int, tuple[Header, Sequence[Header]]] = LRUCache(_TABLES_MAX)
 
     def for_key(self, key_name: str) -> tuple[Header, Header] | None:
         """The two header pairs for ``key_name``'s response, or None when it has no limit here."""
-        local = self._local
-        if local is None:
-            return None
-        allowance = local.allowance(key_name)
+        allowance = self._limiter.allowance(key_name)
         if allowance is None:
             return None
         rpm, remaining = allowance

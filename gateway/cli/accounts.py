@@ -15,6 +15,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from gateway.catalog import DEFAULT_ACCOUNT
+from gateway.cli.common import aligned
 from gateway.config import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -104,8 +105,4 @@ def render(rows: list[dict[str, Any]]) -> str:
             return f"{value:g}"
         return "-" if value is None else str(value)
 
-    cells = [[cell(c, row[c]) for c in COLUMNS] for row in rows]
-    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(COLUMNS)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths, strict=True)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    return "\n".join(lines)
+    return aligned(COLUMNS, [[cell(c, row[c]) for c in COLUMNS] for row in rows])

@@ -2,7 +2,8 @@
 
 Backfill copies the videos of tasks that completed before the archive was on (or that the running gateways gave
 up on), with the same claim, verification and ledger record as the background copier, so it is safe to run while
-gateways run. Status prints the ledger's counts and bytes per archive state.
+gateways run. Status prints the ledger's counts and bytes per archive state. Neither creates a store: both refuse
+one that does not exist (exit 2, naming the path).
 """
 
 from __future__ import annotations
@@ -55,8 +56,12 @@ async def _backfill(settings: Settings, since_text: str | None) -> int:
         since, _ = parse_period(since_text, None, time.time())
     except ValueError as exc:
         return fail(str(exc))
-    archive = _archive(settings)
-    store = await open_store(settings.store_url)
+    store = await open_store(settings.store_url, create=False)  # it writes, but to the gateways' existing store
+    try:
+        archive = _archive(settings)
+    except ConfigError:
+        await store.close()
+        raise
     fetcher = VideoFetcher(settings.content, origin_of(settings.upstream.base_url))
     logs = make_logs(level=settings.logging.level, secrets=(settings.upstream_api_key,), stream=sys.stderr)
     metrics = create_content_metrics(CollectorRegistry())
@@ -75,7 +80,7 @@ async def _backfill(settings: Settings, since_text: str | None) -> int:
 
 
 async def _status(settings: Settings, fmt: str) -> int:
-    store = await open_store(settings.store_url)
+    store = await open_store(settings.store_url, create=False)
     try:
         summary = await store.archive_summary()
     finally:

@@ -46,7 +46,7 @@ async def _entries(store_url: str, since: float | None) -> list[dict[str, Any]]:
     from gateway.audit.trail import audit_view
     from gateway.store.rows import MAX_PAGE
 
-    store = await open_store(store_url)
+    store = await open_store(store_url, create=False)
     try:
         found: list[dict[str, Any]] = []
         cursor: str | None = None

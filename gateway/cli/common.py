@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +86,12 @@ def table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
             return time.strftime("%Y-%m-%d %H:%M", time.gmtime(value))
         return "-" if value is None else str(value)
 
-    cells = [[cell(row[c]) for c in columns] for row in rows]
+    return aligned(columns, [[cell(row[c]) for c in columns] for row in rows]) if rows else "no keys"
+
+
+def aligned(columns: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+    """A header line and one line per row of ``cells``, each column padded to its widest; no trailing spaces."""
     widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join(lines) if rows else "no keys"
+    return "\n".join(
+        "  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in [columns, *cells]
+    )

@@ -9,7 +9,9 @@ whole.
 
 Failures are gateway errors: a URL that may not be fetched, a refused or failed connection, an origin that answers
 with an error (an expired URL) or a video over ``[content] max_bytes`` are 502 ``video_unavailable``; the origin
-going silent past the timeouts is 504 ``upstream_timeout``.
+going silent past the timeouts is 504 ``upstream_timeout``; a 401 from the upstream's own origin (the key sent was
+rejected) is 502 ``upstream_auth_failed``, as from the API. An origin that got the key may echo it: the key is
+masked in every message, and ``Fetched.header`` never returns a value holding it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 
 from gateway.config import ContentSettings
 from gateway.content.origin import Hop, Origin, plan_hop, redirect_target
-from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
+from gateway.upstream.hygiene import mask_text
 from gateway.validation.media_guard import Resolver, system_resolver
 from gateway.validation.media_urls import is_private_address, parse_ip_literal
 
@@ -37,6 +40,15 @@ _USER_AGENT: Final = "kling-gateway"
 Dial = Callable[[str, int], tuple[str, int]]
 """Where to connect for a checked (address, port): the same in production; tests map test addresses to loopback."""
 
+AuthFailed = Callable[[int, str], GatewayError]
+"""Told the upstream's origin rejected the key (status, route label): counts and logs it, returns the error to raise."""
+
+
+def _auth_failed(status: int, route: str) -> GatewayError:
+    return UpstreamUnavailable(
+        "The upstream rejected the gateway's upstream key; the operator has been alerted.", code="upstream_auth_failed"
+    )
+
 
 def _direct(address: str, port: int) -> tuple[str, int]:
     return address, port
@@ -44,6 +56,13 @@ def _direct(address: str, port: int) -> tuple[str, int]:
 
 def video_unavailable(message: str) -> UpstreamUnavailable:
     return UpstreamUnavailable(message, code="video_unavailable")
+
+
+def whole_number(value: str | None) -> int | None:
+    """A header's non-negative integer of at most 19 ASCII digits (a size), or None."""
+    if value is None or not (value.isascii() and value.isdigit()) or len(value) > 19:
+        return None
+    return int(value)
 
 
 class AddressRefused(OSError):
@@ -97,14 +116,18 @@ class Fetched:
     status: int
     response: aiohttp.ClientResponse
     credentials: bool
+    key: str = ""  # the key sent, if any
 
     def header(self, name: str) -> str | None:
-        return self.response.headers.get(name)
+        """The origin's header, or None when absent or when it quotes the key it was sent."""
+        value = self.response.headers.get(name)
+        if value is not None and self.key and self.key in value:
+            return None
+        return value
 
     @property
     def content_length(self) -> int | None:
-        value = self.header("content-length")
-        return int(value) if value is not None and value.isdigit() else None
+        return whole_number(self.header("content-length"))
 
     async def chunks(self, limit: int, *, skip: int = 0, take: int | None = None) -> AsyncGenerator[bytes, None]:
         """The body in chunks; ``skip`` bytes dropped first, at most ``take`` sent; more than ``limit`` aborts."""
@@ -149,9 +172,11 @@ class VideoFetcher:
         *,
         resolver: Resolver | None = None,
         dial: Dial | None = None,
+        auth_failed: AuthFailed | None = None,
     ) -> None:
         self._settings = settings
         self._upstream = upstream
+        self._auth_failed = auth_failed or _auth_failed
         self._resolver = resolver or system_resolver
         self._dial = dial or _direct
         self._trusted: aiohttp.ClientSession | None = None
@@ -184,11 +209,11 @@ class VideoFetcher:
         """GET ``url`` (following redirects, each hop checked) up to the answer's headers."""
         for _ in range(MAX_REDIRECTS + 1):
             hop = plan_hop(url, self._upstream)
-            if isinstance(hop, str):
-                raise video_unavailable(f"The video may not be fetched: {hop}.")
+            if isinstance(hop, str):  # a redirect's URL came from an origin that may have had the key
+                raise video_unavailable(mask_text(f"The video may not be fetched: {hop}.", (key,)))
             response = await self._get(hop, key, range_header)
             if response.status not in _REDIRECTS:
-                return self._answer(response, hop)
+                return self._answer(response, hop, key)
             location = response.headers.get("location")
             response.close()
             target = redirect_target(url, location)
@@ -207,17 +232,17 @@ class VideoFetcher:
             return await self._session(hop).get(hop.url, headers=headers, allow_redirects=False)
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, AddressRefused):
-                raise video_unavailable(f"The video may not be fetched: {exc.os_error}.") from exc
+                raise video_unavailable(mask_text(f"The video may not be fetched: {exc.os_error}.", (key,))) from exc
             raise video_unavailable("The video's origin could not be reached.") from exc
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout("The video's origin did not answer in time.", code="upstream_timeout") from exc
         except aiohttp.ClientError as exc:
             raise video_unavailable(f"The video's origin failed ({type(exc).__name__}).") from exc
 
-    def _answer(self, response: aiohttp.ClientResponse, hop: Hop) -> Fetched:
+    def _answer(self, response: aiohttp.ClientResponse, hop: Hop, key: str) -> Fetched:
         status = response.status
         if status in (200, 206, 416):
-            fetched = Fetched(status, response, hop.credentials)
+            fetched = Fetched(status, response, hop.credentials, key if hop.credentials else "")
             length = fetched.content_length
             if status == 200 and length is not None and length > self._settings.max_bytes:
                 fetched.close()
@@ -226,6 +251,8 @@ class VideoFetcher:
                 )
             return fetched
         response.close()
+        if status == 401 and hop.credentials and key:
+            raise self._auth_failed(status, "video_url")
         raise video_unavailable(f"The video's origin answered {status}; its URL may have expired.")
 
     async def aclose(self) -> None:

@@ -20,7 +20,7 @@ from starlette.responses import Response, StreamingResponse
 from gateway.config import ContentSettings
 from gateway.content.answer import video_state
 from gateway.content.archive_store import ArchiveBackend, ArchiveError
-from gateway.content.fetch import Fetched, VideoFetcher, video_unavailable
+from gateway.content.fetch import Fetched, VideoFetcher, video_unavailable, whole_number
 from gateway.content.metrics import ContentMetrics
 from gateway.content.origin import KeyForTask
 from gateway.content.ranges import UNSATISFIABLE, ByteSpan, RangeSpec, parse_content_range, parse_range, resolve
@@ -166,8 +166,7 @@ class ContentService:
         """(status, headers, bytes to skip, bytes to send) for the origin's answer to the client's range."""
         limit = self.settings.max_bytes
         if fetched.status == 416:
-            told = (fetched.header("content-range") or "").rpartition("/")[2]
-            raise _unsatisfiable(int(told) if told.isdigit() else None)
+            raise _unsatisfiable(whole_number((fetched.header("content-range") or "").rpartition("/")[2]))
         headers: dict[str, str] = {"Content-Type": self._media_type(fetched)}
         status, skip, take = 200, 0, None
         total: int | None

@@ -9,7 +9,7 @@ from typing import Any
 from gateway.config import Settings
 from gateway.content.archive_store import ArchiveBackend, open_archive
 from gateway.content.archiver import Archiver
-from gateway.content.fetch import Dial, VideoFetcher
+from gateway.content.fetch import AuthFailed, Dial, VideoFetcher
 from gateway.content.metrics import ContentMetrics
 from gateway.content.origin import KeyForTask, origin_of, team_key
 from gateway.content.service import ContentService, Poll
@@ -29,10 +29,15 @@ def build_content(
     resolver: Resolver | None = None,
     dial: Dial | None = None,
     key_for: KeyForTask | None = None,
+    auth_failed: AuthFailed | None = None,
 ) -> tuple[ContentService, Archiver | None]:
-    """The ``/content`` service and the archiver (None while the archive is off); closed by ``stack``."""
+    """The ``/content`` service and the archiver (None while the archive is off); closed by ``stack``.
+
+    ``auth_failed`` (``UpstreamClient.auth_failed``) counts and logs a video origin rejecting the key as the API's
+    rejections are."""
     key_for = key_for or team_key(settings.upstream_api_key)
-    fetcher = VideoFetcher(settings.content, origin_of(settings.upstream.base_url), resolver=resolver, dial=dial)
+    upstream = origin_of(settings.upstream.base_url)
+    fetcher = VideoFetcher(settings.content, upstream, resolver=resolver, dial=dial, auth_failed=auth_failed)
     stack.push_async_callback(fetcher.aclose)
     archive = open_archive(settings.archive)
     if archive is not None:

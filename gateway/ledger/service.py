@@ -258,7 +258,9 @@ class Ledger:
         ``DuplicateTaskId`` when the ledger already has ``task_id``: the row and its owner stay as they are, and
         this submission's intent stays as outcome unknown (the upstream answered with an id it had given before).
         """
-        existing = await self.find(task_id)
+        # This process's own tasks are checked in memory; any other owner is found by the insert itself (below),
+        # so a new id costs no store read.
+        existing = self._recent.peek(task_id)
         if existing is not None:
             raise DuplicateTaskId(task_id, existing.key_name)
         request, est = sub.request, sub.estimate

@@ -1,26 +1,10 @@
 """The background settler: polls tasks nobody polls any more, so every task reaches a terminal state in the ledger.
 
-Each sweep asks the store for unsettled tasks neither polled nor checked for ``idle_s`` (least recently checked
-first) and, with ``concurrency`` workers sharing one pacer (never more than ``max_rps`` polls a second):
-
-* a task older than ``task_max_age_s`` is given up (``Ledger.give_up``: ``unknown`` at its estimate, a warning log
-  and ``settler_gave_up``), without an upstream call, at most ``max_give_ups_per_s`` a second (its own pacer:
-  a backlog of overdue tasks, say after an upgrade or a long outage, must not turn into a burst of ledger writes
-  that slows client traffic);
-* a task whose upstream account is no longer configured cannot be polled (no key): it is stamped checked and
-  given up at ``task_max_age_s`` like any other (SPEC section 9, removed accounts);
-* any other task is polled through the status poller (cache, coalescing, and ``on_fresh`` → the ledger). A 200
-  status answer is also observed here (``polled=False``: it stamps ``last_checked_at``, so the task leaves the
-  queue for ``idle_s``); settlement stays exactly once because the store settles a task only the first time.
-* A STALE answer, a 429 or 5xx, or a 502/504 from the upstream client is never taken as the task's outcome: it
-  means the upstream is failing, so the sweep stops taking tasks and ``run`` backs off exponentially (capped).
-  A store failure does the same. Other answers (a 404, an unusable body) are logged.
-* Either way the task is stamped checked (its status unchanged), so it goes to the back of the queue and is
-  looked at again after ``idle_s``: one task the upstream keeps failing on cannot starve the others, and an
-  outage costs one upstream call per backoff step. ``task_max_age_s`` ends it at the latest.
-
-Nothing is kept in memory between sweeps: the queue is the ledger, so a restart resumes where it stopped.
-``start()`` / ``stop()`` run it as a task (or cancel the task running ``run()``); cancellation is clean.
+Each sweep takes the unsettled tasks least recently checked (none for ``idle_s``) and, paced at ``max_rps``, polls
+them through the status poller, or gives up (``unknown`` at the estimate, paced separately) those older than
+``task_max_age_s`` or whose account is no longer configured. An upstream or store failure is never an outcome: the
+sweep backs off exponentially. Every task checked goes to the back of the queue; the queue is the ledger, so a
+restart resumes where it stopped.
 """
 
 from __future__ import annotations

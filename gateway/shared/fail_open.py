@@ -135,6 +135,18 @@ class SharedStatus:
         return FetchResult(200, entry.headers, entry.body), True
 
 
+class _Lease:
+    """A key's tokens taken from Redis and not spent yet, and what Redis said was left when they were taken."""
+
+    __slots__ = ("expires", "rpm", "shared_left", "tokens")
+
+    def __init__(self, tokens: float, expires: float, shared_left: int, rpm: int) -> None:
+        self.tokens = tokens
+        self.expires = expires
+        self.shared_left = shared_left
+        self.rpm = rpm
+
+
 class SharedLimiter:
     """``SharedRateLimiter`` on Redis, taking tokens in small leases; a Redis failure lets the request through.
 
@@ -143,6 +155,11 @@ class SharedLimiter:
     them locally for at most ``_LEASE_S``. Tokens are taken from the shared bucket before they are spent, so the
     limit is never exceeded; near the limit a request may be refused while another replica still holds a few unused
     tokens of its lease (at most a tenth of a second's worth per replica, for at most a second).
+
+    ``allowance`` (the rate-limit headers) cannot know the global figure without a round trip: it is this replica's
+    unspent lease plus the whole tokens Redis reported left in the shared bucket at this replica's last take (at
+    most ``_LEASE_S`` ago while the lease lasts). It leaves out refill since that take and does not see what other
+    replicas took since. While Redis fails there is no figure.
     """
 
     def __init__(
@@ -156,36 +173,50 @@ class SharedLimiter:
         self._limiter = limiter
         self._health = health
         self._clock = clock
-        self._leases: LRUCache[str, list[float]] = LRUCache(max_keys)  # key name -> [tokens left, expires at]
+        self._leases: LRUCache[str, _Lease] = LRUCache(max_keys)
 
     async def check(self, key_name: str, rpm: int | None) -> float | None:
         if rpm is None:
             return None
         lease = self._leases.peek(key_name)
-        if lease is not None and lease[0] >= 1 and self._clock() < lease[1]:
-            lease[0] -= 1
+        if lease is not None and lease.tokens >= 1 and lease.rpm == rpm and self._clock() < lease.expires:
+            lease.tokens -= 1
             return None
         if self._health.resting():
+            self._leases.pop(key_name)  # let through uncounted: no figure for the headers
             return None
         try:
-            taken, wait = await self._limiter.take(key_name, rpm, max(1, rpm // _LEASE_DIVISOR))
+            taken, wait, left = await self._limiter.take(key_name, rpm, max(1, rpm // _LEASE_DIVISOR))
         except CacheUnavailable as exc:
             self._health.failed("rate_limit", exc)
+            self._leases.pop(key_name)
             return None
         self._health.worked("rate_limit")
-        if taken > 1:
-            self._lease(key_name, taken - 1)
+        self._lease(key_name, max(0, taken - 1), left, rpm)
         return wait
 
-    def _lease(self, key_name: str, tokens: int) -> None:
-        expires = self._clock() + _LEASE_S
+    def _lease(self, key_name: str, tokens: int, shared_left: int, rpm: int) -> None:
+        now = self._clock()
         lease = self._leases.peek(key_name)
-        if lease is not None and self._clock() < lease[1]:
-            lease[0] += tokens  # concurrent takes on this replica: keep them all
-            lease[1] = expires
-            self._leases.touch(key_name)
+        if lease is None:
+            self._leases.put(key_name, _Lease(float(tokens), now + _LEASE_S, shared_left, rpm))
             return
-        self._leases.put(key_name, [float(tokens), expires])
+        if now < lease.expires and lease.rpm == rpm:
+            lease.tokens += tokens  # concurrent takes on this replica: keep them all
+        else:
+            lease.tokens = float(tokens)
+        lease.expires = now + _LEASE_S
+        lease.shared_left = shared_left
+        lease.rpm = rpm
+        self._leases.touch(key_name)
+
+    def allowance(self, key_name: str) -> tuple[int, int] | None:
+        """``(rpm, requests left)`` as of ``key_name``'s last check here (see the class), or None (no figure)."""
+        lease = self._leases.peek(key_name)
+        if lease is None:
+            return None
+        unspent = int(lease.tokens) if self._clock() < lease.expires else 0
+        return lease.rpm, min(lease.rpm, unspent + lease.shared_left)
 
 
 class SharedAccounts:

@@ -237,9 +237,10 @@ class RedisStatusCache:
 # -- rate limits ------------------------------------------------------------------------------------------------
 
 # KEYS[1] bucket; ARGV[1] rpm; ARGV[2] now in µs, or "" for Redis TIME; ARGV[3] expiry margin in ms; ARGV[4] the
-# most tokens to take. Returns {granted, wait}: granted >= 1 and wait false, or granted 0 and the wait in µs as a
-# string (a Lua number reply would be truncated to an integer). With ARGV[4] = 1 this is exactly
-# auth.rate_limits.RateLimiter.check's arithmetic; more takes what the bucket holds, up to that many, never more.
+# most tokens to take. Returns {granted, wait, left}: granted >= 1 and wait false, or granted 0 and the wait in µs
+# as a string (a Lua number reply would be truncated to an integer); left is the whole tokens the bucket holds
+# afterwards. With ARGV[4] = 1 this is exactly auth.rate_limits.RateLimiter.check's arithmetic; more takes what
+# the bucket holds, up to that many, never more.
 _BUCKET_SCRIPT: Final = """
 if redis.replicate_commands then redis.replicate_commands() end
 local capacity = tonumber(ARGV[1])
@@ -266,7 +267,7 @@ else
 end
 redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'stamp', string.format('%.17g', now))
 redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - tokens) / rate / 1000) + tonumber(ARGV[3]))
-return {granted, wait}
+return {granted, wait, math.floor(tokens + 1e-9)}
 """
 
 
@@ -302,12 +303,13 @@ class RedisRateLimiter:
         """Take one token for ``key_name``: None if allowed, else seconds until a token is available."""
         if rpm is None:
             return None
-        _, wait = await self.take(key_name, rpm, 1)
+        _, wait, _ = await self.take(key_name, rpm, 1)
         return wait
 
-    async def take(self, key_name: str, rpm: int, most: int) -> tuple[int, float | None]:
-        """Take between one and ``most`` tokens for ``key_name``, as many as the bucket holds: ``(taken, None)``;
-        or ``(0, seconds until a token is available)`` when it holds less than one."""
+    async def take(self, key_name: str, rpm: int, most: int) -> tuple[int, float | None, int]:
+        """Take between one and ``most`` tokens for ``key_name``, as many as the bucket holds: ``(taken, None,
+        left)``; or ``(0, seconds until a token is available, 0)`` when it holds less than one. ``left`` is the
+        whole tokens the shared bucket holds after this take."""
         if rpm < 1:
             raise ValueError("rpm must be a positive integer or None")
         if most < 1:
@@ -315,12 +317,12 @@ class RedisRateLimiter:
         now = "" if self._clock is None else repr(self._clock() * 1_000_000)
         try:
             async with asyncio.timeout(self._timeout_s):
-                taken, wait = await self._script(
+                taken, wait, left = await self._script(
                     keys=[self.key(key_name)], args=[rpm, now, BUCKET_EXPIRY_MARGIN_MS, most]
                 )
         except _REDIS_ERRORS as exc:
             raise _unavailable("rate limit check", exc) from exc
-        return int(taken), None if wait is None else float(wait) / 1_000_000
+        return int(taken), None if wait is None else float(wait) / 1_000_000, int(left)
 
     async def forget(self, key_name: str) -> None:
         """Drop ``key_name``'s bucket (e.g. after revocation)."""

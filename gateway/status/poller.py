@@ -1,30 +1,10 @@
-"""Task status cache: TTL by status, LRU bounds, shared in-flight polls and stale answers on upstream failure.
+"""Task status cache: TTL by status, LRU bounds, one shared upstream call per task, stale answers on failure.
 
-Clients poll ``GET /v1/videos/{task_id}`` every second or two for minutes per video. ``StatusPoller.poll`` makes
-that nearly free for the upstream (SPEC section 6)::
-
-    fresh cache entry, or the ledger's stored terminal body ───────► HIT    (no upstream call)
-    otherwise: one shared upstream call per task (Coalescer)
-        200 + JSON object with a string "status" → cached, on_fresh ─► MISS   (leader: miss, followers: coalesced)
-        429 / 5xx / 502 / 504 and an (expired) entry exists ─────────► STALE  (the entry, marked stale)
-        anything else ───────────────────────────────────────────────► MISS   (passed through, never cached)
-
-* ``MemoryStatusCache`` keeps non-terminal statuses ``pending_ttl_s`` and ``completed``/``failed`` ones
-  ``terminal_ttl_s``. Expired entries are kept (marked not fresh) so they can still be served STALE, until the
-  LRU bounds — ``max_entries`` *and* ``max_bytes`` — evict them. Only 200 answers are ever put (``StatusPoller``
-  makes sure of that); the cache itself does not look at bodies.
-* ``Coalescer`` runs one shared call per key. The call is an ``asyncio.Task`` awaited through ``asyncio.shield``,
-  so a client that disconnects (its request task is cancelled) does not cancel it for the others; a failure
-  reaches every current waiter and is forgotten at once, so the next poll starts afresh.
-* ``on_fresh`` (the ledger observation) runs inside the shared call, once per cached upstream answer, whoever
-  of the waiters stays connected; its failure is logged and never fails the poll.
-
-Several replicas (``[cache] url = "redis://..."``) add a ``SharedStatusCache`` behind the in-process one: a
-replica keeps in memory what it fetched itself, so its own hits cost no round trip and are never older than the
-TTL, and asks the shared cache for what other replicas fetched (keeping a copy for the freshness it has left).
-On a miss everywhere, ``SharedStatusCache.once`` lets one replica call the upstream while the others wait for its
-answer to land in the shared cache (they count as ``coalesced``). The shared cache absorbs its own failures: with
-Redis down, polls behave as with no shared cache at all.
+``StatusPoller.poll`` answers ``GET /v1/videos/{task_id}`` (SPEC section 6): HIT from a fresh entry or the ledger's
+terminal body; otherwise one coalesced upstream call (MISS, followers counted as coalesced), whose 200 answer is
+cached and observed by the ledger once (``on_fresh``); on 429/5xx with an expired entry, that entry as STALE. A
+client that disconnects never cancels the shared call. With ``[cache] url`` set, a ``SharedStatusCache`` (Redis)
+stands behind the in-process one and one replica calls the upstream for all; its failures read as misses.
 """
 
 from __future__ import annotations

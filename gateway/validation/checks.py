@@ -1,25 +1,10 @@
 """Request validation for Kling v3 generations (SPEC section 5): pure, fast, and complete.
 
-``validate(body, options)`` checks a ``POST /v1/video/generations`` body and reports *every* problem at
-once — never only the first — each a ``Problem`` with a dotted ``param``
-(``extra_body.multi_prompt.2.duration``) and a stable ``code``. A valid body comes back as a
-``ValidRequest`` carrying the normalized body to forward.
-
-Normalization is deliberately small, so that every example on the upstream page is forwarded unchanged:
-
-- the flattened OpenAI-SDK form (``negative_prompt``, ``cfg_scale``, ``multi_prompt``, ``element_list``,
-  ``shot_type`` at the top level) is moved into ``extra_body``;
-- an integer-valued string ``duration`` (``"5"``, also inside ``multi_prompt``) becomes the integer;
-- ``shot_type: "intelligence"`` becomes ``"intelligent"`` (with a warning).
-
-The input object is never mutated. Everything is precomputed at import and the happy path never touches
-``difflib``; a typical body validates in a few microseconds (``bench/validation_bench.py``).
-
-Every problem and warning code, with its meaning, is in ``gateway.catalog.CODES``.
-
-The private-media rule has a second, asynchronous half — names that resolve only to private addresses —
-which lives in ``gateway.validation.media_guard``; this module collects the host names for it in
-``ValidRequest.media_hosts`` and does no I/O at all.
+``validate(body, options)`` reports every problem at once, each a ``Problem`` with a dotted ``param`` and a stable
+``code`` (catalogued in ``gateway.catalog.CODES``), or returns a ``ValidRequest`` with the body to forward.
+Normalisation is kept small so every example on the upstream page goes through unchanged: the flattened SDK form
+moves into ``extra_body``, integer strings for ``duration`` become integers, ``shot_type: "intelligence"`` becomes
+``"intelligent"`` (with a warning). No I/O: the media host names are collected for ``validation.media_guard``.
 """
 
 from __future__ import annotations

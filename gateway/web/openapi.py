@@ -15,6 +15,8 @@ Choices worth knowing:
   the upstream's object, and the upstream's own error statuses and bodies are not described here.
 - ``/v1/{path}`` (forwarding of other upstream paths) is described only when ``[proxy] passthrough`` is on;
   otherwise that route answers 404 to everything and offers no operation.
+- Every operation lists the refusals any request can get before it is routed (a malformed, slow or oversized
+  request head, a bad ``Host``, another HTTP version) and 500 ``internal_error``.
 - Every operation but ``/healthz``, ``/readyz`` and ``/metrics`` may be refused at once with 503 ``overloaded``
   when the gateway is saturated; operations that call the upstream answer 503 ``upstream_unavailable`` while the
   circuit breaker is open, and those that use the store 503 ``store_unavailable`` when it fails.
@@ -33,6 +35,8 @@ from starlette.routing import Route
 
 from gateway import __version__
 from gateway.catalog import (
+    ADMIN_TOKEN_CODES,
+    ANY_ROUTE_CODES,
     ASPECT_RATIOS,
     CFG_SCALE_MAX,
     CFG_SCALE_MIN,
@@ -41,6 +45,7 @@ from gateway.catalog import (
     DURATION_MIN,
     ELEMENT_LIST_MAX,
     IDEMPOTENCY_KEY_SHAPE,
+    JSON_BODY_CODES,
     KEY_NAME_SHAPE,
     MODELS,
     MULTI_PROMPT_MAX,
@@ -51,6 +56,7 @@ from gateway.catalog import (
     SHOT_TYPE_ALIASES,
     SHOT_TYPES,
     TASK_ID_SHAPE,
+    UPSTREAM_CALL_CODES,
     AccountState,
     Mode,
 )
@@ -82,15 +88,20 @@ _STATUS_TEXT: Final = {
     401: "Unauthenticated",
     403: "Forbidden",
     404: "Not found",
+    408: "Request head too slow",
     409: "Conflict",
     413: "Body too large",
+    414: "Request target too long",
     415: "Body is not JSON",
     416: "Range not satisfiable",
     422: "Unprocessable",
     429: "Too many requests",
+    431: "Request headers too large",
+    500: "Internal error",
     502: "Upstream unreachable or invalid",
     503: "Unavailable",
     504: "Upstream timed out",
+    505: "HTTP version not supported",
 }
 # Gateway error statuses that carry Retry-After.
 _RETRY_AFTER: Final = frozenset({409, 429, 503})
@@ -546,19 +557,19 @@ def _merge(*groups: Mapping[int, tuple[str, ...]]) -> dict[int, tuple[str, ...]]
 
 
 def _responses(ok: Mapping[str, Any], errors: Mapping[int, tuple[str, ...]]) -> dict[str, Any]:
-    """The success responses plus one error response per status."""
+    """The success responses plus one error response per status, the codes any route can get included."""
+    errors = _merge(errors, _ANY_ROUTE)
     out: dict[str, Any] = dict(ok)
     for status in sorted(errors):
         out[str(status)] = _error(status, *errors[status])
     return out
 
 
-_JSON_BODY: Final = _codes(
-    "invalid_json", "invalid_body", "invalid_content_length", "payload_too_large", "unsupported_media_type"
-)
+_ANY_ROUTE: Final = _codes(*ANY_ROUTE_CODES)
+_JSON_BODY: Final = _codes(*JSON_BODY_CODES)
 _STORE: Final = _codes("store_unavailable")
 # 503 upstream_unavailable: the circuit breaker is open (fails fast, with Retry-After).
-_UPSTREAM: Final = _codes("upstream_unavailable", "upstream_timeout")
+_UPSTREAM: Final = _codes(*UPSTREAM_CALL_CODES)
 # Every route but /healthz, /readyz and /metrics may be refused at once when the gateway is saturated.
 _OVERLOAD: Final = _codes("overloaded")
 
@@ -573,9 +584,7 @@ class _Doc:
         self.client_security: list[dict[str, list[str]]] = [{"gatewayKey": []}] if keys else [{}]
         admin_on = bool(settings.admin_token)
         # Without an admin token there is no admin API: every admin route answers 404 not_found.
-        self.admin_errors: dict[int, tuple[str, ...]] = (
-            _codes("invalid_admin_token") if admin_on else _codes("not_found")
-        )
+        self.admin_errors: dict[int, tuple[str, ...]] = _codes(*ADMIN_TOKEN_CODES) if admin_on else _codes("not_found")
 
     def operation(
         self,
@@ -640,6 +649,7 @@ class _Doc:
                 "idempotency_conflict",
                 "budget_exceeded",
                 "upstream_capacity",
+                "model_not_priced",
             ),
             _UPSTREAM,
             _STORE,
@@ -753,7 +763,14 @@ class _Doc:
     def passthrough(self) -> dict[str, Any]:
         path = {"name": "path", "in": "path", "required": True, "schema": {"type": "string"}}
         ok = {"200": {"description": "The upstream's answer, unchanged.", "headers": _headers()}}
-        errors = _merge(self.client_errors, _codes("payload_too_large", "invalid_content_length"), _UPSTREAM, _OVERLOAD)
+        errors = _merge(
+            self.client_errors,
+            _codes("invalid_path", "task_not_found", "payload_too_large", "invalid_content_length", "incomplete_body"),
+            _codes("unsupported_encoding"),
+            _UPSTREAM,
+            _STORE,
+            _OVERLOAD,
+        )
         return {
             method: self.operation(
                 f"passthrough{method.capitalize()}",
@@ -945,7 +962,7 @@ class _Doc:
 
     def healthz(self) -> dict[str, Any]:
         ok = {"200": _json_response("The process is alive.", _ref("Health"))}
-        return self.operation("getHealth", "Liveness", "ops", ok)
+        return self.operation("getHealth", "Liveness", "ops", _responses(ok, {}))
 
     def readyz(self) -> dict[str, Any]:
         responses = {
@@ -954,7 +971,7 @@ class _Doc:
                 "Not ready (store unavailable, shutting down); problems says why.", _ref("Readiness")
             ),
         }
-        return self.operation("getReadiness", "Readiness", "ops", responses)
+        return self.operation("getReadiness", "Readiness", "ops", _responses(responses, {}))
 
     def openapi(self) -> dict[str, Any]:
         ok = {"200": _json_response("This document.", {"type": "object"})}

@@ -105,6 +105,25 @@ class TestBackfill:
         assert "archive.url" in capsys.readouterr().err
 
 
+class TestNoStore:
+    @pytest.mark.parametrize("argv", [["archive", "status"], ["archive", "status", "--format", "json"]])
+    def test_status_never_creates_a_store(
+        self, data_env: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+    ) -> None:
+        assert main(argv) == 2
+        assert f"no store at {data_env / 'data' / 'gateway.db'}" in capsys.readouterr().err
+        assert not (data_env / "data").exists()
+
+    def test_backfill_refuses_a_store_that_does_not_exist(
+        self, data_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        monkeypatch.setenv("KLING_GATEWAY_ARCHIVE_URL", (data_env / "archive").as_uri())
+        assert main(["archive", "backfill"]) == 2
+        assert f"no store at {data_env / 'data' / 'gateway.db'}" in capsys.readouterr().err
+        assert not (data_env / "data").exists()
+        assert not (data_env / "archive").exists()
+
+
 class TestCheckConfig:
     @pytest.mark.parametrize(
         ("name", "value", "message"),

@@ -139,6 +139,15 @@ class TestKeysCommand:
         assert main(["keys", "list"]) == 0
         assert "revoked" in capsys.readouterr().out
 
+    def test_list_lines_have_no_trailing_spaces(self, data_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """Short values in the last columns are not padded out to the header's width."""
+        assert main(["keys", "create", "a-much-longer-key-name", "--rpm", "60"]) == 0
+        assert main(["keys", "create", "b"]) == 0
+        capsys.readouterr()
+        assert main(["keys", "list"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) == 3 and [line for line in lines if line != line.rstrip()] == []
+
     @pytest.mark.parametrize(
         ("argv", "message"),
         [

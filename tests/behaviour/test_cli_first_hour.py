@@ -153,7 +153,9 @@ def in_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 class TestStores:
-    @pytest.mark.parametrize("argv", [["keys", "list"], ["usage"], ["keys", "list", "--format", "json"]])
+    @pytest.mark.parametrize(
+        "argv", [["keys", "list"], ["usage"], ["keys", "list", "--format", "json"], ["audit"], ["archive", "status"]]
+    )
     def test_read_only_commands_never_create_a_store(
         self, in_folder: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
     ) -> None:

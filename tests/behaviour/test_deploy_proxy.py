@@ -7,13 +7,9 @@ addresses and the listen address rewritten to loopback ports. nginx comes from D
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,41 +19,12 @@ import httpx
 import pytest
 from support.harness import ADMIN_TOKEN
 from support.paths import REPO_ROOT
+from support.processes import free_port, gateway_env, start_gateway, stop, wait_for
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx not installed (Debian package `nginx-light`)")
 
-CLI = [sys.executable, "-m", "gateway"]
 VALID = {"model": "kling-v3-std-silent", "prompt": "a red fox in the snow", "duration": 5}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_for(url: str, within_s: float = 20.0) -> None:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{url} never answered 200")
-
-
-def stop(process: subprocess.Popen[Any]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def proxy_config(tmp_path: Path, listen: int, replicas: dict[str, int]) -> Path:
@@ -98,8 +65,7 @@ def deployment(
     """Two gateway replicas sharing one PostgreSQL schema and one Redis prefix, behind the shipped nginx config."""
     ports = {"gateway-1": free_port(), "gateway-2": free_port()}
     listen = free_port()
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("KLING_GATEWAY_", "UNIALL_", "PROMETHEUS_"))}
-    base_env.update(
+    base_env = gateway_env(
         KLING_GATEWAY_STORE_URL=postgres_schema_url,
         KLING_GATEWAY_CACHE_URL=redis_url,
         KLING_GATEWAY_CACHE_KEY_PREFIX=redis_prefix,
@@ -116,12 +82,7 @@ def deployment(
     nginx: subprocess.Popen[bytes] | None = None
     try:
         for name, port in ports.items():
-            env = {
-                **base_env,
-                "KLING_GATEWAY_SERVER_PORT": str(port),
-                "KLING_GATEWAY_SERVER_DATA_DIR": str(tmp_path / name),
-            }
-            replicas[name] = subprocess.Popen([*CLI, "serve"], env=env, stdout=subprocess.DEVNULL)
+            replicas[name] = start_gateway(base_env, port=port, data_dir=tmp_path / name)
         for port in ports.values():
             wait_for(f"http://127.0.0.1:{port}/healthz")
         nginx = subprocess.Popen([NGINX, "-p", str(tmp_path), "-c", str(conf)], stderr=subprocess.DEVNULL)

@@ -19,12 +19,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +32,7 @@ import pytest
 import yaml
 from support.harness import SANDBOX_API_KEY
 from support.paths import CONFIG_DIR
+from support.processes import CLI, free_port, gateway_env, start_gateway, stop, wait_for
 from support.upstream_fake import ServerThread
 
 from gateway.sandbox import SandboxOptions, create_sandbox_app
@@ -45,7 +42,6 @@ pytestmark = pytest.mark.skipif(
     PROMETHEUS is None, reason="prometheus not installed (Debian package `prometheus`; .ci/run installs it)"
 )
 
-CLI = [sys.executable, "-m", "gateway"]
 SUBSTITUTIONS = {"$__rate_interval": "1m", "$__range": "5m", "$key": ".*", "$model": ".*"}
 # (panel title, refId) of queries allowed to return nothing after the traffic below. None: every panel has data.
 #: Panels this traffic leaves empty: it never has an upstream account refuse a submission or fill up (those are
@@ -57,35 +53,6 @@ MAY_BE_EMPTY: frozenset[tuple[str, str]] = frozenset(
     }
 )
 VALID = {"model": "kling-v3-std-silent", "prompt": "a red fox in the snow", "duration": 5}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_for(url: str, within_s: float = 20.0) -> None:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{url} never answered 200")
-
-
-def stop(process: subprocess.Popen[Any]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 # -- the dashboard ------------------------------------------------------------------------------------------------
@@ -138,10 +105,8 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     upstream = ServerThread(create_sandbox_app(options), lifespan="off")
     upstream.start()
     gateway_port, prometheus_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KLING_GATEWAY_", "UNIALL_", "PROMETHEUS_"))}
-    env.update(
-        KLING_GATEWAY_SERVER_PORT=str(gateway_port),
-        KLING_GATEWAY_SERVER_DATA_DIR=str(tmp_path / "data"),
+    env = gateway_env(
+        KLING_GATEWAY_SERVER_DATA_DIR=str(tmp_path / "data"),  # for keys create below
         KLING_GATEWAY_CACHE_PENDING_TTL_S="0.2",
         KLING_GATEWAY_VALIDATION_RESOLVE_MEDIA_HOSTS="false",
         KLING_GATEWAY_ARCHIVE_URL=(tmp_path / "archive").as_uri(),
@@ -166,7 +131,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     logs = tmp_path / "logs"
     logs.mkdir()
     with (logs / "gateway.log").open("w") as gateway_log, (logs / "prometheus.log").open("w") as prometheus_log:
-        gateway = subprocess.Popen([*CLI, "serve"], env=env, stdout=gateway_log, stderr=subprocess.STDOUT)
+        gateway = start_gateway(env, port=gateway_port, data_dir=tmp_path / "data", log=gateway_log)
         assert PROMETHEUS is not None
         prometheus = subprocess.Popen(
             [

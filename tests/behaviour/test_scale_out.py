@@ -140,6 +140,32 @@ class TestSharedRateLimit:
         assert refused.json()["error"]["code"] == "rate_limited"
         assert int(refused.headers["retry-after"]) >= 1
 
+    def test_responses_carry_the_allowance_headers(self, replicas: Replicas, fake_upstream: FakeUpstream) -> None:
+        """As with the in-process limiter, also on a 404 and the 429; the figure is what Redis reported left."""
+        World(fake_upstream)
+        a, b = replicas()
+        headers = _shared_key(a, b, rpm=4)  # the key pick-up poll on b took one token
+
+        seen = []
+        for gateway, path in ((a, "/gateway/tasks"), (b, "/v1/videos/task_0123456789"), (a, "/gateway/tasks")):
+            response = gateway.client.get(path, headers=headers)
+            seen.append(
+                (
+                    response.status_code,
+                    response.headers.get("x-ratelimit-limit-requests"),
+                    response.headers.get("x-ratelimit-remaining-requests"),
+                )
+            )
+        refused = b.client.get("/gateway/tasks", headers=headers)
+
+        assert seen == [(200, "4", "2"), (404, "4", "1"), (200, "4", "0")]
+        assert refused.json()["error"]["code"] == "rate_limited"
+        assert (
+            refused.status_code,
+            refused.headers.get("x-ratelimit-limit-requests"),
+            refused.headers.get("x-ratelimit-remaining-requests"),
+        ) == (429, "4", "0")
+
 
 class TestIdempotencyAcrossReplicas:
     def test_a_repeat_on_the_other_replica_replays_without_a_second_submission(

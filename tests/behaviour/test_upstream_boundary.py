@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from support.harness import ADMIN, GatewayFactory, GatewayHarness
-from support.upstream_fake import FakeUpstream, RecordedRequest, dynamic, fresh_task, json
+from support.upstream_fake import FakeUpstream, RecordedRequest, dynamic, fresh_task, json, redirect, text
 
 SUBMIT = "/v1/video/generations"
 BODY: dict[str, Any] = {"model": "kling-v3-std-silent", "prompt": "a red fox in the snow", "duration": 5}
@@ -124,6 +124,27 @@ class TestDuplicateTaskId:
             )
             == 0
         )
+
+    def test_id_recorded_by_another_process_is_refused(
+        self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory
+    ) -> None:
+        """The first owner's task is in the shared store but not in this process's memory: the task insert itself
+        finds it, so the second submission still gets 502 and its intent stays as outcome unknown."""
+        accepted = json(200, {"id": "dup_3", "task_id": "dup_3", "status": "queued"})
+        fake_upstream.script("POST", SUBMIT, accepted, accepted)
+        first = gateway(make_gateway, fake_upstream, "lean", **KEYS_MODE)
+        second = gateway(make_gateway, fake_upstream, "lean", **KEYS_MODE)  # same data dir: one SQLite ledger
+        alice = first.as_key(first.create_key("alice"))
+        mallory = second.as_key(second.create_key("mallory"))
+        assert first.client.post(SUBMIT, json=BODY, headers=alice).status_code == 200
+        refused = second.client.post(SUBMIT, json=BODY, headers=mallory)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (502, "upstream_unavailable")
+        (row,) = second.client.get("/gateway/tasks", headers=ADMIN).json()["data"]
+        assert (row["task_id"], row["key"]) == ("dup_3", "alice")
+        (unknown,) = second.client.get("/gateway/submissions/unknown", headers=ADMIN).json()["data"]
+        assert unknown["key"] == "mallory"
+        (logged,) = events(second, "upstream_task_id_reused")
+        assert (logged["task_id"], logged["same_key"]) == ("dup_3", False)
 
     @pytest.mark.parametrize("transport", TRANSPORTS)
     def test_same_key_twice_is_refused_too(
@@ -294,6 +315,109 @@ class TestResponseHeaders:
         for _ in range(2):
             response = gw.client.post(SUBMIT, json=BODY)
             assert response.status_code == 503 and "retry-after" not in response.headers
+
+
+# -- 3 and 4 for the video download (/v1/videos/{id}/content): the upstream's own origin gets the account's key --
+
+
+def video_task(fake: FakeUpstream, task_id: str) -> str:
+    """A completed task whose video is on the upstream's own origin (so the download carries the team key)."""
+    fake.script("POST", SUBMIT, json(200, {"id": task_id, "task_id": task_id, "status": "queued"}))
+    done = {"id": task_id, "status": "completed", "video_url": f"{fake.url}/files/{task_id}.mp4"}
+    fake.always("GET", f"/v1/videos/{task_id}", json(200, done))
+    return f"/v1/videos/{task_id}/content"
+
+
+def echoing_origin(respond: Any) -> Any:
+    """A video origin answering ``respond(the Authorization it received)``."""
+    return dynamic(lambda request: respond(request.header("authorization") or ""))
+
+
+def client_visible(response: Any) -> bytes:
+    return response.content + b"".join(k + v for k, v in response.headers.raw)
+
+
+class TestVideoDownload:
+    @pytest.mark.parametrize(
+        ("name", "value", "default"),
+        [("ETag", '"{key}"', 'W/"t_v-5"'), ("Content-Type", "video/{key}", "video/mp4")],
+    )
+    def test_the_key_echoed_in_a_passed_header_is_not_passed(
+        self, name: str, value: str, default: str, fake_upstream: FakeUpstream, make_gateway: GatewayFactory
+    ) -> None:
+        """ETag and Content-Type are the origin's own values passed on: one quoting the key is replaced."""
+        path = video_task(fake_upstream, "t_v")
+
+        def answer(auth: str) -> Any:
+            echoed = value.format(key=auth.split(" ")[-1])
+            if name == "Content-Type":
+                return text(200, b"12345", content_type=echoed)
+            return text(200, b"12345", content_type="video/mp4", headers={name: echoed})
+
+        fake_upstream.always("GET", "/files/", echoing_origin(answer))
+        gw = gateway(make_gateway, fake_upstream, "lean")
+        assert gw.client.post(SUBMIT, json=BODY).status_code == 200
+        response = gw.client.get(path)
+        assert response.status_code == 200 and response.headers[name] == default
+        assert UPSTREAM_KEY.encode() not in client_visible(response)
+
+    @pytest.mark.parametrize(
+        "location",
+        [
+            "http://cdn example/v.mp4?sig={key}",  # unusable: the message would quote it
+            "http://127.0.0.1/v.mp4?sig={key}",  # a private address: refused, never fetched
+            "http://{host}.internal/v.mp4",  # a local name: the message names the host
+        ],
+    )
+    def test_a_refused_redirect_quoting_the_key_is_masked(
+        self, location: str, fake_upstream: FakeUpstream, make_gateway: GatewayFactory
+    ) -> None:
+        """The origin that got the key redirects to a URL holding it: 502 video_unavailable, the key masked."""
+        path = video_task(fake_upstream, "t_r")
+
+        def answer(auth: str) -> Any:
+            key = auth.split(" ")[-1]
+            return redirect(location.format(key=key, host=key))
+
+        fake_upstream.always("GET", "/files/", echoing_origin(answer))
+        gw = gateway(make_gateway, fake_upstream, "lean")
+        assert gw.client.post(SUBMIT, json=BODY).status_code == 200
+        response = gw.client.get(path)
+        assert (response.status_code, response.json()["error"]["code"]) == (502, "video_unavailable")
+        assert UPSTREAM_KEY.encode() not in client_visible(response)
+        assert UPSTREAM_KEY not in gw.logs.getvalue()
+
+    def test_the_origin_rejecting_the_team_key_is_502_upstream_auth_failed(
+        self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory
+    ) -> None:
+        """A 401 from the upstream's own origin (the key sent) is the team key's problem, as for the API: 502
+        upstream_auth_failed, counted and logged; its body (quoting the key) never reaches the client."""
+        path = video_task(fake_upstream, "t_a")
+        fake_upstream.always(
+            "GET", "/files/", echoing_origin(lambda auth: json(401, {"error": {"message": f"bad key {auth}"}}))
+        )
+        gw = gateway(make_gateway, fake_upstream, "lean")
+        assert gw.client.post(SUBMIT, json=BODY).status_code == 200
+        response = gw.client.get(path)
+        assert (response.status_code, response.json()["error"]["code"]) == (502, "upstream_auth_failed")
+        assert UPSTREAM_KEY.encode() not in client_visible(response)
+        assert gw.metric("kling_gateway_upstream_auth_failures_total", {"route": "video_url"}) == 1
+        (logged,) = events(gw, "upstream_auth_failed")
+        assert (logged["level"], logged["upstream_status"]) == ("error", 401)
+
+    @pytest.mark.parametrize("digits", [30, 5_000])
+    def test_an_unbounded_size_in_a_416_is_not_passed_on(
+        self, digits: int, fake_upstream: FakeUpstream, make_gateway: GatewayFactory
+    ) -> None:
+        """The origin's 416 names a size no video has: the client's 416 carries no size (not a 5,000-digit header,
+        and not a 500 from converting it)."""
+        path = video_task(fake_upstream, "t_416")
+        fake_upstream.always("GET", "/files/", json(416, "", headers={"Content-Range": "bytes */" + "9" * digits}))
+        gw = gateway(make_gateway, fake_upstream, "lean")
+        assert gw.client.post(SUBMIT, json=BODY).status_code == 200
+        response = gw.client.get(path, headers={"Range": "bytes=10-20"})
+        assert (response.status_code, response.json()["error"]["code"]) == (416, "range_not_satisfiable")
+        assert "content-range" not in response.headers
 
 
 # -- 6. pass-through path spellings ------------------------------------------------------------------------------

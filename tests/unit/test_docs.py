@@ -29,6 +29,16 @@ def test_every_setting_is_in_the_reference() -> None:
                 assert f"`{ENV_PREFIX}{section.upper()}_{item.name.upper()}`" in reference
 
 
+def test_every_setting_has_a_meaning() -> None:
+    """A ``#:`` comment on the field (or the example file's comment); the reference's last column is never empty."""
+    undescribed = [
+        line.split("|")[1].strip()
+        for line in config_reference().splitlines()
+        if line.startswith("| `") and not line.rstrip().removesuffix("|").split("|")[-1].strip()
+    ]
+    assert undescribed == []
+
+
 def test_every_code_has_a_fix_and_is_in_the_troubleshooting_table() -> None:
     assert set(FIXES) == set(CODES)
     table = troubleshooting()

@@ -39,6 +39,9 @@ class CountingShared:
         self.calls.append((key_name, rpm))
         return None if len(self.calls) <= self.allowed else self.wait_s
 
+    def allowance(self, key_name: str) -> tuple[int, int] | None:
+        return None
+
 
 class TestAdminToken:
     @pytest.mark.parametrize(

@@ -297,12 +297,12 @@ class TestRateLimiter:
         """take grants between one and ``most`` tokens, never more than the bucket holds, then waits as check."""
         now = [1000.0]
         limiter = RedisRateLimiter(client, prefix=redis_prefix, clock=lambda: now[0])
-        assert await limiter.take("k", 60, 25) == (25, None)
-        assert await limiter.take("k", 60, 50) == (35, None)  # only 35 of the 60 were left
-        taken, wait = await limiter.take("k", 60, 10)
-        assert taken == 0 and wait == pytest.approx(1.0)
+        assert await limiter.take("k", 60, 25) == (25, None, 35)
+        assert await limiter.take("k", 60, 50) == (35, None, 0)  # only 35 of the 60 were left
+        taken, wait, left = await limiter.take("k", 60, 10)
+        assert taken == 0 and wait == pytest.approx(1.0) and left == 0
         now[0] += 2.5  # 2.5 tokens refilled: whole ones only
-        assert await limiter.take("k", 60, 10) == (2, None)
+        assert await limiter.take("k", 60, 10) == (2, None, 0)
         assert await limiter.check("k", 60) is not None  # the half token left is not one
         with pytest.raises(ValueError, match="most"):
             await limiter.take("k", 60, 0)

@@ -74,7 +74,7 @@ class FailingLimiter:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def take(self, key_name: str, rpm: int, most: int) -> tuple[int, float | None]:
+    async def take(self, key_name: str, rpm: int, most: int) -> tuple[int, float | None, int]:
         self.calls += 1
         raise CacheUnavailable("Redis check failed: ConnectionError")
 
@@ -86,13 +86,13 @@ class Bucket:
         self.tokens = tokens
         self.calls: list[int] = []
 
-    async def take(self, key_name: str, rpm: int, most: int) -> tuple[int, float | None]:
+    async def take(self, key_name: str, rpm: int, most: int) -> tuple[int, float | None, int]:
         self.calls.append(most)
         if self.tokens < 1:
-            return 0, 7.5
+            return 0, 7.5, 0
         taken = min(most, self.tokens)
         self.tokens -= taken
-        return taken, None
+        return taken, None, self.tokens
 
 
 class TestSharedLimiter:
@@ -150,6 +150,45 @@ class TestLeases:
             assert await shared.check(key, 6000) is None
 
         assert bucket.calls == [10, 10, 10, 10]  # "a" was evicted by "c", so it asked again
+
+
+class TestAllowance:
+    async def test_the_unspent_lease_plus_what_redis_reported_left(self, log: Log, clock: Clock) -> None:
+        bucket = Bucket(tokens=30)
+        shared = SharedLimiter(bucket, Health(log, clock=clock), clock=clock)  # type: ignore[arg-type]
+        assert shared.allowance("team") is None  # never checked here: no figure
+
+        seen = []
+        for _ in range(4):
+            await shared.check("team", 6000)  # leases of 10: 30 -> 20 left in Redis, 9 unspent here
+            seen.append(shared.allowance("team"))
+
+        assert seen == [(6000, 29), (6000, 28), (6000, 27), (6000, 26)]
+        clock.now += 1.01  # the lease expired: its unspent tokens no longer count
+        assert shared.allowance("team") == (6000, 20)
+
+    async def test_a_refusal_leaves_nothing_and_a_small_limit_counts_only_redis(self, log: Log, clock: Clock) -> None:
+        bucket = Bucket(tokens=2)
+        shared = SharedLimiter(bucket, Health(log, clock=clock), clock=clock)  # type: ignore[arg-type]
+
+        seen = []
+        for _ in range(3):
+            await shared.check("team", 60)
+            seen.append(shared.allowance("team"))
+
+        assert seen == [(60, 1), (60, 0), (60, 0)]
+
+    async def test_no_figure_while_redis_fails(self, log: Log, clock: Clock) -> None:
+        bucket = Bucket(tokens=5)
+        shared = SharedLimiter(bucket, Health(log, clock=clock), clock=clock)  # type: ignore[arg-type]
+        await shared.check("team", 60)
+        assert shared.allowance("team") == (60, 4)
+
+        shared._limiter = FailingLimiter()  # type: ignore[assignment]
+        assert await shared.check("team", 60) is None  # let through uncounted
+        assert shared.allowance("team") is None
+        assert await shared.check("team", 60) is None  # resting: Redis not asked
+        assert shared.allowance("team") is None
 
 
 class FailingCache:

@@ -14,6 +14,14 @@ from support.harness import ADMIN_TOKEN, GatewayFactory
 from support.seed_examples import SEEDS
 from support.upstream_fake import FakeUpstream
 
+from gateway.catalog import (
+    ADMIN_TOKEN_CODES,
+    ANY_ROUTE_CODES,
+    JSON_BODY_CODES,
+    UPSTREAM_CALL_CODES,
+    Where,
+    codes_where,
+)
 from gateway.config import Settings, load_settings
 from gateway.validation.checks import ValidationOptions, validate
 from gateway.web.openapi import OPENAPI_PATH, openapi_document
@@ -195,6 +203,84 @@ class TestConfiguration:
         settings = settings_from(KLING_GATEWAY_VALIDATION_PASSTHROUGH_MODELS="veo-3.1")
         models = openapi_document(settings)["components"]["schemas"]["GenerationRequest"]["properties"]["model"]
         assert models["enum"][-1] == "veo-3.1"
+
+
+# Error codes no operation can list, and why.
+NOT_PER_OPERATION = {
+    "csrf_failed": "the admin web UI's, which the document does not describe",
+    "method_not_allowed": "the answer to a method no operation has",
+}
+
+
+def listed(operation: dict[str, Any]) -> set[str]:
+    """Every error code an operation's responses list."""
+    codes: set[str] = set()
+    for status, response in operation["responses"].items():
+        schema = response.get("content", {}).get("application/json", {}).get("schema", {})
+        if int(status) >= 400 and "allOf" in schema:
+            codes |= set(schema["allOf"][1]["properties"]["error"]["properties"]["code"]["enum"])
+    return codes
+
+
+def every_operation(**env: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``("METHOD path", operation)`` for each operation, with the optional routes on."""
+    settings = settings_from(KLING_GATEWAY_PROXY_PASSTHROUGH="true", KLING_GATEWAY_METRICS_TOKEN="m-token", **env)
+    for path, item in openapi_document(settings)["paths"].items():
+        for method, operation in item.items():
+            yield f"{method.upper()} {path}", operation
+
+
+class TestErrorCodes:
+    """The codes each operation lists, derived from the catalogue (``gateway.catalog``) where it can say."""
+
+    def test_every_catalogued_error_code_is_listed_somewhere(self) -> None:
+        seen = set().union(*(listed(operation) for _, operation in every_operation()))
+        assert set(codes_where(Where.ERROR)) - set(NOT_PER_OPERATION) - seen == set()
+
+    def test_what_any_request_can_get_is_on_every_operation(self) -> None:
+        for name, operation in every_operation():
+            assert set(ANY_ROUTE_CODES) - listed(operation) == set(), name
+
+    def test_operations_calling_the_upstream_list_its_failures(self) -> None:
+        """Every upstream-compatible operation calls the upstream: its key rejected (502 upstream_auth_failed)
+        included."""
+        upstream = [(name, op) for name, op in every_operation() if op["tags"] == ["upstream"]]
+        assert len(upstream) == 3 + 5  # submit, status, content; the five pass-through methods
+        for name, operation in upstream:
+            assert set(UPSTREAM_CALL_CODES) - listed(operation) == set(), name
+
+    def test_operations_reading_a_json_body_list_its_refusals(self) -> None:
+        with_body = [(name, op) for name, op in every_operation() if "requestBody" in op]
+        assert with_body
+        for name, operation in with_body:
+            assert set(JSON_BODY_CODES) - listed(operation) == set(), name
+
+    def test_admin_operations_list_the_token_refusals(self) -> None:
+        admin = [(name, op) for name, op in every_operation() if op["security"] == [{"adminToken": []}]]
+        assert admin
+        for name, operation in admin:
+            assert set(ADMIN_TOKEN_CODES) - listed(operation) == set(), name
+        for name, operation in every_operation(KLING_GATEWAY_ADMIN_TOKEN=""):
+            if operation["security"] == [{"adminToken": []}]:
+                assert "too_many_auth_failures" not in listed(operation), name  # no admin API: 404 only
+
+    @pytest.mark.parametrize(
+        ("operation", "codes"),
+        [
+            (
+                "POST /v1/video/generations",
+                {"upstream_capacity", "budget_exceeded", "model_not_priced", "model_not_allowed", "rate_limited"},
+            ),
+            ("GET /v1/videos/{task_id}", {"task_not_found", "rate_limited"}),
+            (
+                "GET /v1/videos/{task_id}/content",
+                {"video_not_ready", "video_unavailable", "range_not_satisfiable", "task_not_found"},
+            ),
+            ("POST /v1/{path}", {"invalid_path", "task_not_found", "incomplete_body", "unsupported_encoding"}),
+        ],
+    )
+    def test_route_specific_codes(self, operation: str, codes: set[str]) -> None:
+        assert codes - listed(dict(every_operation())[operation]) == set()
 
 
 # Bodies the schema refuses: the validator must refuse each too (the schema is never stricter than the gateway).
