@@ -1,12 +1,15 @@
 """Server time of every admin UI page with a seeded ledger (10,000 tasks, 200 keys by default), in-process.
 
-Builds the gateway on a fresh SQLite store (nothing listens on a port; the upstream is never called), seeds keys
-and tasks through the store's own methods, signs in once, then requests each page ``--rounds`` times through
-Starlette's TestClient and prints median / p95 / max milliseconds per page, with the 50 ms target::
+Builds the gateway on a fresh SQLite store (nothing listens on a port; the upstream is never called), seeds keys,
+tasks and audit entries through the store's own methods, signs in once, then, ``--runs`` times, requests each page
+``--rounds`` times in turn and takes its median; prints per page the median of those medians (with the lowest and
+highest) and the p95 of all requests, against the 50 ms target::
 
-    .venv/bin/python bench/ui_bench.py [--tasks 10000] [--keys 200] [--rounds 30]
+    .venv/bin/python bench/ui_bench.py [--tasks 10000] [--keys 200] [--rounds 20] [--runs 5] [--store-url URL]
 
-On a shared machine the load average (printed at the end) shows in every number.
+``--store-url`` runs on another empty store instead, e.g. PostgreSQL with a fresh ``?schema=`` (drop it after).
+
+On a shared machine the load average (printed at the end) shows in every number; the runs spread it over pages.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.app import create_app
+from gateway.audit.trail import KEY_CREATED, Actor, record
 from gateway.catalog import MODELS, MODES
 from gateway.config import load_settings
 from gateway.keys import issue_key
@@ -45,8 +49,9 @@ async def seed(store: Store, keys: int, tasks: int, now: float) -> None:
     names = [f"team-{i:03}" for i in range(keys)]
     for index, name in enumerate(names):
         budget = Decimal(rng.choice([50, 200, 1000])) if index % 3 else None
-        _, record = issue_key(name, now=now - 90 * 86400, rpm=rng.choice([None, 60, 600]), monthly_budget_usd=budget)
-        await store.create_key(record)
+        _, key = issue_key(name, now=now - 90 * 86400, rpm=rng.choice([None, 60, 600]), monthly_budget_usd=budget)
+        await store.create_key(key)
+        await record(store, Actor.admin_api("10.0.0.1"), KEY_CREATED, name, {"rpm": key.rpm}, now=key.created_at)
     models = sorted(MODELS)
     for i in range(tasks):
         model = rng.choice(models)
@@ -110,6 +115,7 @@ async def run(args: argparse.Namespace, data: Path) -> int:
             "KLING_GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
             "KLING_GATEWAY_SETTLER_ENABLED": "false",
             "KLING_GATEWAY_LOGGING_ACCESS_LOG": "false",
+            **({"KLING_GATEWAY_STORE_URL": args.store_url} if args.store_url else {}),
         }
     )
     app = create_app(settings, registry=CollectorRegistry(), log_stream=io.StringIO())
@@ -128,42 +134,52 @@ async def run(args: argparse.Namespace, data: Path) -> int:
             pages = {
                 "sign-in": f"{UI}/signin",
                 "keys": f"{UI}/keys",
-                "usage by key (month)": f"{UI}/usage",
+                "usage by key (this month)": f"{UI}/usage",
                 "usage by day, 60 days": f"{UI}/usage?since=60d&by=day",
                 "usage by key,model, 60 days": f"{UI}/usage?since=60d&by=key%2Cmodel",
                 "tasks": f"{UI}/tasks",
                 "tasks of one key": f"{UI}/tasks?key=team-007",
                 "tasks, status filter": f"{UI}/tasks?status=failed",
-                "tasks, rare status (scans 2000)": f"{UI}/tasks?status=in_progress&key=team-001",
+                "tasks, key and rare status": f"{UI}/tasks?status=in_progress&key=team-001",
+                "accounts": f"{UI}/accounts",
+                "audit": f"{UI}/audit",
             }
+            medians: dict[str, list[float]] = {label: [] for label in pages}
+            every: dict[str, list[float]] = {label: [] for label in pages}
+            for _ in range(args.runs):
+                for label, path in pages.items():
+                    times = []
+                    for _ in range(args.rounds):
+                        response = await client.get(path)
+                        assert response.status_code == 200, (path, response.status_code)
+                        times.append(timed.last_ms)
+                    medians[label].append(statistics.median(times))
+                    every[label].extend(times)
             worst = 0.0
-            print(f"{'server time per page':34} {'median ms':>10} {'p95 ms':>8} {'max ms':>8}")
-            for label, path in pages.items():
-                times = []
-                for _ in range(args.rounds):
-                    response = await client.get(path)
-                    assert response.status_code == 200, (path, response.status_code)
-                    times.append(timed.last_ms)
-                median, p95, most = _stats(times)
+            print(f"{args.runs} runs x {args.rounds} requests per page; ms of server time")
+            print(f"{'page':30} {'median of medians':>17} {'lowest':>7} {'highest':>8} {'p95 all':>8}")
+            for label in pages:
+                median = statistics.median(medians[label])
                 worst = max(worst, median)
-                print(f"{label:34} {median:10.1f} {p95:8.1f} {most:8.1f}")
+                p95 = _stats(every[label])[1]
+                print(f"{label:30} {median:17.1f} {min(medians[label]):7.1f} {max(medians[label]):8.1f} {p95:8.1f}")
         month = month_bounds(time.time())
-        print("the store's own usage query alone, for comparison:")
+        print(f"{'the store query alone':30} {'median':>17} {'p95':>7} {'max':>8}")
         for label, query in {
-            "store.usage month by key": (month[0], month[1], ("key",)),
-            "store.usage 60 days by day": (time.time() - 60 * 86400, None, ("day",)),
-            "store.usage 60 days by key,model": (time.time() - 60 * 86400, None, ("key", "model")),
+            "usage month by key": (month[0], month[1], ("key",)),
+            "usage 60 days by day": (time.time() - 60 * 86400, None, ("day",)),
+            "usage 60 days by key,model": (time.time() - 60 * 86400, None, ("key", "model")),
         }.items():
             times = []
-            for _ in range(args.rounds):
+            for _ in range(args.rounds * args.runs):
                 t0 = time.perf_counter()
                 await store.usage(*query)
                 times.append((time.perf_counter() - t0) * 1000)
             median, p95, most = _stats(times)
-            print(f"{label:34} {median:10.1f} {p95:8.1f} {most:8.1f}")
+            print(f"{label:30} {median:17.1f} {p95:7.1f} {most:8.1f}")
     load = os.getloadavg()[0]
     verdict = "met" if worst < TARGET_MS else "missed"
-    print(f"target: every page's median server time under {TARGET_MS:.0f} ms: {verdict} (worst {worst:.1f} ms)")
+    print(f"target: every page's median of medians under {TARGET_MS:.0f} ms: {verdict} (worst {worst:.1f} ms)")
     print(f"load average (1 min) at the end: {load:.2f} on {os.cpu_count()} cores")
     return 0 if worst < TARGET_MS else 1
 
@@ -172,7 +188,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--keys", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=20, help="requests per page in each run")
+    parser.add_argument("--runs", type=int, default=5, help="passes over every page")
+    parser.add_argument("--store-url", default="", help="an empty store to use instead of a fresh SQLite file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as data:
         return asyncio.run(run(args, Path(data)))

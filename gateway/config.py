@@ -336,6 +336,14 @@ class WebhooksSettings:
 
 
 @dataclass(frozen=True)
+class UiSettings:
+    """The admin web UI under ``/gateway/ui`` (on while the admin token is set)."""
+
+    #: How long a sign-in lasts; signing out ends it at once, in every process.
+    session_ttl_s: int = field(default=30 * 60, metadata=bounds(at_least=60, at_most=86400))
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
@@ -351,6 +359,7 @@ class Settings:
     webhooks: WebhooksSettings = field(default_factory=WebhooksSettings)
     content: ContentSettings = field(default_factory=ContentSettings)
     archive: ArchiveSettings = field(default_factory=ArchiveSettings)
+    ui: UiSettings = field(default_factory=UiSettings)
     #: Secrets, from the environment only; excluded from repr so they never reach a log line.
     upstream_api_key: str = field(default="", repr=False)
     admin_token: str = field(default="", repr=False)

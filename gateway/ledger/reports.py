@@ -228,22 +228,21 @@ class _Cells:
 
 
 def _cells(rows: Sequence[UsageRow], money: Callable[[Decimal], str], money_quantum: Decimal) -> _Cells:
-    out_rows: list[dict[str, Any]] = [{} for _ in rows]
+    # Column by column (one list per measure), then one dict per row: a report can have thousands of rows.
+    columns: list[list[Any]] = []
     out_totals: dict[str, Any] = {}
     for name in MEASURES:
+        values = [getattr(row, name) for row in rows]
         if name in COUNT_COLUMNS:
-            for cell, row in zip(out_rows, rows, strict=True):
-                cell[name] = getattr(row, name)
-            out_totals[name] = sum(getattr(row, name) for row in rows)
+            columns.append(values)
+            out_totals[name] = sum(values)
             continue
         is_money = name in MONEY_COLUMNS
-        quantum = money_quantum if is_money else MILLIS
-        shown, total = apportion([getattr(row, name) for row in rows], quantum)
+        shown, total = apportion(values, money_quantum if is_money else MILLIS)
         text: Callable[[Decimal], str] = money if is_money else _seconds
-        for cell, value in zip(out_rows, shown, strict=True):
-            cell[name] = text(value)
+        columns.append([text(value) for value in shown])
         out_totals[name] = text(total)
-    return _Cells(out_rows, out_totals)
+    return _Cells([dict(zip(MEASURES, cells, strict=True)) for cells in zip(*columns, strict=True)], out_totals)
 
 
 def table_cells(rows: Sequence[UsageRow]) -> tuple[list[dict[str, Any]], dict[str, Any]]:

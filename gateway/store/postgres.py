@@ -60,6 +60,7 @@ from gateway.store.rows import (
     key_row,
     outbox_record,
     outbox_row,
+    page_params,
     task_record,
     task_row,
     usage_queries,
@@ -237,6 +238,19 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
     (
         7,
         (
+            # Admin UI (issue 17). The tasks page's status filter: newest tasks of one status, an index range.
+            "CREATE INDEX tasks_status_time ON tasks (status, submitted_at, task_id)",
+            # Signed-out UI sessions, until their cookies would have expired anyway (Store.revoke_ui_session).
+            """CREATE TABLE ui_session_revocations (
+                session_id TEXT COLLATE "C" PRIMARY KEY,
+                expires_at DOUBLE PRECISION NOT NULL
+            )""",
+            "CREATE INDEX ui_session_revocations_expiry ON ui_session_revocations (expires_at)",
+        ),
+    ),
+    (
+        8,
+        (
             # Upstream accounts set aside, shared by every process when there is no Redis: gateway.accounts.board.
             """CREATE TABLE account_marks (
                 account TEXT COLLATE "C" PRIMARY KEY,
@@ -364,20 +378,22 @@ _SQL_NEEDING_SETTLEMENT = (
     "AND COALESCE(t.last_polled_at, t.submitted_at) < $1 AND COALESCE(t.last_checked_at, t.submitted_at) < $1 "
     "ORDER BY COALESCE(t.last_checked_at, t.submitted_at), t.task_id LIMIT $2"
 )
+# SUM of BIGINT is NUMERIC, which asyncpg hands over as one Decimal per cell (most of a big report's fetch time):
+# the totals come back as BIGINT instead, as SQLite's do; 9.2e18 nano-units is $9.2 billion, far past any ledger.
 _USAGE_AGGREGATES = (
     "COUNT(*), "
-    "COALESCE(SUM(estimate_seconds), 0), "
-    "COALESCE(SUM(settled_seconds_nano), 0), "
-    "COALESCE(SUM(estimate_nano), 0), "
-    "COALESCE(SUM(settled_nano), 0), "
-    "COALESCE(SUM(CASE WHEN settled_at IS NULL THEN estimate_nano ELSE settled_nano END), 0), "
+    "COALESCE(SUM(estimate_seconds), 0)::bigint, "
+    "COALESCE(SUM(settled_seconds_nano), 0)::bigint, "
+    "COALESCE(SUM(estimate_nano), 0)::bigint, "
+    "COALESCE(SUM(settled_nano), 0)::bigint, "
+    "COALESCE(SUM(CASE WHEN settled_at IS NULL THEN estimate_nano ELSE settled_nano END), 0)::bigint, "
     "COUNT(*) FILTER (WHERE outcome = 'completed'), "
     "COUNT(*) FILTER (WHERE outcome = 'failed'), "
     "COUNT(*) FILTER (WHERE outcome = 'unknown'), "
     "COUNT(*) FILTER (WHERE settled_at IS NULL), "
     "COUNT(*) FILTER (WHERE duration_defaulted)"
 )
-_ROLLUP_SUMS = ", ".join(f"COALESCE(SUM({m}), 0)" for m in _MEASURES)
+_ROLLUP_SUMS = ", ".join(f"COALESCE(SUM({m}), 0)::bigint" for m in _MEASURES)
 _SQL_REBUILD_ROLLUP = (  # the rollup recomputed from the ledger rows (repair, bulk loads)
     f"INSERT INTO usage_daily (day, key_name, model, mode, {', '.join(_MEASURES)}) "  # noqa: S608
     f"SELECT submitted_day, key_name, model, mode, {_USAGE_AGGREGATES} FROM tasks "
@@ -419,11 +435,14 @@ _SQL_IDEM_TAKE_OVER = (
 )
 
 
-def _page_sql(has_key: bool, has_cursor: bool) -> str:
-    """The page query: optional key filter, optional ``(submitted_at, task_id)`` cursor, then the row limit."""
+def _page_sql(has_key: bool, has_status: bool, has_cursor: bool) -> str:
+    """The page query: optional key and status filters, optional ``(submitted_at, task_id)`` cursor, the limit."""
     where, n = [], 1
     if has_key:
         where.append(f" AND t.key_name = ${n}")
+        n += 1
+    if has_status:
+        where.append(f" AND t.status = ${n}")
         n += 1
     if has_cursor:
         where.append(f" AND (t.submitted_at, t.task_id) < (${n}::double precision, ${n + 1}::text)")
@@ -431,7 +450,9 @@ def _page_sql(has_key: bool, has_cursor: bool) -> str:
     return f"{_SELECT_TASK} WHERE TRUE{''.join(where)} ORDER BY t.submitted_at DESC, t.task_id DESC LIMIT ${n}"
 
 
-_PAGE_SQL = MappingProxyType({(k, c): _page_sql(k, c) for k in (False, True) for c in (False, True)})
+_PAGE_SQL = MappingProxyType(
+    {(k, s, c): _page_sql(k, s, c) for k in (False, True) for s in (False, True) for c in (False, True)}
+)
 
 
 # -- URL handling ---------------------------------------------------------------------------------------------
@@ -948,18 +969,11 @@ class PostgresStore:
         return bool(await self._run(lambda conn: conn.fetchval(_SQL_MARK_UNKNOWN, at, task_id), tx=False))
 
     async def tasks_for_key(
-        self, key_name: str | None, limit: int = 50, before: str | None = None
+        self, key_name: str | None, limit: int = 50, before: str | None = None, *, status: str | None = None
     ) -> tuple[list[TaskRecord], str | None]:
         """A page of tasks, newest first, and the cursor for the next page (None on the last page)."""
-        if not 1 <= limit <= MAX_PAGE:
-            raise ValueError(f"limit must be between 1 and {MAX_PAGE}")
-        params: list[Any] = []
-        if key_name is not None:
-            params.append(key_name)
-        if before is not None:
-            params.extend(decode_cursor(before))
-        params.append(limit + 1)
-        sql = _PAGE_SQL[(key_name is not None, before is not None)]
+        params = page_params(key_name, status, limit, before)
+        sql = _PAGE_SQL[(key_name is not None, status is not None, before is not None)]
         rows = await self._run(lambda conn: conn.fetch(sql, *params), tx=False)
         tasks = [task_record(row) for row in rows[:limit]]
         cursor = None
@@ -1217,7 +1231,28 @@ class PostgresStore:
         cursor = encode_cursor(records[-1].at, records[-1].audit_id) if len(rows) > limit else None
         return records, cursor
 
+    # -- admin UI sessions --------------------------------------------------------------------------------------
 
+    async def revoke_ui_session(self, session_id: str, expires_at: float, now: float) -> None:
+        """Record that admin UI session ``session_id`` signed out; revocations that expired by ``now`` go."""
+
+        async def op(conn: asyncpg.Connection) -> None:
+            await conn.execute(_SQL_UI_SESSIONS_PURGE, now)
+            await conn.execute(_SQL_UI_SESSION_REVOKE, session_id, expires_at)
+
+        await self._run(op)
+
+    async def ui_session_revoked(self, session_id: str) -> bool:
+        """True when admin UI session ``session_id`` has signed out (its cookie no longer opens a page)."""
+        found = await self._run(lambda conn: conn.fetchval(_SQL_UI_SESSION_REVOKED, session_id), tx=False)
+        return found is not None
+
+
+_SQL_UI_SESSIONS_PURGE = "DELETE FROM ui_session_revocations WHERE expires_at <= $1"
+_SQL_UI_SESSION_REVOKE = (
+    "INSERT INTO ui_session_revocations (session_id, expires_at) VALUES ($1, $2) ON CONFLICT (session_id) DO NOTHING"
+)
+_SQL_UI_SESSION_REVOKED = "SELECT 1 FROM ui_session_revocations WHERE session_id = $1"
 _SQL_MARK_ASIDE = (
     "INSERT INTO account_marks (account, set_aside_until, unauthorized_key, updated_at) VALUES ($1, $2, NULL, $3) "
     "ON CONFLICT (account) DO UPDATE SET set_aside_until = excluded.set_aside_until, updated_at = excluded.updated_at"

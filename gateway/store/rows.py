@@ -203,6 +203,26 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         raise ValueError("invalid page cursor") from exc
 
 
+def page_params(key_name: str | None, status: str | None, limit: int, before: str | None) -> list[Any]:
+    """The bound parameters of a task page query, in order: key?, status?, cursor?, then ``limit + 1``.
+
+    ValueError for a limit outside ``1..MAX_PAGE``, an unknown status or a cursor this module did not make.
+    """
+    if not 1 <= limit <= MAX_PAGE:
+        raise ValueError(f"limit must be between 1 and {MAX_PAGE}")
+    if status is not None and status not in TASK_STATUSES:
+        raise ValueError(f"unknown task status {status!r}")
+    params: list[Any] = []
+    if key_name is not None:
+        params.append(key_name)
+    if status is not None:
+        params.append(status)
+    if before is not None:
+        params.extend(decode_cursor(before))
+    params.append(limit + 1)
+    return params
+
+
 def day_iso(day: int) -> str:
     return (_EPOCH + timedelta(days=day)).isoformat()
 
@@ -285,30 +305,34 @@ def usage_queries(
 
 
 def add_usage(totals: dict[tuple[Any, ...], list[int]], row: Sequence[Any], width: int) -> None:
-    """Add one aggregate row (``width`` group columns, then the measures) to ``totals``; skip groups of no task."""
-    measures = [int(value) for value in row[width:]]
-    if measures[0] == 0:
+    """Add one aggregate row (``width`` group columns, then the measures) to ``totals``; skip groups of no task.
+
+    The measures are integers as both backends return them (PostgreSQL's sums are cast to BIGINT).
+    """
+    if row[width] == 0:
         return
     key = tuple(row[:width])
-    if key in totals:
-        totals[key] = [a + b for a, b in zip(totals[key], measures, strict=True)]
+    known = totals.get(key)
+    if known is None:
+        totals[key] = list(row[width:])
     else:
-        totals[key] = measures
+        totals[key] = [a + b for a, b in zip(known, row[width:], strict=True)]
 
 
 def usage_rows(group_by: tuple[str, ...], totals: Mapping[tuple[Any, ...], list[int]]) -> list[UsageRow]:
     """One ``UsageRow`` per group that has tasks, in group order."""
     rows = []
+    # Where each dimension sits in a group's values (-1: not grouped by), found once rather than per row.
+    at = {name: group_by.index(name) if name in group_by else -1 for name in USAGE_GROUPS}
+    k, m, o, d, a = at["key"], at["model"], at["mode"], at["day"], at["account"]
     for values in sorted(totals):
-        groups = dict(zip(group_by, values, strict=True))
         tasks, req_s, settled_s, est, settled, cost, completed, failed, unknown, pending, defaulted = totals[values]
-        day = groups.get("day")
         rows.append(
             UsageRow(
-                key=groups.get("key"),
-                model=groups.get("model"),
-                mode=groups.get("mode"),
-                day=None if day is None else day_iso(int(day)),
+                key=None if k < 0 else values[k],
+                model=None if m < 0 else values[m],
+                mode=None if o < 0 else values[o],
+                day=None if d < 0 else day_iso(int(values[d])),
                 tasks=tasks,
                 requested_seconds=req_s,
                 settled_seconds=from_fixed(settled_s),
@@ -320,7 +344,7 @@ def usage_rows(group_by: tuple[str, ...], totals: Mapping[tuple[Any, ...], list[
                 unknown=unknown,
                 pending=pending,
                 defaulted=defaulted,
-                account=groups.get("account"),
+                account=None if a < 0 else values[a],
             )
         )
     return rows

@@ -60,6 +60,7 @@ from gateway.store.rows import (
     key_row,
     outbox_record,
     outbox_row,
+    page_params,
     settle_delta,
     task_record,
     task_row,
@@ -236,6 +237,24 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
     (
         7,
         (
+            # Admin UI (issue 17). The tasks page's status filter: newest tasks of one status, an index range.
+            "CREATE INDEX tasks_status_time ON tasks (status, submitted_at, task_id)",
+            # Reports grouped by key (and model) read the rollup in group order from the index alone, with no
+            # sort of its rows: the 60-day by key and model report halves.
+            "CREATE INDEX usage_daily_key_model ON usage_daily (key_name, model, day, tasks, requested_seconds, "
+            "settled_seconds_nano, estimate_nano, settled_nano, cost_nano, completed, failed, unknown, pending, "
+            "defaulted)",
+            # Signed-out UI sessions, until their cookies would have expired anyway (Store.revoke_ui_session).
+            """CREATE TABLE ui_session_revocations (
+                session_id TEXT PRIMARY KEY,
+                expires_at REAL NOT NULL
+            )""",
+            "CREATE INDEX ui_session_revocations_expiry ON ui_session_revocations (expires_at)",
+        ),
+    ),
+    (
+        8,
+        (
             # Upstream accounts set aside, shared by every process when there is no Redis: gateway.accounts.board.
             """CREATE TABLE account_marks (
                 account TEXT PRIMARY KEY,
@@ -306,14 +325,16 @@ _SQL_UNSETTLED = (
 )
 _PAGE_SQL = MappingProxyType(
     {
-        (has_key, has_cursor): (
+        (has_key, has_status, has_cursor): (
             _SELECT_TASK
             + " WHERE 1 = 1"
             + (" AND t.key_name = ?" if has_key else "")
+            + (" AND t.status = ?" if has_status else "")
             + (" AND (t.submitted_at, t.task_id) < (?, ?)" if has_cursor else "")
             + " ORDER BY t.submitted_at DESC, t.task_id DESC LIMIT ?"
         )
         for has_key in (False, True)
+        for has_status in (False, True)
         for has_cursor in (False, True)
     }
 )
@@ -837,18 +858,11 @@ class SQLiteStore:
         return await self._tx(op)
 
     async def tasks_for_key(
-        self, key_name: str | None, limit: int = 50, before: str | None = None
+        self, key_name: str | None, limit: int = 50, before: str | None = None, *, status: str | None = None
     ) -> tuple[list[TaskRecord], str | None]:
         """A page of tasks, newest first, and the cursor for the next page (None on the last page)."""
-        if not 1 <= limit <= MAX_PAGE:
-            raise ValueError(f"limit must be between 1 and {MAX_PAGE}")
-        params: list[Any] = []
-        if key_name is not None:
-            params.append(key_name)
-        if before is not None:
-            params.extend(decode_cursor(before))
-        params.append(limit + 1)
-        sql = _PAGE_SQL[(key_name is not None, before is not None)]
+        params = page_params(key_name, status, limit, before)
+        sql = _PAGE_SQL[(key_name is not None, status is not None, before is not None)]
         rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
         tasks = [task_record(row) for row in rows[:limit]]
         cursor = None
@@ -1132,7 +1146,28 @@ class SQLiteStore:
         cursor = encode_cursor(records[-1].at, records[-1].audit_id) if len(rows) > limit else None
         return records, cursor
 
+    # -- admin UI sessions --------------------------------------------------------------------------------------
 
+    async def revoke_ui_session(self, session_id: str, expires_at: float, now: float) -> None:
+        """Record that admin UI session ``session_id`` signed out; revocations that expired by ``now`` go."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(_SQL_UI_SESSIONS_PURGE, (now,))
+            conn.execute(_SQL_UI_SESSION_REVOKE, (session_id, expires_at))
+
+        await self._tx(op)
+
+    async def ui_session_revoked(self, session_id: str) -> bool:
+        """True when admin UI session ``session_id`` has signed out (its cookie no longer opens a page)."""
+        row = await self._read(lambda conn: conn.execute(_SQL_UI_SESSION_REVOKED, (session_id,)).fetchone())
+        return row is not None
+
+
+_SQL_UI_SESSIONS_PURGE = "DELETE FROM ui_session_revocations WHERE expires_at <= ?"
+_SQL_UI_SESSION_REVOKE = (
+    "INSERT INTO ui_session_revocations (session_id, expires_at) VALUES (?, ?) ON CONFLICT (session_id) DO NOTHING"
+)
+_SQL_UI_SESSION_REVOKED = "SELECT 1 FROM ui_session_revocations WHERE session_id = ?"
 _SQL_MARK_ASIDE = (
     "INSERT INTO account_marks (account, set_aside_until, unauthorized_key, updated_at) VALUES (?, ?, NULL, ?) "
     "ON CONFLICT (account) DO UPDATE SET set_aside_until = excluded.set_aside_until, updated_at = excluded.updated_at"

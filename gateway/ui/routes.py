@@ -32,6 +32,7 @@ from gateway.auth import key_admin
 from gateway.auth.authenticate import AdminToken
 from gateway.auth.key_admin import IssuedKey
 from gateway.catalog import MODELS, TASK_STATUSES
+from gateway.config import UiSettings
 from gateway.content.service import ContentService
 from gateway.errors import AuthenticationFailed, NotFound, PermissionDenied
 from gateway.keys import parse_model_globs
@@ -40,17 +41,14 @@ from gateway.ledger.reports import parse_group_by, parse_period, table_cells
 from gateway.ledger.service import month_bounds
 from gateway.services import Services
 from gateway.store.base import USAGE_GROUPS, KeyExists, KeyNotFound, KeyRevoked, Store, TaskRecord
-from gateway.store.rows import encode_cursor
 from gateway.ui import chart
 from gateway.ui.session import COOKIE, Session, SessionSigner
 from gateway.web.bodies import read_body
 
 PREFIX: Final = "/gateway/ui"
-SESSION_TTL_S: Final = 30 * 60
 _HERE = Path(__file__).parent
 _MAX_FORM_BYTES = 16 * 1024
 _TASK_PAGE = 50
-_TASK_SCAN = 2000  # a status filter reads at most this many recent tasks to fill a page
 SECURITY_HEADERS: Final = {
     "content-security-policy": (
         "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
@@ -152,7 +150,7 @@ def _money(amount: Decimal | None) -> str:
 class UiRoutes:
     """The UI's routes, given the admin API's collaborators when built."""
 
-    def __init__(self, deps: UiDeps, admin: AdminToken, *, session_ttl_s: int = SESSION_TTL_S) -> None:
+    def __init__(self, deps: UiDeps, admin: AdminToken, *, session_ttl_s: int = UiSettings.session_ttl_s) -> None:
         self._deps = deps
         self._admin = admin
         self._signer = SessionSigner(deps.admin_token, ttl_s=session_ttl_s)
@@ -180,6 +178,7 @@ class UiRoutes:
                 known_models=frozenset(MODELS) | frozenset(settings.validation.passthrough_models),
             ),
             admin,
+            session_ttl_s=settings.ui.session_ttl_s,
         )
 
     # -- plumbing ---------------------------------------------------------------------------------------------
@@ -192,7 +191,9 @@ class UiRoutes:
                 raise NotFound(f"No route {request.url.path}.", code="not_found")
             if signed_in:
                 session = self._signer.verify(request.cookies.get(COOKIE), self._deps.clock())
-                if session is None:
+                # A signed-out session's cookie still verifies until it expires: the store says it is revoked
+                # (one indexed read per page; every process and replica shares the store).
+                if session is None or await self._deps.store.ui_session_revoked(session.session_id):
                     return _secured(RedirectResponse(f"{PREFIX}/signin", status_code=303))
                 request.state.ui_session = session
             return _secured(await handler(request))
@@ -247,7 +248,10 @@ class UiRoutes:
         return response
 
     async def signout(self, request: Request) -> Response:
+        """End the session everywhere: its id is recorded as revoked until the cookie would have expired."""
         await self._form(request)
+        session: Session = request.state.ui_session
+        await self._deps.store.revoke_ui_session(session.session_id, session.expires_at, self._deps.clock())
         response = RedirectResponse(f"{PREFIX}/signin", status_code=303)
         response.delete_cookie(COOKIE, path=PREFIX, httponly=True, samesite="strict")
         return response
@@ -406,17 +410,19 @@ class UiRoutes:
         rows = await self._deps.store.usage(since, until, group_by)
         cells, totals = table_cells(rows)
         labels = [[getattr(row, dim) or "-" for dim in group_by] for row in rows]
-        # Built here rather than in the template: a report can have thousands of cells, and one join per row is
-        # several times faster than the template's per-cell output. Every value is escaped.
-        table = [
-            Markup(  # noqa: S704 - every value is escaped below
-                "".join(
-                    [*(f"<td>{escape(t)}</td>" for t in label)]
-                    + [f'<td class="num">{escape(cell[n])}</td>' for n in _USAGE_COLUMNS]
-                )
+        # Built here rather than in the template: a report can have thousands of cells, and one string for the
+        # whole body is several times faster than the template's per-cell output. The labels (key, model, ...
+        # names) are escaped; the measures are numbers this module formatted, digits and a point only.
+        shown = {text: escape(text) for text in {text for label in labels for text in label}}  # once per name
+        table = Markup(  # noqa: S704 - labels escaped, measures are formatted numbers
+            "".join(
+                "<tr>"
+                + "".join([f"<td>{shown[t]}</td>" for t in label])
+                + "".join([f'<td class="num">{cell[n]}</td>' for n in _USAGE_COLUMNS])
+                + "</tr>\n"
+                for label, cell in zip(labels, cells, strict=True)
             )
-            for label, cell in zip(labels, cells, strict=True)
-        ]
+        )
         bars = chart.bars(
             [
                 (" / ".join(label) or "all", row.cost_usd, cell["cost_usd"])
@@ -441,6 +447,7 @@ class UiRoutes:
     # -- tasks ------------------------------------------------------------------------------------------------
 
     async def tasks(self, request: Request) -> Response:
+        """The newest tasks, a page at a time, of one key and/or one status (filtered by the store's query)."""
         params = request.query_params
         key = params.get("key") or None
         status = params.get("status") or None
@@ -449,21 +456,11 @@ class UiRoutes:
         cursor = params.get("cursor") or None
         store = self._deps.store
         found: list[TaskRecord] = []
-        scanned = 0
         error = ""
-        while True:
-            try:
-                page, cursor = await store.tasks_for_key(key, 200 if status else _TASK_PAGE, cursor)
-            except ValueError:
-                error, cursor = "That page link is not one this gateway made.", None
-                break
-            scanned += len(page)
-            found.extend(t for t in page if status is None or t.status == status)
-            if len(found) >= _TASK_PAGE or cursor is None or scanned >= _TASK_SCAN:
-                break
-        if len(found) > _TASK_PAGE:
-            found = found[:_TASK_PAGE]
-            cursor = _cursor_after(found[-1])
+        try:
+            found, cursor = await store.tasks_for_key(key, _TASK_PAGE, cursor, status=status)
+        except ValueError:
+            error, cursor = "That page link is not one this gateway made.", None
         keys = sorted(r.name for r in await store.list_keys())
         older = None
         if cursor is not None:
@@ -479,7 +476,6 @@ class UiRoutes:
             status=status or "",
             older=older,
             error=error,
-            scanned_limit=_TASK_SCAN if status and scanned >= _TASK_SCAN else None,
         )
 
     async def video(self, request: Request) -> Response:
@@ -561,10 +557,6 @@ class UiRoutes:
 def _secured(response: Response) -> Response:
     response.headers.update(SECURITY_HEADERS)
     return response
-
-
-def _cursor_after(task: TaskRecord) -> str:
-    return encode_cursor(task.submitted_at, task.task_id)
 
 
 def _optional_int(text: str | None, name: str) -> int | None:

@@ -2,8 +2,9 @@
 
 A session cookie is ``<expiry>.<id>.<mac>``: the HMAC-SHA256 of expiry and a random id under a key derived from the
 admin token, so every worker and replica that shares the token accepts the others' sessions, and changing the token
-ends every session. Nothing is stored server-side. The CSRF token of a session is another HMAC of its id, so a form
-post carries a value only a signed-in page could have shown.
+ends every session. Signing out records the id as revoked in the store (the UI checks it; this module does no I/O).
+The CSRF token of a session is another HMAC of its id, so a form post carries a value only a signed-in page could
+have shown.
 """
 
 from __future__ import annotations

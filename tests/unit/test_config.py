@@ -226,6 +226,7 @@ class TestErrors:
 
 #: One row per declared rule: a bad value and the message it gets (the setting's name is prepended).
 RULE_CASES: list[tuple[str, str, str]] = [
+    ("ui.session_ttl_s", "59", "must be between 60 and 86400"),
     ("server.port", "65536", "must be between 1 and 65535"),
     ("server.max_body_bytes", "1023", "must be at least 1024"),
     ("server.workers", "0", "must be at least 1"),

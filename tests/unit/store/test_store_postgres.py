@@ -202,6 +202,7 @@ class TestMigrations:
                 "archives",
                 "budget_holds",
                 "audit_log",
+                "ui_session_revocations",
                 "account_marks",
             }
         finally:

@@ -12,12 +12,13 @@ from support.harness import ADMIN, ADMIN_TOKEN, GatewayHarness
 from support.upstream_fake import FakeUpstream
 
 from gateway.cli.main import main as cli_main
+from gateway.config import UiSettings
 from gateway.ledger.pricing import to_cents
 from gateway.store.base import TaskRecord
-from gateway.ui.routes import SESSION_TTL_S
 from gateway.ui.session import COOKIE
 
 UI = "/gateway/ui"
+SESSION_TTL_S = UiSettings.session_ttl_s
 NOW = 1_798_000_000.0  # 2026-12-23, so the month's first day is 2026-12-01
 
 
@@ -174,6 +175,53 @@ def test_sign_out_clears_the_cookie(ui: GatewayHarness) -> None:
     response = ui.client.post(f"{UI}/signout", data={"csrf": csrf}, follow_redirects=False)
     assert response.status_code == 303
     assert f'{COOKIE}=""' in response.headers["set-cookie"] or "max-age=0" in response.headers["set-cookie"].lower()
+    assert ui.client.get(f"{UI}/keys", follow_redirects=False).status_code == 303
+
+
+def test_sign_out_ends_the_session_for_a_copied_cookie_too(ui: GatewayHarness) -> None:
+    """The cookie is revoked in the store: a copy kept elsewhere opens no page and changes nothing."""
+    ui.create_key("team-a")
+    csrf = sign_in(ui)
+    copied = ui.client.cookies[COOKIE]
+    assert ui.client.post(f"{UI}/signout", data={"csrf": csrf}, follow_redirects=False).status_code == 303
+    ui.client.cookies.clear()
+    ui.client.cookies.set(COOKIE, copied, path=UI)
+    for path in ("/keys", "/usage", "/tasks", "/accounts", "/audit"):
+        response = ui.client.get(UI + path, follow_redirects=False)
+        assert response.status_code == 303, path
+        assert response.headers["location"] == f"{UI}/signin"
+    revoke = ui.client.post(f"{UI}/keys/team-a/revoke", data={"csrf": csrf}, follow_redirects=False)
+    assert revoke.status_code == 303 and revoke.headers["location"] == f"{UI}/signin"
+    keys = {k["name"]: k for k in ui.client.get("/gateway/keys", headers=ADMIN).json()["data"]}
+    assert keys["team-a"]["revoked_at"] is None
+    # Signing in again starts a new session, which works.
+    sign_in(ui)
+    assert ui.client.get(f"{UI}/keys", follow_redirects=False).status_code == 200
+
+
+def test_sign_out_in_one_gateway_ends_the_session_in_another_on_the_same_store(
+    make_gateway: Callable[..., GatewayHarness], fake_upstream: FakeUpstream
+) -> None:
+    """Two processes (replicas) sharing the store: a sign-out through one is refused by the other at once."""
+    env = {"KLING_GATEWAY_AUTH_MODE": "keys"}
+    first, second = make_gateway(fake_upstream.url, env=env), make_gateway(fake_upstream.url, env=env)
+    csrf = sign_in(first)
+    second.client.cookies.set(COOKIE, first.client.cookies[COOKIE], path=UI)
+    assert second.client.get(f"{UI}/keys", follow_redirects=False).status_code == 200
+    first.client.post(f"{UI}/signout", data={"csrf": csrf}, follow_redirects=False)
+    assert second.client.get(f"{UI}/keys", follow_redirects=False).status_code == 303
+
+
+def test_the_session_lifetime_is_a_setting(
+    make_gateway: Callable[..., GatewayHarness], fake_upstream: FakeUpstream, clock: Clock
+) -> None:
+    env = {"KLING_GATEWAY_AUTH_MODE": "keys", "KLING_GATEWAY_UI_SESSION_TTL_S": "120"}
+    ui = make_gateway(fake_upstream.url, env=env, clock=clock)
+    response = ui.client.post(f"{UI}/signin", data={"token": ADMIN_TOKEN}, follow_redirects=False)
+    assert "max-age=120" in response.headers["set-cookie"].lower()
+    clock.now += 119
+    assert ui.client.get(f"{UI}/keys", follow_redirects=False).status_code == 200
+    clock.now += 1
     assert ui.client.get(f"{UI}/keys", follow_redirects=False).status_code == 303
 
 
@@ -377,6 +425,23 @@ def test_the_video_of_an_unknown_task_is_404(ui: GatewayHarness) -> None:
     assert response.json()["error"]["code"] == "task_not_found"
     ui.client.cookies.clear()
     assert ui.client.get(f"{UI}/tasks/task_nope/video", follow_redirects=False).status_code == 303
+
+
+def test_the_status_filter_finds_old_tasks_behind_many_newer_ones(ui: GatewayHarness) -> None:
+    """The store filters by status: a failed task behind 2,100 newer queued ones is on the first page."""
+    seed(
+        ui,
+        [task("failed-old", "team-a", NOW - 100_000, "1", "failed", settled="0")]
+        + [task(f"q{i:04}", "team-a" if i % 2 else "team-b", NOW - i, "1") for i in range(2100)],
+    )
+    sign_in(ui)
+    page = ui.client.get(f"{UI}/tasks", params={"status": "failed"})
+    assert page.status_code == 200
+    assert "failed-old" in page.text and "q0000" not in page.text and "Older tasks" not in page.text
+    keyed = ui.client.get(f"{UI}/tasks", params={"status": "failed", "key": "team-b"}).text
+    assert "failed-old" not in keyed and "No tasks match" in keyed
+    queued_b = ui.client.get(f"{UI}/tasks", params={"status": "queued", "key": "team-b"}).text
+    assert "q0000" in queued_b and "q0001" not in queued_b and "Older tasks" in queued_b
 
 
 def test_tasks_page_through_older_tasks(ui: GatewayHarness) -> None:
