@@ -17,7 +17,8 @@ MIN_SECRET_LEN: Final = 4
 
 class KnownSecrets:
     """A set of secrets that grows when upstream keys change; readers compare ``version`` to rebuild what they
-    derive from ``values`` (longest first, so a secret containing another is masked whole)."""
+    derive from ``values`` (every secret) or ``upstream`` (the upstream keys, current and rotated-out: all an
+    upstream answer can echo), each longest first, so a secret containing another is masked whole."""
 
     def __init__(self, secrets: Iterable[str] = (), *, clock: Callable[[], float] = time.monotonic) -> None:
         self._fixed = frozenset(s for s in secrets if len(s) >= MIN_SECRET_LEN)
@@ -26,6 +27,7 @@ class KnownSecrets:
         self._clock = clock
         self.version = 0
         self.values: tuple[str, ...] = ()
+        self.upstream: tuple[str, ...] = ()
         self._rebuild()
 
     def upstream_keys(self, keys: Iterable[str]) -> None:
@@ -48,6 +50,11 @@ class KnownSecrets:
             del self._retired[key]
         while len(self._retired) > MAX_RETIRED:
             del self._retired[next(iter(self._retired))]
-        every = self._fixed | self._upstream | set(self._retired)
-        self.values = tuple(sorted(every, key=lambda s: (-len(s), s)))
+        upstream = self._upstream | set(self._retired)
+        self.upstream = _longest_first(upstream)
+        self.values = _longest_first(self._fixed | upstream)
         self.version += 1
+
+
+def _longest_first(secrets: set[str] | frozenset[str]) -> tuple[str, ...]:
+    return tuple(sorted(secrets, key=lambda s: (-len(s), s)))

@@ -227,7 +227,9 @@ class UpstreamClient:
         #: Upstream keys to mask wherever the upstream echoes one: every key loaded so far, rotated-in ones too
         #: (``KnownSecrets`` grows on a key-file reload); each request also masks the key it was sent with.
         if not isinstance(secrets, KnownSecrets):
-            secrets = KnownSecrets([*secrets, *([api_key] if isinstance(api_key, str) else [])])
+            given = secrets
+            secrets = KnownSecrets()
+            secrets.upstream_keys([*given, *([api_key] if isinstance(api_key, str) else [])])
         self._known = secrets
         self._transport = transport
         self._metrics = metrics
@@ -369,7 +371,7 @@ class UpstreamClient:
 
     def _masked(self, response: UpstreamResponse, api_key: str) -> UpstreamResponse:
         """The answer with every upstream key (the one sent, and every one known) masked in body and headers."""
-        known = self._known.values
+        known = self._known.upstream
         secrets = known if api_key in known else (api_key, *known)
         body = mask_secrets(response.body, secrets)
         headers = response.headers

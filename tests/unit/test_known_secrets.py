@@ -26,6 +26,7 @@ def test_new_keys_join_and_rotated_out_ones_stay_for_a_while() -> None:
     known.upstream_keys(["sk-new-22"])
     assert known.version > version
     assert known.values == ("adm-token-1234", "sk-new-22", "sk-old-1")  # longest first
+    assert known.upstream == ("sk-new-22", "sk-old-1")  # what an upstream answer can echo
     clock.now += RETIRED_KEEP_S + 1
     known.upstream_keys(["sk-new-22", "sk-third-3"])
     assert "sk-old-1" not in known.values
