@@ -460,6 +460,23 @@ class TestSharedSetAside:
         assert states == {"a": "full", "b": "unauthorized", "c": "ok"}
         assert two.metric("kling_gateway_upstream_account_unauthorized", {"account": "b"}) == 1
 
+    def test_one_account_rejected_on_one_replica_is_refused_on_the_other(
+        self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory
+    ) -> None:
+        """A single account without a limit, two gateways on one store: after one sees a 401, the other answers
+        502 upstream_auth_failed without an upstream call within about a second."""
+        KlingAccounts({"sk-good": 0}).install(fake_upstream)
+        one, two = (make_gateway(fake_upstream.url, upstream_key="sk-revoked") for _ in range(2))
+        assert submit(one).json()["error"]["code"] == "upstream_auth_failed"
+        pool = two.client.app.state.services.accounts  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 2.5
+        while not pool.unauthorized("default"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        response = submit(two)
+        assert (response.status_code, response.json()["error"]["code"]) == (502, "upstream_auth_failed")
+        assert fake_upstream.calls("POST", SUBMIT) == 1
+
 
 class TestUsageByAccount:
     def test_admin_usage_by_account(self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory) -> None:
