@@ -31,6 +31,7 @@ from gateway.catalog import MODELS
 from gateway.config import Settings
 from gateway.content.metrics import create_content_metrics
 from gateway.errors import GatewayError
+from gateway.known_secrets import KnownSecrets
 from gateway.ledger.pricing import PriceTable
 from gateway.ledger.settler import Settler
 from gateway.logs import Logger, make_logs
@@ -78,17 +79,16 @@ def create_app(
     tracing = tracing_from_env(os.environ)
     metrics = create_metrics(registry)
     content_metrics = create_content_metrics(metrics.registry)
-    logs = make_logs(
-        level=settings.logging.level,
-        secrets=(
+    secrets = KnownSecrets(
+        (
             settings.upstream_api_key,
             *settings.upstream_keys.values(),
             settings.admin_token,
             settings.metrics.token,
             settings.webhook_secret,
-        ),
-        stream=log_stream,
+        )
     )
+    logs = make_logs(level=settings.logging.level, secrets=secrets, stream=log_stream)
     log = logs.log
     errors = ErrorResponder(metrics, log)
     book = RequestBook(
@@ -110,7 +110,14 @@ def create_app(
             if tracing is not None:
                 stack.push_async_callback(tracing.shutdown)  # last out: exports the spans of the shutdown too
             services = await build_services(
-                settings, metrics, log, stack, injected, content_metrics=content_metrics, tracing=tracing
+                settings,
+                metrics,
+                log,
+                stack,
+                injected,
+                content_metrics=content_metrics,
+                tracing=tracing,
+                secrets=secrets,
             )
             app.state.services = services
             book.rate_headers = RateLimitHeaders(services.rate_limits).for_key
@@ -163,6 +170,7 @@ def _loops(services: Services) -> dict[str, Callable[[], Coroutine[None, None, N
         "in-flight-gauge": services.ledger.follow_in_flight,
         "budget-gauges": services.ledger.follow_budgets,
         "accounts": lambda: services.accounts.follow(services.store),
+        "account-marks": services.accounts.follow_marks,
     }
     if isinstance(services.auth, KeyAuthenticator):
         loops["key-refresh"] = services.auth.run

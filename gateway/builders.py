@@ -10,6 +10,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from gateway.accounts.board import AccountBoard, StoreBoard
 from gateway.accounts.pool import AccountPool
 from gateway.auth.keyring import KeyAuthenticator
 from gateway.auth.principal import Authenticator, OpenAuthenticator
@@ -21,6 +22,7 @@ from gateway.content.metrics import ContentMetrics
 from gateway.content.origin import account_keys
 from gateway.content.service import ContentService
 from gateway.content.wiring import build_content
+from gateway.known_secrets import KnownSecrets
 from gateway.ledger.pricing import PriceTable
 from gateway.ledger.service import Ledger
 from gateway.logs import Logger
@@ -65,17 +67,22 @@ async def build_services(
     *,
     content_metrics: ContentMetrics,
     tracing: Tracing | None = None,
+    secrets: KnownSecrets | None = None,
 ) -> Services:
     """Every service the app runs on, each built by its family's builder in dependency order (traced variants of the
-    upstream transport and the ledger when ``tracing`` is on)."""
-    accounts = account_pool(settings, metrics, log, injected.clock)
-    upstream = upstream_client(settings, metrics, log, stack, injected.transport, accounts, tracing)
+    upstream transport and the ledger when ``tracing`` is on). ``secrets``: what the app's logs mask; upstream keys
+    loaded later join it."""
+    secrets = secrets if secrets is not None else KnownSecrets()
     store = await open_or_injected_store(settings, stack, injected.store)
+    shared = await shared_state(settings, metrics, log, stack)
+    board = shared.accounts if shared is not None else StoreBoard(store, log, injected.clock)
+    accounts = account_pool(settings, metrics, log, injected.clock, secrets, board)
+    upstream = upstream_client(settings, metrics, log, stack, injected.transport, accounts, secrets, tracing)
     auth = await authenticator(settings, store, log, injected.clock)
     webhooks = webhook_outbox(settings, store, metrics, log, stack, injected)
     ledger = await build_ledger(settings, store, metrics, log, injected.clock, auth, webhooks, accounts, tracing)
     await accounts.check_removed(store)
-    shared = await shared_state(settings, metrics, log, stack)
+    await accounts.sync()
     status = status_poller(settings, upstream, ledger, metrics, log, shared)
     content, archiver = content_services(
         settings, content_metrics, store, status, accounts, upstream, log, stack, injected
@@ -98,8 +105,16 @@ async def build_services(
     )
 
 
-def account_pool(settings: Settings, metrics: Metrics, log: Logger, clock: Callable[[], float]) -> AccountPool:
-    """The upstream accounts (SPEC section 9): their keys from the environment, settings from ``[upstream]``."""
+def account_pool(
+    settings: Settings,
+    metrics: Metrics,
+    log: Logger,
+    clock: Callable[[], float],
+    secrets: KnownSecrets,
+    board: AccountBoard | None = None,
+) -> AccountPool:
+    """The upstream accounts (SPEC section 9): their keys from the environment, settings from ``[upstream]``, the
+    set-aside marks shared on ``board`` (Redis when configured, else the store)."""
     return AccountPool(
         settings.upstream_keys or {DEFAULT_ACCOUNT: settings.upstream_api_key},
         settings.accounts,
@@ -109,6 +124,8 @@ def account_pool(settings: Settings, metrics: Metrics, log: Logger, clock: Calla
         capacity_wait_s=settings.upstream.capacity_wait_s,
         capacity_retry_after_s=settings.upstream.capacity_retry_after_s,
         clock=clock,
+        secrets=secrets,
+        board=board,
     )
 
 
@@ -119,6 +136,7 @@ def upstream_client(
     stack: contextlib.AsyncExitStack,
     transport: Transport | None,
     accounts: AccountPool,
+    secrets: KnownSecrets,
     tracing: Tracing | None = None,
 ) -> UpstreamClient:
     """The client for UniAll with each account's key (the transport chosen by ``[upstream] transport`` unless one
@@ -134,7 +152,7 @@ def upstream_client(
         chosen,
         metrics,
         log=log,
-        secrets=[key for name in accounts.names if (key := accounts.key(name))],
+        secrets=secrets,
     )
     stack.push_async_callback(upstream.aclose)
     return upstream

@@ -199,7 +199,12 @@ _CODES: Final = (
     ),
     Code("overloaded", (503,), _E, "the gateway is saturated (with Retry-After)"),
     Code("store_unavailable", (503,), _E, "the ledger cannot be written, so nothing is forwarded"),
-    Code("upstream_auth_failed", (502,), _E, "the upstream rejected the team's upstream key (401/403 upstream)"),
+    Code(
+        "upstream_auth_failed",
+        (502,),
+        _E,
+        "the upstream rejected the team's upstream key (401/403), or every account's key for the model already",
+    ),
     Code("upstream_timeout", (504,), _E, "the upstream did not answer in time"),
     # validation problem codes (error.errors[].code); the three shared with error.code are the key admin's
     Code("missing_field", (400,), _EP, "a required field is absent"),

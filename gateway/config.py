@@ -200,7 +200,7 @@ class UpstreamSettings:
     #: How long a submission waits, first come first served, for an upstream account with room before
     #: 429 upstream_capacity (0: answer at once).
     capacity_wait_s: float = field(default=0.0, metadata=bounds(at_least=0, at_most=60))
-    #: Retry-After of a 429 upstream_capacity when no account's set-aside time says better.
+    #: Retry-After of a 429 upstream_capacity while an account may free a slot at any moment (a task ending).
     capacity_retry_after_s: int = field(default=5, metadata=bounds(at_least=1, at_most=3600))
 
 

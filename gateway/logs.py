@@ -20,6 +20,8 @@ import orjson
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
+from gateway.known_secrets import KnownSecrets
+
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 _KEY_PATTERN = re.compile(r"gk_[A-Za-z0-9_\-]{8,}|(?i:bearer)\s+[^\s\"',]+")
 REDACTED = "[redacted]"
@@ -34,15 +36,30 @@ Logger = FilteringBoundLogger
 
 
 class SecretScrubber:
-    """Replace known secrets and credential-shaped substrings in every string value of an event."""
+    """Replace known secrets and credential-shaped substrings in every string value of an event.
 
-    def __init__(self, secrets: Iterable[str]) -> None:
-        self._secrets = tuple(sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True))
+    ``secrets`` may grow while the app runs (upstream keys re-read from their file): the derived tuples are rebuilt
+    when its version moves, one integer comparison per line otherwise.
+    """
+
+    def __init__(self, secrets: Iterable[str] | KnownSecrets) -> None:
+        self._known = secrets if isinstance(secrets, KnownSecrets) else KnownSecrets(secrets)
+        self._version = -1
+        self._secrets: tuple[str, ...] = ()
+        self._json_secrets: tuple[bytes, ...] = ()
+        self._refresh()
+
+    def _refresh(self) -> None:
+        if self._version == self._known.version:
+            return
+        self._version = self._known.version
+        self._secrets = self._known.values
         # The same secrets as they appear inside a JSON string (escaped), for scrubbing a serialized line.
         self._json_secrets = tuple(orjson.dumps(s)[1:-1] for s in self._secrets)
 
     def scrub_json_line(self, line: bytes) -> bytes:
         """Scrub one serialized JSON line in a single pass (the access line: cheaper than field by field)."""
+        self._refresh()
         for secret in self._json_secrets:
             if secret in line:
                 line = line.replace(secret, _REDACTED_BYTES)
@@ -51,6 +68,7 @@ class SecretScrubber:
         return line
 
     def scrub(self, text: str) -> str:
+        self._refresh()
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, REDACTED)
@@ -177,8 +195,8 @@ class Logs:
     access: AccessLog
 
 
-def make_logs(*, level: str = "info", secrets: Iterable[str] = (), stream: TextIO | None = None) -> Logs:
-    """JSON-lines logging for one app; ``secrets`` are masked wherever they appear."""
+def make_logs(*, level: str = "info", secrets: Iterable[str] | KnownSecrets = (), stream: TextIO | None = None) -> Logs:
+    """JSON-lines logging for one app; ``secrets`` are masked wherever they appear (also ones added later)."""
     writer = _LineWriter(stream if stream is not None else sys.stdout)
     scrubber = SecretScrubber(secrets)
     processors: list[Processor] = [

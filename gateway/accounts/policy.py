@@ -122,14 +122,29 @@ def retry_after_s(value: str | None) -> float | None:
 
 
 def capacity_retry_after(views: Iterable[AccountView], model: str, now: float, default_s: int) -> int:
-    """Seconds a client should wait after 429 ``upstream_capacity``: the soonest an account set aside for ``model``
-    comes back, when that is sooner than ``default_s`` (the settler's and pollers' pace at which slots free up)."""
-    soonest = min(
-        (
-            v.set_aside_until - now
-            for v in views
-            if v.serves(model) and not v.removed and not v.unauthorized and v.set_aside_until > now
-        ),
-        default=float(default_s),
-    )
-    return max(1, min(default_s, math.ceil(soonest)))
+    """Seconds a client should wait after 429 ``upstream_capacity``: the soonest an account serving ``model`` could
+    take a task again. One full by its count, or set aside with tasks of its own in flight, may free a slot at any
+    moment (a task ending): ``default_s``, the pace of the pollers and the settler. One set aside with nothing in
+    flight here comes back only when its ``Retry-After`` passes, so waiting less would only be refused again.
+    Unauthorized and removed accounts never come back by waiting."""
+    soonest = float("inf")
+    for v in views:
+        if not v.serves(model) or v.removed or v.unauthorized:
+            continue
+        aside = v.set_aside_until - now
+        if aside <= 0:
+            soonest = min(soonest, float(default_s))  # full by its count (or free: raced with a release)
+        elif v.in_flight > 0:
+            soonest = min(soonest, float(default_s), aside)
+        else:
+            soonest = min(soonest, aside)
+    if soonest == float("inf"):
+        soonest = float(default_s)
+    return max(1, min(math.ceil(MAX_RETRY_AFTER_S), math.ceil(soonest)))
+
+
+def all_unauthorized(views: Iterable[AccountView], model: str) -> bool:
+    """True when there are accounts serving ``model`` and the upstream rejected every one's key: waiting helps no
+    client, only an operator replacing a key does (502 ``upstream_auth_failed`` rather than 429)."""
+    serving = [v for v in views if v.serves(model) and not v.removed]
+    return bool(serving) and all(v.unauthorized for v in serving)

@@ -5,11 +5,14 @@ across every process); this pool keeps what one process needs around it:
 
 * **keys** by account, re-read from ``UNIALL_API_KEYS_FILE`` when the file changes (``follow``), so a key is
   rotated without a restart; an account whose key changed is no longer ``unauthorized``. A file that turns
-  unreadable or malformed keeps the last good keys (an error line says why).
+  unreadable or malformed keeps the last good keys (an error line says why). Every key loaded joins the app's
+  ``KnownSecrets`` (masked in log lines and upstream answers; a rotated-out one for a while longer).
 * **in flight** per account: the store's count (re-read every few seconds), moved here on every admission and
   release in between, for the choice and the gauge ``kling_gateway_upstream_account_in_flight``.
 * **set aside**: after a capacity or rate refusal, until its ``Retry-After`` passes or one of its tasks ends;
   after a 401/403, ``unauthorized`` until its key changes (an error log line, the refusal counter, a gauge).
+  Written on the deployment's ``AccountBoard`` at each refusal and read from it about once a second
+  (``follow_marks``), so every worker and replica sets the account aside; a submission never waits for the board.
 * **removed** accounts: ones the ledger still has unfinished tasks on but no key for. They are reported (a
   warning at start-up, ``removed`` in ``GET /gateway/accounts``); the settler gives their tasks up at max age.
 * **the waiting line** (``[upstream] capacity_wait_s``): submissions finding no room wait first come, first
@@ -30,12 +33,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from gateway.accounts.board import AccountBoard
 from gateway.accounts.parse import AccountsError, AccountSettings, fingerprint, parse_keys_file
-from gateway.accounts.policy import AccountView, candidates, capacity_retry_after, refusal, retry_after_s
+from gateway.accounts.policy import (
+    AccountView,
+    all_unauthorized,
+    candidates,
+    capacity_retry_after,
+    refusal,
+    retry_after_s,
+)
 from gateway.catalog import RefusalReason
-from gateway.errors import TooManyRequests
+from gateway.errors import GatewayError, TooManyRequests, UpstreamUnavailable
+from gateway.known_secrets import KnownSecrets
 from gateway.metrics import Metrics
-from gateway.store.base import Store, StoreError
+from gateway.store.base import AccountMark, Store, StoreError
 
 T = TypeVar("T")
 
@@ -43,6 +55,8 @@ INTENT_HOLD_S: Final = 600.0
 """An intent (a submission on its way, or one whose answer never came) holds its account's slot this long."""
 _WAIT_POLL_S: Final = 0.25
 _REFRESH_S: Final = 5.0
+MARKS_EVERY_S: Final = 1.0
+"""How often each process reads the shared set-aside marks (``gateway.accounts.board``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +82,13 @@ class AccountPool:
         capacity_retry_after_s: int = 5,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        secrets: KnownSecrets | None = None,
+        board: AccountBoard | None = None,
     ) -> None:
         self._keys = dict(keys)
+        self._board = board
+        self._secrets = secrets if secrets is not None else KnownSecrets()
+        self._secrets.upstream_keys(self._keys.values())
         self._settings = dict(settings)
         self._metrics = metrics
         self._log = log
@@ -82,6 +101,10 @@ class AccountPool:
         self._in_flight: dict[str, int] = dict.fromkeys(self._keys, 0)
         self._set_aside: dict[str, float] = {}
         self._unauthorized: dict[str, str] = {}  # account -> fingerprint of the key the upstream rejected
+        # Set-asides the board does not hold (its write failed): kept here until they pass or a task ends.
+        self._unshared_aside: dict[str, float] = {}
+        self._aside_written: dict[str, float] = {}  # account -> monotonic time of this process's last set-aside
+        self._ends: dict[str, float] = {}  # set-asides ended here by a task, not yet ended on the board
         self._removed: dict[str, int] = {}
         self._waiters: deque[asyncio.Future[None]] = deque()
         for name in self._keys:
@@ -136,6 +159,7 @@ class AccountPool:
         """Use ``keys`` from now on: a changed key clears ``unauthorized``; a dropped account's tasks are removed."""
         old = self._keys
         self._keys = dict(keys)
+        self._secrets.upstream_keys(keys.values())  # masked in log lines and answers before the first use
         changed = sorted(name for name in keys if name in old and old[name] != keys[name])
         for name in list(self._unauthorized):
             if name in keys and fingerprint(keys[name]) != self._unauthorized[name]:
@@ -238,6 +262,47 @@ class AccountPool:
                 self._log.error("account_refresh_failed", error=str(exc))
             self._wake()  # other processes may have freed slots
 
+    async def sync(self) -> None:
+        """Take the deployment's set-aside marks from the board (after ending there the set-asides tasks ended
+        here): a refusal seen by any process sets the account aside in this one too."""
+        if self._board is None:
+            return
+        for account, until in list(self._ends.items()):
+            if await self._board.end_aside(account, until):
+                self._ends.pop(account, None)
+        started = self._monotonic()
+        marks = await self._board.read()
+        if marks is not None:
+            self.apply_marks(marks, read_since=started)
+
+    def apply_marks(self, marks: Mapping[str, AccountMark], read_since: float = float("inf")) -> None:
+        """The board's marks over this process's: its set-aside times (kept: one written here since the read
+        began, one the board could not take, one a task here has just ended); an unauthorized mark counts while
+        it names the account's current key. An account this process found unauthorized stays so whatever the
+        board says: only a new key clears that."""
+        now = self._clock()
+        for name, key in self._keys.items():
+            mark = marks.get(name)
+            if self._aside_written.get(name, float("-inf")) < read_since and name not in self._ends:
+                shared = mark.set_aside_until if mark is not None else 0.0
+                until = max(shared, self._unshared_aside.get(name, 0.0))
+                if until > now:
+                    self._set_aside[name] = until
+                else:
+                    self._set_aside.pop(name, None)
+                    self._unshared_aside.pop(name, None)
+            rejected = fingerprint(key)
+            if mark is not None and mark.unauthorized_key == rejected and name not in self._unauthorized:
+                self._unauthorized[name] = rejected
+                self._metrics.account_unauthorized.labels(name).set(1)
+        self._wake()
+
+    async def follow_marks(self, interval_s: float = MARKS_EVERY_S) -> None:
+        """Forever: :meth:`sync` about once a second (each process reads the board once, not per submission)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.sync()
+
     # -- admission ---------------------------------------------------------------------------------------------
 
     async def place(
@@ -259,7 +324,7 @@ class AccountPool:
                 return placed
             first = False
             remaining = deadline - self._monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or all_unauthorized(self.views(), model):  # no key to wait for
                 return None
             await self._wait_turn(remaining)
 
@@ -296,14 +361,31 @@ class AccountPool:
                 head.set_result(None)
                 return
 
-    def capacity_error(self, model: str) -> TooManyRequests:
-        """429 ``upstream_capacity``: no account serving ``model`` has room; nothing was forwarded."""
-        seconds = capacity_retry_after(self.views(), model, self._clock(), self._retry_after_s)
+    def no_account_error(self, model: str) -> GatewayError:
+        """No account can take a submission for ``model``; nothing was forwarded. Every account serving it
+        unauthorized: 502 ``upstream_auth_failed`` (waiting helps nobody until the operator replaces a key); else
+        (full, set aside for capacity or rate, a mix with unauthorized ones, or none serving the model) 429
+        ``upstream_capacity`` with the ``Retry-After`` of the soonest account that could take it."""
+        views, now = self.views(), self._clock()
+        if all_unauthorized(views, model):
+            failed = UpstreamUnavailable(
+                f"The upstream rejected the key of every upstream account serving '{model}'; "
+                "the operator has been alerted.",
+                code="upstream_auth_failed",
+            )
+            failed.request_sent = False
+            return failed
+        seconds = capacity_retry_after(views, model, now, self._retry_after_s)
         return TooManyRequests(
             f"No upstream account serving '{model}' has room for another task; retry in {seconds} s.",
             code="upstream_capacity",
             headers={"Retry-After": str(seconds)},
         )
+
+    def unauthorized(self, account: str) -> bool:
+        """Whether the upstream rejected ``account``'s current key (a dict lookup: the one-account path asks it
+        on every submission)."""
+        return account in self._unauthorized
 
     # -- outcomes --------------------------------------------------------------------------------------------------
 
@@ -317,11 +399,15 @@ class AccountPool:
         self._in_flight[account] = max(0, self._in_flight.get(account, 0) - 1)
         self._metrics.account_in_flight.labels(account).set(self._in_flight[account])
         if task_ended:
-            self._set_aside.pop(account, None)
+            until = self._set_aside.pop(account, None)
+            self._unshared_aside.pop(account, None)
+            if until is not None and self._board is not None:
+                self._ends[account] = max(until, self._ends.get(account, 0.0))  # ended on the board at next sync
         self._wake()
 
-    def refused(self, account: str, status: int, body: bytes, retry_after: str | None) -> RefusalReason | None:
-        """Read an upstream answer to a submission on ``account``; set the account aside if it was a refusal."""
+    async def refused(self, account: str, status: int, body: bytes, retry_after: str | None) -> RefusalReason | None:
+        """Read an upstream answer to a submission on ``account``; set the account aside if it was a refusal,
+        here and on the board (so every process skips it)."""
         reason = refusal(status, body)
         if reason is None:
             return None
@@ -337,11 +423,17 @@ class AccountPool:
                 key_fingerprint=fingerprint(key),
                 until="its key changes",
             )
+            if self._board is not None:
+                await self._board.unauthorized(account, fingerprint(key))
             return reason
         seconds = retry_after_s(retry_after)
         until = self._clock() + (seconds if seconds is not None else float(self._retry_after_s))
         self._set_aside[account] = until
+        self._aside_written[account] = self._monotonic()
+        self._ends.pop(account, None)
         self._log.warning(
             "upstream_account_set_aside", account=account, reason=reason.value, for_s=until - self._clock()
         )
+        if self._board is not None and not await self._board.set_aside(account, until):
+            self._unshared_aside[account] = until
         return reason

@@ -1,8 +1,9 @@
 """``kling-gateway accounts``: the upstream accounts as configured here, with every process's tasks in flight.
 
-States come from this command's own view: ``ok``, ``full`` (at ``max_in_flight``) or ``removed`` (tasks in the
-ledger on an account no longer configured). Whether the upstream rejects a key is known only to running gateways:
-``GET /gateway/accounts`` on one of them shows ``unauthorized``. Never prints key material, only fingerprints.
+States: ``ok``, ``full`` (at ``max_in_flight``, or set aside after a capacity refusal), ``unauthorized`` (the
+upstream rejected the key configured here) or ``removed`` (tasks in the ledger on an account no longer configured).
+The set-asides are the running gateways' shared marks, read from Redis when ``[cache] url`` names one, else from
+the store. Never prints key material, only fingerprints.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ import argparse
 import asyncio
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.catalog import DEFAULT_ACCOUNT
 from gateway.cli.common import aligned
 from gateway.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from gateway.store.base import AccountMark, Store
 
 COLUMNS = ("name", "state", "in_flight", "max_in_flight", "weight", "models", "key_fingerprint")
 
@@ -53,9 +57,38 @@ async def describe(settings: Settings) -> list[dict[str, Any]]:
     store = await open_store(settings.store_url)
     try:
         await pool.refresh(store)
+        marks = await shared_marks(settings, store)
+        if marks is not None:
+            pool.apply_marks(marks)
     finally:
         await store.close()
     return pool.describe()
+
+
+async def shared_marks(settings: Settings, store: Store) -> dict[str, AccountMark] | None:
+    """The running gateways' set-aside marks: from Redis when configured (None if it does not answer), else the
+    store's."""
+    from gateway.accounts.board import StoreBoard
+    from gateway.logs import make_logs
+
+    log = make_logs(level="error", stream=sys.stderr).log
+    if settings.cache.url.startswith("memory:"):
+        return await StoreBoard(store, log).read()
+    try:
+        from gateway.shared.fail_open import SharedState
+        from gateway.shared.redis_ops import CacheUnavailable
+    except ImportError as exc:
+        print(f"kling-gateway: {exc} (the [scale] extra): set-asides not shown", file=sys.stderr)
+        return None
+    try:
+        shared = await SharedState.connect(settings.cache, call_timeout_s=settings.upstream.timeout_s, log=log)
+    except (CacheUnavailable, ValueError) as exc:  # the counts are still worth printing
+        print(f"kling-gateway: cache unavailable, set-asides not shown: {exc}", file=sys.stderr)
+        return None
+    try:
+        return await shared.accounts.read()
+    finally:
+        await shared.close()
 
 
 def render(rows: list[dict[str, Any]]) -> str:

@@ -17,12 +17,14 @@ from gateway.config import CacheSettings
 from gateway.logs import Logger
 from gateway.shared.redis_ops import (
     CacheUnavailable,
+    RedisAccountMarks,
     RedisRateLimiter,
     RedisSingleFlight,
     RedisStatusCache,
     connect,
 )
 from gateway.status.poller import CachedStatus, FetchResult
+from gateway.store.base import AccountMark
 
 _WARN_EVERY_S = 10.0
 _REST_S = 1.0
@@ -217,18 +219,61 @@ class SharedLimiter:
         return lease.rpm, min(lease.rpm, unspent + lease.shared_left)
 
 
+class SharedAccounts:
+    """``AccountBoard`` on Redis (``gateway.accounts.board``). Fail open: a read that fails answers None (each
+    process keeps the marks it has), a write that fails is dropped (the account is refused again elsewhere and set
+    aside there); both count as failures like every shared operation."""
+
+    def __init__(self, marks: RedisAccountMarks, health: Health) -> None:
+        self._marks = marks
+        self._health = health
+
+    async def read(self) -> dict[str, AccountMark] | None:
+        if self._health.resting():
+            return None
+        try:
+            marks = await self._marks.read()
+        except CacheUnavailable as exc:
+            self._health.failed("account_marks", exc)
+            return None
+        self._health.worked("account_marks")
+        return marks
+
+    async def set_aside(self, account: str, until: float) -> bool:
+        return await self._write(lambda: self._marks.set_aside(account, until))
+
+    async def unauthorized(self, account: str, key_fingerprint: str) -> bool:
+        return await self._write(lambda: self._marks.unauthorized(account, key_fingerprint))
+
+    async def end_aside(self, account: str, until: float) -> bool:
+        return await self._write(lambda: self._marks.end_aside(account, until))
+
+    async def _write(self, write: Callable[[], Awaitable[None]]) -> bool:
+        if self._health.resting():
+            return False
+        try:
+            await write()
+        except CacheUnavailable as exc:
+            self._health.failed("account_mark", exc)
+            return False
+        self._health.worked("account_mark")
+        return True
+
+
 class SharedState:
     """The Redis client and everything built on it; ``close()`` at shutdown.
 
     With ``[cache] url = "redis://..."`` (or ``rediss://``) the app factory builds a ``SharedState``: the status cache
     every replica reads and writes (``StatusPoller``'s ``shared``), one upstream call per task across replicas, and the
-    per-key request limits counted once for all of them (``Services.shared_limiter``). The Redis mechanics live in
+    per-key request limits counted once for all of them (``Services.shared_limiter``), and which upstream accounts are
+    set aside (``SharedAccounts``). The Redis mechanics live in
     ``gateway.shared.redis_ops``; this module adds the policy.
 
     Redis failing never fails a request (fail open):
 
     * a status poll reads a Redis error as a miss: the replica answers from its own cache or asks the upstream itself,
       exactly as a single replica without Redis would;
+    * the upstream accounts' set-aside marks: a failed read keeps each replica's own, a failed write is dropped;
     * a rate-limit check lets the request through (budgets live in the store, so spending stays bounded); limits
       are taken from Redis in small leases (``SharedLimiter``), so most requests of a busy key ask Redis nothing;
     * after a failure, Redis is left alone for ``_REST_S`` (every shared operation short-circuits to its fallback),
@@ -240,10 +285,11 @@ class SharedState:
       turn a degraded deployment into an outage.
     """
 
-    def __init__(self, client: Redis, status: SharedStatus, limiter: SharedLimiter) -> None:
+    def __init__(self, client: Redis, status: SharedStatus, limiter: SharedLimiter, accounts: SharedAccounts) -> None:
         self.client = client
         self.status = status
         self.limiter = limiter
+        self.accounts = accounts
 
     @classmethod
     async def connect(
@@ -261,7 +307,10 @@ class SharedState:
         )
         flight = RedisSingleFlight(client, prefix=settings.key_prefix)
         limiter = RedisRateLimiter(client, prefix=settings.key_prefix)
-        return cls(client, SharedStatus(cache, flight, health, call_timeout_s), SharedLimiter(limiter, health))
+        accounts = SharedAccounts(RedisAccountMarks(client, prefix=settings.key_prefix), health)
+        return cls(
+            client, SharedStatus(cache, flight, health, call_timeout_s), SharedLimiter(limiter, health), accounts
+        )
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -7,6 +7,8 @@ per-process state. Every class takes a ``redis.asyncio.Redis`` client (from ``co
     {prefix}status:<task_id>      string   RedisStatusCache entry (see _encode); PX = freshness + stale_keep_s
     {prefix}rate:<key name>       hash     RedisRateLimiter bucket: tokens, stamp (µs of Redis TIME)
     {prefix}flight:<key>          string   RedisSingleFlight lock: the holder's random token; PX = lock_ttl_s
+    {prefix}accounts:aside        hash     RedisAccountMarks: account -> set aside until (epoch seconds)
+    {prefix}accounts:unauthorized hash     RedisAccountMarks: account -> fingerprint of its rejected key
 
 Each class's docstring says what it guarantees; the errors are described on :class:`CacheUnavailable`.
 """
@@ -28,6 +30,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.status.poller import CachedStatus, HeaderTuple
+from gateway.store.base import AccountMark
 from gateway.url_secrets import redact_url, scrub, url_secrets
 
 T = TypeVar("T")
@@ -432,3 +435,64 @@ class RedisSingleFlight:
     async def _release_lock(self, lock: str, token: str) -> None:
         with contextlib.suppress(*_REDIS_ERRORS):  # the lock then expires on its own after lock_ttl_s
             await self._bounded(self._release(keys=[lock], args=[token]))
+
+
+# -- upstream accounts set aside --------------------------------------------------------------------------------
+
+# End a set-aside only if it is not later than the one the caller knew of: a newer refusal's stays.
+_END_ASIDE_SCRIPT: Final = """
+local aside = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if aside <= tonumber(ARGV[2]) then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+
+class RedisAccountMarks:
+    """The set-aside marks of the upstream accounts (``gateway.accounts.board``) in two small hashes, one field per
+    account: bounded by the number of accounts, so they need no expiry (a passed set-aside is ignored by readers).
+    """
+
+    def __init__(
+        self, client: aioredis.Redis, *, prefix: str = DEFAULT_PREFIX, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> None:
+        self._client = client
+        self._aside = f"{prefix}accounts:aside"
+        self._unauthorized = f"{prefix}accounts:unauthorized"
+        self._timeout_s = timeout_s
+        self._end = client.register_script(_END_ASIDE_SCRIPT)
+
+    async def read(self) -> dict[str, AccountMark]:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                async with self._client.pipeline(transaction=False) as pipe:
+                    pipe.hgetall(self._aside)
+                    pipe.hgetall(self._unauthorized)
+                    aside, unauthorized = await pipe.execute()
+        except _REDIS_ERRORS as exc:
+            raise _unavailable("account marks read", exc) from exc
+        marks: dict[str, AccountMark] = {}
+        for raw in set(aside) | set(unauthorized):
+            account = raw.decode("utf-8", "replace")
+            try:
+                until = float(aside.get(raw, b"0"))
+            except ValueError:
+                until = 0.0
+            key = unauthorized.get(raw)
+            marks[account] = AccountMark(account, until, key.decode("ascii", "replace") if key else None)
+        return marks
+
+    async def set_aside(self, account: str, until: float) -> None:
+        await self._write("account set aside", self._client.hset(self._aside, account, repr(until)))
+
+    async def unauthorized(self, account: str, key_fingerprint: str) -> None:
+        await self._write("account unauthorized", self._client.hset(self._unauthorized, account, key_fingerprint))
+
+    async def end_aside(self, account: str, until: float) -> None:
+        await self._write("account set-aside end", self._end(keys=[self._aside], args=[account, repr(until)]))
+
+    async def _write(self, operation: str, command: Awaitable[Any]) -> None:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await command
+        except _REDIS_ERRORS as exc:
+            raise _unavailable(operation, exc) from exc

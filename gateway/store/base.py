@@ -270,6 +270,17 @@ class AuditRecord:
     changes: Mapping[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class AccountMark:
+    """An upstream account set aside, as every process of the deployment sees it (``gateway.accounts.board``):
+    after a capacity or rate refusal until ``set_aside_until``; after a rejected key while its key's fingerprint
+    is ``unauthorized_key``."""
+
+    account: str
+    set_aside_until: float = 0.0
+    unauthorized_key: str | None = None
+
+
 class Store(Protocol):
     """The narrow async interface every backend implements (see the module docstring for the semantics)."""
 
@@ -326,6 +337,19 @@ class Store(Protocol):
 
     async def account_in_flight(self, hold_since: float) -> dict[str, int]:
         """Per account: unsettled tasks plus intents submitted since ``hold_since`` (accounts with none left out)."""
+
+    async def account_marks(self) -> list[AccountMark]:
+        """Every account's shared set-aside marks (stale ones included: the reader compares times and keys)."""
+
+    async def mark_account_aside(self, account: str, until: float, at: float) -> None:
+        """Set ``account`` aside until ``until`` for every process (its unauthorized mark kept)."""
+
+    async def mark_account_unauthorized(self, account: str, key_fingerprint: str, at: float) -> None:
+        """Record that the upstream rejected ``account``'s key of ``key_fingerprint`` (its set-aside kept)."""
+
+    async def end_account_aside(self, account: str, until: float) -> None:
+        """End ``account``'s set-aside (one of its tasks ended) if it is not later than ``until``, the one the
+        caller knew of: a newer refusal's set-aside stays."""
 
     async def resolve_intent(self, intent_id: str, task: TaskRecord, release_hold: str | None = None) -> bool:
         """Insert ``task`` and delete the intent in one transaction; safe to retry.

@@ -27,6 +27,7 @@ from gateway.store.base import (
     BUDGET_HOLD_TTL_S,
     IDEMPOTENCY_IN_FLIGHT_TTL_S,
     IDEMPOTENCY_TTL_S,
+    AccountMark,
     ArchiveRecord,
     AuditRecord,
     IdemKind,
@@ -247,6 +248,18 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
                 expires_at DOUBLE PRECISION NOT NULL
             )""",
             "CREATE INDEX ui_session_revocations_expiry ON ui_session_revocations (expires_at)",
+        ),
+    ),
+    (
+        8,
+        (
+            # Upstream accounts set aside, shared by every process when there is no Redis: gateway.accounts.board.
+            """CREATE TABLE account_marks (
+                account TEXT COLLATE "C" PRIMARY KEY,
+                set_aside_until DOUBLE PRECISION NOT NULL,
+                unauthorized_key TEXT,
+                updated_at DOUBLE PRECISION NOT NULL
+            )""",
         ),
     ),
 )
@@ -852,6 +865,24 @@ class PostgresStore:
         rows = await self._run(lambda conn: conn.fetch(_SQL_ACCOUNT_IN_FLIGHT, hold_since), tx=False)
         return {str(row[0]): int(row[1]) for row in rows if row[1]}
 
+    async def account_marks(self) -> list[AccountMark]:
+        """Every account's shared set-aside marks."""
+        sql = "SELECT account, set_aside_until, unauthorized_key FROM account_marks ORDER BY account"
+        rows = await self._run(lambda conn: conn.fetch(sql), tx=False)
+        return [AccountMark(str(row[0]), float(row[1]), row[2]) for row in rows]
+
+    async def mark_account_aside(self, account: str, until: float, at: float) -> None:
+        """Set ``account`` aside until ``until`` for every process."""
+        await self._run(lambda conn: conn.execute(_SQL_MARK_ASIDE, account, until, at), tx=False)
+
+    async def mark_account_unauthorized(self, account: str, key_fingerprint: str, at: float) -> None:
+        """Record the fingerprint of ``account``'s rejected key for every process."""
+        await self._run(lambda conn: conn.execute(_SQL_MARK_UNAUTHORIZED, account, key_fingerprint, at), tx=False)
+
+    async def end_account_aside(self, account: str, until: float) -> None:
+        """End ``account``'s set-aside if it is not later than ``until``."""
+        await self._run(lambda conn: conn.execute(_SQL_END_ASIDE, account, until), tx=False)
+
     async def resolve_intent(self, intent_id: str, task: TaskRecord, release_hold: str | None = None) -> bool:
         """Insert ``task``, delete the intent and release the budget hold in one statement; False if the task row
         already existed."""
@@ -1251,6 +1282,16 @@ _SQL_UI_SESSION_REVOKE = (
     "INSERT INTO ui_session_revocations (session_id, expires_at) VALUES ($1, $2) ON CONFLICT (session_id) DO NOTHING"
 )
 _SQL_UI_SESSION_REVOKED = "SELECT 1 FROM ui_session_revocations WHERE session_id = $1"
+_SQL_MARK_ASIDE = (
+    "INSERT INTO account_marks (account, set_aside_until, unauthorized_key, updated_at) VALUES ($1, $2, NULL, $3) "
+    "ON CONFLICT (account) DO UPDATE SET set_aside_until = excluded.set_aside_until, updated_at = excluded.updated_at"
+)
+_SQL_MARK_UNAUTHORIZED = (
+    "INSERT INTO account_marks (account, set_aside_until, unauthorized_key, updated_at) VALUES ($1, 0, $2, $3) "
+    "ON CONFLICT (account) DO UPDATE SET unauthorized_key = excluded.unauthorized_key, "
+    "updated_at = excluded.updated_at"
+)
+_SQL_END_ASIDE = "UPDATE account_marks SET set_aside_until = 0 WHERE account = $1 AND set_aside_until <= $2"
 _SQL_AUDIT_ADD = f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"  # noqa: S608
 _AUDIT_PAGE_SQL = MappingProxyType(
     {

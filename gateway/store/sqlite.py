@@ -28,6 +28,7 @@ from gateway.store.base import (
     FIXED_DIGITS,
     IDEMPOTENCY_IN_FLIGHT_TTL_S,
     IDEMPOTENCY_TTL_S,
+    AccountMark,
     ArchiveRecord,
     AuditRecord,
     IdemKind,
@@ -251,6 +252,18 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
                 expires_at REAL NOT NULL
             )""",
             "CREATE INDEX ui_session_revocations_expiry ON ui_session_revocations (expires_at)",
+        ),
+    ),
+    (
+        8,
+        (
+            # Upstream accounts set aside, shared by every process when there is no Redis: gateway.accounts.board.
+            """CREATE TABLE account_marks (
+                account TEXT PRIMARY KEY,
+                set_aside_until REAL NOT NULL,
+                unauthorized_key TEXT,
+                updated_at REAL NOT NULL
+            )""",
         ),
     ),
 )
@@ -690,6 +703,27 @@ class SQLiteStore:
         """Per account: unsettled tasks plus intents submitted since ``hold_since``."""
         rows = await self._read(lambda conn: conn.execute(_SQL_ACCOUNT_IN_FLIGHT, (hold_since,)).fetchall())
         return {str(account): int(count) for account, count in rows if count}
+
+    async def account_marks(self) -> list[AccountMark]:
+        """Every account's shared set-aside marks."""
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT account, set_aside_until, unauthorized_key FROM account_marks ORDER BY account"
+            ).fetchall()
+        )
+        return [AccountMark(str(row[0]), float(row[1]), row[2]) for row in rows]
+
+    async def mark_account_aside(self, account: str, until: float, at: float) -> None:
+        """Set ``account`` aside until ``until`` for every process."""
+        await self._tx(lambda conn: conn.execute(_SQL_MARK_ASIDE, (account, until, at)))
+
+    async def mark_account_unauthorized(self, account: str, key_fingerprint: str, at: float) -> None:
+        """Record the fingerprint of ``account``'s rejected key for every process."""
+        await self._tx(lambda conn: conn.execute(_SQL_MARK_UNAUTHORIZED, (account, key_fingerprint, at)))
+
+    async def end_account_aside(self, account: str, until: float) -> None:
+        """End ``account``'s set-aside if it is not later than ``until``."""
+        await self._tx(lambda conn: conn.execute(_SQL_END_ASIDE, (account, until)))
 
     async def resolve_intent(self, intent_id: str, task: TaskRecord, release_hold: str | None = None) -> bool:
         """Insert ``task``, delete the intent and release the budget hold in one transaction; False if the task
@@ -1133,6 +1167,16 @@ _SQL_UI_SESSION_REVOKE = (
     "INSERT INTO ui_session_revocations (session_id, expires_at) VALUES (?, ?) ON CONFLICT (session_id) DO NOTHING"
 )
 _SQL_UI_SESSION_REVOKED = "SELECT 1 FROM ui_session_revocations WHERE session_id = ?"
+_SQL_MARK_ASIDE = (
+    "INSERT INTO account_marks (account, set_aside_until, unauthorized_key, updated_at) VALUES (?, ?, NULL, ?) "
+    "ON CONFLICT (account) DO UPDATE SET set_aside_until = excluded.set_aside_until, updated_at = excluded.updated_at"
+)
+_SQL_MARK_UNAUTHORIZED = (
+    "INSERT INTO account_marks (account, set_aside_until, unauthorized_key, updated_at) VALUES (?, 0, ?, ?) "
+    "ON CONFLICT (account) DO UPDATE SET unauthorized_key = excluded.unauthorized_key, "
+    "updated_at = excluded.updated_at"
+)
+_SQL_END_ASIDE = "UPDATE account_marks SET set_aside_until = 0 WHERE account = ? AND set_aside_until <= ?"
 _SQL_AUDIT_ADD = f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
 _AUDIT_PAGE_SQL = MappingProxyType(
     {

@@ -20,6 +20,7 @@ import aiohttp
 from gateway.catalog import DEFAULT_ACCOUNT
 from gateway.config import UpstreamSettings
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.known_secrets import KnownSecrets
 from gateway.logs import Logger
 from gateway.metrics import Metrics
 from gateway.upstream.breaker import BreakerOpen, BreakerState, CircuitBreaker, Permit, open_error
@@ -219,14 +220,17 @@ class UpstreamClient:
         jitter: Callable[[], float] = random.random,
         breaker: CircuitBreaker | None = None,
         log: Logger,
-        secrets: Iterable[str] = (),
+        secrets: Iterable[str] | KnownSecrets = (),
     ) -> None:
         self._settings = settings
         self._key_for: Callable[[str], str | None] = api_key if callable(api_key) else (lambda _account: api_key)
-        #: Upstream keys the gateway knows at start-up: masked wherever the upstream echoes one (each request also
-        #: masks the key it was sent with, so a key rotated in later is masked too).
-        known = ({api_key} if isinstance(api_key, str) else set()) | set(secrets)
-        self.secrets = tuple(sorted(known - {""}, key=len, reverse=True))
+        #: Upstream keys to mask wherever the upstream echoes one: every key loaded so far, rotated-in ones too
+        #: (``KnownSecrets`` grows on a key-file reload); each request also masks the key it was sent with.
+        if not isinstance(secrets, KnownSecrets):
+            given = secrets
+            secrets = KnownSecrets()
+            secrets.upstream_keys([*given, *([api_key] if isinstance(api_key, str) else [])])
+        self._known = secrets
         self._transport = transport
         self._metrics = metrics
         self._base = settings.base_url.rstrip("/")
@@ -367,7 +371,8 @@ class UpstreamClient:
 
     def _masked(self, response: UpstreamResponse, api_key: str) -> UpstreamResponse:
         """The answer with every upstream key (the one sent, and every one known) masked in body and headers."""
-        secrets = self.secrets if api_key in self.secrets else (api_key, *self.secrets)
+        known = self._known.upstream
+        secrets = known if api_key in known else (api_key, *known)
         body = mask_secrets(response.body, secrets)
         headers = response.headers
         if any(secret in value for _, value in headers for secret in secrets):

@@ -177,6 +177,7 @@ class AdminRoutes:
         models and key fingerprint; never key material."""
         self.require_admin(request)
         await self._accounts.refresh(self._store)
+        await self._accounts.sync()  # the deployment's set-asides as of now, not as of this process's last read
         return json_response({"data": self._accounts.describe()})
 
     # -- admin: keys ---------------------------------------------------------------------------------------------

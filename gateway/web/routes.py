@@ -130,9 +130,9 @@ class GatewayRoutes:
 
         The intent is the admission of the account's capacity. An account the upstream refuses (capacity, rate,
         key) is set aside and the submission tried on the next one with room; only a refused submission moves
-        (the upstream did not accept it), never one that timed out or was cut off. When no account is left, the
-        client gets the last refusal as the upstream sent it (a rejected key as 502 ``upstream_auth_failed``), or
-        429 ``upstream_capacity`` if none was tried.
+        (the upstream did not accept it), never one that timed out or was cut off. When no account can take it,
+        the gateway says why (``AccountPool.no_account_error``): 502 ``upstream_auth_failed`` when every account's
+        key was rejected, else 429 ``upstream_capacity``. One account without a limit passes a refusal through.
         """
         accounts, ledger, request_id = self._accounts, self._ledger, self.request_id(request)
         body = orjson.dumps(valid.body)
@@ -143,9 +143,7 @@ class GatewayRoutes:
                 principal, valid, estimate, request_id, tried, wait=last_refusal is None, budget=budget
             )
             if placed is None:
-                if last_refusal is not None:
-                    return self.refusal_response(last_refusal)
-                raise accounts.capacity_error(valid.model)
+                raise accounts.no_account_error(valid.model)
             account, submission = placed
             try:
                 upstream = await self._upstream.request(
@@ -167,7 +165,7 @@ class GatewayRoutes:
             if 200 <= upstream.status < 300:
                 break
             await ledger.refused(submission)
-            reason = accounts.refused(account, upstream.status, upstream.body, upstream.header("retry-after"))
+            reason = await accounts.refused(account, upstream.status, upstream.body, upstream.header("retry-after"))
             if reason is None or accounts.simple:
                 return self.refusal_response(upstream)
             tried.add(account)
@@ -197,10 +195,11 @@ class GatewayRoutes:
         """The account for this submission and its intent (capacity admitted), or None when none can take it."""
         accounts, ledger = self._accounts, self._ledger
         if accounts.simple:  # one account without a limit: the plain intent write, no choice, no count
-            if tried:
+            account = accounts.names[0]
+            if tried or accounts.unauthorized(account):  # a rejected key is refused here until it changes
                 return None
-            submission = await ledger.begin(principal, valid, estimate, request_id, accounts.names[0], budget=budget)
-            return None if submission is None else (accounts.names[0], submission)
+            submission = await ledger.begin(principal, valid, estimate, request_id, account, budget=budget)
+            return None if submission is None else (account, submission)
 
         async def admit(account: str, limit: int) -> Submission | None:
             return await ledger.begin(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from support.harness import ADMIN, GatewayFactory, GatewayHarness
 from support.upstream_fake import FakeUpstream, KlingAccounts
 
@@ -203,23 +204,54 @@ class TestRefusals:
         assert lines and lines[0]["account"] == "a" and lines[0]["level"] == "error"
         assert "sk-acct" not in gw.logs.getvalue()
 
-    def test_every_account_refusing_passes_the_last_refusal_through(
+    def test_every_account_refusing_for_capacity_is_429_upstream_capacity(
         self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory
     ) -> None:
-        """No account can take it: the client gets the upstream's own 429 (status, body, Retry-After)."""
+        """No account can take it: 429 upstream_capacity with the upstream's Retry-After (both accounts come back
+        only when it passes: nothing of theirs is in flight here); the next submission forwards nothing."""
         kling = KlingAccounts({"sk-acct-a": 1, "sk-acct-b": 1}).install(fake_upstream)
         for key in ("sk-acct-a", "sk-acct-b"):
             httpx.post(fake_upstream.url + SUBMIT, json=BODY, headers={"Authorization": f"Bearer {key}"})
         gw = make_gateway(fake_upstream.url, upstream_key="", env=accounts_env())
         response = submit(gw)
-        assert response.status_code == 429
-        assert response.json()["code"] == 1303
+        assert (response.status_code, response.json()["error"]["code"]) == (429, "upstream_capacity")
         assert response.headers["retry-after"] == "7"
         assert len(kling.refusals) == 2
         again = submit(gw)  # both set aside now: nothing forwarded
         assert (again.status_code, again.json()["error"]["code"]) == (429, "upstream_capacity")
-        assert again.headers["retry-after"] == "5"
+        assert again.headers["retry-after"] in ("6", "7")
         assert len(kling.refusals) == 2
+
+    def test_every_account_unauthorized_is_502_without_an_upstream_call(
+        self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory
+    ) -> None:
+        """Every key rejected: 502 upstream_auth_failed (not 429: waiting helps nobody), then nothing forwarded."""
+        kling = KlingAccounts({"sk-acct-a": 0, "sk-acct-b": 0}).install(fake_upstream)
+        kling.revoked.update({"sk-acct-a", "sk-acct-b"})
+        env = accounts_env(KLING_GATEWAY_UPSTREAM_CAPACITY_WAIT_S="30")  # no key to wait for: answered at once
+        gw = make_gateway(fake_upstream.url, upstream_key="", env=env)
+        started = time.monotonic()
+        first = submit(gw)
+        assert (first.status_code, first.json()["error"]["code"]) == (502, "upstream_auth_failed")
+        assert len(kling.refusals) == 2
+        again = submit(gw)
+        assert (again.status_code, again.json()["error"]["code"]) == (502, "upstream_auth_failed")
+        assert "retry-after" not in again.headers
+        assert len(kling.refusals) == 2  # nothing forwarded
+        assert time.monotonic() - started < 5
+        assert "sk-acct" not in again.text
+
+    def test_unauthorized_and_full_is_capacity(self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory) -> None:
+        """A mix: one key rejected, the other account at its limit; it may take the task later, so capacity wins."""
+        kling = KlingAccounts({"sk-acct-a": 0, "sk-acct-b": 0}).install(fake_upstream)
+        kling.revoked.add("sk-acct-a")
+        gw = make_gateway(fake_upstream.url, upstream_key="", env=accounts_env(settings='{"b": {"max_in_flight": 1}}'))
+        assert submit(gw).status_code == 200  # a refused (401), b takes it
+        response = submit(gw)
+        assert (response.status_code, response.json()["error"]["code"]) == (429, "upstream_capacity")
+        assert response.headers["retry-after"] == "5"
+        assert kling.refusals == [("sk-acct-a", 401)]
+        assert fake_upstream.calls("POST", SUBMIT) == 2
 
     def test_timeout_is_never_retried_on_another_account(
         self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory
@@ -231,6 +263,40 @@ class TestRefusals:
         gw = make_gateway(fake_upstream.url, upstream_key="", env=accounts_env())
         response = submit(gw)
         assert (response.status_code, response.json()["error"]["code"]) == (502, "upstream_unavailable")
+        assert fake_upstream.calls("POST", SUBMIT) == 1
+
+
+class TestSingleAccount:
+    def test_rejected_key_is_refused_without_an_upstream_call_until_it_changes(
+        self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory, tmp_path: Path
+    ) -> None:
+        """One account, no limit: after a 401 the next submission is 502 upstream_auth_failed with no upstream
+        call; a rotated key in the key file clears it."""
+        KlingAccounts({"sk-good": 0}).install(fake_upstream)
+        key_file = tmp_path / "uniall-keys"
+        key_file.write_text("main=sk-bad\n")
+        gw = make_gateway(fake_upstream.url, upstream_key="", env={"UNIALL_API_KEYS_FILE": str(key_file)})
+        pool = gw.client.app.state.services.accounts  # type: ignore[attr-defined]
+        assert pool.simple
+        first = submit(gw)
+        assert (first.status_code, first.json()["error"]["code"]) == (502, "upstream_auth_failed")
+        again = submit(gw)
+        assert (again.status_code, again.json()["error"]["code"]) == (502, "upstream_auth_failed")
+        assert fake_upstream.calls("POST", SUBMIT) == 1
+        assert accounts_of(gw)["main"]["state"] == "unauthorized"
+        key_file.write_text("main=sk-good\n")
+        os.utime(key_file, (time.time() + 5, time.time() + 5))
+        assert pool.reload_keys()
+        assert submit(gw).status_code == 200
+        assert fake_upstream.calls("POST", SUBMIT) == 2
+        assert accounts_of(gw)["main"]["state"] == "ok"
+
+    def test_rejected_key_from_the_environment(self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory) -> None:
+        """UNIALL_API_KEY rejected: 502 upstream_auth_failed, then refused here (the key cannot change without a
+        restart)."""
+        KlingAccounts({"sk-good": 0}).install(fake_upstream)
+        gw = make_gateway(fake_upstream.url, upstream_key="sk-revoked")
+        assert [submit(gw).json()["error"]["code"] for _ in range(2)] == ["upstream_auth_failed"] * 2
         assert fake_upstream.calls("POST", SUBMIT) == 1
 
 
@@ -278,6 +344,39 @@ class TestKeyFile:
         assert any(line.get("event") == "upstream_keys_reload_failed" for line in gw.log_lines())
         assert submit(gw).status_code == 200
 
+    def test_keys_loaded_later_are_masked_in_answers_and_logs(
+        self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory, tmp_path: Path
+    ) -> None:
+        """After a rotation the new key, and the one it replaced, are masked wherever they turn up: in an upstream
+        answer sent with another account's key (body and header) and in any log line."""
+        from support.upstream_fake import dynamic, json
+
+        key_file = tmp_path / "uniall-keys"
+        key_file.write_text("main=sk-old-main-0001\nspare=sk-spare-0002\n")
+        env = {
+            "UNIALL_API_KEYS_FILE": str(key_file),
+            "KLING_GATEWAY_UPSTREAM_ACCOUNTS": '{"main": {"models": ["kling-v3-pro-*"]}}',  # STD goes to spare
+        }
+        gw = make_gateway(fake_upstream.url, upstream_key="", env=env)
+        key_file.write_text("main=sk-new-main-0003\nspare=sk-spare-0002\n")
+        os.utime(key_file, (time.time() + 5, time.time() + 5))
+        services = gw.client.app.state.services  # type: ignore[attr-defined]
+        assert services.accounts.reload_keys()
+        echo = "keys sk-new-main-0003 and sk-old-main-0001"
+        fake_upstream.always(
+            "POST",
+            SUBMIT,
+            dynamic(lambda _request: json(400, {"error": {"message": echo}}, {"X-RateLimit-Echo": echo})),
+        )
+        response = submit(gw)
+        assert response.status_code == 400
+        assert fake_upstream.requests_to("POST", SUBMIT)[0].header("authorization") == "Bearer sk-spare-0002"
+        assert response.json()["error"]["message"] == "keys sk-*** and sk-***"
+        assert response.headers["x-ratelimit-echo"] == "keys sk-*** and sk-***"
+        services.log.error("operator_note", detail=f"pasted {echo}")
+        assert any(line.get("event") == "operator_note" for line in gw.log_lines())
+        assert "sk-new-main" not in gw.logs.getvalue() and "sk-old-main" not in gw.logs.getvalue()
+
 
 class TestRemovedAccount:
     def test_removed_account_is_reported(self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory) -> None:
@@ -323,6 +422,60 @@ class TestReplicas:
         assert kling.running("sk-acct-a") == 3 and kling.running("sk-acct-b") == 2
         rows = accounts_of(replicas[1])
         assert (rows["a"]["in_flight"], rows["b"]["in_flight"]) == (3, 2)
+
+
+class TestSharedSetAside:
+    @pytest.mark.parametrize("backend", ["sqlite", "postgresql", "postgresql+redis"])
+    def test_a_refusal_on_one_replica_sets_the_account_aside_on_the_other(
+        self, backend: str, fake_upstream: FakeUpstream, make_gateway: GatewayFactory, request: pytest.FixtureRequest
+    ) -> None:
+        """Replica one is refused by a (capacity) and b (key rejected); within about a second replica two skips
+        both without asking the upstream, and GET /gateway/accounts there shows them set aside."""
+        kling = KlingAccounts({"sk-acct-a": 1, "sk-acct-b": 0, "sk-acct-c": 0}).install(fake_upstream)
+        kling.revoked.add("sk-acct-b")
+        httpx.post(fake_upstream.url + SUBMIT, json=BODY, headers={"Authorization": "Bearer sk-acct-a"})  # elsewhere
+        env = accounts_env("a=sk-acct-a,b=sk-acct-b,c=sk-acct-c")
+        if backend.startswith("postgresql"):  # else both use the default SQLite file of the one data dir
+            env["KLING_GATEWAY_STORE_URL"] = request.getfixturevalue("postgres_schema_url")
+        if backend.endswith("redis"):
+            env["KLING_GATEWAY_CACHE_URL"] = request.getfixturevalue("redis_url")
+            env["KLING_GATEWAY_CACHE_KEY_PREFIX"] = request.getfixturevalue("redis_prefix")
+        one, two = (
+            make_gateway(fake_upstream.url, upstream_key="", env=env),
+            make_gateway(fake_upstream.url, upstream_key="", env=env),
+        )
+        response = submit(one)
+        assert response.status_code == 200 and kling.owner[response.json()["task_id"]] == "sk-acct-c"
+        assert kling.refusals == [("sk-acct-a", 429), ("sk-acct-b", 401)]
+        seen_at = time.monotonic()
+        pool = two.client.app.state.services.accounts  # type: ignore[attr-defined]
+        while {row["name"]: row["state"] for row in pool.describe()} != {"a": "full", "b": "unauthorized", "c": "ok"}:
+            assert time.monotonic() - seen_at < 2.5, pool.describe()
+            time.sleep(0.05)
+        assert time.monotonic() - seen_at < 1.6  # one read a second, plus a little
+        answer = submit(two)
+        assert answer.status_code == 200 and kling.owner[answer.json()["task_id"]] == "sk-acct-c"
+        assert len(kling.refusals) == 2  # replica two asked neither a nor b
+        states = {name: row["state"] for name, row in accounts_of(two).items()}
+        assert states == {"a": "full", "b": "unauthorized", "c": "ok"}
+        assert two.metric("kling_gateway_upstream_account_unauthorized", {"account": "b"}) == 1
+
+    def test_one_account_rejected_on_one_replica_is_refused_on_the_other(
+        self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory
+    ) -> None:
+        """A single account without a limit, two gateways on one store: after one sees a 401, the other answers
+        502 upstream_auth_failed without an upstream call within about a second."""
+        KlingAccounts({"sk-good": 0}).install(fake_upstream)
+        one, two = (make_gateway(fake_upstream.url, upstream_key="sk-revoked") for _ in range(2))
+        assert submit(one).json()["error"]["code"] == "upstream_auth_failed"
+        pool = two.client.app.state.services.accounts  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 2.5
+        while not pool.unauthorized("default"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        response = submit(two)
+        assert (response.status_code, response.json()["error"]["code"]) == (502, "upstream_auth_failed")
+        assert fake_upstream.calls("POST", SUBMIT) == 1
 
 
 class TestUsageByAccount:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 
 from gateway.accounts.parse import fingerprint
 from gateway.cli.main import main
+from gateway.store import open_store
 
 
 @pytest.fixture
@@ -42,6 +45,30 @@ def test_table_and_json(data_env: Path, monkeypatch: pytest.MonkeyPatch, capsys:
     rows = json.loads(capsys.readouterr().out)["data"]
     assert [(r["name"], r["max_in_flight"], r["weight"]) for r in rows] == [("main", 4, 2.0), ("spare", 0, 1.0)]
     assert "secret" not in table
+
+
+def test_shows_the_running_gateways_set_asides(
+    data_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The marks the gateways share in the store: a capacity set-aside reads full; a rejected key reads
+    unauthorized while it is the key configured here."""
+    url = f"sqlite:///{data_env / 'marks.db'}"
+
+    async def mark() -> None:
+        store = await open_store(url)
+        try:
+            await store.mark_account_aside("main", time.time() + 600, time.time())
+            await store.mark_account_unauthorized("spare", fingerprint("sk-spare-secret"), time.time())
+            await store.mark_account_unauthorized("third", fingerprint("sk-an-older-key"), time.time())
+        finally:
+            await store.close()
+
+    asyncio.run(mark())
+    monkeypatch.setenv("KLING_GATEWAY_STORE_URL", url)
+    monkeypatch.setenv("UNIALL_API_KEYS", "main=sk-main-secret,spare=sk-spare-secret,third=sk-third-secret")
+    assert main(["accounts", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["data"]
+    assert {r["name"]: r["state"] for r in rows} == {"main": "full", "spare": "unauthorized", "third": "ok"}
 
 
 @pytest.mark.parametrize(

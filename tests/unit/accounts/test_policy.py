@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.accounts.policy import AccountView, candidates, capacity_retry_after, refusal, retry_after_s
+from gateway.accounts.policy import (
+    AccountView,
+    all_unauthorized,
+    candidates,
+    capacity_retry_after,
+    refusal,
+    retry_after_s,
+)
 from gateway.catalog import AccountState, RefusalReason
 
 NOW = 1000.0
@@ -92,10 +99,32 @@ def test_retry_after(header: str | None, seconds: float | None) -> None:
         ([v("a", 2, 2)], 5),  # nobody set aside: the default
         ([v("a", set_aside_until=NOW + 2.2)], 3),
         ([v("a", set_aside_until=NOW + 2.2), v("b", set_aside_until=NOW + 0.1)], 1),
-        ([v("a", set_aside_until=NOW + 60)], 5),  # never later than the default
+        # set aside with nothing in flight here: only its Retry-After brings it back, so not sooner
+        ([v("a", set_aside_until=NOW + 60)], 60),
+        ([v("a", 1, set_aside_until=NOW + 60)], 5),  # one of its tasks may end sooner
+        ([v("a", set_aside_until=NOW + 60), v("b", 2, 2)], 5),  # b is full by count: may free at any time
+        ([v("a", set_aside_until=NOW + 60), v("b", unauthorized=True)], 60),  # b never comes back by waiting
         ([v("a", set_aside_until=NOW + 2, models=("kling-v3-pro-*",))], 5),  # not this model's account
+        ([v("a", set_aside_until=NOW + 99_999)], 3600),  # capped at an hour
     ],
 )
 def test_capacity_retry_after(views: list[AccountView], expected: int) -> None:
-    """The soonest a set-aside account of the model comes back, at most the default, at least 1."""
+    """The soonest an account of the model could take a task again, at least 1 s, at most an hour."""
     assert capacity_retry_after(views, STD, NOW, 5) == expected
+
+
+@pytest.mark.parametrize(
+    ("views", "expected"),
+    [
+        ([v("a", unauthorized=True), v("b", unauthorized=True)], True),
+        ([v("a", unauthorized=True), v("b", 2, 2)], False),  # b may take it later: capacity wins
+        ([v("a", unauthorized=True), v("b", set_aside_until=NOW + 9)], False),
+        ([v("a", unauthorized=True), v("b", models=("kling-v3-pro-*",))], True),  # b does not serve the model
+        ([v("a", unauthorized=True), v("old", removed=True)], True),
+        ([v("a", models=("kling-v3-pro-*",))], False),  # no account serves it: not a key problem
+        ([], False),
+    ],
+)
+def test_all_unauthorized(views: list[AccountView], expected: bool) -> None:
+    """Every account serving the model has its key rejected: an operator problem, not capacity."""
+    assert all_unauthorized(views, STD) is expected

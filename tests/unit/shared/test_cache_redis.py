@@ -15,6 +15,7 @@ from redis.exceptions import ResponseError
 from gateway.auth.rate_limits import RateLimiter
 from gateway.shared.redis_ops import (
     CacheUnavailable,
+    RedisAccountMarks,
     RedisRateLimiter,
     RedisSingleFlight,
     RedisStatusCache,
@@ -22,6 +23,7 @@ from gateway.shared.redis_ops import (
     ping,
     redact_url,
 )
+from gateway.store.base import AccountMark
 
 UNREACHABLE_URL = "redis://:hunter2-canary@127.0.0.1:1/0"
 JSON = (("content-type", "application/json"),)
@@ -559,3 +561,32 @@ class TestFakes:
         started = time.monotonic()
         assert await ping(cast(aioredis.Redis, HangingRedis()), timeout_s=0.05) is False
         assert time.monotonic() - started < 1
+
+
+class TestAccountMarks:
+    async def test_marks_are_shared_and_a_newer_set_aside_survives_an_older_end(
+        self, client: aioredis.Redis, other_client: aioredis.Redis, redis_prefix: str
+    ) -> None:
+        """One replica's marks are read by another; ending a set-aside leaves a later one alone."""
+        one = RedisAccountMarks(client, prefix=redis_prefix)
+        two = RedisAccountMarks(other_client, prefix=redis_prefix)
+        assert await two.read() == {}
+        await one.set_aside("a", 1030.5)
+        await one.unauthorized("b", "0123abcd")
+        assert await two.read() == {"a": AccountMark("a", 1030.5), "b": AccountMark("b", 0.0, "0123abcd")}
+        await two.end_aside("a", 1000.0)  # an older set-aside than the one written: kept
+        assert (await one.read())["a"].set_aside_until == 1030.5
+        await two.end_aside("a", 1030.5)
+        assert await one.read() == {"b": AccountMark("b", 0.0, "0123abcd")}
+
+    async def test_unreachable_raises_cache_unavailable(self) -> None:
+        """Every operation fails as CacheUnavailable (the fail-open wrapper's signal), without the password."""
+        down = aioredis.Redis.from_url(UNREACHABLE_URL, socket_connect_timeout=0.5)
+        marks = RedisAccountMarks(down)
+        try:
+            for call in (marks.read, lambda: marks.set_aside("a", 1.0), lambda: marks.end_aside("a", 1.0)):
+                with pytest.raises(CacheUnavailable) as caught:
+                    await call()
+                assert "hunter2-canary" not in str(caught.value)
+        finally:
+            await down.aclose()

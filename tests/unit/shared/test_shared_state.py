@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from gateway.shared.fail_open import Health, SharedLimiter, SharedStatus
+from gateway.shared.fail_open import Health, SharedAccounts, SharedLimiter, SharedStatus
 from gateway.shared.redis_ops import CacheUnavailable
 from gateway.status.poller import CachedStatus, FetchResult
 
@@ -284,3 +284,31 @@ class TestOtherReplicasAnswer:
             return fetched
 
         assert await shared.once("task_1", fetch) == (fetched, False)
+
+
+class FailingMarks:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def _fail(self, *args: object) -> Any:
+        self.calls += 1
+        raise CacheUnavailable("Redis account marks failed: ConnectionError")
+
+    read = set_aside = unauthorized = end_aside = _fail
+
+
+class TestSharedAccounts:
+    async def test_failures_keep_each_replicas_own_marks_and_rest_redis(self, log: Log, clock: Clock) -> None:
+        """A failed read is None (keep what is known), a failed write False (keep it here); then Redis rests."""
+        marks = FailingMarks()
+        shared = SharedAccounts(marks, Health(log, clock=clock))  # type: ignore[arg-type]
+        assert await shared.read() is None
+        assert await shared.set_aside("a", 1.0) is False  # resting: Redis not asked
+        assert marks.calls == 1
+        clock.now += 1.1
+        assert await shared.unauthorized("a", "0123abcd") is False
+        assert marks.calls == 2
+        assert [(level, event) for level, event, _ in log.lines] == [
+            ("warning", "shared_state_unavailable"),
+            ("warning", "shared_state_unavailable"),
+        ]

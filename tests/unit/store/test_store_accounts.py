@@ -11,13 +11,37 @@ from pathlib import Path
 from test_store import T0, make_task
 
 from gateway.store import open_store
-from gateway.store.base import Store
+from gateway.store.base import AccountMark, Store
 from gateway.store.copy import copy_store
 from gateway.store.sqlite import MIGRATIONS, SQLiteStore
 
 
 async def admit(store: Store, n: int, account: str, limit: int, at: float = T0) -> bool:
     return await store.record_intent(f"i{account}{n}", "team-a", f"r{n}", "m", "text", at, account, limit, T0 - 600)
+
+
+class TestMarks:
+    async def test_set_aside_and_unauthorized_marks_are_kept_apart(self, store: Store) -> None:
+        """The two marks of one account are written independently; the latest of each wins."""
+        assert await store.account_marks() == []
+        await store.mark_account_aside("a", T0 + 30, T0)
+        await store.mark_account_unauthorized("a", "0123abcd", T0 + 1)
+        await store.mark_account_unauthorized("b", "feedbeef", T0 + 1)
+        await store.mark_account_aside("a", T0 + 7, T0 + 2)  # a newer refusal's Retry-After
+        assert await store.account_marks() == [
+            AccountMark("a", T0 + 7, "0123abcd"),
+            AccountMark("b", 0.0, "feedbeef"),
+        ]
+
+    async def test_ending_a_set_aside_leaves_a_newer_one(self, store: Store) -> None:
+        """A task ending ends the set-aside its process knew of, never a later one another process wrote."""
+        await store.mark_account_aside("a", T0 + 60, T0)
+        await store.end_account_aside("a", T0 + 30)
+        assert await store.account_marks() == [AccountMark("a", T0 + 60)]
+        await store.end_account_aside("a", T0 + 60)
+        assert await store.account_marks() == [AccountMark("a", 0.0)]
+        await store.end_account_aside("unknown", T0)  # nothing to end: no error
+        assert len(await store.account_marks()) == 1
 
 
 class TestAdmission:

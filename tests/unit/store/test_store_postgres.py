@@ -203,6 +203,7 @@ class TestMigrations:
                 "budget_holds",
                 "audit_log",
                 "ui_session_revocations",
+                "account_marks",
             }
         finally:
             await query(postgres_url, "public", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
