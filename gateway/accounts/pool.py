@@ -306,11 +306,18 @@ class AccountPool:
     # -- admission ---------------------------------------------------------------------------------------------
 
     async def place(
-        self, model: str, admit: Callable[[str, int], Awaitable[T | None]], *, exclude: Iterable[str] = (), wait: bool
+        self,
+        model: str,
+        admit: Callable[[str, int], Awaitable[T | None]],
+        *,
+        exclude: Iterable[str] = (),
+        wait: bool,
+        before_wait: Callable[[], Awaitable[None]] | None = None,
     ) -> tuple[str, T] | None:
         """Admit a submission for ``model`` on the least loaded account with room (``admit(account, limit)`` writes
-        the intent and answers None when the store found the account full). With ``wait`` and a
-        ``capacity_wait_s``, wait first come first served for room; None when no account could take it."""
+        the intent and answers None when the store found the account full; what it raises ends the placement).
+        With ``wait`` and a ``capacity_wait_s``, wait first come first served for room, after ``before_wait`` (once:
+        it may refuse the submission instead); None when no account could take it."""
         exclude = set(exclude)
         deadline = self._monotonic() + (self._wait_s if wait else 0.0)
         first = True
@@ -318,14 +325,20 @@ class AccountPool:
             if first and self._waiters:
                 placed = None  # others wait already: queue behind them
             else:
-                placed = await self._try(model, admit, exclude)
+                try:
+                    placed = await self._try(model, admit, exclude)
+                except BaseException:
+                    self._wake()  # refused for another reason: the next in line may take the room
+                    raise
             if placed is not None:
                 self._wake()  # the head got in: the next may have room too
                 return placed
-            first = False
             remaining = deadline - self._monotonic()
             if remaining <= 0 or all_unauthorized(self.views(), model):  # no key to wait for
                 return None
+            if first and before_wait is not None:
+                await before_wait()
+            first = False
             await self._wait_turn(remaining)
 
     async def _try(

@@ -39,7 +39,7 @@ from gateway.ledger.pricing import (
 )
 from gateway.logs import Logger
 from gateway.metrics import Metrics
-from gateway.store.base import OutboxEntry, Store, StoreError, TaskRecord
+from gateway.store.base import Admission, HoldRequest, OutboxEntry, Store, StoreError, TaskRecord
 from gateway.validation.checks import ValidRequest
 
 #: Fields an upstream may report a completed video's output seconds in, most specific first.
@@ -48,13 +48,18 @@ _SECONDS_FIELDS = ("output_seconds", "video_duration", "seconds", "duration")
 
 @dataclass(slots=True)
 class BudgetHold:
-    """A submission's hold on its key's monthly budget (``Ledger.budget_reserved``).
+    """A submission's hold on its key's monthly budget (``Ledger.budget_hold``), taken by its first intent.
 
+    ``taken`` once an intent was admitted with it (or may have been: a failed write), so a submission moved to
+    another account keeps it and asks no second one; ``checked`` once the store checked the budget for it;
     ``released`` once the write of its task row took it along (``Store.resolve_intent``), or once a background
-    retry of that write owns it; otherwise the hold is released on its own when the submission ends.
+    retry of that write owns it. A hold taken and not released is released on its own when the submission ends.
     """
 
     hold_id: str
+    budget: Decimal
+    taken: bool = False
+    checked: bool = False
     released: bool = False
 
 
@@ -205,44 +210,56 @@ class Ledger:
         return estimate(self._prices, request.model, request.mode, request.duration)
 
     @contextlib.asynccontextmanager
-    async def budget_reserved(self, principal: Principal, est: Estimate) -> AsyncIterator[BudgetHold | None]:
-        """Check the key's monthly budget for ``est`` and hold it while the submission is on its way upstream.
+    async def budget_hold(self, principal: Principal) -> AsyncIterator[BudgetHold | None]:
+        """The submission's hold on its key's monthly budget (None for a key without one), for :meth:`begin`.
 
-        429 ``budget_exceeded`` when settled + outstanding + held + this estimate would pass the budget. The check
-        and the hold are one store operation (``Store.hold_budget``), serialised per key across workers and
-        replicas, so concurrent submissions never overshoot. The hold (None for a key without a budget) belongs to
-        the submission, not to one intent, since a submission may be tried on several upstream accounts: pass it
-        to :meth:`begin`, and the task write of the accepted submission releases it in its own transaction (no
-        extra write); a submission that ends without one (refused, failed, cancelled) releases it here.
+        Nothing is written here: the first intent admitted takes the hold in its own transaction (no extra write),
+        after checking settled + outstanding + held + the estimate against the budget (429 ``budget_exceeded``
+        otherwise), serialised per key across workers and replicas so concurrent submissions never overshoot. The
+        hold belongs to the submission, not to one intent, since a submission may be tried on several upstream
+        accounts; the task write of the accepted submission releases it in its own transaction, and a submission
+        that ends without one (refused, failed, cancelled) releases it here.
         """
         budget = principal.monthly_budget_usd
         if budget is None:
             yield None
             return
+        hold = BudgetHold(uuid.uuid4().hex, budget)
+        try:
+            yield hold
+        finally:
+            if hold.taken and not hold.released:
+                try:
+                    await self.store.release_hold(hold.hold_id)
+                except StoreError as exc:  # it expires on its own; meanwhile it only makes the check stricter
+                    self._log.error("budget_hold_release_failed", key=principal.name, error=str(exc))
+
+    async def check_budget(self, principal: Principal, est: Estimate, budget: BudgetHold | None) -> None:
+        """429 ``budget_exceeded`` if ``est`` would pass the budget now, for a submission no intent has checked yet
+        (one about to wait for capacity, or finding no account): a read, so a refusal comes first; the admission of
+        an intent checks again, atomically."""
+        if budget is None or budget.checked or budget.taken:
+            return
         now = self._clock()
         month = month_bounds(now)
-        hold_id = uuid.uuid4().hex
-        held, spent = await self.store.hold_budget(hold_id, principal.name, est.usd, budget, month, now)
-        self._metrics.key_budget.labels(principal.name).set(float(budget))
-        self._metrics.key_spend.labels(principal.name).set(float(spent + est.usd if held else spent))
-        if not held:
-            retry_after = max(1, int(month[1] - now))
+        spent = await self.store.budget_spent(principal.name, month, now)
+        self._budget_checked(principal, est, budget, spent, fits=spent + est.usd <= budget.budget, now=now)
+
+    def _budget_checked(
+        self, principal: Principal, est: Estimate, budget: BudgetHold, spent: Decimal, *, fits: bool, now: float
+    ) -> None:
+        """Export the key's budget and spend (with ``est`` once held); 429 ``budget_exceeded`` unless it ``fits``."""
+        self._metrics.key_budget.labels(principal.name).set(float(budget.budget))
+        self._metrics.key_spend.labels(principal.name).set(float(spent + est.usd if budget.taken else spent))
+        if not fits:
+            retry_after = max(1, int(month_bounds(now)[1] - now))
             raise TooManyRequests(
-                f"Monthly budget of ${to_report(budget)} for key '{principal.name}' would be exceeded: "
+                f"Monthly budget of ${to_report(budget.budget)} for key '{principal.name}' would be exceeded: "
                 f"${to_report(spent)} settled, outstanding or in flight this month + ${to_report(est.usd)} "
                 "for this request.",
                 code="budget_exceeded",
                 headers={"Retry-After": str(retry_after)},
             )
-        hold = BudgetHold(hold_id)
-        try:
-            yield hold
-        finally:
-            if not hold.released:
-                try:
-                    await self.store.release_hold(hold_id)
-                except StoreError as exc:  # it expires on its own; meanwhile it only makes the check stricter
-                    self._log.error("budget_hold_release_failed", key=principal.name, error=str(exc))
 
     async def begin(
         self,
@@ -257,21 +274,39 @@ class Ledger:
     ) -> Submission | None:
         """Write the intent on ``account`` before anything goes upstream; None when the account has no room.
 
-        ``budget`` is the submission's hold from :meth:`budget_reserved`, released by its task write.
+        ``budget`` is the submission's hold from :meth:`budget_hold`: the first intent admitted takes it in its
+        own transaction (429 ``budget_exceeded``, nothing written, when it would pass the budget); its task write
+        releases it.
         """
         sub = Submission(uuid.uuid4().hex, principal, request, est, request_id, self._clock(), account, budget)
-        admitted = await self.store.record_intent(
-            sub.intent_id,
-            principal.name,
-            request_id,
-            request.model,
-            request.mode,
-            sub.submitted_at,
-            account,
-            max_in_flight,
-            hold_since,
-        )
-        return sub if admitted else None
+        hold = None
+        if budget is not None and not budget.taken:
+            now = sub.submitted_at
+            hold = HoldRequest(budget.hold_id, est.usd, budget.budget, month_bounds(now), now)
+        try:
+            outcome = await self.store.record_intent(
+                sub.intent_id,
+                principal.name,
+                request_id,
+                request.model,
+                request.mode,
+                sub.submitted_at,
+                account,
+                max_in_flight,
+                hold_since,
+                hold,
+            )
+        except BaseException:
+            if hold is not None and budget is not None:
+                budget.taken = True  # it may have been written: released on the way out all the same
+            raise
+        if hold is not None and budget is not None and outcome.spent is not None:
+            budget.checked = True
+            budget.taken = outcome.admitted
+            if outcome.admission is not Admission.NO_ROOM:
+                fits = outcome.admission is not Admission.OVER_BUDGET
+                self._budget_checked(principal, est, budget, outcome.spent, fits=fits, now=hold.now)
+        return sub if outcome.admitted else None
 
     async def refused(self, sub: Submission) -> None:
         """The upstream answered without creating a task: forget the intent (its account's slot is free)."""

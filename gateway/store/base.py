@@ -151,6 +151,41 @@ class IntentRecord:
     account: str = DEFAULT_ACCOUNT
 
 
+@dataclass(frozen=True, slots=True)
+class HoldRequest:
+    """A budget hold asked of :meth:`Store.record_intent`: ``amount`` of the intent's key's ``budget`` for the
+    calendar ``month`` [start, end), taken at ``now``; holds older than ``ttl_s`` (a crashed process's) no longer
+    count."""
+
+    hold_id: str
+    amount: Decimal
+    budget: Decimal
+    month: tuple[float, float]
+    now: float
+    ttl_s: float = BUDGET_HOLD_TTL_S
+
+
+class Admission(enum.Enum):
+    """What :meth:`Store.record_intent` did."""
+
+    ADMITTED = "admitted"  # the intent is written (and the hold, if one was asked)
+    NO_ROOM = "no_room"  # the account is full: nothing written
+    OVER_BUDGET = "over_budget"  # the hold would pass the budget: nothing written
+
+
+@dataclass(frozen=True, slots=True)
+class IntentOutcome:
+    """:meth:`Store.record_intent`'s answer; ``spent`` is the key's spend before this request (settled +
+    outstanding + other live holds) when a hold was asked for, else None."""
+
+    admission: Admission
+    spent: Decimal | None = None
+
+    @property
+    def admitted(self) -> bool:
+        return self.admission is Admission.ADMITTED
+
+
 class UsageRow(NamedTuple):
     """One group of :meth:`Store.usage`; a dimension not grouped by is None.
 
@@ -327,12 +362,18 @@ class Store(Protocol):
         account: str = DEFAULT_ACCOUNT,
         max_in_flight: int = 0,
         hold_since: float = 0.0,
-    ) -> bool:
-        """Write the intent to submit on ``account``, before forwarding; the admission of its capacity.
+        hold: HoldRequest | None = None,
+    ) -> IntentOutcome:
+        """Write the intent to submit on ``account``, before forwarding; the admission of its capacity and, with
+        ``hold``, of its key's budget, in one transaction.
 
-        With ``max_in_flight`` > 0 the intent is written only if the account's unsettled tasks plus its intents
-        submitted since ``hold_since`` are fewer, atomically across processes; else nothing is written and the
-        answer is False. With 0 (no limit) it is one plain insert and always True.
+        With ``hold``, the key's budget is checked first: when settled + outstanding estimates of tasks submitted
+        in the hold's month + live holds + ``hold.amount`` would pass ``hold.budget``, nothing is written
+        (``OVER_BUDGET``); else the hold is written with the intent. Budget checks of one key are serialised across
+        processes and replicas (SQLite's write lock; a PostgreSQL advisory lock per key, taken before the account's),
+        so concurrent submissions never overshoot. With ``max_in_flight`` > 0 the intent is written only if the
+        account's unsettled tasks plus its intents submitted since ``hold_since`` are fewer, atomically across
+        processes; else nothing is written (``NO_ROOM``, no hold either). With 0 (no limit) there is no count.
         """
 
     async def account_in_flight(self, hold_since: float) -> dict[str, int]:
@@ -357,30 +398,19 @@ class Store(Protocol):
         Returns False if the task row already existed (a retried write that had in fact committed, or an upstream
         answering with a task id it already gave another submission); the row is then left as it was and the
         intent, if any, stays (outcome unknown). An unknown ``intent_id`` is fine: the task is inserted all the same.
-        ``release_hold`` names the submission's budget hold (:meth:`hold_budget`), deleted by the same transaction
-        either way: the task row replaces the hold atomically, and a budgeted submission costs no extra write.
-        """
-
-    async def hold_budget(
-        self,
-        hold_id: str,
-        key_name: str,
-        amount: Decimal,
-        budget: Decimal,
-        month: tuple[float, float],
-        now: float,
-        ttl_s: float = BUDGET_HOLD_TTL_S,
-    ) -> tuple[bool, Decimal]:
-        """Hold ``amount`` of ``key_name``'s budget for a submission on its way upstream, atomically with the check.
-
-        Returns whether it was held (False: ``amount`` would pass ``budget``, nothing is held) and the key's spend
-        before it: settled + outstanding estimates of tasks submitted in ``month`` + other live holds. Checks of one key
-        are serialised across processes and replicas (SQLite's write lock; a PostgreSQL advisory lock), so
-        concurrent submissions never overshoot. Holds older than ``ttl_s`` (a crashed process's) no longer count.
+        ``release_hold`` names the submission's budget hold (taken by :meth:`record_intent`), deleted by the same
+        transaction either way: the task row replaces the hold atomically, and a budgeted submission costs no extra
+        write.
         """
 
     async def release_hold(self, hold_id: str) -> None:
-        """Drop a hold whose submission ended without a task row (refused, failed, cancelled)."""
+        """Drop a hold whose submission ended without a task row (refused, failed, cancelled); none is fine."""
+
+    async def budget_spent(
+        self, key_name: str, month: tuple[float, float], now: float, ttl_s: float = BUDGET_HOLD_TTL_S
+    ) -> Decimal:
+        """What a budget check of ``key_name`` counts now (a read, no hold): settled + outstanding estimates of tasks
+        submitted in ``month`` + holds younger than ``ttl_s``."""
 
     async def drop_intent(self, intent_id: str) -> bool:
         """Delete an intent whose submission the upstream refused; False if there was none."""

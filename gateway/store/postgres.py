@@ -28,10 +28,13 @@ from gateway.store.base import (
     IDEMPOTENCY_IN_FLIGHT_TTL_S,
     IDEMPOTENCY_TTL_S,
     AccountMark,
+    Admission,
     ArchiveRecord,
     AuditRecord,
+    HoldRequest,
     IdemKind,
     IdemState,
+    IntentOutcome,
     IntentRecord,
     KeyExists,
     KeyNotFound,
@@ -211,7 +214,7 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
     (
         5,
         (
-            # Budget held by submissions on their way upstream (Store.hold_budget): the atomic budget check.
+            # Budget held by submissions on their way upstream (taken with the intent, Store.record_intent).
             """CREATE TABLE budget_holds (
                 hold_id TEXT COLLATE "C" PRIMARY KEY,
                 key_name TEXT NOT NULL,
@@ -431,6 +434,14 @@ _SQL_INTENT_IF_ROOM = (
     "(SELECT COUNT(*) FROM tasks WHERE account = $7 AND settled_at IS NULL) + "
     "(SELECT COUNT(*) FROM intents WHERE account = $7 AND submitted_at >= $8) < $9"
 )
+_SQL_BUDGET_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
+_SQL_HELD = "SELECT COALESCE(SUM(amount_nano), 0) FROM budget_holds WHERE key_name = $1 AND created_at >= $2"
+# The hold written, and the key's expired holds (a crashed process's) cleared, in one statement.
+_SQL_HOLD = (
+    "WITH old AS (DELETE FROM budget_holds WHERE key_name = $2 AND created_at < $5) "
+    "INSERT INTO budget_holds (hold_id, key_name, amount_nano, created_at) VALUES ($1, $2, $3, $4)"
+)
+_ADMITTED: Final = IntentOutcome(Admission.ADMITTED)
 _SQL_ACCOUNT_IN_FLIGHT = (
     "SELECT account, SUM(n) FROM ("
     "SELECT account, COUNT(*) AS n FROM tasks WHERE settled_at IS NULL GROUP BY account "
@@ -588,6 +599,16 @@ def _usage_queries(
         task_sums=_USAGE_AGGREGATES,
         rollup_sums=_ROLLUP_SUMS,
     )
+
+
+async def _spent_nano(conn: asyncpg.Connection, queries: list[UsageQuery], key_name: str, holds_since: float) -> int:
+    """What a budget check counts, in nano-dollars: live holds (read first), then the month's settled + outstanding."""
+    held = int(await conn.fetchval(_SQL_HELD, key_name, holds_since))
+    totals: dict[tuple[Any, ...], list[int]] = {}
+    for sql, params in queries:
+        for row in await conn.fetch(sql, *params):
+            add_usage(totals, row, 0)
+    return held + totals.get((), [0] * len(_MEASURES))[_MEASURES.index("cost_nano")]
 
 
 async def _aggregate(
@@ -846,17 +867,41 @@ class PostgresStore:
         account: str = DEFAULT_ACCOUNT,
         max_in_flight: int = 0,
         hold_since: float = 0.0,
-    ) -> bool:
-        """Write the intent to submit, before forwarding; with a limit, only while ``account`` has room."""
-        params = (intent_id, key_name, request_id, model, mode, submitted_at, account)
-        if max_in_flight <= 0:
-            await self._run(lambda conn: conn.execute(_SQL_INTENT, *params), tx=False)
-            return True
-        lock = _lock_key(account)
+        hold: HoldRequest | None = None,
+    ) -> IntentOutcome:
+        """Write the intent to submit, before forwarding: with ``hold``, only within the key's budget (the hold
+        written beside it); with a limit, only while ``account`` has room.
 
-        async def op(conn: asyncpg.Connection) -> bool:
-            await conn.execute(_SQL_ACCOUNT_LOCK, _ACCOUNT_LOCK, lock)
-            return _count(await conn.execute(_SQL_INTENT_IF_ROOM, *params, hold_since, max_in_flight)) == 1
+        One transaction. Its locks are always taken in the same order, the key's budget lock before the account's,
+        so two submissions can never wait on each other crosswise. Holds are read before tasks: a submission's hold
+        is released by the statement that writes its task row (``resolve_intent``), so each in-flight submission is
+        seen as a hold, a task, or (if that statement commits between the two reads) both, never neither.
+        """
+        params = (intent_id, key_name, request_id, model, mode, submitted_at, account)
+        if hold is None and max_in_flight <= 0:
+            await self._run(lambda conn: conn.execute(_SQL_INTENT, *params), tx=False)
+            return _ADMITTED
+        lock = _lock_key(account)
+        queries = _usage_queries(hold.month[0], hold.month[1], (), key_name) if hold is not None else []
+        since = hold.now - hold.ttl_s if hold is not None else 0.0
+
+        async def op(conn: asyncpg.Connection) -> IntentOutcome:
+            spent: Decimal | None = None
+            if hold is not None:
+                await conn.execute(_SQL_BUDGET_LOCK, "budget:" + key_name)
+                spent_nano = await _spent_nano(conn, queries, key_name, since)
+                spent = from_fixed(spent_nano)
+                if spent_nano + to_fixed(hold.amount) > to_fixed(hold.budget):
+                    return IntentOutcome(Admission.OVER_BUDGET, spent)
+            if max_in_flight <= 0:
+                await conn.execute(_SQL_INTENT, *params)
+            else:
+                await conn.execute(_SQL_ACCOUNT_LOCK, _ACCOUNT_LOCK, lock)
+                if _count(await conn.execute(_SQL_INTENT_IF_ROOM, *params, hold_since, max_in_flight)) != 1:
+                    return IntentOutcome(Admission.NO_ROOM, spent)
+            if hold is not None:
+                await conn.execute(_SQL_HOLD, hold.hold_id, key_name, to_fixed(hold.amount), hold.now, since)
+            return IntentOutcome(Admission.ADMITTED, spent)
 
         return await self._run(op)
 
@@ -893,55 +938,21 @@ class PostgresStore:
         inserted = await self._run(lambda conn: conn.fetchval(sql, *params), tx=False)
         return bool(inserted)
 
-    async def hold_budget(
-        self,
-        hold_id: str,
-        key_name: str,
-        amount: Decimal,
-        budget: Decimal,
-        month: tuple[float, float],
-        now: float,
-        ttl_s: float = BUDGET_HOLD_TTL_S,
-    ) -> tuple[bool, Decimal]:
-        """Check and hold in one transaction under a per-key advisory lock: replicas take their turn per key.
-
-        Holds are read before tasks: a submission's hold is released by the statement that writes its task row
-        (``resolve_intent``), so each in-flight submission is seen as a hold, a task, or (if that statement commits
-        between the two reads) both, never neither.
-        """
-        queries = _usage_queries(month[0], month[1], (), key_name)
-        amount_nano, budget_nano = to_fixed(amount), to_fixed(budget)
-
-        async def op(conn: asyncpg.Connection) -> tuple[bool, int]:
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", "budget:" + key_name)
-            await conn.execute(
-                "DELETE FROM budget_holds WHERE key_name = $1 AND created_at < $2", key_name, now - ttl_s
-            )
-            held = await conn.fetchval(
-                "SELECT COALESCE(SUM(amount_nano), 0) FROM budget_holds WHERE key_name = $1", key_name
-            )
-            totals: dict[tuple[Any, ...], list[int]] = {}
-            for sql, params in queries:
-                for row in await conn.fetch(sql, *params):
-                    add_usage(totals, row, 0)
-            spent = int(held) + totals.get((), [0] * len(_MEASURES))[_MEASURES.index("cost_nano")]
-            if spent + amount_nano > budget_nano:
-                return False, spent
-            await conn.execute(
-                "INSERT INTO budget_holds (hold_id, key_name, amount_nano, created_at) VALUES ($1, $2, $3, $4)",
-                hold_id,
-                key_name,
-                amount_nano,
-                now,
-            )
-            return True, spent
-
-        held, spent = await self._run(op)
-        return held, from_fixed(spent)
-
     async def release_hold(self, hold_id: str) -> None:
         sql = "DELETE FROM budget_holds WHERE hold_id = $1"
         await self._run(lambda conn: conn.execute(sql, hold_id), tx=False)
+
+    async def budget_spent(
+        self, key_name: str, month: tuple[float, float], now: float, ttl_s: float = BUDGET_HOLD_TTL_S
+    ) -> Decimal:
+        """Settled + outstanding + live holds of ``key_name`` (one read snapshot)."""
+        queries = _usage_queries(month[0], month[1], (), key_name)
+
+        async def read(conn: asyncpg.Connection) -> int:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                return await _spent_nano(conn, queries, key_name, now - ttl_s)
+
+        return from_fixed(await self._run(read, tx=False))
 
     async def drop_intent(self, intent_id: str) -> bool:
         """Delete an intent whose submission the upstream refused; False if there was none."""

@@ -29,10 +29,13 @@ from gateway.store.base import (
     IDEMPOTENCY_IN_FLIGHT_TTL_S,
     IDEMPOTENCY_TTL_S,
     AccountMark,
+    Admission,
     ArchiveRecord,
     AuditRecord,
+    HoldRequest,
     IdemKind,
     IdemState,
+    IntentOutcome,
     IntentRecord,
     KeyExists,
     KeyNotFound,
@@ -50,6 +53,7 @@ from gateway.store.rows import (
     AUDIT_COLUMNS,
     MAX_PAGE,
     OUTBOX_COLUMNS,
+    UsageQuery,
     add_usage,
     audit_page_sql,
     audit_record,
@@ -210,7 +214,7 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
     (
         5,
         (
-            # Budget held by submissions on their way upstream (Store.hold_budget): the atomic budget check.
+            # Budget held by submissions on their way upstream (taken with the intent, Store.record_intent).
             """CREATE TABLE budget_holds (
                 hold_id TEXT PRIMARY KEY,
                 key_name TEXT NOT NULL,
@@ -390,6 +394,10 @@ _SQL_INTENT_IF_ROOM = (
     "(SELECT COUNT(*) FROM tasks WHERE account = ? AND settled_at IS NULL) + "
     "(SELECT COUNT(*) FROM intents WHERE account = ? AND submitted_at >= ?) < ?"
 )
+_SQL_HOLD = "INSERT INTO budget_holds (hold_id, key_name, amount_nano, created_at) VALUES (?, ?, ?, ?)"
+_SQL_HELD = "SELECT COALESCE(SUM(amount_nano), 0) FROM budget_holds WHERE key_name = ? AND created_at >= ?"
+_ADMITTED: Final = IntentOutcome(Admission.ADMITTED)
+_NO_ROOM: Final = IntentOutcome(Admission.NO_ROOM)
 _SQL_ACCOUNT_IN_FLIGHT = (
     "SELECT account, SUM(n) FROM ("
     "SELECT account, COUNT(*) AS n FROM tasks WHERE settled_at IS NULL GROUP BY account "
@@ -462,6 +470,28 @@ def _aggregate(
     finally:
         conn.execute("COMMIT")
     return totals
+
+
+def _budget_queries(key_name: str, month: tuple[float, float]) -> list[UsageQuery]:
+    return usage_queries(
+        month[0],
+        month[1],
+        (),
+        key_name,
+        placeholder=_placeholder,
+        task_sums=_USAGE_AGGREGATES,
+        rollup_sums=_ROLLUP_SUMS,
+    )
+
+
+def _spent_nano(conn: sqlite3.Connection, queries: list[UsageQuery], key_name: str, holds_since: float) -> int:
+    """What a budget check counts, in nano-dollars: the month's settled + outstanding, plus live holds."""
+    held = conn.execute(_SQL_HELD, (key_name, holds_since)).fetchone()[0]
+    totals: dict[tuple[Any, ...], list[int]] = {}
+    for sql, params in queries:
+        for row in conn.execute(sql, params):
+            add_usage(totals, row, 0)
+    return int(held) + totals.get((), [0] * len(_MEASURES))[_MEASURES.index("cost_nano")]
 
 
 class SQLiteStore:
@@ -690,14 +720,36 @@ class SQLiteStore:
         account: str = DEFAULT_ACCOUNT,
         max_in_flight: int = 0,
         hold_since: float = 0.0,
-    ) -> bool:
-        """Write the intent to submit, before forwarding; with a limit, only while ``account`` has room."""
+        hold: HoldRequest | None = None,
+    ) -> IntentOutcome:
+        """Write the intent to submit, before forwarding: with ``hold``, only within the key's budget (the hold
+        written beside it); with a limit, only while ``account`` has room. One write: the file's write lock makes
+        every process on it take its turn."""
         params = (intent_id, key_name, request_id, model, mode, submitted_at, account)
-        if max_in_flight <= 0:
-            await self._tx(lambda conn: conn.execute(_SQL_INTENT, params))
-            return True
         guarded = (*params, account, account, hold_since, max_in_flight)
-        return await self._tx(lambda conn: conn.execute(_SQL_INTENT_IF_ROOM, guarded).rowcount == 1)
+        if hold is None:
+            if max_in_flight <= 0:
+                await self._tx(lambda conn: conn.execute(_SQL_INTENT, params))
+                return _ADMITTED
+            admitted = await self._tx(lambda conn: conn.execute(_SQL_INTENT_IF_ROOM, guarded).rowcount == 1)
+            return _ADMITTED if admitted else _NO_ROOM
+        queries = _budget_queries(key_name, hold.month)
+        amount_nano, budget_nano, since = to_fixed(hold.amount), to_fixed(hold.budget), hold.now - hold.ttl_s
+
+        def op(conn: sqlite3.Connection) -> tuple[Admission, int]:
+            spent = _spent_nano(conn, queries, key_name, since)
+            if spent + amount_nano > budget_nano:
+                return Admission.OVER_BUDGET, spent
+            if max_in_flight <= 0:
+                conn.execute(_SQL_INTENT, params)
+            elif conn.execute(_SQL_INTENT_IF_ROOM, guarded).rowcount != 1:
+                return Admission.NO_ROOM, spent
+            conn.execute("DELETE FROM budget_holds WHERE key_name = ? AND created_at < ?", (key_name, since))
+            conn.execute(_SQL_HOLD, (hold.hold_id, key_name, amount_nano, hold.now))
+            return Admission.ADMITTED, spent
+
+        admission, spent = await self._tx(op)
+        return IntentOutcome(admission, from_fixed(spent))
 
     async def account_in_flight(self, hold_since: float) -> dict[str, int]:
         """Per account: unsettled tasks plus intents submitted since ``hold_since``."""
@@ -744,51 +796,23 @@ class SQLiteStore:
 
         return await self._tx(op)
 
-    async def hold_budget(
-        self,
-        hold_id: str,
-        key_name: str,
-        amount: Decimal,
-        budget: Decimal,
-        month: tuple[float, float],
-        now: float,
-        ttl_s: float = BUDGET_HOLD_TTL_S,
-    ) -> tuple[bool, Decimal]:
-        """Check and hold in one ``BEGIN IMMEDIATE`` write: every process on the file takes its turn."""
-        queries = usage_queries(
-            month[0],
-            month[1],
-            (),
-            key_name,
-            placeholder=_placeholder,
-            task_sums=_USAGE_AGGREGATES,
-            rollup_sums=_ROLLUP_SUMS,
-        )
-        amount_nano, budget_nano = to_fixed(amount), to_fixed(budget)
-
-        def op(conn: sqlite3.Connection) -> tuple[bool, int]:
-            conn.execute("DELETE FROM budget_holds WHERE key_name = ? AND created_at < ?", (key_name, now - ttl_s))
-            held = conn.execute(
-                "SELECT COALESCE(SUM(amount_nano), 0) FROM budget_holds WHERE key_name = ?", (key_name,)
-            ).fetchone()[0]
-            totals: dict[tuple[Any, ...], list[int]] = {}
-            for sql, params in queries:
-                for row in conn.execute(sql, params):
-                    add_usage(totals, row, 0)
-            spent = int(held) + totals.get((), [0] * len(_MEASURES))[_MEASURES.index("cost_nano")]
-            if spent + amount_nano > budget_nano:
-                return False, spent
-            conn.execute(
-                "INSERT INTO budget_holds (hold_id, key_name, amount_nano, created_at) VALUES (?, ?, ?, ?)",
-                (hold_id, key_name, amount_nano, now),
-            )
-            return True, spent
-
-        held, spent = await self._tx(op)
-        return held, from_fixed(spent)
-
     async def release_hold(self, hold_id: str) -> None:
         await self._tx(lambda conn: conn.execute("DELETE FROM budget_holds WHERE hold_id = ?", (hold_id,)))
+
+    async def budget_spent(
+        self, key_name: str, month: tuple[float, float], now: float, ttl_s: float = BUDGET_HOLD_TTL_S
+    ) -> Decimal:
+        """Settled + outstanding + live holds of ``key_name`` (one read snapshot)."""
+        queries = _budget_queries(key_name, month)
+
+        def read(conn: sqlite3.Connection) -> int:
+            conn.execute("BEGIN")
+            try:
+                return _spent_nano(conn, queries, key_name, now - ttl_s)
+            finally:
+                conn.execute("COMMIT")
+
+        return from_fixed(await self._read(read))
 
     async def drop_intent(self, intent_id: str) -> bool:
         """Delete an intent whose submission the upstream refused; False if there was none."""

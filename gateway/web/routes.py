@@ -105,7 +105,7 @@ class GatewayRoutes:
             if replay is not None:
                 return replay  # a finished repeat answers as the first time did, budget or not
         try:
-            async with self._ledger.budget_reserved(principal, estimate) as budget:
+            async with self._ledger.budget_hold(principal) as budget:
                 response = await self.forward_submission(request, principal, valid, estimate, result.warnings, budget)
         except Exception:
             # Failed (not cancelled): the same key may be retried. A cancelled attempt keeps its in-flight record
@@ -143,6 +143,7 @@ class GatewayRoutes:
                 principal, valid, estimate, request_id, tried, wait=last_refusal is None, budget=budget
             )
             if placed is None:
+                await ledger.check_budget(principal, estimate, budget)  # over budget: that is the answer
                 raise accounts.no_account_error(valid.model)
             account, submission = placed
             try:
@@ -206,7 +207,10 @@ class GatewayRoutes:
                 principal, valid, estimate, request_id, account, limit, accounts.hold_since(), budget
             )
 
-        return await accounts.place(valid.model, admit, exclude=tried, wait=wait)
+        async def before_wait() -> None:  # an over-budget submission is answered at once, not after the wait
+            await ledger.check_budget(principal, estimate, budget)
+
+        return await accounts.place(valid.model, admit, exclude=tried, wait=wait, before_wait=before_wait)
 
     async def record_task(self, submission: Submission, upstream: UpstreamResponse) -> TaskRecord:
         answer = self.parsed_object(upstream) or {}

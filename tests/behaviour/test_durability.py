@@ -18,7 +18,7 @@ from support.harness import ADMIN, ADMIN_TOKEN, GatewayFactory
 from support.upstream_fake import FakeUpstream, dynamic, json, slow
 
 from gateway.store import open_store
-from gateway.store.base import Store, StoreError, TaskRecord
+from gateway.store.base import IntentOutcome, Store, StoreError, TaskRecord
 
 SUBMIT = "/v1/video/generations"
 BODY: dict[str, Any] = {"model": "kling-v3-std-silent", "prompt": "waves on a pier", "duration": 5}
@@ -43,7 +43,7 @@ class FlakyStore:
         self.failures = failures
         self.intents_fail = intents_fail
 
-    async def record_intent(self, *args: Any) -> bool:
+    async def record_intent(self, *args: Any) -> IntentOutcome:
         if self.intents_fail:
             raise StoreError("database is locked (injected)")
         return await self._inner.record_intent(*args)

@@ -31,7 +31,10 @@ from support.paths import REPO_ROOT
 from gateway.keys import KeyRecord, hash_secret, issue_key, new_secret
 from gateway.store import open_store
 from gateway.store.base import (
+    Admission,
+    HoldRequest,
     IdemKind,
+    IntentOutcome,
     KeyExists,
     KeyNotFound,
     KeyRevoked,
@@ -48,6 +51,7 @@ from gateway.store.base import (
 from gateway.store.rows import decode_cursor, encode_cursor
 from gateway.store.sqlite import MIGRATIONS, SQLiteStore
 
+ADMITTED = IntentOutcome(Admission.ADMITTED)
 DAY = 86400.0
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 PRICES = {
@@ -451,63 +455,111 @@ class TestIntents:
 MONTH = (T0 - 86400.0, T0 + 30 * 86400.0)
 
 
+async def hold_intent(
+    store: Store,
+    n: int | str,
+    amount: str,
+    budget: str = "1",
+    *,
+    at: float = T0,
+    ttl_s: float = 600.0,
+    account: str = "default",
+    limit: int = 0,
+    key: str = "team-a",
+) -> IntentOutcome:
+    """Intent ``i{n}`` with hold ``h{n}`` of ``amount`` on ``key``'s ``budget`` (``limit``: the account's room)."""
+    hold = HoldRequest(f"h{n}", Decimal(amount), Decimal(budget), MONTH, at, ttl_s)
+    return await store.record_intent(
+        f"i{n}", key, f"req-{n}", "kling-v3-std-silent", "text", at, account, limit, at - 600, hold
+    )
+
+
+async def spent(store: Store, at: float = T0, key: str = "team-a") -> Decimal:
+    return await store.budget_spent(key, MONTH, at)
+
+
 class TestBudgetHolds:
-    async def test_hold_until_the_budget_then_refuse(self, store: Store) -> None:
-        """Holds add up with outstanding tasks; the one that would pass the budget is refused with the spend."""
+    async def test_hold_taken_with_the_intent_until_the_budget_then_refused(self, store: Store) -> None:
+        """Holds add up with outstanding tasks; the one that would pass the budget writes nothing and says the
+        spend; holds are per key; a released hold makes room again, up to the budget exactly."""
         await add_task(store, make_task("task-1", key="team-a"))  # 0.42 outstanding
-        assert await store.hold_budget("h1", "team-a", Decimal("0.42"), Decimal(1), MONTH, T0) == (
-            True,
-            Decimal("0.42"),
-        )
-        refused = await store.hold_budget("h2", "team-a", Decimal("0.42"), Decimal(1), MONTH, T0)
-        assert refused == (False, Decimal("0.84"))
-        assert (await store.hold_budget("h3", "team-b", Decimal("0.42"), Decimal(1), MONTH, T0))[0] is True  # per key
+        assert await hold_intent(store, 1, "0.42") == IntentOutcome(Admission.ADMITTED, Decimal("0.42"))
+        assert [i.intent_id for i in await store.list_intents()] == ["i1"]
+        assert await spent(store) == Decimal("0.84")
+        assert await hold_intent(store, 2, "0.42") == IntentOutcome(Admission.OVER_BUDGET, Decimal("0.84"))
+        assert [i.intent_id for i in await store.list_intents()] == ["i1"]  # neither intent nor hold written
+        assert await spent(store) == Decimal("0.84")
+        assert (await hold_intent(store, 3, "0.42", key="team-b")).admitted  # per key
         await store.release_hold("h1")
-        assert (await store.hold_budget("h4", "team-a", Decimal("0.58"), Decimal(1), MONTH, T0))[0] is True  # exactly
+        assert await spent(store) == Decimal("0.42")
+        assert (await hold_intent(store, 4, "0.58")).admitted  # exactly the budget
+        assert await spent(store) == Decimal(1)
+
+    async def test_no_room_writes_neither_intent_nor_hold(self, store: Store) -> None:
+        """The budget fits but the account is full: nothing written, the spend said all the same."""
+        assert (await hold_intent(store, 1, "0.42", account="a", limit=1)).admitted
+        assert await hold_intent(store, 2, "0.42", account="a", limit=1) == IntentOutcome(
+            Admission.NO_ROOM, Decimal("0.42")
+        )
+        assert [i.intent_id for i in await store.list_intents()] == ["i1"]
+        assert await spent(store) == Decimal("0.42")
+        assert (await hold_intent(store, 3, "0.42", account="b", limit=1)).admitted  # another account has room
+
+    async def test_over_budget_is_answered_before_the_account_is_counted(self, store: Store) -> None:
+        """Full account and over budget: the budget is the answer (no wait for room that could not be used)."""
+        assert (await hold_intent(store, 1, "0.9", account="a", limit=1)).admitted
+        outcome = await hold_intent(store, 2, "0.42", account="a", limit=1)
+        assert outcome == IntentOutcome(Admission.OVER_BUDGET, Decimal("0.9"))
+
+    async def test_plain_intents_say_nothing_of_the_budget(self, store: Store) -> None:
+        assert await store.record_intent("i1", "team-a", "r", "m", "text", T0) == ADMITTED
+        assert await store.record_intent("i2", "team-a", "r", "m", "text", T0, "a", 1, T0 - 600) == ADMITTED
+        assert await store.record_intent("i3", "team-a", "r", "m", "text", T0, "a", 1, T0 - 600) == IntentOutcome(
+            Admission.NO_ROOM
+        )
+        assert await spent(store) == 0
+
+    async def test_dropping_the_intent_keeps_the_hold(self, store: Store) -> None:
+        """A refused intent is dropped; the hold is the submission's, so it stays (and counts) until released."""
+        assert (await hold_intent(store, 1, "0.42")).admitted
+        assert await store.drop_intent("i1")
+        assert await spent(store) == Decimal("0.42")
+        await store.release_hold("h1")
+        await store.release_hold("h1")  # none left: fine
+        assert await spent(store) == 0
 
     async def test_a_task_row_and_its_hold_both_count_until_the_hold_is_released(self, store: Store) -> None:
         """While a submission's task row is written and its hold not yet released, both count (never neither)."""
-        task = make_task("task-h", key="team-a")  # 0.42
-        assert (await store.hold_budget("h1", "team-a", Decimal("0.42"), Decimal(1), MONTH, T0))[0] is True
-        await add_task(store, task)
-        assert await store.hold_budget("h2", "team-a", Decimal("0.2"), Decimal(1), MONTH, T0) == (
-            False,
-            Decimal("0.84"),
-        )
+        assert (await hold_intent(store, 1, "0.42")).admitted
+        await add_task(store, make_task("task-h", key="team-a"))  # 0.42
+        assert await hold_intent(store, 2, "0.2") == IntentOutcome(Admission.OVER_BUDGET, Decimal("0.84"))
         await store.release_hold("h1")
-        assert await store.hold_budget("h3", "team-a", Decimal("0.58"), Decimal(1), MONTH, T0) == (
-            True,
-            Decimal("0.42"),
-        )
+        assert await hold_intent(store, 3, "0.58") == IntentOutcome(Admission.ADMITTED, Decimal("0.42"))
 
     async def test_the_task_write_releases_the_hold_in_its_transaction(self, store: Store) -> None:
         """``resolve_intent(..., release_hold)``: the task row replaces the hold at once (counted once, not both)."""
-        assert (await store.hold_budget("h1", "team-a", Decimal("0.42"), Decimal(1), MONTH, T0))[0] is True
-        await store.record_intent("i1", "team-a", "req-1", "kling-v3-std-silent", "text", T0)
+        assert (await hold_intent(store, 1, "0.42")).admitted
         assert await store.resolve_intent("i1", make_task("task-h"), release_hold="h1")
         assert await store.list_intents() == []
-        assert await store.hold_budget("h2", "team-a", Decimal("0.58"), Decimal(1), MONTH, T0) == (
-            True,
-            Decimal("0.42"),
-        )
+        assert await spent(store) == Decimal("0.42")
+        assert await hold_intent(store, 2, "0.58") == IntentOutcome(Admission.ADMITTED, Decimal("0.42"))
 
     async def test_a_task_id_already_recorded_still_releases_the_hold(self, store: Store) -> None:
         """The upstream answered with an id the ledger holds: no row is written, the hold goes all the same."""
         await add_task(store, make_task("task-h"))  # 0.42
-        assert (await store.hold_budget("h1", "team-a", Decimal("0.42"), Decimal(1), MONTH, T0))[0] is True
-        await store.record_intent("i2", "team-a", "req-2", "kling-v3-std-silent", "text", T0)
-        assert not await store.resolve_intent("i2", make_task("task-h"), release_hold="h1")
+        assert (await hold_intent(store, 2, "0.42")).admitted
+        assert not await store.resolve_intent("i2", make_task("task-h"), release_hold="h2")
         assert [i.intent_id for i in await store.list_intents()] == ["i2"]  # outcome unknown, as before
-        assert (await store.hold_budget("h2", "team-a", Decimal(0), Decimal(1), MONTH, T0))[1] == Decimal("0.42")
+        assert await spent(store) == Decimal("0.42")
 
     async def test_a_failed_task_write_keeps_the_hold(self, store: Store) -> None:
         """The task write fails (a NULL key name): it rolls back whole, so the hold still counts."""
-        assert (await store.hold_budget("h1", "team-a", Decimal("0.42"), Decimal(1), MONTH, T0))[0] is True
+        assert (await hold_intent(store, 1, "0.42")).admitted
         broken = replace(make_task("task-x"), key_name=None)  # type: ignore[arg-type]
         with pytest.raises(StoreError):
             await store.resolve_intent("i1", broken, release_hold="h1")
         assert await store.get_task("task-x") is None
-        assert (await store.hold_budget("h2", "team-a", Decimal(0), Decimal(1), MONTH, T0))[1] == Decimal("0.42")
+        assert await spent(store) == Decimal("0.42")
 
     async def test_holds_turning_into_tasks_never_overshoot(self, backend_url: str) -> None:
         """Two stores, 12 concurrent submissions of $0.42 on a $2 budget, each hold released by its task write as
@@ -516,15 +568,14 @@ class TestBudgetHolds:
 
         async def submit(n: int) -> bool:
             store = (first, second)[n % 2]
-            held, _ = await store.hold_budget(f"h{n}", "team-a", Decimal("0.42"), Decimal(2), MONTH, T0)
-            if held:
-                await store.record_intent(f"i{n}", "team-a", f"req-{n}", "kling-v3-std-silent", "text", T0)
+            outcome = await hold_intent(store, n, "0.42", "2")
+            if outcome.admitted:
                 assert await store.resolve_intent(f"i{n}", make_task(f"task-{n}"), release_hold=f"h{n}")
-            return held
+            return outcome.admitted
 
         try:
             assert sum(await asyncio.gather(*(submit(n) for n in range(12)))) == 4
-            assert (await first.hold_budget("probe", "team-a", Decimal(0), Decimal(2), MONTH, T0))[1] == Decimal("1.68")
+            assert await spent(first) == Decimal("1.68")
             [total] = await second.usage()
             assert (total.tasks, total.estimated_usd) == (4, Decimal("1.68"))
         finally:
@@ -533,28 +584,29 @@ class TestBudgetHolds:
 
     async def test_expired_holds_stop_counting(self, store: Store) -> None:
         """A hold left by a dead process no longer counts after its time to live."""
-        assert (await store.hold_budget("h1", "team-a", Decimal("0.9"), Decimal(1), MONTH, T0, ttl_s=60))[0] is True
-        assert (await store.hold_budget("h2", "team-a", Decimal("0.9"), Decimal(1), MONTH, T0 + 30, ttl_s=60))[
-            0
-        ] is False
-        assert (await store.hold_budget("h3", "team-a", Decimal("0.9"), Decimal(1), MONTH, T0 + 61, ttl_s=60))[
-            0
-        ] is True
+        assert (await hold_intent(store, 1, "0.9", at=T0, ttl_s=60)).admitted
+        assert (await hold_intent(store, 2, "0.9", at=T0 + 30, ttl_s=60)).admission is Admission.OVER_BUDGET
+        assert (await hold_intent(store, 3, "0.9", at=T0 + 61, ttl_s=60)).admitted
+        assert await store.budget_spent("team-a", MONTH, T0 + 61, ttl_s=60) == Decimal("0.9")
 
     async def test_concurrent_holds_never_overshoot(self, backend_url: str) -> None:
-        """Two stores on one database, 20 holds at once: exactly as many as fit are granted."""
+        """Two stores on one database, 20 submissions at once on two accounts with room for 4 each: exactly as many
+        as the budget allows are admitted, each with its hold (budget lock before account lock: no deadlock)."""
         first, second = await open_store(backend_url), await open_store(backend_url)
         try:
             results = await asyncio.gather(
                 *(
-                    (first if n % 2 else second).hold_budget(f"h{n}", "team-a", Decimal("0.3"), Decimal(1), MONTH, T0)
+                    hold_intent(first if n % 2 else second, n, "0.3", account="ab"[n % 4 // 2], limit=4)
                     for n in range(20)
                 )
             )
+            assert sum(result.admitted for result in results) == 3
+            assert {r.admission for r in results} == {Admission.ADMITTED, Admission.OVER_BUDGET}
+            assert len(await first.list_intents()) == 3
+            assert await spent(second) == Decimal("0.9")
         finally:
             await first.close()
             await second.close()
-        assert sum(held for held, _ in results) == 3
 
 
 _KILL_SCRIPT = """
@@ -1292,7 +1344,7 @@ class TestGroupCommit:
         await gate.queued(len(calls))
         gate.open()
         i0, dup_key, i1, dup_intent, half, fresh, i2 = await results
-        assert (i0, i1, fresh, i2) == (True, True, None, True)
+        assert (i0, i1, fresh, i2) == (ADMITTED, ADMITTED, None, ADMITTED)
         assert isinstance(dup_key, KeyExists)
         assert isinstance(dup_intent, StoreError) and str(dup_intent).startswith("sqlite: UNIQUE constraint failed")
         assert isinstance(dup_intent.__cause__, sqlite3.IntegrityError)
@@ -1356,7 +1408,7 @@ class TestGroupCommit:
         await gate.queued(len(calls))
         gate.open()
         i0, fail, i1, lost, i2 = await results
-        assert (i0, i1, i2) == (True, True, True)
+        assert (i0, i1, i2) == (ADMITTED, ADMITTED, ADMITTED)
         assert isinstance(fail, StoreError) and str(fail) == "sqlite: no such table: nowhere"
         assert isinstance(lost, StoreError) and str(lost) == "sqlite: disk I/O error"
         assert {i.intent_id for i in await store.list_intents()} == {"i0", "i1", "i2"}
@@ -1404,11 +1456,11 @@ class TestGroupCommit:
         await asyncio.wait_for(closing, timeout=30)
         committed = committed_intents(path)
         for n, result in enumerate(results):
-            assert result is True or isinstance(result, StoreError), result
-            if result is True:
+            assert result == ADMITTED or isinstance(result, StoreError), result
+            if result == ADMITTED:
                 assert f"i{n}" in committed
         assert "late" not in committed
-        assert results.count(True) == 100  # in fact every queued write is committed before close returns
+        assert results.count(ADMITTED) == 100  # in fact every queued write is committed before close returns
 
     async def test_cancelled_before_running_is_skipped(self, sqlite_store: SQLiteStore, tmp_path: Path) -> None:
         """A write whose caller gave up before the writer reached it is not run (as a queued executor job)."""

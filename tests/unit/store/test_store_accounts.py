@@ -17,7 +17,8 @@ from gateway.store.sqlite import MIGRATIONS, SQLiteStore
 
 
 async def admit(store: Store, n: int, account: str, limit: int, at: float = T0) -> bool:
-    return await store.record_intent(f"i{account}{n}", "team-a", f"r{n}", "m", "text", at, account, limit, T0 - 600)
+    outcome = await store.record_intent(f"i{account}{n}", "team-a", f"r{n}", "m", "text", at, account, limit, T0 - 600)
+    return outcome.admitted
 
 
 class TestMarks:
@@ -94,7 +95,7 @@ class TestAdmission:
                     for n in range(10)
                 )
             )
-            assert sum(results) == 5
+            assert sum(result.admitted for result in results) == 5
             assert await stores[0].account_in_flight(T0 - 600) == {"a": 5}
         finally:
             for s in stores:
