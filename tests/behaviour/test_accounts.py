@@ -22,6 +22,7 @@ BODY: dict[str, Any] = {
     "duration": 5,
 }
 KEYS = "a=sk-acct-a,b=sk-acct-b"
+KEYED = {"KLING_GATEWAY_AUTH_MODE": "keys"}
 
 
 def accounts_env(keys: str = KEYS, settings: str = "", **extra: str) -> dict[str, str]:
@@ -165,6 +166,56 @@ class TestCapacity:
             kling.finish(first)
             assert gw.client.get(f"/v1/videos/{first}").json()["status"] == "completed"
             assert waiting.result(timeout=10).status_code == 200
+
+
+class TestBudgetAcrossAccounts:
+    """A budgeted key's hold is taken with the first intent admitted and kept while the submission moves."""
+
+    def test_moved_submission_keeps_its_one_hold(
+        self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory
+    ) -> None:
+        """A budget of exactly one request: refused on a, moved to b, accepted (a second hold would not have fit);
+        the next request is over budget and answered without an upstream call."""
+        kling = KlingAccounts({"sk-acct-a": 1, "sk-acct-b": 0}).install(fake_upstream)
+        httpx.post(fake_upstream.url + SUBMIT, json=BODY, headers={"Authorization": "Bearer sk-acct-a"})  # elsewhere
+        gw = make_gateway(fake_upstream.url, upstream_key="", env=accounts_env(**KEYED))
+        headers = gw.as_key(gw.create_key("team", monthly_budget_usd="0.42"))
+        response = gw.client.post(SUBMIT, json=BODY, headers=headers)
+        assert response.status_code == 200, response.text
+        assert kling.owner[response.json()["task_id"]] == "sk-acct-b"
+        assert kling.refusals == [("sk-acct-a", 429)]
+        calls = fake_upstream.calls("POST", SUBMIT)
+        denied = gw.client.post(SUBMIT, json=BODY, headers=headers)
+        assert (denied.status_code, denied.json()["error"]["code"]) == (429, "budget_exceeded")
+        assert fake_upstream.calls("POST", SUBMIT) == calls
+
+    def test_over_budget_is_answered_before_waiting_for_capacity(
+        self, fake_upstream: FakeUpstream, make_gateway: GatewayFactory
+    ) -> None:
+        """The only account is set aside (a capacity refusal), so a submission would wait capacity_wait_s for it:
+        an over-budget one is refused at once with 429 budget_exceeded, without an upstream call."""
+        KlingAccounts({"sk-acct-a": 1}).install(fake_upstream)
+        httpx.post(fake_upstream.url + SUBMIT, json=BODY, headers={"Authorization": "Bearer sk-acct-a"})  # elsewhere
+        gw = make_gateway(
+            fake_upstream.url,
+            upstream_key="",
+            env=accounts_env(
+                "a=sk-acct-a",
+                '{"a": {"max_in_flight": 5}}',
+                KLING_GATEWAY_UPSTREAM_CAPACITY_WAIT_S="5",
+                **KEYED,
+            ),
+        )
+        free = gw.as_key(gw.create_key("free"))
+        poor = gw.as_key(gw.create_key("poor", monthly_budget_usd="0.3"))
+        refused = gw.client.post(SUBMIT, json=BODY, headers=free)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (429, "upstream_capacity")
+        assert accounts_of(gw)["a"]["state"] == "full"  # set aside for the upstream's Retry-After (7 s)
+        started = time.monotonic()
+        denied = gw.client.post(SUBMIT, json=BODY, headers=poor)
+        assert (denied.status_code, denied.json()["error"]["code"]) == (429, "budget_exceeded")
+        assert time.monotonic() - started < 2.5  # not after the 5 s wait
+        assert fake_upstream.calls("POST", SUBMIT) == 2  # the one elsewhere, and the refused one
 
 
 class TestRefusals:
