@@ -128,11 +128,15 @@ class GatewayRoutes:
     ) -> Response:
         """Account → intent → upstream → task row (before the client sees 200) → the upstream's answer.
 
-        The intent is the admission of the account's capacity. An account the upstream refuses (capacity, rate,
-        key) is set aside and the submission tried on the next one with room; only a refused submission moves
-        (the upstream did not accept it), never one that timed out or was cut off. When no account can take it,
-        the gateway says why (``AccountPool.no_account_error``): 502 ``upstream_auth_failed`` when every account's
-        key was rejected, else 429 ``upstream_capacity``. One account without a limit passes a refusal through.
+        The intent is the admission of the account's capacity and, for a budgeted key, of its budget: the first
+        intent admitted takes the submission's hold (429 ``budget_exceeded`` before anything goes upstream, or
+        before a wait for capacity), which stays with the submission when it moves to another account.
+
+        An account the upstream refuses (capacity, rate, key) is set aside and the submission tried on the next one
+        with room; only a refused submission moves (the upstream did not accept it), never one that timed out or was
+        cut off. When no account can take it, the gateway says why (``AccountPool.no_account_error``): 502
+        ``upstream_auth_failed`` when every account's key was rejected, else 429 ``upstream_capacity`` (over budget
+        first: 429 ``budget_exceeded``). One account without a limit passes a refusal through.
         """
         accounts, ledger, request_id = self._accounts, self._ledger, self.request_id(request)
         body = orjson.dumps(valid.body)
