@@ -6,6 +6,8 @@ import asyncio
 import io
 from dataclasses import replace
 
+import pytest
+
 from gateway.accounts.parse import AccountSettings, fingerprint
 from gateway.accounts.pool import AccountPool
 from gateway.catalog import RefusalReason
@@ -119,6 +121,44 @@ async def test_waiters_are_served_first_come_first_served() -> None:
     p.released("a", task_ended=True)
     assert await asyncio.wait_for(second, 2) == ("a", "second")
     assert order == ["first", "second"]
+
+
+async def test_before_wait_runs_once_before_the_first_wait_and_may_refuse() -> None:
+    """``before_wait`` is asked once, only when the submission would wait; what it raises ends the placement
+    (before any wait), and what ``admit`` raises too, letting the next in line try."""
+    p = pool({"a": 1}, wait_s=0.2)
+    checks: list[str] = []
+
+    async def full(account: str, limit: int) -> str | None:
+        return None
+
+    async def check() -> None:
+        checks.append("checked")
+
+    assert await p.place(STD, full, wait=True, before_wait=check) is None  # waited its 0.2 s, checked once
+    assert checks == ["checked"]
+
+    async def admitted(account: str, limit: int) -> str | None:
+        return "intent"
+
+    assert await p.place(STD, admitted, wait=True, before_wait=check) == ("a", "intent")
+    assert checks == ["checked"]  # placed at once: not asked
+
+    async def refuse() -> None:
+        raise RuntimeError("over budget")
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(RuntimeError, match="over budget"):
+        await p.place(STD, full, wait=True, before_wait=refuse)
+    assert loop.time() - started < 0.15  # not after the wait
+
+    async def over(account: str, limit: int) -> str | None:
+        raise RuntimeError("over budget")
+
+    with pytest.raises(RuntimeError, match="over budget"):
+        await p.place(STD, over, wait=True, before_wait=check)
+    assert checks == ["checked"]
 
 
 class MemoryBoard:
