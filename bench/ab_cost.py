@@ -1,11 +1,13 @@
 """Before/after in one run: ``bench/asgi_cost.py`` of an earlier commit and of this checkout, interleaved.
 
-    .venv/bin/python bench/ab_cost.py --base bffd359 [--rounds 5] [--requests 4000] [--accounts 3]
+    .venv/bin/python bench/ab_cost.py --base bffd359 [--rounds 5] [--requests 4000] [--accounts 3] [--no-budget]
 
 * ``before``: the code at ``--base`` (``git archive`` into a temp dir; its own ``bench/asgi_cost.py`` runs it);
 * ``after``: this checkout, one upstream account (``UNIALL_API_KEY``, the default deployment);
 * with ``--accounts N``, also ``after, N accounts``: this checkout with N accounts, each with a ``max_in_flight``
-  (so capacity admission runs on every submission).
+  (so capacity admission runs on every submission);
+* with ``--no-budget``, also ``after, no budget``: this checkout with a bench key that has no monthly budget (no
+  budget hold; ``before`` checked budgets in memory, so this isolates what the hold costs from everything else).
 
 Each round runs every variant in turn, so a noisy stretch of the machine hits them alike; the script prints every
 round, then the medians, the spread (min-max) and the ratio of the medians to ``before``. The figures are in-app
@@ -32,6 +34,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--accounts", type=int, default=1, help="also run this checkout with N accounts (N > 1)")
+    parser.add_argument("--no-budget", action="store_true", help="also run this checkout with an unbudgeted key")
     args = parser.parse_args()
     env = dict(os.environ)
     with tempfile.TemporaryDirectory(prefix="ab-cost-") as tmp:
@@ -40,6 +43,8 @@ def main() -> None:
         variants: dict[str, tuple[Path, list[str]]] = {"before": (base, []), "after": (ROOT, [])}
         if args.accounts > 1:
             variants[f"after, {args.accounts} accounts"] = (ROOT, ["--accounts", str(args.accounts)])
+        if args.no_budget:
+            variants["after, no budget"] = (ROOT, ["--no-budget"])
         results: dict[str, dict[str, list[float]]] = {name: {} for name in variants}
         for round_no in range(1, args.rounds + 1):
             for name, (tree, extra) in variants.items():

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import orjson
 import pytest
+from support.records import std_task
 from support.upstream_fake import FakeUpstream, video, video_bytes
 
 from gateway.cli.archive import archive_reachable
 from gateway.cli.main import main
 from gateway.config import load_settings
 from gateway.store import open_store
-from gateway.store.base import TaskRecord
 
 T0 = 1_767_225_600.0
 
@@ -34,22 +34,7 @@ def completed_task(task_id: str, video_url: str, at: float) -> None:
     async def write() -> None:
         store = await open_store(load_settings().store_url)
         try:
-            task = TaskRecord(
-                task_id=task_id,
-                key_name="team",
-                model="kling-v3-std-silent",
-                mode="text",
-                tier="std",
-                audio=False,
-                duration=5,
-                duration_defaulted=False,
-                estimate_seconds=5,
-                estimate_usd=Decimal("0.42"),
-                price_per_second_usd=Decimal("0.084"),
-                mode_multiplier=Decimal(1),
-                request_id="r",
-                submitted_at=at,
-            )
+            task = std_task(task_id, "team", at, request_id="r")
             await store.resolve_intent(f"i-{task_id}", task)
             body = orjson.dumps({"id": task_id, "status": "completed", "video_url": video_url})
             await store.settle(task_id, "completed", Decimal(5), Decimal("0.42"), body, at)

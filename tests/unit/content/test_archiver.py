@@ -10,6 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 from prometheus_client import CollectorRegistry
+from support.records import std_task
 from support.upstream_fake import FakeUpstream, Video, truncate, video, video_bytes
 
 from gateway.config import ArchiveSettings, ContentSettings
@@ -20,7 +21,7 @@ from gateway.content.metrics import ContentMetrics, create_content_metrics
 from gateway.content.origin import origin_of, team_key
 from gateway.logs import make_logs
 from gateway.store import open_store
-from gateway.store.base import Store, TaskRecord
+from gateway.store.base import Store
 
 T0 = 1_767_225_600.0
 
@@ -62,22 +63,7 @@ async def store(tmp_path: Path) -> AsyncGenerator[Store, None]:
 
 
 async def completed(store: Store, task_id: str, video_url: str, at: float = T0) -> None:
-    task = TaskRecord(
-        task_id=task_id,
-        key_name="k",
-        model="kling-v3-std-silent",
-        mode="text",
-        tier="std",
-        audio=False,
-        duration=5,
-        duration_defaulted=False,
-        estimate_seconds=5,
-        estimate_usd=Decimal("0.42"),
-        price_per_second_usd=Decimal("0.084"),
-        mode_multiplier=Decimal(1),
-        request_id="r",
-        submitted_at=at,
-    )
+    task = std_task(task_id, "k", at, request_id="r")
     await store.resolve_intent(f"i-{task_id}", task)
     body = orjson.dumps({"status": "completed", "video_url": video_url})
     assert (await store.settle(task_id, "completed", Decimal(5), Decimal("0.42"), body, at)).first

@@ -9,6 +9,8 @@ import asyncio
 from decimal import Decimal
 from pathlib import Path
 
+from support.records import std_task
+
 from gateway.store import open_store
 from gateway.store.base import ArchiveRecord, Store, TaskRecord
 from gateway.store.copy import copy_store
@@ -17,22 +19,7 @@ T0 = 1_767_225_600.0
 
 
 def task(task_id: str) -> TaskRecord:
-    return TaskRecord(
-        task_id=task_id,
-        key_name="team-a",
-        model="kling-v3-std-silent",
-        mode="text",
-        tier="std",
-        audio=False,
-        duration=5,
-        duration_defaulted=False,
-        estimate_seconds=5,
-        estimate_usd=Decimal("0.42"),
-        price_per_second_usd=Decimal("0.084"),
-        mode_multiplier=Decimal("1"),
-        request_id=f"req-{task_id}",
-        submitted_at=T0,
-    )
+    return std_task(task_id, "team-a", T0)
 
 
 async def completed(store: Store, task_id: str, at: float, outcome: str = "completed") -> None:

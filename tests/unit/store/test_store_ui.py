@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from support.records import std_task
 
 from gateway.store import open_store
 from gateway.store.base import Store, TaskRecord
@@ -13,22 +14,7 @@ T0 = 1_767_225_600.0
 
 
 def make_task(task_id: str, key: str, at: float) -> TaskRecord:
-    return TaskRecord(
-        task_id=task_id,
-        key_name=key,
-        model="kling-v3-std-silent",
-        mode="text",
-        tier="std",
-        audio=False,
-        duration=5,
-        duration_defaulted=False,
-        estimate_seconds=5,
-        estimate_usd=Decimal("0.42"),
-        price_per_second_usd=Decimal("0.084"),
-        mode_multiplier=Decimal(1),
-        request_id=f"req-{task_id}",
-        submitted_at=at,
-    )
+    return std_task(task_id, key, at)
 
 
 async def seed(store: Store) -> dict[str, str]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from support.harness import ADMIN, ADMIN_TOKEN, GatewayHarness
+from support.records import std_task
 from support.upstream_fake import FakeUpstream
 
 from gateway.cli.main import main as cli_main
@@ -54,26 +55,15 @@ def csrf_of(page: str) -> str:
 
 
 def task(task_id: str, key: str, at: float, usd: str, status: str = "queued", settled: str | None = None) -> TaskRecord:
-    return TaskRecord(
-        task_id=task_id,
-        key_name=key,
-        model="kling-v3-std-silent",
-        mode="text",
-        tier="std",
-        audio=False,
-        duration=5,
-        duration_defaulted=False,
-        estimate_seconds=5,
-        estimate_usd=Decimal(usd),
-        price_per_second_usd=Decimal(usd) / 5,
-        mode_multiplier=Decimal(1),
-        request_id=f"req-{task_id}",
-        submitted_at=at,
+    return std_task(
+        task_id,
+        key,
+        at,
+        usd,
         status=status,
         settled_usd=None if settled is None else Decimal(settled),
         settled_seconds=None if settled is None else Decimal(5),
         settled_at=None if settled is None else at + 10,
-        outcome=None if settled is None else status,
     )
 
 

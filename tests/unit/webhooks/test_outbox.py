@@ -7,7 +7,6 @@ import base64
 import io
 import time
 from collections.abc import Awaitable, Callable
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import orjson
 import pytest
 from aiohttp import web
 from standardwebhooks import Webhook, WebhookVerificationError
+from support.records import std_task
 
 from gateway.config import PricingSettings
 from gateway.ledger.pricing import PriceTable
@@ -313,22 +313,7 @@ class TestRestart:
 
 
 def task_of(task_id: str, key: str = "tenant") -> TaskRecord:
-    return TaskRecord(
-        task_id=task_id,
-        key_name=key,
-        model="kling-v3-std-silent",
-        mode="text",
-        tier="std",
-        audio=False,
-        duration=5,
-        duration_defaulted=False,
-        estimate_seconds=5,
-        estimate_usd=Decimal("0.42"),
-        price_per_second_usd=Decimal("0.084"),
-        mode_multiplier=Decimal(1),
-        request_id=f"req-{task_id}",
-        submitted_at=time.time(),
-    )
+    return std_task(task_id, key, time.time())
 
 
 async def recorded(store: Store, task_id: str, key: str = "tenant") -> TaskRecord:
