@@ -53,7 +53,6 @@ from gateway.store.rows import (
     AUDIT_COLUMNS,
     MAX_PAGE,
     OUTBOX_COLUMNS,
-    UsageQuery,
     add_usage,
     audit_page_sql,
     audit_record,
@@ -472,20 +471,28 @@ def _aggregate(
     return totals
 
 
-def _budget_queries(key_name: str, month: tuple[float, float]) -> list[UsageQuery]:
-    return usage_queries(
-        month[0],
-        month[1],
+# A month of whole UTC days (what budgets use) is summed from the daily rollup in one statement, holds included.
+_SQL_SPENT_WHOLE_DAYS = (
+    "SELECT (SELECT COALESCE(SUM(cost_nano), 0) FROM usage_daily WHERE key_name = ? AND day >= ? AND day < ?) "
+    "+ (SELECT COALESCE(SUM(amount_nano), 0) FROM budget_holds WHERE key_name = ? AND created_at >= ?)"
+)
+
+
+def _spent_nano(conn: sqlite3.Connection, key_name: str, month: tuple[float, float], holds_since: float) -> int:
+    """What a budget check counts, in nano-dollars: the month's settled + outstanding, plus live holds."""
+    start, end = month
+    if start % 86400 == 0 and end % 86400 == 0:
+        days = (int(start // 86400), int(end // 86400))
+        return int(conn.execute(_SQL_SPENT_WHOLE_DAYS, (key_name, *days, key_name, holds_since)).fetchone()[0])
+    queries = usage_queries(
+        start,
+        end,
         (),
         key_name,
         placeholder=_placeholder,
         task_sums=_USAGE_AGGREGATES,
         rollup_sums=_ROLLUP_SUMS,
     )
-
-
-def _spent_nano(conn: sqlite3.Connection, queries: list[UsageQuery], key_name: str, holds_since: float) -> int:
-    """What a budget check counts, in nano-dollars: the month's settled + outstanding, plus live holds."""
     held = conn.execute(_SQL_HELD, (key_name, holds_since)).fetchone()[0]
     totals: dict[tuple[Any, ...], list[int]] = {}
     for sql, params in queries:
@@ -733,11 +740,10 @@ class SQLiteStore:
                 return _ADMITTED
             admitted = await self._tx(lambda conn: conn.execute(_SQL_INTENT_IF_ROOM, guarded).rowcount == 1)
             return _ADMITTED if admitted else _NO_ROOM
-        queries = _budget_queries(key_name, hold.month)
         amount_nano, budget_nano, since = to_fixed(hold.amount), to_fixed(hold.budget), hold.now - hold.ttl_s
 
         def op(conn: sqlite3.Connection) -> tuple[Admission, int]:
-            spent = _spent_nano(conn, queries, key_name, since)
+            spent = _spent_nano(conn, key_name, hold.month, since)
             if spent + amount_nano > budget_nano:
                 return Admission.OVER_BUDGET, spent
             if max_in_flight <= 0:
@@ -803,12 +809,11 @@ class SQLiteStore:
         self, key_name: str, month: tuple[float, float], now: float, ttl_s: float = BUDGET_HOLD_TTL_S
     ) -> Decimal:
         """Settled + outstanding + live holds of ``key_name`` (one read snapshot)."""
-        queries = _budget_queries(key_name, month)
 
         def read(conn: sqlite3.Connection) -> int:
             conn.execute("BEGIN")
             try:
-                return _spent_nano(conn, queries, key_name, now - ttl_s)
+                return _spent_nano(conn, key_name, month, now - ttl_s)
             finally:
                 conn.execute("COMMIT")
 

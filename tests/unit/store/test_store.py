@@ -582,6 +582,17 @@ class TestBudgetHolds:
             await first.close()
             await second.close()
 
+    async def test_spent_over_whole_days_and_over_partial_windows(self, store: Store) -> None:
+        """A window of whole UTC days (a budget's month) is read from the daily rollup in one statement; any other
+        window from the rollup and the task rows: both count the same tasks."""
+        await add_task(store, make_task("day-1", at=T0 + 600))
+        await add_task(store, make_task("day-2", at=T0 + 86400 + 600))
+        two_days = (T0, T0 + 2 * 86400)
+        assert await store.budget_spent("team-a", two_days, T0) == Decimal("0.84")
+        assert await store.budget_spent("team-a", (T0 + 1200, T0 + 2 * 86400), T0) == Decimal("0.42")
+        assert await store.budget_spent("team-a", (T0, T0 + 86400 + 1200), T0) == Decimal("0.84")
+        assert await store.budget_spent("team-b", two_days, T0) == Decimal(0)
+
     async def test_expired_holds_stop_counting(self, store: Store) -> None:
         """A hold left by a dead process no longer counts after its time to live."""
         assert (await hold_intent(store, 1, "0.9", at=T0, ttl_s=60)).admitted
