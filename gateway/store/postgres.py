@@ -601,11 +601,22 @@ def _usage_queries(
     )
 
 
-async def _spent_nano(conn: asyncpg.Connection, queries: list[UsageQuery], key_name: str, holds_since: float) -> int:
-    """What a budget check counts, in nano-dollars: live holds (read first), then the month's settled + outstanding."""
-    held = int(await conn.fetchval(_SQL_HELD, key_name, holds_since))
+# A month of whole UTC days (what budgets use): the daily rollup and the holds in one statement, one snapshot.
+_SQL_SPENT_WHOLE_DAYS = (
+    "SELECT (SELECT COALESCE(SUM(cost_nano), 0) FROM usage_daily WHERE key_name = $1 AND day >= $2 AND day < $3) "
+    "+ (SELECT COALESCE(SUM(amount_nano), 0) FROM budget_holds WHERE key_name = $1 AND created_at >= $4)"
+)
+
+
+async def _spent_nano(conn: asyncpg.Connection, key_name: str, month: tuple[float, float], holds_since: float) -> int:
+    """What a budget check counts, in nano-dollars: the month's settled + outstanding, plus live holds."""
+    start, end = month
+    if start % 86400 == 0 and end % 86400 == 0:
+        days = (int(start // 86400), int(end // 86400))
+        return int(await conn.fetchval(_SQL_SPENT_WHOLE_DAYS, key_name, *days, holds_since))
+    held = int(await conn.fetchval(_SQL_HELD, key_name, holds_since))  # holds before tasks: see record_intent
     totals: dict[tuple[Any, ...], list[int]] = {}
-    for sql, params in queries:
+    for sql, params in _usage_queries(start, end, (), key_name):
         for row in await conn.fetch(sql, *params):
             add_usage(totals, row, 0)
     return held + totals.get((), [0] * len(_MEASURES))[_MEASURES.index("cost_nano")]
@@ -873,23 +884,23 @@ class PostgresStore:
         written beside it); with a limit, only while ``account`` has room.
 
         One transaction. Its locks are always taken in the same order, the key's budget lock before the account's,
-        so two submissions can never wait on each other crosswise. Holds are read before tasks: a submission's hold
-        is released by the statement that writes its task row (``resolve_intent``), so each in-flight submission is
-        seen as a hold, a task, or (if that statement commits between the two reads) both, never neither.
+        so two submissions can never wait on each other crosswise. A submission's hold is released by the statement
+        that writes its task row (``resolve_intent``); a month of whole days is read in one statement (one snapshot:
+        each in-flight submission is a hold or a task), any other window holds first, then tasks (a hold, a task,
+        or both, never neither).
         """
         params = (intent_id, key_name, request_id, model, mode, submitted_at, account)
         if hold is None and max_in_flight <= 0:
             await self._run(lambda conn: conn.execute(_SQL_INTENT, *params), tx=False)
             return _ADMITTED
         lock = _lock_key(account)
-        queries = _usage_queries(hold.month[0], hold.month[1], (), key_name) if hold is not None else []
         since = hold.now - hold.ttl_s if hold is not None else 0.0
 
         async def op(conn: asyncpg.Connection) -> IntentOutcome:
             spent: Decimal | None = None
             if hold is not None:
                 await conn.execute(_SQL_BUDGET_LOCK, "budget:" + key_name)
-                spent_nano = await _spent_nano(conn, queries, key_name, since)
+                spent_nano = await _spent_nano(conn, key_name, hold.month, since)
                 spent = from_fixed(spent_nano)
                 if spent_nano + to_fixed(hold.amount) > to_fixed(hold.budget):
                     return IntentOutcome(Admission.OVER_BUDGET, spent)
@@ -946,11 +957,10 @@ class PostgresStore:
         self, key_name: str, month: tuple[float, float], now: float, ttl_s: float = BUDGET_HOLD_TTL_S
     ) -> Decimal:
         """Settled + outstanding + live holds of ``key_name`` (one read snapshot)."""
-        queries = _usage_queries(month[0], month[1], (), key_name)
 
         async def read(conn: asyncpg.Connection) -> int:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
-                return await _spent_nano(conn, queries, key_name, now - ttl_s)
+                return await _spent_nano(conn, key_name, month, now - ttl_s)
 
         return from_fixed(await self._run(read, tx=False))
 
