@@ -1,26 +1,4 @@
-"""The upstream accounts of one process: their keys, what each is doing, and the waiting line for room.
-
-The store is the authority on capacity (``Store.record_intent`` admits an intent only while its account has room,
-across every process); this pool keeps what one process needs around it:
-
-* **keys** by account, re-read from ``UNIALL_API_KEYS_FILE`` when the file changes (``follow``), so a key is
-  rotated without a restart; an account whose key changed is no longer ``unauthorized``. A file that turns
-  unreadable or malformed keeps the last good keys (an error line says why). Every key loaded joins the app's
-  ``KnownSecrets`` (masked in log lines and upstream answers; a rotated-out one for a while longer).
-* **in flight** per account: the store's count (re-read every few seconds), moved here on every admission and
-  release in between, for the choice and the gauge ``kling_gateway_upstream_account_in_flight``.
-* **set aside**: after a capacity or rate refusal, until its ``Retry-After`` passes or one of its tasks ends;
-  after a 401/403, ``unauthorized`` until its key changes (an error log line, the refusal counter, a gauge).
-  Written on the deployment's ``AccountBoard`` at each refusal and read from it about once a second
-  (``follow_marks``), so every worker and replica sets the account aside; a submission never waits for the board.
-* **removed** accounts: ones the ledger still has unfinished tasks on but no key for. They are reported (a
-  warning at start-up, ``removed`` in ``GET /gateway/accounts``); the settler gives their tasks up at max age.
-* **the waiting line** (``[upstream] capacity_wait_s``): submissions finding no room wait first come, first
-  served; a release in this process wakes the head at once, other processes' releases are seen by re-trying
-  every ``_WAIT_POLL_S``.
-
-Key material is never logged, exported or answered: only names and :func:`fingerprint` s.
-"""
+"""The upstream accounts of one process: their keys, what each is doing, and the waiting line for room."""
 
 from __future__ import annotations
 
@@ -68,7 +46,29 @@ class Placed:
 
 
 class AccountPool:
-    """Keys, states and capacity bookkeeping of the upstream accounts (see the module docstring)."""
+    """Keys, states and capacity bookkeeping of the upstream accounts.
+
+    The store is the authority on capacity (``Store.record_intent`` admits an intent only while its account has room,
+    across every process); this pool keeps what one process needs around it:
+
+    * **keys** by account, re-read from ``UNIALL_API_KEYS_FILE`` when the file changes (``follow``), so a key is
+      rotated without a restart; an account whose key changed is no longer ``unauthorized``. A file that turns
+      unreadable or malformed keeps the last good keys (an error line says why). Every key loaded joins the app's
+      ``KnownSecrets`` (masked in log lines and upstream answers; a rotated-out one for a while longer).
+    * **in flight** per account: the store's count (re-read every few seconds), moved here on every admission and
+      release in between, for the choice and the gauge ``kling_gateway_upstream_account_in_flight``.
+    * **set aside**: after a capacity or rate refusal, until its ``Retry-After`` passes or one of its tasks ends;
+      after a 401/403, ``unauthorized`` until its key changes (an error log line, the refusal counter, a gauge).
+      Written on the deployment's ``AccountBoard`` at each refusal and read from it about once a second
+      (``follow_marks``), so every worker and replica sets the account aside; a submission never waits for the board.
+    * **removed** accounts: ones the ledger still has unfinished tasks on but no key for. They are reported (a
+      warning at start-up, ``removed`` in ``GET /gateway/accounts``); the settler gives their tasks up at max age.
+    * **the waiting line** (``[upstream] capacity_wait_s``): submissions finding no room wait first come, first
+      served; a release in this process wakes the head at once, other processes' releases are seen by re-trying
+      every ``_WAIT_POLL_S``.
+
+    Key material is never logged, exported or answered: only names and :func:`fingerprint` s.
+    """
 
     def __init__(
         self,

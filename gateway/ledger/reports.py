@@ -2,31 +2,6 @@
 
 No I/O here: the CLI (``kling-gateway usage``) and ``GET /gateway/usage`` query
 :meth:`gateway.store.base.Store.usage` and hand the rows to :func:`render` / :func:`usage_json`.
-
-Periods (:func:`parse_period`), all in UTC, half-open ``[since, until)``:
-
-* ``YYYY-MM-DD`` -- midnight UTC starting that day for ``--since``; for ``--until`` the date is *inclusive*: the bound
-  is the next midnight, so ``--since 2026-01-05 --until 2026-01-05`` is that whole day.
-* an ISO-8601 time, ``2026-01-05T12:00:00+01:00`` or ``...Z`` (no offset means UTC) -- that instant, either flag.
-* a relative age ``<N><unit>`` with Prometheus' units ``m`` (minutes), ``h``, ``d``, ``w`` -- ``now`` minus that,
-  either flag: ``--since 7d``.
-
-Money is ``Decimal`` throughout. JSON and CSV carry it to 4 decimal places (:func:`gateway.ledger.pricing.to_report`),
-the table to cents; settled seconds go to 3 places (milliseconds). Rounding every row on its own can leave rows that
-do not add up to the rounded total, so each column is apportioned by largest remainder: the total is the exact sum
-rounded half-up, every row is its exact value rounded down or up (values already exact are never changed), and the
-rows add up to the total exactly. JSON shape (also the body of ``GET /gateway/usage``)::
-
-    {"since": "2026-01-01T00:00:00Z" | null, "until": "2026-01-08T00:00:00Z" | null,  # until is exclusive
-     "group_by": ["key", "model"],
-     "rows": [{"key": "team-a", "model": "kling-v3-std-silent",   # only the grouped dimensions, in order
-               "tasks": 3, "requested_seconds": 15, "settled_seconds": "10.000",
-               "estimated_usd": "1.2600", "settled_usd": "0.8400", "cost_usd": "1.2600",
-               "completed": 2, "failed": 0, "unknown": 0, "pending": 1, "defaulted": 1}],
-     "totals": {"tasks": 3, "requested_seconds": 15, ...same measures...}}
-
-CSV: a header row, then one row per group; no totals row (machine readers sum what they need), ``\\n`` line ends.
-Table: aligned columns and a ``TOTAL`` line.
 """
 
 from __future__ import annotations
@@ -93,6 +68,14 @@ def parse_period(
     (1767571200.0, 1767657600.0)
     >>> parse_period("7d", None, now=1767657600.0)
     (1767052800.0, None)
+
+    Periods (:func:`parse_period`), all in UTC, half-open ``[since, until)``:
+
+    * ``YYYY-MM-DD`` -- midnight UTC starting that day for ``--since``; for ``--until`` the date is *inclusive*:
+      the bound is the next midnight, so ``--since 2026-01-05 --until 2026-01-05`` is that whole day.
+    * an ISO-8601 time, ``2026-01-05T12:00:00+01:00`` or ``...Z`` (no offset means UTC) -- that instant, either flag.
+    * a relative age ``<N><unit>`` with Prometheus' units ``m`` (minutes), ``h``, ``d``, ``w`` -- ``now`` minus that,
+      either flag: ``--since 7d``.
     """
     start = _parse_bound(since, now, names[0], inclusive_day=False)
     end = _parse_bound(until, now, names[1], inclusive_day=True)
@@ -261,7 +244,27 @@ def _seconds(value: Decimal) -> str:
 def usage_json(
     rows: Sequence[UsageRow], group_by: Sequence[str], since: float | None, until: float | None
 ) -> dict[str, Any]:
-    """The JSON report (module docstring): period, grouping, rows with their dimensions, and totals."""
+    """The JSON report: period, grouping, rows with their dimensions, and totals.
+
+    Money is ``Decimal`` throughout. JSON and CSV carry it to 4 decimal places
+    (:func:`gateway.ledger.pricing.to_report`), the table to cents; settled seconds go to 3 places (milliseconds).
+    Rounding every row on its own can leave rows that do not add up to the rounded total, so each column is
+    apportioned by largest remainder: the total is the exact sum rounded half-up, every row is its exact value
+    rounded down or up (values already exact are never changed), and the rows add up to the total exactly.
+
+    JSON shape (also the body of ``GET /gateway/usage``)::
+
+        {"since": "2026-01-01T00:00:00Z" | null, "until": "2026-01-08T00:00:00Z" | null,  # until is exclusive
+         "group_by": ["key", "model"],
+         "rows": [{"key": "team-a", "model": "kling-v3-std-silent",   # only the grouped dimensions, in order
+                   "tasks": 3, "requested_seconds": 15, "settled_seconds": "10.000",
+                   "estimated_usd": "1.2600", "settled_usd": "0.8400", "cost_usd": "1.2600",
+                   "completed": 2, "failed": 0, "unknown": 0, "pending": 1, "defaulted": 1}],
+         "totals": {"tasks": 3, "requested_seconds": 15, ...same measures...}}
+
+    CSV: a header row, then one row per group; no totals row (machine readers sum what they need), ``\\n`` line ends.
+    Table: aligned columns and a ``TOTAL`` line.
+    """
     _check_group_by(group_by)
     cells = _cells(rows, to_report, FOUR_PLACES)
     return {

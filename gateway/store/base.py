@@ -1,33 +1,4 @@
-"""The durable store: keys, submission intents, the task ledger and idempotency records, behind one interface.
-
-``open_store(url)`` picks the backend from the URL scheme: SQLite (``gateway.store.sqlite``, one machine) or
-PostgreSQL (``gateway.store.postgres``, any number of processes and replicas), behind the same :class:`Store`
-protocol; ``gateway.store.rows`` holds the row layout they share. Every method is a coroutine and every write is
-one transaction, so callers never see half a change.
-
-Semantics every backend keeps:
-
-* **Keys** are stored by hash (``gateway.keys``). Every key change bumps :meth:`Store.keys_version` in the
-  same transaction; processes poll that counter (about every 0.5 s) and reload :meth:`Store.list_keys`, so
-  per-request authentication never touches the store yet a revocation is seen everywhere within a second.
-* **Intents**: a submission writes an intent *before* it is forwarded; :meth:`Store.resolve_intent` turns it
-  into a task row (and deletes the intent) in one transaction; :meth:`Store.drop_intent` forgets one the
-  upstream refused. What :meth:`Store.list_intents` returns after a crash is "outcome unknown", to reconcile.
-* **Settlement** happens at most once per task, whichever process sees the terminal status first
-  (``UPDATE ... WHERE settled_at IS NULL``): :meth:`Store.settle` and :meth:`Store.mark_unknown` say so only to
-  that first caller, so metrics counted on it never double count. The task's completion webhook, if any, is
-  written to the outbox by that same transaction: settled and enqueued together, or neither.
-* **Money** is ``decimal.Decimal`` at this interface. Amounts (and settled seconds) are kept as exact
-  fixed-point integers with 9 decimal places (nano-dollars / nano-seconds; see :func:`to_fixed`), so SQL
-  ``SUM`` is exact and fast (no float, no Decimal parsing per row); anything finer than 1e-9 is rounded
-  half-even on the way in. Prices and multipliers, which are never summed, are kept as decimal text.
-* **Idempotency** records are scoped per client key: see :meth:`Store.idempotency_begin`.
-* **Webhook outbox** rows are leased, never locked across a delivery: see :meth:`Store.outbox_claim`.
-* **Audit trail**: one append-only row per admin action (:class:`AuditRecord`); never a secret.
-
-Times are Unix epoch seconds (floats) passed in by the caller, so tests control the clock. Days are UTC.
-Failures of the backend surface as :class:`StoreError` (never a driver-specific exception).
-"""
+"""The durable store: keys, submission intents, the task ledger and idempotency records, behind one interface."""
 
 from __future__ import annotations
 
@@ -317,7 +288,36 @@ class AccountMark:
 
 
 class Store(Protocol):
-    """The narrow async interface every backend implements (see the module docstring for the semantics)."""
+    """The narrow async interface every backend implements, and the semantics every backend keeps.
+
+    ``open_store(url)`` picks the backend from the URL scheme: SQLite (``gateway.store.sqlite``, one machine) or
+    PostgreSQL (``gateway.store.postgres``, any number of processes and replicas), behind the same :class:`Store`
+    protocol; ``gateway.store.rows`` holds the row layout they share. Every method is a coroutine and every write is
+    one transaction, so callers never see half a change.
+
+    Semantics every backend keeps:
+
+    * **Keys** are stored by hash (``gateway.keys``). Every key change bumps :meth:`Store.keys_version` in the
+      same transaction; processes poll that counter (about every 0.5 s) and reload :meth:`Store.list_keys`, so
+      per-request authentication never touches the store yet a revocation is seen everywhere within a second.
+    * **Intents**: a submission writes an intent *before* it is forwarded; :meth:`Store.resolve_intent` turns it
+      into a task row (and deletes the intent) in one transaction; :meth:`Store.drop_intent` forgets one the
+      upstream refused. What :meth:`Store.list_intents` returns after a crash is "outcome unknown", to reconcile.
+    * **Settlement** happens at most once per task, whichever process sees the terminal status first
+      (``UPDATE ... WHERE settled_at IS NULL``): :meth:`Store.settle` and :meth:`Store.mark_unknown` say so only to
+      that first caller, so metrics counted on it never double count. The task's completion webhook, if any, is
+      written to the outbox by that same transaction: settled and enqueued together, or neither.
+    * **Money** is ``decimal.Decimal`` at this interface. Amounts (and settled seconds) are kept as exact
+      fixed-point integers with 9 decimal places (nano-dollars / nano-seconds; see :func:`to_fixed`), so SQL
+      ``SUM`` is exact and fast (no float, no Decimal parsing per row); anything finer than 1e-9 is rounded
+      half-even on the way in. Prices and multipliers, which are never summed, are kept as decimal text.
+    * **Idempotency** records are scoped per client key: see :meth:`Store.idempotency_begin`.
+    * **Webhook outbox** rows are leased, never locked across a delivery: see :meth:`Store.outbox_claim`.
+    * **Audit trail**: one append-only row per admin action (:class:`AuditRecord`); never a secret.
+
+    Times are Unix epoch seconds (floats) passed in by the caller, so tests control the clock. Days are UTC.
+    Failures of the backend surface as :class:`StoreError` (never a driver-specific exception).
+    """
 
     async def close(self) -> None:
         """Release connections and worker threads; later calls raise :class:`StoreError`."""

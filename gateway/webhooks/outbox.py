@@ -1,26 +1,4 @@
-"""Completion webhooks delivered at least once from an outbox in the store, fairly across receivers and keys.
-
-A task's first terminal status is *enqueued*: one ``webhook_outbox`` row holding the key, the callback URL and the
-upstream's status body, with a delivery id derived from the task id, written by the very transaction that settles
-the task (``Store.settle`` with the ledger's :class:`KeyWebhooks` entry), so a crash cannot settle a task and lose
-its webhook. The row, not memory, is the delivery: a worker in each gateway process claims due
-rows with a lease (``Store.outbox_claim``; two workers or replicas never hold one row at once), makes one attempt
-per claim, and then deletes the row (2xx), schedules the next attempt with capped, jittered exponential backoff,
-or after ``max_attempts`` keeps it as ``failed`` for inspection. A process that stops or dies mid-attempt leaves
-the row pending: its lease runs out and any worker makes the attempt again (at least once; receivers de-duplicate
-on ``webhook-id``, the same on every attempt). At shutdown the worker waits briefly for attempts in progress and
-abandons the rest to their leases; nothing is lost.
-
-Every attempt is signed with the key's own secret (``gateway.webhooks.signing``), and its destination is checked
-and pinned anew (``gateway.webhooks.targets.pin``): a name with any private address is refused for that attempt.
-
-Fairness: at most ``concurrency`` attempts at once in a process, and at most ``per_target_concurrency`` for one
-receiver host and for one key (the claim skips hosts and keys at their cap), so a slow or failing receiver holds a
-few slots, never all of them. Pending rows are capped per host and per key (``max_pending_per_target``): beyond
-that, new deliveries *for that host or key* are dropped (error log and metric), never those of anyone else.
-
-Logs name the host, never the full URL (it may hold a token).
-"""
+"""Completion webhooks delivered at least once from an outbox in the store, fairly across receivers and keys."""
 
 from __future__ import annotations
 
@@ -86,8 +64,30 @@ def delivery_id(task_id: str) -> str:
 class WebhookOutbox:
     """Enqueues completion webhooks into the store and runs the worker that delivers them.
 
-    ``await outbox.enqueue(task_id, key_name, url, body)`` records one; ``await outbox.run()`` is the worker loop
-    (a background loop of the app); ``await outbox.aclose(timeout_s)`` stops it and closes the transport.
+    ``outbox.for_keys(url_of)`` is what the ledger settles with (each row written by the settling transaction;
+    ``await outbox.enqueue(...)`` writes one on its own); ``await outbox.run()`` is the worker loop (a background
+    loop of the app); ``await outbox.aclose(timeout_s)`` stops it and closes the transport.
+
+    A task's first terminal status is *enqueued*: one ``webhook_outbox`` row holding the key, the callback URL and the
+    upstream's status body, with a delivery id derived from the task id, written by the very transaction that settles
+    the task (``Store.settle`` with the ledger's :class:`KeyWebhooks` entry), so a crash cannot settle a task and lose
+    its webhook. The row, not memory, is the delivery: a worker in each gateway process claims due
+    rows with a lease (``Store.outbox_claim``; two workers or replicas never hold one row at once), makes one attempt
+    per claim, and then deletes the row (2xx), schedules the next attempt with capped, jittered exponential backoff,
+    or after ``max_attempts`` keeps it as ``failed`` for inspection. A process that stops or dies mid-attempt leaves
+    the row pending: its lease runs out and any worker makes the attempt again (at least once; receivers de-duplicate
+    on ``webhook-id``, the same on every attempt). At shutdown the worker waits briefly for attempts in progress and
+    abandons the rest to their leases; nothing is lost.
+
+    Every attempt is signed with the key's own secret (``gateway.webhooks.signing``), and its destination is checked
+    and pinned anew (``gateway.webhooks.targets.pin``): a name with any private address is refused for that attempt.
+
+    Fairness: at most ``concurrency`` attempts at once in a process, and at most ``per_target_concurrency`` for one
+    receiver host and for one key (the claim skips hosts and keys at their cap), so a slow or failing receiver holds a
+    few slots, never all of them. Pending rows are capped per host and per key (``max_pending_per_target``): beyond
+    that, new deliveries *for that host or key* are dropped (error log and metric), never those of anyone else.
+
+    Logs name the host, never the full URL (it may hold a token).
     """
 
     def __init__(
