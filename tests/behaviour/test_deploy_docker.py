@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from support.paths import REPO_ROOT
+from support.processes import free_port
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 CONSTRAINTS = REPO_ROOT / "constraints.txt"
@@ -70,13 +70,6 @@ def image_env() -> dict[str, str]:
         if word == "ENV":
             env.update(dict(re.findall(r"(\w+)=(\S+)", rest)))
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def local(command: list[str]) -> list[str]:

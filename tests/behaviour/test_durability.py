@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from support.harness import ADMIN, ADMIN_TOKEN, GatewayFactory
+from support.processes import free_port
 from support.upstream_fake import FakeUpstream, dynamic, json, slow
 
 from gateway.store import open_store
@@ -121,13 +121,6 @@ class TestStoreFailure:
         gw = make_gateway(FakeUpstream.closed_port())
         assert gw.client.post(SUBMIT, json=BODY).status_code == 502
         assert gw.client.get("/gateway/submissions/unknown", headers=ADMIN).json()["data"] == []
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def start_gateway(upstream: str, data_dir: Path, port: int) -> subprocess.Popen[bytes]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from support.harness import ADMIN, GatewayFactory, GatewayHarness
+from support.processes import free_port
 from support.upstream_fake import FakeUpstream, dynamic, json, slow
 from test_polling import KEYS_MODE, REQUEST, STATUS_PREFIX, SUBMIT, World
 
@@ -186,20 +187,13 @@ class TestIdempotencyAcrossReplicas:
 # -- Redis failing: every request is still answered --------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A redis-server of this test's own (so the test can stop it), on a free loopback port."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed: cannot stop a Redis of the test's own")
-    port = _free_port()
+    port = free_port()
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     proc = subprocess.Popen([*argv, "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -247,7 +241,7 @@ class TestRedisDown:
     def test_unreachable_redis_at_start_up_is_a_clear_error(
         self, make_gateway: GatewayFactory, fake_upstream: FakeUpstream
     ) -> None:
-        url = f"redis://:s3cret-pw@127.0.0.1:{_free_port()}/0"
+        url = f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0"
         with pytest.raises(Exception, match="cannot reach Redis") as failure:
             make_gateway(fake_upstream.url, env={"KLING_GATEWAY_CACHE_URL": url})
         assert "s3cret-pw" not in str(failure.value)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from support.processes import free_port
 from support.upstream_fake import FakeUpstream, dynamic, json, slow
 
 SUBMIT = "/v1/video/generations"
@@ -43,14 +43,6 @@ class RunningGateway:
     def events(self) -> list[str]:
         """The ``event`` of every log line, in order."""
         return [str(line.get("event")) for line in self.log_lines()]
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def start_gateway(upstream: str, tmp_path: Path, **settings: str) -> RunningGateway:
