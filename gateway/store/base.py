@@ -246,6 +246,9 @@ class Settlement:
     first: bool
     webhook_queued: bool = False
 
+    def __bool__(self) -> bool:
+        raise TypeError("a Settlement is not a truth value: read .first (was it this call?) or .webhook_queued")
+
 
 @dataclass(frozen=True, slots=True)
 class ArchiveRecord:

@@ -1520,3 +1520,9 @@ class TestGroupCommit:
         assert store.commits == commits + 1
         (total,) = await store.usage()
         assert total.tasks == 1
+
+
+def test_a_settlement_is_not_a_truth_value() -> None:
+    """``assert await store.settle(...)`` would pass whatever happened: it raises instead."""
+    with pytest.raises(TypeError, match="first"):
+        bool(Settlement(True))
