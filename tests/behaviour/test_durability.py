@@ -13,12 +13,13 @@ from typing import Any
 
 import httpx
 import pytest
+from support.flaky_store import FlakyStore
 from support.harness import ADMIN, ADMIN_TOKEN, GatewayFactory
 from support.processes import free_port
 from support.upstream_fake import FakeUpstream, dynamic, json, slow
 
 from gateway.store import open_store
-from gateway.store.base import IntentOutcome, Store, StoreError, TaskRecord
+from gateway.store.base import Store
 
 SUBMIT = "/v1/video/generations"
 BODY: dict[str, Any] = {"model": "kling-v3-std-silent", "prompt": "waves on a pier", "duration": 5}
@@ -33,29 +34,6 @@ def accept_numbered(fake: FakeUpstream, delay_s: float = 0.0) -> None:
         return slow(delay_s, answer) if delay_s else answer
 
     fake.always("POST", SUBMIT, dynamic(accept))
-
-
-class FlakyStore:
-    """A real store whose task writes fail the first ``failures`` times."""
-
-    def __init__(self, inner: Store, failures: int, intents_fail: bool = False) -> None:
-        self._inner = inner
-        self.failures = failures
-        self.intents_fail = intents_fail
-
-    async def record_intent(self, *args: Any) -> IntentOutcome:
-        if self.intents_fail:
-            raise StoreError("database is locked (injected)")
-        return await self._inner.record_intent(*args)
-
-    async def resolve_intent(self, intent_id: str, task: TaskRecord, release_hold: str | None = None) -> bool:
-        if self.failures > 0:
-            self.failures -= 1
-            raise StoreError("disk I/O error (injected)")
-        return await self._inner.resolve_intent(intent_id, task, release_hold)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
 
 class TestStoreFailure:

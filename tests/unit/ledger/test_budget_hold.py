@@ -9,6 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from support.flaky_store import FlakyStore
 
 from gateway.auth.principal import Principal
 from gateway.config import PricingSettings
@@ -17,7 +18,7 @@ from gateway.ledger.pricing import PriceTable
 from gateway.ledger.service import DuplicateTaskId, Ledger, month_bounds
 from gateway.logs import make_logger
 from gateway.metrics import create_metrics
-from gateway.store.base import IntentOutcome, Store, StoreError, TaskRecord
+from gateway.store.base import IntentOutcome, Store, StoreError
 from gateway.store.sqlite import SQLiteStore
 from gateway.validation.checks import ValidRequest
 
@@ -32,23 +33,6 @@ REQUEST = ValidRequest(
     media_hosts=(),
 )  # $0.42
 TEAM = Principal(name="team-a", monthly_budget_usd=Decimal(1))
-
-
-class FailingTaskWrites:
-    """``inner`` whose task writes fail the first ``failures`` times."""
-
-    def __init__(self, inner: Store, failures: int) -> None:
-        self._inner = inner
-        self.failures = failures
-
-    async def resolve_intent(self, intent_id: str, task: TaskRecord, release_hold: str | None = None) -> bool:
-        if self.failures > 0:
-            self.failures -= 1
-            raise StoreError("disk I/O error (injected)")
-        return await self._inner.resolve_intent(intent_id, task, release_hold)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
 
 class FailingIntentWrites:
@@ -230,7 +214,7 @@ class TestHoldReleasedOnEveryWayOut:
     async def test_failed_task_write_hands_the_hold_to_its_retry(self, store: Store) -> None:
         """The task write fails: the hold stays (the budget keeps counting the submission) until the background
         retry writes the row and releases the hold in one transaction."""
-        flaky = FailingTaskWrites(store, failures=1)
+        flaky = FlakyStore(store, failures=1)
         ledger = ledger_on(flaky)
         async with ledger.budget_hold(TEAM) as hold:
             sub = await ledger.begin(TEAM, REQUEST, ledger.estimate(REQUEST), "req-1", budget=hold)
