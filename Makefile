@@ -6,11 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint bench clean
 
+# setuptools warns about every editable install (UserWarning: "folders with the same name as your package"):
+# harmless here and alarming on a first run, so PYTHONWARNINGS keeps it out of the output.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# setuptools warns about every editable install (UserWarning: "folders with the same name as your package"):
-	# harmless here and alarming on a first run, so it is kept out of the output.
 	PYTHONWARNINGS=ignore::UserWarning $(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'  # runtime pins as in the Docker image
 	touch $(STAMP)
 
