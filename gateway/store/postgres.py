@@ -442,6 +442,21 @@ _SQL_HOLD = (
     "INSERT INTO budget_holds (hold_id, key_name, amount_nano, created_at) VALUES ($1, $2, $3, $4)"
 )
 _ADMITTED: Final = IntentOutcome(Admission.ADMITTED)
+# A budgeted intent on an account without a limit, for a month of whole days: the check, the intent, the hold and
+# the clearing of the key's expired holds in one statement, run after the key's budget lock (so its snapshot sees
+# every earlier holder's commit). The lock is held for this statement and the COMMIT only.
+_SQL_INTENT_WITHIN_BUDGET = (
+    "WITH spent AS (SELECT "
+    "(SELECT COALESCE(SUM(cost_nano), 0) FROM usage_daily WHERE key_name = $2 AND day >= $8 AND day < $9) "
+    "+ (SELECT COALESCE(SUM(amount_nano), 0) FROM budget_holds WHERE key_name = $2 AND created_at >= $10) AS nano), "
+    "ok AS (SELECT nano FROM spent WHERE nano + $11 <= $12), "
+    "intent AS (INSERT INTO intents (intent_id, key_name, request_id, model, mode, submitted_at, account) "
+    "SELECT $1, $2, $3, $4, $5, $6, $7 FROM ok RETURNING 1), "
+    "old AS (DELETE FROM budget_holds WHERE key_name = $2 AND created_at < $10 AND EXISTS (SELECT 1 FROM ok)), "
+    "hold AS (INSERT INTO budget_holds (hold_id, key_name, amount_nano, created_at) "
+    "SELECT $13, $2, $11, $14 FROM ok RETURNING 1) "
+    "SELECT (SELECT nano FROM spent), (SELECT COUNT(*) FROM intent)"
+)
 _SQL_ACCOUNT_IN_FLIGHT = (
     "SELECT account, SUM(n) FROM ("
     "SELECT account, COUNT(*) AS n FROM tasks WHERE settled_at IS NULL GROUP BY account "
@@ -895,6 +910,18 @@ class PostgresStore:
             return _ADMITTED
         lock = _lock_key(account)
         since = hold.now - hold.ttl_s if hold is not None else 0.0
+        if hold is not None and max_in_flight <= 0 and hold.month[0] % 86400 == 0 and hold.month[1] % 86400 == 0:
+            days = (int(hold.month[0] // 86400), int(hold.month[1] // 86400))
+            amount, budget = to_fixed(hold.amount), to_fixed(hold.budget)
+            within = (*params, *days, since, amount, budget, hold.hold_id, hold.now)
+
+            async def in_one_statement(conn: asyncpg.Connection) -> IntentOutcome:
+                await conn.execute(_SQL_BUDGET_LOCK, "budget:" + key_name)
+                spent_nano, written = await conn.fetchrow(_SQL_INTENT_WITHIN_BUDGET, *within)
+                admission = Admission.ADMITTED if written else Admission.OVER_BUDGET
+                return IntentOutcome(admission, from_fixed(int(spent_nano)))
+
+            return await self._run(in_one_statement)
 
         async def op(conn: asyncpg.Connection) -> IntentOutcome:
             spent: Decimal | None = None
