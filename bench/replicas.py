@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/replicas.py             # ~1.5 min (hard limit 240 s); writes bench/results-replicas.md
     .venv/bin/python bench/replicas.py --no-write  # print only
+    .venv/bin/python bench/replicas.py --no-write --no-budget  # the bench key without a budget (no budget hold)
 
 Loopback only. Needs wrk and nginx (``bench/run.py``'s fake upstream) and the PostgreSQL and Redis of this machine
 (``postgresql://postgres@127.0.0.1:5432/test``, ``redis://127.0.0.1:6379/0``; override with
@@ -74,7 +75,9 @@ def _prime(gw: bench_run.Gateway, key: str, task_ids: list[str]) -> None:
         bench_run.expect_poll(gw, key, task_id, "MISS")
 
 
-def _rows(procs: Procs, tmp: Path, plan: bench_run.Plan, schema: str, prefix: str) -> list[bench_run.Row]:
+def _rows(
+    procs: Procs, tmp: Path, plan: bench_run.Plan, schema: str, prefix: str, budget: bool = True
+) -> list[bench_run.Row]:
     upstream = scale.start_upstream(procs, tmp)
     admin = secrets.token_hex(24)
     shared_env = {
@@ -91,7 +94,7 @@ def _rows(procs: Procs, tmp: Path, plan: bench_run.Plan, schema: str, prefix: st
         ("single", single, [("single", single)]),
         ("replica", replica_a, [("replica A", replica_a), ("replica B", replica_b)]),
     ):
-        key = bench_run.create_key(gw, admin)
+        key = bench_run.create_key(gw, admin, budget=budget)
         task_ids = bench_run.create_tasks(gw, key, plan.tasks)
         _prime(gw, key, task_ids)
         time.sleep(1.0)  # replica B picks the new key up from the store (every 0.5 s)
@@ -208,6 +211,7 @@ def _markdown(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-write", action="store_true", help=f"print only; leave {RESULTS_MD.name} alone")
+    parser.add_argument("--no-budget", action="store_true", help="the bench key without a monthly budget")
     args = parser.parse_args(argv)
     missing = missing_tools(["wrk", "nginx"])
     if missing:
@@ -224,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         procs = Procs(tmp)
         try:
             with hard_limit(HARD_LIMIT_S):
-                rows = _rows(procs, tmp, plan, schema, prefix)
+                rows = _rows(procs, tmp, plan, schema, prefix, budget=not args.no_budget)
                 ops = uvloop.run(_redis_ops(prefix))
         except Aborted as exc:
             print(f"\naborted ({exc}); stopping subprocesses", file=sys.stderr)

@@ -270,8 +270,11 @@ def accounts_env(count: int) -> dict[str, str]:
     }
 
 
-def create_key(gw: Gateway, admin_token: str) -> str:
-    body = json.dumps({"name": "bench", "rpm": 1_000_000_000, "monthly_budget_usd": "1000000000"}).encode()
+def create_key(gw: Gateway, admin_token: str, *, budget: bool = True) -> str:
+    limits: dict[str, object] = {"name": "bench", "rpm": 1_000_000_000}
+    if budget:
+        limits["monthly_budget_usd"] = "1000000000"
+    body = json.dumps(limits).encode()
     status, _h, answer = http_request(
         "POST",
         f"{gw.base}/gateway/keys",
