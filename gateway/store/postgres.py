@@ -442,6 +442,16 @@ _SQL_HOLD = (
     "INSERT INTO budget_holds (hold_id, key_name, amount_nano, created_at) VALUES ($1, $2, $3, $4)"
 )
 _ADMITTED: Final = IntentOutcome(Admission.ADMITTED)
+# The archive's statements (written once, with ``?``, in ``archive_rows``) in PostgreSQL's numbering.
+_ARCH_CANDIDATES = numbered(arch.SQL_CANDIDATES)
+_ARCH_CLAIM = numbered(arch.SQL_CLAIM)
+_ARCH_STORED = numbered(arch.SQL_STORED)
+_ARCH_RETRY = numbered(arch.SQL_RETRY)
+_ARCH_GET = numbered(arch.SQL_GET)
+_ARCH_STORED_BEFORE = numbered(arch.SQL_STORED_BEFORE)
+_ARCH_REMOVED = numbered(arch.SQL_REMOVED)
+_ARCH_PAGE = numbered(arch.SQL_PAGE)
+_ARCH_RESTORE = numbered(arch.SQL_RESTORE)
 # A budgeted intent on an account without a limit, for a month of whole days: the check, the intent, the hold and
 # the clearing of the key's expired holds in one statement, run after the key's budget lock (so its snapshot sees
 # every earlier holder's commit). The lock is held for this statement and the COMMIT only.
@@ -908,7 +918,6 @@ class PostgresStore:
         if hold is None and max_in_flight <= 0:
             await self._run(lambda conn: conn.execute(_SQL_INTENT, *params), tx=False)
             return _ADMITTED
-        lock = _lock_key(account)
         since = hold.now - hold.ttl_s if hold is not None else 0.0
         if hold is not None and max_in_flight <= 0 and hold.month[0] % 86400 == 0 and hold.month[1] % 86400 == 0:
             days = (int(hold.month[0] // 86400), int(hold.month[1] // 86400))
@@ -934,7 +943,7 @@ class PostgresStore:
             if max_in_flight <= 0:
                 await conn.execute(_SQL_INTENT, *params)
             else:
-                await conn.execute(_SQL_ACCOUNT_LOCK, _ACCOUNT_LOCK, lock)
+                await conn.execute(_SQL_ACCOUNT_LOCK, _ACCOUNT_LOCK, _lock_key(account))
                 if _count(await conn.execute(_SQL_INTENT_IF_ROOM, *params, hold_since, max_in_flight)) != 1:
                     return IntentOutcome(Admission.NO_ROOM, spent)
             if hold is not None:
@@ -1224,41 +1233,41 @@ class PostgresStore:
 
     async def archive_candidates(self, completed_since: float, now: float, limit: int = 100) -> list[tuple[str, float]]:
         """Completed tasks never claimed, or whose claim ran out by ``now``."""
-        sql = numbered(arch.SQL_CANDIDATES)
+        sql = _ARCH_CANDIDATES
         rows = await self._run(lambda conn: conn.fetch(sql, completed_since, now, limit), tx=False)
         return [(str(row[0]), float(row[1])) for row in rows]
 
     async def archive_claim(self, task_id: str, now: float, until: float) -> bool:
         """Claim copying ``task_id`` until ``until``; True only for one process while the claim holds."""
-        sql = numbered(arch.SQL_CLAIM)
+        sql = _ARCH_CLAIM
         return _count(await self._run(lambda conn: conn.execute(sql, task_id, until, now), tx=False)) == 1
 
     async def archive_stored(self, task_id: str, key: str, size: int, sha256: str, at: float) -> None:
         """Record the verified copy."""
-        sql = numbered(arch.SQL_STORED)
+        sql = _ARCH_STORED
         await self._run(lambda conn: conn.execute(sql, key, size, sha256, at, task_id), tx=False)
 
     async def archive_retry(self, task_id: str, retry_at: float | None, error: str) -> None:
         """Count a failed attempt: claimable again after ``retry_at``, or given up when None."""
-        sql = numbered(arch.SQL_RETRY)
+        sql = _ARCH_RETRY
         state = "failed" if retry_at is None else "claimed"
         await self._run(lambda conn: conn.execute(sql, state, retry_at, error[:500], task_id), tx=False)
 
     async def get_archive(self, task_id: str) -> ArchiveRecord | None:
         """The archive row of ``task_id``, or None."""
-        sql = numbered(arch.SQL_GET)
+        sql = _ARCH_GET
         row = await self._run(lambda conn: conn.fetchrow(sql, task_id), tx=False)
         return None if row is None else arch.archive_record(row)
 
     async def archives_stored_before(self, before: float, limit: int = 100) -> list[ArchiveRecord]:
         """Stored copies archived before ``before``, oldest first."""
-        sql = numbered(arch.SQL_STORED_BEFORE)
+        sql = _ARCH_STORED_BEFORE
         rows = await self._run(lambda conn: conn.fetch(sql, before, limit), tx=False)
         return [arch.archive_record(row) for row in rows]
 
     async def archive_removed(self, task_id: str) -> None:
         """Mark a stored copy as deleted."""
-        sql = numbered(arch.SQL_REMOVED)
+        sql = _ARCH_REMOVED
         await self._run(lambda conn: conn.execute(sql, task_id), tx=False)
 
     async def archive_summary(self) -> dict[str, tuple[int, int]]:
@@ -1272,13 +1281,13 @@ class PostgresStore:
 
     async def archive_records(self, after: str = "", limit: int = 1000) -> list[ArchiveRecord]:
         """A page of archive rows ordered by task id."""
-        sql = numbered(arch.SQL_PAGE)
+        sql = _ARCH_PAGE
         rows = await self._run(lambda conn: conn.fetch(sql, after, limit), tx=False)
         return [arch.archive_record(row) for row in rows]
 
     async def restore_archive(self, record: ArchiveRecord) -> None:
         """Insert an archive row as it is; an existing row is left alone."""
-        sql = numbered(arch.SQL_RESTORE)
+        sql = _ARCH_RESTORE
         await self._run(lambda conn: conn.execute(sql, *arch.record_row(record)), tx=False)
 
     async def archive_retry_failed(self) -> int:
