@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -107,8 +107,8 @@ class KeyRateLimits:
 
 _LIMIT_HEADER = b"x-ratelimit-limit-requests"
 _REMAINING_HEADER = b"x-ratelimit-remaining-requests"
-_TABLE_MAX_RPM = 100_000  # up to this rpm every header value is pre-encoded; above, encoded per response
-_TABLES_MAX = 1_000
+_CLAMPED_UP_TO_RPM = 100_000  # up to this rpm the remaining figure shown is at most the limit
+_LIMITS_KEPT = 1_000
 
 Header = tuple[bytes, bytes]
 
@@ -118,13 +118,13 @@ class RateLimitHeaders:
 
     From the limiter that counted the request: this process's token bucket (the figures as of the request's own
     check), or the shared limiter's figure (``SharedLimiter.allowance``: what Redis reported at this replica's last
-    take plus its unspent lease). Header pairs are encoded once per rpm value and reused, so a response costs a
-    dict look-up and no allocation.
+    take plus its unspent lease). The limit's header pair is encoded once per rpm value; the remaining count per
+    response.
     """
 
     def __init__(self, limits: KeyRateLimits) -> None:
         self._limiter: RateLimiter | SharedRateLimiter = limits.local if limits.shared is None else limits.shared
-        self._tables: LRUCache[int, tuple[Header, Sequence[Header]]] = LRUCache(_TABLES_MAX)
+        self._limit_pairs: LRUCache[int, Header] = LRUCache(_LIMITS_KEPT)
 
     def for_key(self, key_name: str) -> tuple[Header, Header] | None:
         """The two header pairs for ``key_name``'s response, or None when it has no limit here."""
@@ -132,13 +132,12 @@ class RateLimitHeaders:
         if allowance is None:
             return None
         rpm, remaining = allowance
-        table = self._tables.peek(rpm)
-        if table is None:
-            if rpm > _TABLE_MAX_RPM:
-                return (_LIMIT_HEADER, b"%d" % rpm), (_REMAINING_HEADER, b"%d" % remaining)
-            table = ((_LIMIT_HEADER, b"%d" % rpm), tuple((_REMAINING_HEADER, b"%d" % n) for n in range(rpm + 1)))
-            self._tables.put(rpm, table)
-        return table[0], table[1][min(remaining, rpm)]
+        limit = self._limit_pairs.peek(rpm)
+        if limit is None:
+            limit = (_LIMIT_HEADER, b"%d" % rpm)
+            self._limit_pairs.put(rpm, limit)
+        shown = min(remaining, rpm) if rpm <= _CLAMPED_UP_TO_RPM else remaining
+        return limit, (_REMAINING_HEADER, b"%d" % shown)
 
 
 def rate_limited(principal: Principal, wait_s: float) -> TooManyRequests:

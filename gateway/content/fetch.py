@@ -28,14 +28,13 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from gateway.config import ContentSettings
 from gateway.content.origin import Hop, Origin, plan_hop, redirect_target
 from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
-from gateway.upstream.hygiene import mask_text
+from gateway.upstream.hygiene import USER_AGENT, mask_text
 from gateway.validation.media_guard import Resolver, system_resolver
 from gateway.validation.media_urls import is_private_address, parse_ip_literal
 
 MAX_REDIRECTS: Final = 3
 CHUNK_BYTES: Final = 256 * 1024
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
-_USER_AGENT: Final = "kling-gateway"
 
 Dial = Callable[[str, int], tuple[str, int]]
 """Where to connect for a checked (address, port): the same in production; tests map test addresses to loopback."""
@@ -223,7 +222,7 @@ class VideoFetcher:
         raise video_unavailable(f"The video's origin redirected more than {MAX_REDIRECTS} times.")
 
     async def _get(self, hop: Hop, key: str, range_header: str | None) -> aiohttp.ClientResponse:
-        headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
+        headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
         if hop.credentials and key:
             headers["Authorization"] = f"Bearer {key}"
         if range_header is not None:

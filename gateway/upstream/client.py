@@ -34,21 +34,6 @@ from gateway.upstream.hygiene import (
 
 Headers = list[tuple[str, str]]
 
-#: RFC 9110 section 7.6.1 connection-specific fields, plus the de-facto ones proxies also drop.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-
 
 class TransportError(Exception):
     """A failed upstream exchange; the message never contains a secret.
@@ -90,15 +75,6 @@ class Transport(Protocol):
     async def send(self, method: str, url: str, headers: Headers, body: bytes | None) -> UpstreamResponse: ...
 
     async def aclose(self) -> None: ...
-
-
-def connection_named(headers: Iterable[tuple[str, str]]) -> set[str]:
-    """Header names listed in ``Connection`` (they are hop-by-hop too)."""
-    named: set[str] = set()
-    for key, value in headers:
-        if key.lower() == "connection":
-            named.update(token.strip().lower() for token in value.split(",") if token.strip())
-    return named
 
 
 def outbound_headers(
