@@ -27,7 +27,6 @@ from gateway.auth.guard import GuessLimiter
 from gateway.auth.keyring import KeyAuthenticator
 from gateway.auth.rate_limits import RateLimitHeaders
 from gateway.builders import Injected, build_services, request_checks
-from gateway.catalog import MODELS
 from gateway.config import Settings
 from gateway.content.metrics import create_content_metrics
 from gateway.errors import GatewayError
@@ -234,7 +233,7 @@ def _handlers(services: Services, resolver: Resolver | None, tracing: Tracing | 
         rotation_grace_s=settings.auth.rotation_grace_s,
         allow_private_webhooks=settings.webhooks.allow_private_targets,
         accounts=services.accounts,
-        known_models=frozenset(MODELS) | frozenset(settings.validation.passthrough_models),
+        known_models=settings.known_models,
     )
     return _Handlers(
         gateway=gateway, admin=admin, health=HealthRoutes(services.readiness), ui=UiRoutes.build(services, admin_token)

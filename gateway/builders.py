@@ -15,7 +15,6 @@ from gateway.accounts.pool import AccountPool
 from gateway.auth.keyring import KeyAuthenticator
 from gateway.auth.principal import Authenticator, OpenAuthenticator
 from gateway.auth.rate_limits import KeyRateLimits, RateLimiter
-from gateway.catalog import DEFAULT_ACCOUNT
 from gateway.config import Settings, UpstreamSettings, missing_scale_extra
 from gateway.content.archiver import Archiver
 from gateway.content.metrics import ContentMetrics
@@ -116,7 +115,7 @@ def account_pool(
     """The upstream accounts (SPEC section 9): their keys from the environment, settings from ``[upstream]``, the
     set-aside marks shared on ``board`` (Redis when configured, else the store)."""
     return AccountPool(
-        settings.upstream_keys or {DEFAULT_ACCOUNT: settings.upstream_api_key},
+        settings.account_keys,
         settings.accounts,
         metrics,
         log,

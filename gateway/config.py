@@ -36,7 +36,7 @@ from gateway.accounts.parse import (
     check_settings_have_keys,
     keys_from_env,
 )
-from gateway.catalog import DURATION_MAX, DURATION_MIN, MODELS, MODES
+from gateway.catalog import DEFAULT_ACCOUNT, DURATION_MAX, DURATION_MIN, MODELS, MODES
 from gateway.suggest import did_you_mean
 
 ENV_PREFIX = "KLING_GATEWAY_"
@@ -373,6 +373,16 @@ class Settings:
     upstream_keys_file: str = ""
     #: Per-account settings (``[upstream.accounts.NAME]`` and ``KLING_GATEWAY_UPSTREAM_ACCOUNTS``).
     accounts: Mapping[str, AccountSettings] = field(default_factory=dict)
+
+    @property
+    def account_keys(self) -> Mapping[str, str]:
+        """Upstream keys by account: the named ones, else ``UNIALL_API_KEY`` as the account ``default``."""
+        return self.upstream_keys or {DEFAULT_ACCOUNT: self.upstream_api_key}
+
+    @property
+    def known_models(self) -> frozenset[str]:
+        """The priced models and the configured passthrough models: what a key's model globs may match."""
+        return frozenset(MODELS) | frozenset(self.validation.passthrough_models)
 
     @property
     def store_url(self) -> str:

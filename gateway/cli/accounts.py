@@ -14,7 +14,6 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from gateway.catalog import DEFAULT_ACCOUNT
 from gateway.cli.common import aligned
 from gateway.config import Settings, load_settings
 
@@ -48,7 +47,7 @@ async def describe(settings: Settings) -> list[dict[str, Any]]:
     from gateway.logs import make_logs
     from gateway.metrics import create_metrics
 
-    keys = settings.upstream_keys or ({DEFAULT_ACCOUNT: settings.upstream_api_key} if settings.upstream_api_key else {})
+    keys = {name: key for name, key in settings.account_keys.items() if key}
     pool = AccountPool(keys, settings.accounts, create_metrics(), make_logs(level="error").log)
     missing = missing_store_file(settings.store_url)
     if missing is not None:  # read-only: never creates an empty store; the accounts are in the settings anyway

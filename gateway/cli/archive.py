@@ -17,7 +17,6 @@ import time
 import orjson
 from prometheus_client import CollectorRegistry
 
-from gateway.catalog import DEFAULT_ACCOUNT
 from gateway.cli.common import EXIT_INVALID, EXIT_OK, fail, open_store
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.content.archive_store import ArchiveBackend, ArchiveError, open_archive
@@ -65,7 +64,7 @@ async def _backfill(settings: Settings, since_text: str | None) -> int:
     fetcher = VideoFetcher(settings.content, origin_of(settings.upstream.base_url))
     logs = make_logs(level=settings.logging.level, secrets=(settings.upstream_api_key,), stream=sys.stderr)
     metrics = create_content_metrics(CollectorRegistry())
-    keys = dict(settings.upstream_keys) or {DEFAULT_ACCOUNT: settings.upstream_api_key}
+    keys = dict(settings.account_keys)
     key_for = account_keys(keys.get)
     try:
         archiver = make_archiver(settings, archive, store, fetcher, key_for, metrics, logs.log, time.time)

@@ -61,7 +61,7 @@ async def connect_all(settings: Settings) -> bool:
     secrets = _secrets(settings)
     passed = True
     checks = list(_CHECKS)
-    keys = settings.upstream_keys or {"default": settings.upstream_api_key}
+    keys = settings.account_keys
     for account, key in keys.items():
         label = "upstream" if len(keys) == 1 else f"upstream {account}"
         checks.append((label, functools.partial(_upstream, key=key, account=account)))

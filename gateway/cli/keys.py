@@ -63,7 +63,7 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
     store = await open_store(settings.store_url, create=args.keys_command != "list")
     now = time.time()
     actor = Actor.cli()
-    known_models = _known_models(settings)
+    known_models = settings.known_models
     try:
         if args.keys_command == "list":
             print(await _listing(store, now, args.format), end="")
@@ -143,12 +143,6 @@ _LIST_COLUMNS = (
     "remaining_usd",
     "created_at",
 )
-
-
-def _known_models(settings: Settings) -> frozenset[str]:
-    from gateway.catalog import MODELS
-
-    return frozenset(MODELS) | frozenset(settings.validation.passthrough_models)
 
 
 async def _listing(store: Store, now: float, fmt: str) -> str:

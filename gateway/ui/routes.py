@@ -175,7 +175,7 @@ class UiRoutes:
                 allow_private_webhooks=settings.webhooks.allow_private_targets,
                 content=services.content,
                 accounts=services.accounts,
-                known_models=frozenset(MODELS) | frozenset(settings.validation.passthrough_models),
+                known_models=settings.known_models,
             ),
             admin,
             session_ttl_s=settings.ui.session_ttl_s,
