@@ -99,13 +99,7 @@ class FastLane:
                 status = response.status_code
                 headers = response.raw_headers
                 headers.append((b"x-request-id", request_id.encode("ascii")))
-                rate_headers = book.rate_headers
-                if rate_headers is not None:
-                    key = fields.get("key")
-                    if key is not None:
-                        pairs = rate_headers(key)
-                        if pairs is not None:
-                            headers.extend(pairs)
+                headers.extend(book.rate_pairs(fields))
                 answered = True
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 await send({"type": "http.response.body", "body": response.body})

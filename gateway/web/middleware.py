@@ -95,6 +95,13 @@ class RequestBook:
         # Request ids are 128 random bits, drawn from the OS 256 at a time (not a system call per request).
         self._fresh_ids: Iterator[str] = iter(())
 
+    def rate_pairs(self, fields: dict[str, Any]) -> tuple[tuple[bytes, bytes], ...]:
+        """The ``x-ratelimit-*`` header pairs for the response of the key named in ``fields`` (none without one)."""
+        key = fields.get("key")
+        if self.rate_headers is None or key is None:
+            return ()
+        return self.rate_headers(key) or ()
+
     def open(self, scope: Scope) -> tuple[str, dict[str, Any]]:
         """Give the request its id (the client's, if sane) and its access-line fields, both kept in the scope."""
         request_id = _client_request_id(scope) or self._new_id()
@@ -174,12 +181,7 @@ class RequestContextMiddleware:
                 status = message["status"]
                 started_response = True
                 message["headers"] = [*message.get("headers", ()), header]
-                rate_headers = book.rate_headers
-                key = fields.get("key")
-                if rate_headers is not None and key is not None:
-                    pairs = rate_headers(key)
-                    if pairs is not None:
-                        message["headers"].extend(pairs)
+                message["headers"].extend(book.rate_pairs(fields))
             await send(message)
 
         context_token = REQUEST_ID.set(request_id)
